@@ -1,0 +1,184 @@
+"""Stage 4: quantize a model to an allocation and write the quantized checkpoint; the only stage that
+changes a model.
+
+Output folder (written to a temporary folder, then renamed into place, so an interrupted export never
+leaves a partial checkpoint):
+
+* ``model.safetensors``: for each quantized layer ``<weight_key>.qcodes`` (int8 symmetric / uint8
+  asymmetric codes, weight-shaped), ``<weight_key>.qscale`` (float32, one per output channel or one per
+  tensor) and, if asymmetric, ``<weight_key>.qzero`` (int16); every other tensor of the state dict as
+  it is (including BatchNorm statistics after correction).
+* ``manifest.json``: every quantized layer with its state-dict name, format, bits and granularity;
+  totals (average bits, size in bytes), the budget, the source checkpoint's sha256, the lcpaq version.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lcpaq import __version__
+from lcpaq.errors import InputError
+from lcpaq.formats import (
+    QuantizedWeight,
+    QuantScheme,
+    dequantize_weight,
+    get_format,
+    quantize_weight,
+)
+from lcpaq.graph import LayerInfo, get_module
+
+CHECKPOINT_FORMAT = "lcpaq-quantized/1"
+CODES_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX = ".qcodes", ".qscale", ".qzero"
+
+
+def quantize_model(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    assignment: Mapping[str, str],
+    scheme: QuantScheme,
+) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
+    """A copy of ``model`` whose assigned layers hold dequantized weights, and the codes of each."""
+    quantized_model = copy.deepcopy(model).eval()
+    codes: dict[str, QuantizedWeight] = {}
+    with torch.no_grad():
+        for layer in layers:
+            if layer.name not in assignment:
+                continue
+            module = get_module(quantized_model, layer.name)
+            quantized = quantize_weight(module.weight, get_format(assignment[layer.name]), scheme)
+            module.weight.copy_(dequantize_weight(quantized, module.weight.dtype))
+            codes[layer.name] = quantized
+    return quantized_model, codes
+
+
+def replace_dir_atomically(build_dir: Path, target: Path) -> None:
+    """Move a finished folder into place; an old folder at ``target`` is removed only afterwards."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+    os.replace(build_dir, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_quantized_checkpoint(
+    out_dir: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    layers: Sequence[LayerInfo],
+    codes: Mapping[str, QuantizedWeight],
+    manifest_extra: Mapping[str, object],
+    scheme: QuantScheme,
+) -> Path:
+    """Write ``model.safetensors`` and ``manifest.json`` into ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as error:
+        raise InputError(
+            f"output folder {out_dir.parent} is not writable: {error.strerror}"
+        ) from None
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        entries = []
+        by_name = {layer.name: layer for layer in layers}
+        for name, quantized in codes.items():
+            layer = by_name[name]
+            key = layer.weight_key
+            tensors[key + CODES_SUFFIX] = quantized.codes.contiguous().cpu()
+            tensors[key + SCALE_SUFFIX] = quantized.scale.float().contiguous().cpu()
+            if quantized.zero_point is not None:
+                tensors[key + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
+            fmt = get_format(quantized.format_name)
+            entries.append(
+                {
+                    "name": name,
+                    "weight_key": key,
+                    "format": fmt.name,
+                    "bits": fmt.bits,
+                    "granularity": quantized.granularity,
+                    "symmetric": quantized.zero_point is None,
+                    "clipping": scheme.clipping,
+                    "num_params": layer.num_params,
+                    "shape": list(layer.weight_shape),
+                }
+            )
+        quantized_keys = {by_name[name].weight_key for name in codes}
+        for key, tensor in state_dict.items():
+            if key not in quantized_keys:
+                tensors[key] = tensor.detach().contiguous().cpu()
+        save_file(tensors, str(build_dir / "model.safetensors"))
+        manifest = {
+            "format": CHECKPOINT_FORMAT,
+            "lcpaq_version": __version__,
+            **manifest_extra,
+            "layers": entries,
+        }
+        (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir_atomically(build_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_manifest(path: str | Path) -> dict[str, object]:
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{path} is not an lcpaq quantized checkpoint: {manifest_path} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{manifest_path} is not valid JSON: {error}") from None
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r}")
+    return manifest
+
+
+def load_quantized(
+    path: str | Path, model: nn.Module | None = None
+) -> dict[str, torch.Tensor] | nn.Module:
+    """Decode a quantized checkpoint folder.
+
+    Returns the dequantized float state dict with the original key names, or, given ``model``, that
+    model with the state dict loaded (strictly) and in eval mode.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
+    state_dict: dict[str, torch.Tensor] = {}
+    layer_keys = set()
+    for entry in manifest["layers"]:  # type: ignore[union-attr]
+        key = entry["weight_key"]
+        layer_keys.update({key + CODES_SUFFIX, key + SCALE_SUFFIX, key + ZERO_SUFFIX})
+        quantized = QuantizedWeight(
+            codes=tensors[key + CODES_SUFFIX],
+            scale=tensors[key + SCALE_SUFFIX],
+            zero_point=tensors.get(key + ZERO_SUFFIX),
+            format_name=entry["format"],
+            granularity=entry["granularity"],
+        )
+        state_dict[key] = dequantize_weight(quantized)
+    for key, tensor in tensors.items():
+        if key not in layer_keys:
+            state_dict[key] = tensor
+    if model is None:
+        return state_dict
+    from lcpaq.models import load_state_dict_strict
+
+    load_state_dict_strict(model, state_dict, f"quantized checkpoint {path}")
+    return model.eval()

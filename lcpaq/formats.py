@@ -1,0 +1,219 @@
+"""Number formats and weight quantizers: the only module that knows bit layouts.
+
+A `NumberFormat` names a code grid (``int2`` … ``int8``); a `QuantScheme` says how a weight tensor is
+mapped onto it (symmetric or asymmetric, per-tensor or per-output-channel scales, min-max or MSE
+clipping). `quantize_weight` returns the integer codes plus scales and zero points that the exported
+checkpoint stores; `dequantize_weight` inverts it. Formulas follow METHOD §0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel"]
+Clipping = Literal["minmax", "mse"]
+
+#: Size in bits of one stored scale (float32) and of one stored zero point (we store it as int16 so
+#: that every asymmetric code range up to 8 bits fits; the cost model counts what is stored).
+SCALE_BITS = 32
+ZERO_POINT_BITS = 16
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """A code grid. ``bits`` is the storage width of one weight code."""
+
+    name: str
+    kind: Literal["int"]
+    bits: int
+
+
+FORMATS: dict[str, NumberFormat] = {
+    f"int{bits}": NumberFormat(name=f"int{bits}", kind="int", bits=bits) for bits in range(2, 9)
+}
+
+
+def get_format(name: str) -> NumberFormat:
+    """Look a format up by name, with an error that lists the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        known = ", ".join(FORMATS)
+        raise ValueError(f"unknown number format {name!r}; known formats: {known}") from None
+
+
+def parse_format_list(text: str) -> tuple[str, ...]:
+    """Parse ``"int2,int3,int4"`` into validated, de-duplicated format names sorted by bit width."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError("the candidate format list is empty")
+    formats = {get_format(name).name: get_format(name) for name in names}
+    return tuple(sorted(formats, key=lambda name: (formats[name].bits, name)))
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How weights are mapped onto a format's grid (shared by all layers of one run)."""
+
+    symmetric: bool = True
+    granularity: Granularity = "channel"
+    clipping: Clipping = "mse"
+    #: Number of candidate clipping ratios t/T·max|w| searched by MSE clipping (METHOD §0, T=100).
+    mse_grid_points: int = 100
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("tensor", "channel"):
+            raise ValueError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
+        if self.clipping not in ("minmax", "mse"):
+            raise ValueError(f"clipping must be 'minmax' or 'mse', got {self.clipping!r}")
+        if self.mse_grid_points < 1:
+            raise ValueError(f"mse_grid_points must be >= 1, got {self.mse_grid_points}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> QuantScheme:
+        return cls(**data)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes of one weight tensor and what is needed to decode them.
+
+    ``codes`` has the weight's shape (int8 for symmetric, uint8 for asymmetric codes);
+    ``scale`` and ``zero_point`` have one entry per scale group (output channel or whole tensor),
+    and decode as ``w = scale * (code - zero_point)`` broadcast along axis 0.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    format_name: str
+    granularity: Granularity
+
+
+def code_range(fmt: NumberFormat, symmetric: bool) -> tuple[int, int]:
+    """Smallest and largest integer code. Symmetric uses the restricted range ±(2^(b-1)-1)."""
+    if symmetric:
+        limit = 2 ** (fmt.bits - 1) - 1
+        return -limit, limit
+    return 0, 2**fmt.bits - 1
+
+
+def num_scale_groups(weight_shape: tuple[int, ...], granularity: Granularity) -> int:
+    return int(weight_shape[0]) if granularity == "channel" else 1
+
+
+def scale_overhead_bits(weight_shape: tuple[int, ...], scheme: QuantScheme) -> int:
+    """Bits stored besides the codes: one float32 scale (and zero point if asymmetric) per group."""
+    per_group = SCALE_BITS + (0 if scheme.symmetric else ZERO_POINT_BITS)
+    return num_scale_groups(weight_shape, scheme.granularity) * per_group
+
+
+def _grouped(weight: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+    """View the weight as [groups, elements per group] in float32."""
+    rows = weight.shape[0] if granularity == "channel" else 1
+    return weight.detach().reshape(rows, -1).float()
+
+
+def _scale_and_zero(
+    low: torch.Tensor, high: torch.Tensor, fmt: NumberFormat, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for per-group ranges [low, high] (METHOD §0)."""
+    qmin, qmax = code_range(fmt, symmetric)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        scale = torch.maximum(torch.maximum(-low, high) / qmax, torch.full_like(high, tiny))
+        return scale, torch.zeros_like(scale)
+    low = torch.clamp(low, max=0.0)
+    high = torch.clamp(high, min=0.0)
+    scale = torch.maximum((high - low) / (qmax - qmin), torch.full_like(high, tiny))
+    zero = torch.clamp(torch.round(-low / scale), qmin, qmax)
+    return scale, zero
+
+
+def _round_trip(
+    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values; ``scale``/``zero`` broadcast over the last axis."""
+    codes = torch.clamp(torch.round(values / scale) + zero, qmin, qmax)
+    return codes, (codes - zero) * scale
+
+
+def _mse_ranges(
+    grouped: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipping range minimising ||Q(w) - w||^2 over ratios t/T of the min-max range.
+
+    The grid is searched in chunks of ratios so memory stays O(chunk x weight size) for large layers.
+    """
+    qmin, qmax = code_range(fmt, scheme.symmetric)
+    low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
+    if not scheme.symmetric:
+        low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
+    points = scheme.mse_grid_points
+    best_error = torch.full_like(low, float("inf"))
+    best_ratio = torch.ones_like(low)
+    chunk = max(1, min(points, (1 << 24) // max(1, grouped.numel())))
+    for start in range(1, points + 1, chunk):
+        ratios = (
+            torch.arange(start, min(start + chunk, points + 1), device=grouped.device).float()
+            / points
+        )
+        ratio_col = ratios[:, None]
+        scale, zero = _scale_and_zero(low * ratio_col, high * ratio_col, fmt, scheme.symmetric)
+        _, restored = _round_trip(grouped[None], scale[..., None], zero[..., None], qmin, qmax)
+        error = (restored - grouped[None]).pow(2).sum(dim=2)  # [ratios, groups]
+        chunk_best, chunk_arg = error.min(dim=0)
+        improved = chunk_best < best_error
+        best_error = torch.where(improved, chunk_best, best_error)
+        best_ratio = torch.where(improved, ratios[chunk_arg], best_ratio)
+    return low * best_ratio, high * best_ratio
+
+
+def quantize_weight(
+    weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
+) -> QuantizedWeight:
+    """Quantize a conv/linear weight (output channels on axis 0) to integer codes."""
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf values; cannot quantize")
+    grouped = _grouped(weight, scheme.granularity)
+    if scheme.clipping == "mse":
+        low, high = _mse_ranges(grouped, fmt, scheme)
+    else:
+        low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
+    scale, zero = _scale_and_zero(low, high, fmt, scheme.symmetric)
+    qmin, qmax = code_range(fmt, scheme.symmetric)
+    codes, _ = _round_trip(grouped, scale[:, None], zero[:, None], qmin, qmax)
+    code_dtype = torch.int8 if scheme.symmetric else torch.uint8
+    return QuantizedWeight(
+        codes=codes.reshape(weight.shape).to(code_dtype),
+        scale=scale,
+        zero_point=None if scheme.symmetric else zero.to(torch.int16),
+        format_name=fmt.name,
+        granularity=scheme.granularity,
+    )
+
+
+def dequantize_weight(
+    quantized: QuantizedWeight, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Decode ``scale * (code - zero_point)`` back to a float tensor of the weight's shape."""
+    rows = quantized.scale.numel()
+    codes = quantized.codes.reshape(rows, -1).float()
+    zero = (
+        quantized.zero_point.float()[:, None]
+        if quantized.zero_point is not None
+        else torch.zeros(rows, 1, device=codes.device)
+    )
+    restored = (codes - zero) * quantized.scale.float()[:, None]
+    return restored.reshape(quantized.codes.shape).to(dtype)
+
+
+def fake_quantize(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize then dequantize, keeping the weight's dtype and device."""
+    return dequantize_weight(quantize_weight(weight, fmt, scheme), weight.dtype)
