@@ -231,7 +231,8 @@ class AllocationProblem:
                     f"these candidates and layer policy is {smallest:.4g}"
                 )
         if self._highs is None:
-            self._highs = self._build()
+            with _quiet_stdout():  # HiGHS prints a banner when the first model is created
+                self._highs = self._build()
         highs = self._highs
         num_layers = len(self.table.layer_names)
         for offset, metric in enumerate(BUDGET_METRICS):
