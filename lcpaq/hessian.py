@@ -62,6 +62,8 @@ class CurvatureEstimate:
     num_probes: int
     flags: tuple[str, ...]
     diagonal: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Per-sample trace contributions [N, L] (exact estimators only): ranking stability, bootstrap.
+    sample_traces: np.ndarray | None = None
 
     def clamped_trace(self) -> np.ndarray:
         """Traces with non-positive values replaced by 1e-12 × the largest (METHOD §1a)."""
@@ -249,6 +251,7 @@ def gauss_newton_traces(
     max_elements = max(module.weight.numel() for module in modules.values())
     num_samples = 0
     sampled = False
+    sample_chunks: list[np.ndarray] = []
     for inputs in tqdm(
         list(batches), desc="Gauss-Newton traces", disable=not progress, unit="batch"
     ):
@@ -296,6 +299,7 @@ def gauss_newton_traces(
         del grads, outputs, logits
         recorder.clear()
         per_sample_np = per_sample.cpu().numpy()
+        sample_chunks.append(per_sample_np.astype(np.float32))
         sum_trace += per_sample_np.sum(0)
         sum_trace_sq += (per_sample_np**2).sum(0)
         num_samples += count
@@ -317,6 +321,7 @@ def gauss_newton_traces(
             if keep_diagonal
             else {}
         ),
+        sample_traces=np.concatenate(sample_chunks),
     )
 
 

@@ -126,6 +126,30 @@ def _apply_bias(module: nn.Module, fp: _Moments, quantized: _Moments) -> torch.T
     return delta
 
 
+@dataclass(frozen=True)
+class ReferenceStats:
+    """FP32 moments at every correction point, in execution order; reusable across allocations
+    of the same model that quantize the same set of layers."""
+
+    points: dict[str, str]
+    moments: dict[str, _Moments]
+
+
+@torch.no_grad()
+def collect_reference_stats(
+    fp_model: nn.Module,
+    inputs: torch.Tensor,
+    quantized_names: Sequence[str],
+    *,
+    batch_size: int = 256,
+) -> ReferenceStats:
+    fp_model.eval()
+    points = dict(correction_points(fp_model, quantized_names))
+    return ReferenceStats(
+        points, _collect_fp_stats(fp_model, list(points.items()), inputs, batch_size)
+    )
+
+
 @torch.no_grad()
 def correct_statistics(
     fp_model: nn.Module,
@@ -135,12 +159,18 @@ def correct_statistics(
     *,
     batch_size: int = 256,
     single_pass_max_bytes: int = SINGLE_PASS_MAX_BYTES,
+    reference: ReferenceStats | None = None,
 ) -> RecoveryReport:
-    """Correct BN statistics and biases of ``quantized_model`` in place (see module docstring)."""
-    fp_model.eval()
+    """Correct BN statistics and biases of ``quantized_model`` in place (see module docstring).
+
+    ``reference`` (from `collect_reference_stats` on the same inputs) skips the FP32 pass.
+    """
     quantized_model.eval()
-    points = dict(correction_points(fp_model, quantized_names))
-    fp_moments = _collect_fp_stats(fp_model, list(points.items()), inputs, batch_size)
+    if reference is None:
+        reference = collect_reference_stats(
+            fp_model, inputs, quantized_names, batch_size=batch_size
+        )
+    points, fp_moments = reference.points, reference.moments
     order = list(fp_moments)
     activation_bytes = _largest_activation_bytes(quantized_model, inputs[:1]) * len(inputs) * 3
     single_pass = activation_bytes <= single_pass_max_bytes

@@ -1,0 +1,280 @@
+"""Command line: one subcommand per pipeline stage, plus ``run`` (all of them) and ``demo``.
+
+The CLI parses options into the config dataclasses and calls `lcpaq.pipeline`; it holds no algorithm.
+Bad input ends with one line ``lcpaq: error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from lcpaq import __version__, pipeline
+from lcpaq.allocate import Budget, parse_budget
+from lcpaq.config import DEFAULT_FORMATS, AnalysisConfig, RecoveryConfig, RunConfig
+from lcpaq.errors import InputError
+from lcpaq.formats import QuantScheme, parse_format_list
+
+logger = logging.getLogger("lcpaq")
+
+
+def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and calibration")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="cifar-resnet | torchvision:<name> | package.module:factory",
+    )
+    group.add_argument("--checkpoint", help="state dict file (.th/.pt/.pth/.safetensors)")
+    group.add_argument(
+        "--calib", required=True, help="calibration data: .npz, .pt or ImageFolder dir"
+    )
+    group.add_argument(
+        "--normalize",
+        default="imagenet",
+        help="imagenet | cifar | none | 'm1,m2,m3/s1,s2,s3' (applied to uint8 images; default imagenet)",
+    )
+    group.add_argument("--image-size", type=int, help="resize ImageFolder images to this size")
+    group.add_argument(
+        "--allow-unsafe-pickle",
+        action="store_true",
+        help="allow checkpoints that need arbitrary unpickling (only for files you trust)",
+    )
+    group = parser.add_argument_group("analysis")
+    group.add_argument(
+        "--num-samples", type=int, default=256, help="calibration images for curvature"
+    )
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    group.add_argument(
+        "--formats", default=DEFAULT_FORMATS, help=f"candidate formats (default {DEFAULT_FORMATS})"
+    )
+    group.add_argument(
+        "--symmetric", action="store_true", help="symmetric codes (default asymmetric)"
+    )
+    group.add_argument("--granularity", choices=["channel", "tensor"], default="channel")
+    group.add_argument("--clipping", choices=["mse", "minmax"], default="mse")
+    group.add_argument(
+        "--hutchinson-probes",
+        type=int,
+        default=0,
+        help="run the Hutchinson cross-check with at most this many probes (0: off)",
+    )
+    group.add_argument("--hutchinson-samples", type=int, default=128)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--correction-samples",
+        type=int,
+        default=1024,
+        help="calibration images for BN statistics / bias correction after quantization",
+    )
+    group.add_argument("--no-correction", action="store_true", help="skip statistics correction")
+
+
+def _add_allocation_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_argument_group("allocation")
+    group.add_argument(
+        "--budget",
+        action="append",
+        required=required,
+        metavar="METRIC=VALUE",
+        help="avg-bits=<float> or size-mb=<float>; repeat to combine",
+    )
+    group.add_argument("--first-last", choices=["search", "keep-8bit"], default="search")
+    group.add_argument("--scorer", choices=["hawq_v2", "diagonal"], default="hawq_v2")
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser, default_points: int) -> None:
+    parser.add_argument(
+        "--sweep-points",
+        type=int,
+        default=default_points,
+        help=f"budgets on the model-level curve (default {default_points}; 0 skips the sweep)",
+    )
+    parser.add_argument("--sweep-min-bits", type=float, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcpaq", description="Hessian-guided mixed-precision quantization for PyTorch models"
+    )
+    parser.add_argument("--version", action="version", version=f"lcpaq {__version__}")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, warnings only"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train a small digits CNN and run the whole pipeline")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--budget", action="append", metavar="METRIC=VALUE")
+    _add_sweep_options(demo, default_points=8)
+
+    run = commands.add_parser(
+        "run", help="analyze, allocate, export, evaluate, sweep, plot, report"
+    )
+    _add_analysis_options(run)
+    _add_allocation_options(run, required=True)
+    run.add_argument("--eval", help="labelled evaluation data (.npz, .pt or ImageFolder dir)")
+    run.add_argument("--out", type=Path, required=True, help="run folder")
+    _add_sweep_options(run, default_points=8)
+
+    analyze = commands.add_parser("analyze", help="curvature and candidate table into a run folder")
+    _add_analysis_options(analyze)
+    analyze.add_argument("--out", type=Path, required=True, help="run folder")
+
+    allocate = commands.add_parser("allocate", help="solve the ILP for new budgets (seconds)")
+    allocate.add_argument("run_dir", type=Path)
+    _add_allocation_options(allocate, required=True)
+
+    export = commands.add_parser("export", help="write the quantized checkpoint")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, help="checkpoint folder (default RUN/quantized)")
+
+    evaluate = commands.add_parser("evaluate", help="top-1 of FP32 and of the exported checkpoint")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--eval", required=True)
+
+    sweep = commands.add_parser("sweep", help="model-level Pareto curve over average-bit budgets")
+    sweep.add_argument("run_dir", type=Path)
+    sweep.add_argument("--eval", help="measure top-1 at every point")
+    _add_sweep_options(sweep, default_points=8)
+
+    for name, text in (("plot", "write the PNG plots"), ("report", "write report.md/.json")):
+        stage = commands.add_parser(name, help=text)
+        stage.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        analysis=AnalysisConfig(
+            model=args.model,
+            checkpoint=args.checkpoint,
+            calib=args.calib,
+            normalize=args.normalize,
+            image_size=args.image_size,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            loss=args.loss,
+            formats=parse_format_list(args.formats),
+            scheme=QuantScheme(
+                symmetric=args.symmetric, granularity=args.granularity, clipping=args.clipping
+            ),
+            hutchinson_probes=args.hutchinson_probes,
+            hutchinson_samples=args.hutchinson_samples,
+            seed=args.seed,
+            allow_unsafe_pickle=args.allow_unsafe_pickle,
+        ),
+        recovery=RecoveryConfig(
+            enabled=not args.no_correction, num_samples=args.correction_samples
+        ),
+    )
+
+
+def _budgets(texts: list[str] | None) -> list[Budget]:
+    return [parse_budget(text) for text in texts or []]
+
+
+def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
+    """Export, evaluate, sweep, plot and report after an allocation."""
+    progress = not args.quiet
+    pipeline.export(run_dir)
+    if eval_path:
+        pipeline.evaluate(run_dir, eval_path)
+    if args.sweep_points:
+        pipeline.sweep(
+            run_dir,
+            eval_path,
+            num_points=args.sweep_points,
+            min_bits=args.sweep_min_bits,
+            progress=progress,
+        )
+    else:
+        (run_dir / "sweep.json").unlink(missing_ok=True)
+    pipeline.plot(run_dir)
+    path = pipeline.report(run_dir)
+    print(f"report: {path}")
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    progress = not args.quiet
+    if args.command == "demo":
+        from lcpaq.demo import DEMO_MODEL, prepare_demo
+
+        budgets = _budgets(args.budget or ["avg-bits=3"])
+        pipeline.ensure_writable(args.out)
+        checkpoint, calib, evaluation = prepare_demo(args.out)
+        config = RunConfig(
+            analysis=AnalysisConfig(
+                model=DEMO_MODEL,
+                checkpoint=str(checkpoint),
+                calib=str(calib),
+                normalize="none",
+                num_samples=512,
+                hutchinson_probes=64,
+                hutchinson_samples=256,
+            )
+        )
+        pipeline.analyze(config, args.out, progress=progress)
+        pipeline.allocate(args.out, budgets)
+        _finish(args.out, str(evaluation), args)
+    elif args.command == "run":
+        budgets = _budgets(args.budget)
+        config = _run_config(args)
+        pipeline.analyze(config, args.out, progress=progress)
+        pipeline.allocate(args.out, budgets, first_last=args.first_last, scorer=args.scorer)
+        _finish(args.out, args.eval, args)
+    elif args.command == "analyze":
+        pipeline.analyze(_run_config(args), args.out, progress=progress)
+    elif args.command == "allocate":
+        pipeline.allocate(
+            args.run_dir, _budgets(args.budget), first_last=args.first_last, scorer=args.scorer
+        )
+    elif args.command == "export":
+        pipeline.export(args.run_dir, out_dir=args.out)
+    elif args.command == "evaluate":
+        pipeline.evaluate(args.run_dir, args.eval)
+    elif args.command == "sweep":
+        pipeline.sweep(
+            args.run_dir,
+            args.eval,
+            num_points=args.sweep_points,
+            min_bits=args.sweep_min_bits,
+            progress=progress,
+        )
+    elif args.command == "plot":
+        for path in pipeline.plot(args.run_dir):
+            print(path)
+    elif args.command == "report":
+        print(pipeline.report(args.run_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Configure our own logger only: third-party INFO chatter (matplotlib's font cache) stays off.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("lcpaq: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _dispatch(args)
+    except InputError as error:
+        print(f"lcpaq: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lcpaq: interrupted; artifacts already written are complete", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

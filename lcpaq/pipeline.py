@@ -1,0 +1,503 @@
+"""The pipeline over a run folder: analyze → allocate → export → evaluate → sweep → plot → report.
+
+Each stage reads the artifacts of the stages before it from the run folder and writes its own, so any
+stage can be re-run alone (re-allocating under a new budget takes seconds: it never touches the
+Hessian). File layout (all written atomically):
+
+    run_config.json   model, data and analysis options         (analyze)
+    layers.json       quantizable layers, unquantized size     (analyze)
+    curvature.npz     per-layer traces ± standard errors       (analyze)
+    hutchinson.npz    Hutchinson cross-check, if requested     (analyze)
+    candidates.npz    cost and weight error per layer×format   (analyze)
+    frontiers.npz     scores and Pareto mask                   (allocate)
+    allocation.json   chosen format per layer, solver report   (allocate)
+    quantized/        model.safetensors + manifest.json        (export)
+    evaluation.json   FP32 and quantized top-1                 (evaluate)
+    sweep.json        model-level Pareto curve, uniform points (sweep)
+    plots/*.png, report.md, report.json, timings.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lcpaq import artifacts
+from lcpaq.allocate import Allocation, AllocationProblem, Budget, allowed_candidates
+from lcpaq.candidates import CandidateTable, measure_candidates
+from lcpaq.config import FirstLastPolicy, RunConfig
+from lcpaq.data import Dataset, load_dataset
+from lcpaq.errors import InputError
+from lcpaq.evaluate import evaluate_accuracy, paired_difference
+from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpoint
+from lcpaq.frontier import build_frontiers, score_candidates
+from lcpaq.graph import LayerInfo, discover_layers
+from lcpaq.hessian import gauss_newton_traces, hutchinson_traces
+from lcpaq.models import build_model, file_sha256, load_model, num_classes_of
+from lcpaq.recovery import collect_reference_stats, correct_statistics
+
+logger = logging.getLogger(__name__)
+
+HIGH_FORMAT = "int8"
+
+
+# -- run folder helpers ------------------------------------------------------------------------
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Fail early, naming the folder, if the run folder cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"output folder {run_dir} is not writable: {error.strerror}") from None
+
+
+@contextmanager
+def timed(run_dir: Path, stage: str) -> Iterator[None]:
+    """Record the wall time of a stage in ``timings.json`` (seconds, merged across stages)."""
+    start = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - start
+    path = run_dir / "timings.json"
+    timings = artifacts.read_json(path, "timings") if path.is_file() else {}
+    timings.pop("schema_version", None)
+    timings[stage] = round(elapsed, 3)
+    artifacts.write_json(path, timings)
+    logger.info("stage %s took %.1f s", stage, elapsed)
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    return RunConfig.from_dict(
+        artifacts.read_json(run_dir / "run_config.json", "run configuration")
+    )
+
+
+def read_layers(run_dir: Path) -> tuple[tuple[LayerInfo, ...], float]:
+    data = artifacts.read_json(run_dir / "layers.json", "layer list (lcpaq analyze)")
+    layers = tuple(LayerInfo.from_dict(item) for item in data["layers"])  # type: ignore[union-attr]
+    return layers, float(data["unquantized_size_bits"])  # type: ignore[arg-type]
+
+
+def _load_model_and_data(config: RunConfig, num_samples: int) -> tuple[nn.Module, Dataset]:
+    analysis = config.analysis
+    model = load_model(
+        analysis.model, analysis.checkpoint, allow_unsafe_pickle=analysis.allow_unsafe_pickle
+    )
+    calib = load_dataset(
+        analysis.calib,
+        normalization=analysis.normalize,
+        num_classes=num_classes_of(model),
+        image_size=analysis.image_size,
+    )
+    return model, calib.subset(0, min(num_samples, len(calib)))
+
+
+def _load_eval(config: RunConfig, model: nn.Module, eval_path: str) -> Dataset:
+    return load_dataset(
+        eval_path,
+        normalization=config.analysis.normalize,
+        num_classes=num_classes_of(model),
+        image_size=config.analysis.image_size,
+    )
+
+
+# -- stage 1: analyze --------------------------------------------------------------------------
+
+
+def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
+    """Measure curvature and per-candidate weight errors; write the analysis artifacts."""
+    ensure_writable(run_dir)
+    analysis = config.analysis
+    with timed(run_dir, "analyze"):
+        model, calib = _load_model_and_data(config, analysis.num_samples)
+        layers = discover_layers(model, calib.inputs)
+        weight_keys = {layer.weight_key for layer in layers}
+        state = model.state_dict()
+        unquantized_bits = sum(
+            t.numel() * t.element_size() * 8 for key, t in state.items() if key not in weight_keys
+        )
+        fp32_bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
+        batches = [
+            calib.inputs[start : start + analysis.batch_size]
+            for start in range(0, len(calib), analysis.batch_size)
+        ]
+        start = time.perf_counter()
+        curvature = gauss_newton_traces(
+            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
+        )
+        curvature_seconds = time.perf_counter() - start
+        hutchinson_seconds = None
+        if analysis.hutchinson_probes:
+            subset = calib.subset(0, min(analysis.hutchinson_samples, len(calib)))
+            start = time.perf_counter()
+            check = hutchinson_traces(
+                model,
+                layers,
+                [(subset.inputs, subset.labels)],
+                max_probes=analysis.hutchinson_probes,
+                min_probes=min(8, analysis.hutchinson_probes),
+                seed=analysis.seed,
+                progress=progress,
+            )
+            hutchinson_seconds = time.perf_counter() - start
+            artifacts.save_curvature(run_dir / "hutchinson.npz", check)
+        else:
+            (run_dir / "hutchinson.npz").unlink(missing_ok=True)
+        table = measure_candidates(
+            model, layers, analysis.formats, analysis.scheme, curvature.diagonal
+        )
+        checkpoint_sha = file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else None
+        artifacts.write_json(run_dir / "run_config.json", config.to_dict())
+        artifacts.write_json(
+            run_dir / "layers.json",
+            {
+                "model": analysis.model,
+                "checkpoint_sha256": checkpoint_sha,
+                "fp32_size_bits": fp32_bits,
+                "unquantized_size_bits": unquantized_bits,
+                "curvature_seconds": curvature_seconds,
+                "hutchinson_seconds": hutchinson_seconds,
+                "layers": [layer.to_dict() for layer in layers],
+            },
+        )
+        artifacts.save_curvature(run_dir / "curvature.npz", curvature)
+        artifacts.save_candidates(run_dir / "candidates.npz", table)
+    flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
+    if flagged:
+        logger.warning("curvature flagged for %d layer(s): %s", len(flagged), ", ".join(flagged))
+
+
+# -- stage 2: allocate -------------------------------------------------------------------------
+
+
+def build_problem(
+    run_dir: Path, first_last: FirstLastPolicy, scorer: str
+) -> tuple[AllocationProblem, CandidateTable, np.ndarray, np.ndarray]:
+    """The ILP for a run folder: scores, Pareto mask and the first/last-layer policy."""
+    layers, unquantized_bits = read_layers(run_dir)
+    table = artifacts.load_candidates(run_dir / "candidates.npz")
+    curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+    scores = score_candidates(table, curvature.clamped_trace(), scorer)
+    kept = build_frontiers(table, scores)
+    fixed: dict[str, str] = {}
+    if first_last == "keep-8bit":
+        if HIGH_FORMAT not in table.format_names:
+            raise InputError(
+                f"--first-last keep-8bit needs {HIGH_FORMAT} among the analysed formats"
+            )
+        fixed = {layers[0].name: HIGH_FORMAT, layers[-1].name: HIGH_FORMAT}
+    elif first_last != "search":
+        raise InputError(f"--first-last must be 'search' or 'keep-8bit', got {first_last!r}")
+    allowed = allowed_candidates(table, kept, fixed)
+    problem = AllocationProblem(table, scores, allowed, constant_size_bits=unquantized_bits)
+    return problem, table, scores, kept
+
+
+def allocate(
+    run_dir: Path,
+    budgets: Sequence[Budget],
+    *,
+    first_last: FirstLastPolicy = "search",
+    scorer: str = "hawq_v2",
+) -> Allocation:
+    """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``."""
+    if not budgets:
+        raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
+    with timed(run_dir, "allocate"):
+        problem, table, scores, kept = build_problem(run_dir, first_last, scorer)
+        allocation = problem.solve(budgets)
+        artifacts.write_npz(
+            run_dir / "frontiers.npz", {"scores": scores, "kept": kept, "allowed": problem.allowed}
+        )
+        artifacts.write_json(
+            run_dir / "allocation.json",
+            {
+                "first_last": first_last,
+                "scorer": scorer,
+                **allocation.to_dict(),
+            },
+        )
+    logger.info(
+        "allocated %.3f average bits, %.4f MB, predicted loss increase %.4g (%s, %.3f s)",
+        allocation.average_bits,
+        allocation.size_bytes / 1e6,
+        allocation.predicted_loss_increase,
+        allocation.status,
+        allocation.solve_time_s,
+    )
+    return allocation
+
+
+def read_allocation(run_dir: Path) -> tuple[Allocation, dict[str, object]]:
+    data = artifacts.read_json(run_dir / "allocation.json", "allocation (lcpaq allocate)")
+    return Allocation.from_dict(data), data
+
+
+# -- stage 3: export ---------------------------------------------------------------------------
+
+
+def quantize_and_recover(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    assignment: dict[str, str],
+    config: RunConfig,
+    correction_inputs: torch.Tensor | None,
+    reference: object | None = None,
+) -> tuple[nn.Module, dict]:
+    quantized_model, codes = quantize_model(model, layers, assignment, config.analysis.scheme)
+    if config.recovery.enabled and correction_inputs is not None:
+        correct_statistics(
+            model, quantized_model, correction_inputs, list(assignment), reference=reference
+        )
+    return quantized_model, codes
+
+
+def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
+    """Quantize to the allocation, correct statistics, write the quantized checkpoint."""
+    config = read_config(run_dir)
+    layers, _ = read_layers(run_dir)
+    allocation, allocation_data = read_allocation(run_dir)
+    out_dir = out_dir or run_dir / "quantized"
+    with timed(run_dir, "export"):
+        model, calib = _load_model_and_data(config, config.recovery.num_samples)
+        assignment = dict(zip(allocation.layer_names, allocation.formats))
+        quantized_model, codes = quantize_and_recover(
+            model, layers, assignment, config, calib.inputs
+        )
+        layer_data = artifacts.read_json(run_dir / "layers.json", "layer list")
+        manifest_extra = {
+            "model": config.analysis.model,
+            "source_checkpoint": config.analysis.checkpoint,
+            "source_sha256": layer_data["checkpoint_sha256"],
+            "budget": [str(Budget(use.metric, use.limit)) for use in allocation.budgets],
+            "first_last": allocation_data["first_last"],
+            "scheme": config.analysis.scheme.to_dict(),
+            "recovery": {
+                "statistics_correction": config.recovery.enabled,
+                "num_samples": min(config.recovery.num_samples, len(calib)),
+            },
+            "totals": {
+                "average_bits": allocation.average_bits,
+                "size_bytes": allocation.size_bytes,
+                "fp32_size_bytes": float(layer_data["fp32_size_bits"]) / 8,  # type: ignore[arg-type]
+                "quantized_params": int(sum(layer.num_params for layer in layers)),
+            },
+        }
+        path = write_quantized_checkpoint(
+            out_dir,
+            quantized_model.state_dict(),
+            layers,
+            codes,
+            manifest_extra,
+            config.analysis.scheme,
+        )
+    logger.info("wrote quantized checkpoint %s", path)
+    return path
+
+
+# -- stage 4: evaluate -------------------------------------------------------------------------
+
+
+def evaluate(
+    run_dir: Path, eval_path: str, *, quantized_dir: Path | None = None
+) -> dict[str, object]:
+    """Top-1 of the FP32 model and of the exported checkpoint, read back from disk, paired."""
+    config = read_config(run_dir)
+    quantized_dir = quantized_dir or run_dir / "quantized"
+    with timed(run_dir, "evaluate"):
+        fp_model = load_model(
+            config.analysis.model,
+            config.analysis.checkpoint,
+            allow_unsafe_pickle=config.analysis.allow_unsafe_pickle,
+        )
+        dataset = _load_eval(config, fp_model, eval_path)
+        # Build the architecture from the FP32 state dict (depth inference), then load the
+        # exported codes: the figure is for the file a user ships, not an in-memory model.
+        skeleton = build_model(config.analysis.model, fp_model.state_dict())
+        quantized_model = load_quantized(quantized_dir, skeleton)
+        fp_accuracy = evaluate_accuracy(fp_model, dataset)
+        q_accuracy = evaluate_accuracy(quantized_model, dataset)
+        difference, difference_se = paired_difference(q_accuracy, fp_accuracy)
+        result = {
+            "eval_data": eval_path,
+            "fp32": fp_accuracy.to_dict(),
+            "quantized": q_accuracy.to_dict(),
+            "paired_difference": difference,
+            "paired_difference_stderr": difference_se,
+        }
+        artifacts.write_json(run_dir / "evaluation.json", result)
+    logger.info(
+        "top-1: FP32 %.2f %%, quantized %.2f %% (paired difference %+.2f ± %.2f points)",
+        100 * fp_accuracy.top1,
+        100 * q_accuracy.top1,
+        100 * difference,
+        100 * difference_se,
+    )
+    return result
+
+
+# -- stage 5: sweep ----------------------------------------------------------------------------
+
+
+def sweep(
+    run_dir: Path,
+    eval_path: str | None,
+    *,
+    num_points: int = 8,
+    max_bits: float = 8.0,
+    min_bits: float | None = None,
+    progress: bool = True,
+) -> dict[str, object]:
+    """The model-level Pareto curve: the ILP optimum over a range of average-bit budgets, and
+    uniform assignments, each with predicted loss increase and (given eval data) measured top-1
+    after the same quantization and statistics correction as the export."""
+    if num_points < 2:
+        raise InputError(f"--sweep-points must be at least 2, got {num_points}")
+    config = read_config(run_dir)
+    layers, _ = read_layers(run_dir)
+    _, allocation_data = read_allocation(run_dir)
+    first_last = str(allocation_data["first_last"])
+    with timed(run_dir, "sweep"):
+        problem, table, scores, _ = build_problem(
+            run_dir, first_last, str(allocation_data["scorer"])
+        )  # type: ignore[arg-type]
+        smallest = problem.smallest_achievable("avg-bits")
+        low = max(smallest, min_bits) if min_bits is not None else smallest
+        budgets = np.linspace(low, max_bits, num_points)
+        measure = None
+        if eval_path is not None:
+            model, calib = _load_model_and_data(config, config.recovery.num_samples)
+            dataset = _load_eval(config, model, eval_path)
+            names = [layer.name for layer in layers]
+            reference = (
+                collect_reference_stats(model, calib.inputs, names)
+                if config.recovery.enabled
+                else None
+            )
+
+            def measure(assignment: dict[str, str]) -> float:
+                quantized_model, _ = quantize_and_recover(
+                    model, layers, assignment, config, calib.inputs, reference
+                )
+                return evaluate_accuracy(quantized_model, dataset).top1
+
+        points, seen = [], {}
+        for budget in tqdm(budgets, desc="budget sweep", disable=not progress, unit="budget"):
+            allocation = problem.solve([Budget("avg-bits", float(budget))])
+            key = allocation.formats
+            if key not in seen:
+                seen[key] = (
+                    measure(dict(zip(allocation.layer_names, allocation.formats)))
+                    if measure
+                    else None
+                )
+            points.append(
+                {
+                    "budget_avg_bits": float(budget),
+                    "avg_bits": allocation.average_bits,
+                    "size_bytes": allocation.size_bytes,
+                    "predicted_loss_increase": allocation.predicted_loss_increase,
+                    "top1": seen[key],
+                    "formats": list(allocation.formats),
+                }
+            )
+        uniform = []
+        for column, format_name in enumerate(table.format_names):
+            choice = np.full(len(layers), column)
+            assignment = {layer.name: format_name for layer in layers}
+            uniform.append(
+                {
+                    "format": format_name,
+                    "avg_bits": problem.metric_value("avg-bits", choice),
+                    "size_bytes": problem.metric_value("size-mb", choice) * 1e6,
+                    "predicted_loss_increase": float(scores[np.arange(len(layers)), column].sum()),
+                    "top1": measure(assignment) if measure else None,
+                }
+            )
+        result = {
+            "first_last": first_last,
+            "eval_data": eval_path,
+            "points": points,
+            "uniform": uniform,
+        }
+        artifacts.write_json(run_dir / "sweep.json", result)
+    return result
+
+
+# -- stage 6: plots and report -----------------------------------------------------------------
+
+
+def plot(run_dir: Path) -> list[Path]:
+    """Per-layer frontiers, the model-level curve (if swept) and the bit allocation, as PNGs."""
+    from lcpaq import plots
+
+    with timed(run_dir, "plot"):
+        layers, _ = read_layers(run_dir)
+        table = artifacts.load_candidates(run_dir / "candidates.npz")
+        curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+        frontiers = artifacts.read_npz(run_dir / "frontiers.npz", "frontiers (lcpaq allocate)")
+        allocation, allocation_data = read_allocation(run_dir)
+        model_name = str(artifacts.read_json(run_dir / "layers.json", "layer list")["model"])
+        budget_text = ", ".join(str(Budget(use.metric, use.limit)) for use in allocation.budgets)
+        title = f"{model_name} — budget {budget_text}"
+        paths = [
+            plots.plot_layer_frontiers(
+                run_dir / "plots" / "frontiers.png",
+                layer_names=table.layer_names,
+                format_names=table.format_names,
+                bits=table.bits,
+                scores=frontiers["scores"],
+                kept=frontiers["kept"],
+                chosen=allocation.formats,
+                title=f"Per-layer Pareto frontiers ({allocation_data['scorer']} score): {title}",
+            ),
+            plots.plot_bit_allocation(
+                run_dir / "plots" / "bit_allocation.png",
+                layer_names=allocation.layer_names,
+                bits=allocation.bits,
+                num_params=table.num_params,
+                trace=curvature.trace,
+                trace_stderr=curvature.trace_stderr,
+                title=f"Chosen weight bits per layer: {title}",
+            ),
+        ]
+        if (run_dir / "sweep.json").is_file():
+            sweep_data = artifacts.read_json(run_dir / "sweep.json", "sweep")
+            evaluation = (
+                artifacts.read_json(run_dir / "evaluation.json", "evaluation")
+                if (run_dir / "evaluation.json").is_file()
+                else None
+            )
+            chosen = {
+                "avg_bits": allocation.average_bits,
+                "predicted_loss_increase": allocation.predicted_loss_increase,
+                "top1": evaluation["quantized"]["top1"] if evaluation else None,  # type: ignore[index]
+            }
+            paths.append(
+                plots.plot_model_curve(
+                    run_dir / "plots" / "model_curve.png",
+                    sweep=sweep_data["points"],  # type: ignore[arg-type]
+                    uniform=sweep_data["uniform"],  # type: ignore[arg-type]
+                    chosen=chosen,
+                    fp32_top1=evaluation["fp32"]["top1"] if evaluation else None,  # type: ignore[index]
+                    title=f"Model-level Pareto curve: {title}",
+                )
+            )
+    return paths
+
+
+def report(run_dir: Path) -> Path:
+    from lcpaq.report import write_report
+
+    return write_report(run_dir)

@@ -1,0 +1,223 @@
+"""The run report: ``report.json`` (every number) and ``report.md`` (the same numbers for a person),
+built only from the artifacts in the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from lcpaq import artifacts
+from lcpaq.hessian import CurvatureEstimate
+
+
+def ranking_stability(curvature: CurvatureEstimate, seed: int = 0) -> dict[str, float] | None:
+    """How stable the per-layer trace ranking is under resampling of the calibration images.
+
+    ``split_half_spearman``: rank correlation between traces from even and odd samples;
+    ``bootstrap_spearman_median``/``_p05``: over 200 bootstrap resamples vs the full estimate.
+    """
+    samples = curvature.sample_traces
+    if samples is None or len(samples) < 4 or samples.shape[1] < 3:
+        return None
+    split = float(spearmanr(samples[0::2].mean(0), samples[1::2].mean(0)).statistic)
+    rng = np.random.default_rng(seed)
+    full = samples.mean(0)
+    values = [
+        spearmanr(samples[rng.integers(0, len(samples), len(samples))].mean(0), full).statistic
+        for _ in range(200)
+    ]
+    return {
+        "split_half_spearman": split,
+        "bootstrap_spearman_median": float(np.median(values)),
+        "bootstrap_spearman_p05": float(np.percentile(values, 5)),
+    }
+
+
+def _optional(run_dir: Path, name: str) -> dict[str, object] | None:
+    path = run_dir / name
+    return artifacts.read_json(path, name) if path.is_file() else None
+
+
+def build_report(run_dir: Path) -> dict[str, object]:
+    config = artifacts.read_json(run_dir / "run_config.json", "run configuration")
+    layer_data = artifacts.read_json(run_dir / "layers.json", "layer list")
+    curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+    hutchinson = (
+        artifacts.load_curvature(run_dir / "hutchinson.npz")
+        if (run_dir / "hutchinson.npz").is_file()
+        else None
+    )
+    allocation = _optional(run_dir, "allocation.json")
+    chosen = dict(allocation["assignment"]) if allocation else {}  # type: ignore[arg-type]
+    rows = []
+    for index, layer in enumerate(layer_data["layers"]):  # type: ignore[union-attr]
+        row = {
+            "name": layer["name"],
+            "kind": layer["kind"],
+            "num_params": layer["num_params"],
+            "macs_per_sample": layer["macs_per_sample"],
+            "trace": float(curvature.trace[index]),
+            "trace_stderr": float(curvature.trace_stderr[index]),
+            "flag": curvature.flags[index],
+            "format": chosen.get(layer["name"]),
+        }
+        if hutchinson is not None:
+            row["hutchinson_trace"] = float(hutchinson.trace[index])
+            row["hutchinson_stderr"] = float(hutchinson.trace_stderr[index])
+        rows.append(row)
+    curvature_summary: dict[str, object] = {
+        "method": curvature.method,
+        "num_samples": curvature.num_samples,
+        "trace_sum": float(curvature.trace.sum()),
+        "trace_sum_stderr": (
+            float(curvature.sample_traces.sum(1).std(ddof=1) / np.sqrt(curvature.num_samples))
+            if curvature.sample_traces is not None
+            else None
+        ),
+        "seconds": layer_data.get("curvature_seconds"),
+        "ranking_stability": ranking_stability(curvature),
+        "flagged_layers": [row["name"] for row in rows if row["flag"]],
+    }
+    if hutchinson is not None:
+        curvature_summary["hutchinson"] = {
+            "num_probes": hutchinson.num_probes,
+            "num_samples": hutchinson.num_samples,
+            "seconds": layer_data.get("hutchinson_seconds"),
+            "spearman_vs_gauss_newton": float(
+                spearmanr(hutchinson.trace, curvature.trace).statistic
+            ),
+            "trace_sum": float(hutchinson.trace.sum()),
+            "trace_sum_stderr": float(np.sqrt((hutchinson.trace_stderr**2).sum())),
+        }
+    return {
+        "model": layer_data["model"],
+        "config": {key: value for key, value in config.items() if key != "schema_version"},
+        "checkpoint_sha256": layer_data["checkpoint_sha256"],
+        "fp32_size_bytes": float(layer_data["fp32_size_bits"]) / 8,  # type: ignore[arg-type]
+        "layers": rows,
+        "curvature": curvature_summary,
+        "allocation": allocation,
+        "evaluation": _optional(run_dir, "evaluation.json"),
+        "sweep": _optional(run_dir, "sweep.json"),
+        "timings_s": _optional(run_dir, "timings.json"),
+    }
+
+
+def _pct(value: object) -> str:
+    return "–" if value is None else f"{100 * float(value):.2f}"  # type: ignore[arg-type]
+
+
+def render_markdown(report: dict[str, object]) -> str:
+    lines = [f"# lcpaq report — {report['model']}", ""]
+    allocation = report["allocation"]
+    evaluation = report["evaluation"]
+    if allocation:
+        budgets = ", ".join(f"{b['metric']}={b['limit']:g}" for b in allocation["budgets"])  # type: ignore[index]
+        lines += [
+            "## Allocation",
+            f"- budget: {budgets}; first/last layers: {allocation['first_last']}; scorer: {allocation['scorer']}",  # type: ignore[index]
+            f"- average weight bits: {allocation['average_bits']:.3f}; size: {allocation['size_bytes'] / 1e6:.4f} MB "  # type: ignore[index]
+            f"(FP32 {report['fp32_size_bytes'] / 1e6:.4f} MB, {report['fp32_size_bytes'] / allocation['size_bytes']:.1f}× smaller)",  # type: ignore[index, operator]
+            f"- predicted loss increase: {allocation['predicted_loss_increase']:.4g} nats",  # type: ignore[index]
+            f"- solver: HiGHS {allocation['status']}, MIP gap {allocation['mip_gap']:.2g}, {allocation['solve_time_s'] * 1000:.1f} ms",  # type: ignore[index]
+        ]
+        for use in allocation["budgets"]:  # type: ignore[index]
+            binding = " (binding)" if use["binding"] else ""
+            lines.append(
+                f"- {use['metric']}: used {use['used']:.4g} of {use['limit']:.4g}{binding}"
+            )
+        lines.append("")
+    if evaluation:
+        lines += [
+            "## Accuracy",
+            f"- data: {evaluation['eval_data']} ({evaluation['fp32']['num_samples']} samples)",  # type: ignore[index]
+            f"- FP32 top-1: {_pct(evaluation['fp32']['top1'])} % ± {_pct(evaluation['fp32']['stderr'])}",  # type: ignore[index]
+            f"- quantized top-1 (exported checkpoint): {_pct(evaluation['quantized']['top1'])} % ± {_pct(evaluation['quantized']['stderr'])}",  # type: ignore[index]
+            f"- paired difference: {100 * evaluation['paired_difference']:+.2f} ± {100 * evaluation['paired_difference_stderr']:.2f} points",  # type: ignore[index]
+            "",
+        ]
+    curvature = report["curvature"]
+    lines += [
+        "## Curvature",
+        f"- estimator: {curvature['method']} on {curvature['num_samples']} calibration samples"  # type: ignore[index]
+        + (f" ({curvature['seconds']:.1f} s)" if curvature.get("seconds") else ""),  # type: ignore[union-attr]
+        f"- sum of per-layer traces: {curvature['trace_sum']:.4g}"  # type: ignore[index]
+        + (f" ± {curvature['trace_sum_stderr']:.2g}" if curvature.get("trace_sum_stderr") else ""),  # type: ignore[union-attr]
+    ]
+    stability = curvature.get("ranking_stability")  # type: ignore[union-attr]
+    if stability:
+        lines.append(
+            f"- layer ranking stability: split-half Spearman {stability['split_half_spearman']:.3f}; "
+            f"bootstrap Spearman median {stability['bootstrap_spearman_median']:.3f} (5th percentile {stability['bootstrap_spearman_p05']:.3f})"
+        )
+    if curvature.get("hutchinson"):  # type: ignore[union-attr]
+        check = curvature["hutchinson"]  # type: ignore[index]
+        lines.append(
+            f"- Hutchinson check ({check['num_probes']} probes, {check['num_samples']} samples): sum {check['trace_sum']:.4g} ± {check['trace_sum_stderr']:.2g}; "
+            f"Spearman vs Gauss–Newton {check['spearman_vs_gauss_newton']:.3f}"
+        )
+    flagged = curvature["flagged_layers"]  # type: ignore[index]
+    lines.append(
+        f"- flagged layers (negative or < 2 SE): {', '.join(flagged) if flagged else 'none'}"
+    )
+    lines += ["", "## Layers", ""]
+    has_check = any("hutchinson_trace" in row for row in report["layers"])  # type: ignore[union-attr]
+    header = (
+        "| layer | params | MACs/sample | trace ± SE | flag |"
+        + (" Hutchinson ± SE |" if has_check else "")
+        + " format |"
+    )
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in report["layers"]:  # type: ignore[union-attr]
+        cells = [
+            row["name"],
+            f"{row['num_params']:,}",
+            f"{row['macs_per_sample']:,}",
+            f"{row['trace']:.4g} ± {row['trace_stderr']:.2g}",
+            row["flag"] or "",
+        ]
+        if has_check:
+            cells.append(
+                f"{row.get('hutchinson_trace', float('nan')):.4g} ± {row.get('hutchinson_stderr', float('nan')):.2g}"
+            )
+        cells.append(row["format"] or "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    sweep = report["sweep"]
+    if sweep:
+        lines += [
+            "",
+            "## Model-level curve",
+            "",
+            "| assignment | avg bits | size (MB) | predicted ΔL | top-1 % |",
+            "|---|---|---|---|---|",
+        ]
+        for point in sweep["uniform"]:  # type: ignore[index]
+            lines.append(
+                f"| uniform {point['format']} | {point['avg_bits']:.3f} | {point['size_bytes'] / 1e6:.4f} | {point['predicted_loss_increase']:.4g} | {_pct(point['top1'])} |"
+            )
+        for point in sweep["points"]:  # type: ignore[index]
+            lines.append(
+                f"| lcpaq ≤ {point['budget_avg_bits']:.2f} bits | {point['avg_bits']:.3f} | {point['size_bytes'] / 1e6:.4f} | {point['predicted_loss_increase']:.4g} | {_pct(point['top1'])} |"
+            )
+    timings = report["timings_s"]
+    if timings:
+        lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
+        lines += [
+            f"| {stage} | {seconds:.1f} |"
+            for stage, seconds in timings.items()
+            if stage != "schema_version"
+        ]  # type: ignore[union-attr]
+    lines += [
+        "",
+        "Plots: `plots/frontiers.png`, `plots/model_curve.png`, `plots/bit_allocation.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path) -> Path:
+    report = build_report(run_dir)
+    artifacts.write_json(run_dir / "report.json", report)
+    return artifacts.write_text(run_dir / "report.md", render_markdown(report))
