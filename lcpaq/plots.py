@@ -1,10 +1,11 @@
 """PNG plots of a quantization analysis, meant to be read without looking at any code.
 
-Every figure carries axis labels with units, a legend and a title naming the model and the budget
-(passed in by the caller as ``title``). Figures are rendered with the Agg backend through an explicit
-``FigureCanvasAgg`` rather than through ``pyplot``, so plotting never changes the process-wide
-matplotlib backend and works headless. Each PNG is written to a temporary file in the target folder
-and renamed into place, so an interrupted run never leaves a half-written image behind.
+Every figure carries axis labels with units, a legend and a title naming the model and the
+budget (passed in by the caller as ``title``). Figures are rendered with the Agg backend through
+an explicit ``FigureCanvasAgg`` rather than through ``pyplot``, so plotting never changes the
+process-wide matplotlib backend and works headless. Each PNG is written to a temporary file in
+the target folder and renamed into place, so an interrupted run never leaves a half-written
+image behind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from matplotlib.patches import Patch
 
 _DPI = 120
 _NAME_CHARS = 34
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -39,6 +42,7 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         fig.savefig(temp, format="png", dpi=_DPI)
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -77,7 +81,8 @@ def plot_layer_frontiers(
         layer_names: Layer names, length ``L``, in execution order.
         format_names: Candidate format names, length ``F``.
         bits: Int array ``[F]``, code width of each format.
-        scores: Float array ``[L, F]``, predicted loss increase in nats (zeros are drawn at a floor).
+        scores: Float array ``[L, F]``, predicted loss increase in nats; zeros are drawn at a
+            floor a decade below the layer's smallest positive score, with a marker.
         kept: Bool array ``[L, F]``, True where the format is on the layer's Pareto frontier.
         chosen: Chosen format name per layer, or None when nothing was allocated yet.
         title: Figure title; should name the model and the budget.
@@ -91,14 +96,7 @@ def plot_layer_frontiers(
     n_layers = len(layer_names)
     if scores.shape != (n_layers, len(format_names)) or kept.shape != scores.shape:
         raise ValueError("scores and kept must have shape [len(layer_names), len(format_names)]")
-    floor = _log_floor(scores)
-    clipped = np.clip(
-        np.nan_to_num(
-            scores, nan=floor, posinf=np.nanmax(scores[np.isfinite(scores)], initial=1.0)
-        ),
-        floor,
-        None,
-    )
+    zero = np.isfinite(scores) & (scores <= 0)
     column = {name: i for i, name in enumerate(format_names)}
 
     ncols = max(1, min(5, n_layers))
@@ -109,22 +107,38 @@ def plot_layer_frontiers(
         if index >= n_layers:
             ax.set_visible(False)
             continue
-        row, on_front = clipped[index], kept[index]
-        order = np.argsort(bits[on_front], kind="stable")
+        # Each layer gets its own floor so one tiny score elsewhere does not squash this panel.
+        row = np.maximum(np.nan_to_num(scores[index], nan=0.0), _log_floor(scores[index]))
+        on_front = kept[index]
+        order = np.lexsort((-row[on_front], bits[on_front]))
         ax.plot(bits[on_front][order], row[on_front][order], "o-", color="tab:blue", ms=4, lw=1.3)
         ax.plot(
             bits[~on_front], row[~on_front], "o", mfc="none", mec="gray", alpha=0.45, ms=4, lw=0
         )
+        ax.plot(bits[zero[index]], row[zero[index]], "v", color="black", ms=5, lw=0, zorder=4)
         label = _short(layer_names[index])
         if chosen is not None and chosen[index] in column:
             pick = column[chosen[index]]
-            ax.plot(bits[pick], row[pick], "*", color="red", ms=12, mec="darkred", zorder=5)
+            ax.plot(
+                bits[pick],
+                row[pick],
+                "*",
+                color="red",
+                ms=12,
+                mec="darkred",
+                zorder=5,
+                clip_on=False,
+            )
             label = f"{_short(layer_names[index], _NAME_CHARS - 8)} → {chosen[index]}"
         ax.set_yscale("log")
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
         ax.set_xticks(np.unique(bits))
+        ax.margins(x=0.08, y=0.12)
+        if index + ncols >= n_layers:  # nothing below this panel: it carries the x axis labels
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("weight bits", fontsize=9)
 
     handles = [
         Line2D([], [], color="tab:blue", marker="o", ms=4, label="Pareto frontier (kept)"),
@@ -145,11 +159,15 @@ def plot_layer_frontiers(
                 [], [], color="red", marker="*", mec="darkred", ms=12, lw=0, label="chosen format"
             )
         )
-    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=9)
+    if zero.any():
+        handles.append(
+            Line2D(
+                [], [], color="black", marker="v", ms=5, lw=0, label="exactly 0 (drawn at floor)"
+            )
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
     fig.suptitle(title, fontsize=12)
-    fig.supxlabel("weight bits", fontsize=10)
-    note = " (0 drawn at the plot floor)" if np.any(scores <= 0) else ""
-    fig.supylabel(f"predicted loss increase (nats, log){note}", fontsize=10)
+    fig.supylabel("predicted loss increase (nats, log scale)", fontsize=10)
     return _save(fig, path)
 
 
