@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,39 +22,40 @@ from lcpaq.hessian import CurvatureEstimate
 SCHEMA_VERSION = 1
 
 
-def _atomic_target(path: Path) -> tuple[int, Path]:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    The file gets the ordinary 0644 mode (mkstemp creates 0600).
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise InputError(f"cannot write {path}: {error.strerror}") from None
-    return fd, Path(temp)
-
-
-def write_json(path: Path, data: Mapping[str, object]) -> Path:
-    fd, temp = _atomic_target(path)
+    os.close(fd)
+    temp = Path(name)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(
-                {"schema_version": SCHEMA_VERSION, **data}, handle, indent=2, default=_jsonable
-            )
-            handle.write("\n")
+        yield temp
+        os.chmod(temp, 0o644)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: Mapping[str, object]) -> Path:
+    with atomic_path(path) as temp:
+        temp.write_text(
+            json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2, default=_jsonable)
+            + "\n"
+        )
     return path
 
 
 def write_text(path: Path, text: str) -> Path:
-    fd, temp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        temp.write_text(text)
     return path
 
 
@@ -80,14 +82,8 @@ def read_json(path: Path, what: str) -> dict[str, object]:
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    fd, temp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, temp.open("wb") as handle:
+        np.savez(handle, **arrays)
     return path
 
 

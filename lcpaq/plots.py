@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from lcpaq.artifacts import atomic_path
+
 _DPI = 120
 _NAME_CHARS = 34
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+# Marker styles shared by the plotted points and their legend entries.
+_KEPT = {"color": "tab:blue", "marker": "o", "ms": 4, "lw": 1.3}
+_PRUNED = {"color": "gray", "marker": "o", "mfc": "none", "ms": 4, "lw": 0, "alpha": 0.5}
+_CHOSEN = {"color": "red", "marker": "*", "mec": "darkred", "ms": 12, "lw": 0, "zorder": 6}
+_ZERO = {"color": "black", "marker": "v", "mfc": "white", "ms": 6, "lw": 0, "zorder": 5}
+_TRACE = {"fmt": "o", "color": "black", "mec": "white", "mew": 0.8, "ms": 5, "capsize": 2}
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -37,16 +44,9 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically, release the figure and return the path."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     try:
-        fig.savefig(temp, format="png", dpi=_DPI)
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        with atomic_path(target) as temp:
+            fig.savefig(temp, format="png", dpi=_DPI)
     finally:
         fig.clear()
     return target
@@ -61,6 +61,34 @@ def _log_floor(values: np.ndarray) -> float:
 def _short(name: str, limit: int = _NAME_CHARS) -> str:
     """Keep the informative tail of a long dotted module name."""
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def _entry(label: str, style: Mapping[str, object]) -> Line2D:
+    """A legend entry drawn like the plotted points."""
+    return Line2D([], [], label=label, **style)
+
+
+def _annotate_points(ax: Axes, x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> None:
+    """Label points by name; coinciding points share one label, stacked points alternate sides."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for px, py, name in zip(x, y, names):
+        groups.setdefault((round(float(px), 6), float(f"{py:.3g}")), []).append(name)
+    seen_x: dict[float, int] = {}
+    right_edge = float(np.max(x)) - 0.15 * float(np.ptp(x)) if len(x) > 1 else np.inf
+    for (px, py), group in sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1])):
+        nth = seen_x.get(px, 0)
+        seen_x[px] = nth + 1
+        dx = 7 if nth % 2 == 0 and px < right_edge else -7  # left of points at the right edge
+        ax.annotate(
+            " / ".join(group),
+            (px, py),
+            xytext=(dx, 5 if nth % 2 == 0 else -12),
+            textcoords="offset points",
+            ha="left" if dx > 0 else "right",
+            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75},
+            fontsize=8,
+            color="saddlebrown",
+        )
 
 
 def plot_layer_frontiers(
@@ -96,39 +124,31 @@ def plot_layer_frontiers(
     n_layers = len(layer_names)
     if scores.shape != (n_layers, len(format_names)) or kept.shape != scores.shape:
         raise ValueError("scores and kept must have shape [len(layer_names), len(format_names)]")
+    if chosen is not None and len(chosen) != n_layers:
+        raise ValueError("chosen must name one format per layer")
     zero = np.isfinite(scores) & (scores <= 0)
     column = {name: i for i, name in enumerate(format_names)}
 
     ncols = max(1, min(5, n_layers))
     nrows = max(1, math.ceil(n_layers / ncols))
-    fig = _new_figure(3.0 * ncols + 0.6, 2.2 * nrows + 1.3)
+    fig = _new_figure(max(3.0 * ncols + 0.6, 6.5), 2.2 * nrows + 1.3)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, squeeze=False)).ravel()
     for index, ax in enumerate(axes):
         if index >= n_layers:
             ax.set_visible(False)
             continue
         # Each layer gets its own floor so one tiny score elsewhere does not squash this panel.
-        row = np.maximum(np.nan_to_num(scores[index], nan=0.0), _log_floor(scores[index]))
+        finite = np.isfinite(scores[index])  # NaN/inf scores are left out, not drawn
+        row = np.where(finite, np.maximum(scores[index], _log_floor(scores[index])), np.nan)
         on_front = kept[index]
         order = np.lexsort((-row[on_front], bits[on_front]))
-        ax.plot(bits[on_front][order], row[on_front][order], "o-", color="tab:blue", ms=4, lw=1.3)
-        ax.plot(
-            bits[~on_front], row[~on_front], "o", mfc="none", mec="gray", alpha=0.45, ms=4, lw=0
-        )
-        ax.plot(bits[zero[index]], row[zero[index]], "v", color="black", ms=5, lw=0, zorder=4)
+        ax.plot(bits[on_front][order], row[on_front][order], **_KEPT)
+        ax.plot(bits[~on_front], row[~on_front], **_PRUNED)
+        ax.plot(bits[zero[index]], row[zero[index]], **_ZERO)
         label = _short(layer_names[index])
         if chosen is not None and chosen[index] in column:
             pick = column[chosen[index]]
-            ax.plot(
-                bits[pick],
-                row[pick],
-                "*",
-                color="red",
-                ms=12,
-                mec="darkred",
-                zorder=5,
-                clip_on=False,
-            )
+            ax.plot(bits[pick], row[pick], clip_on=False, **_CHOSEN)
             label = f"{_short(layer_names[index], _NAME_CHARS - 8)} → {chosen[index]}"
         ax.set_yscale("log")
         ax.set_title(label, fontsize=8)
@@ -140,32 +160,13 @@ def plot_layer_frontiers(
             ax.tick_params(labelbottom=True)
             ax.set_xlabel("weight bits", fontsize=9)
 
-    handles = [
-        Line2D([], [], color="tab:blue", marker="o", ms=4, label="Pareto frontier (kept)"),
-        Line2D(
-            [],
-            [],
-            color="gray",
-            marker="o",
-            mfc="none",
-            lw=0,
-            alpha=0.6,
-            label="pruned (dominated)",
-        ),
-    ]
+    handles = [_entry("Pareto frontier (kept)", _KEPT), _entry("pruned (dominated)", _PRUNED)]
     if chosen is not None:
-        handles.append(
-            Line2D(
-                [], [], color="red", marker="*", mec="darkred", ms=12, lw=0, label="chosen format"
-            )
-        )
+        handles.append(_entry("chosen format", _CHOSEN))
     if zero.any():
-        handles.append(
-            Line2D(
-                [], [], color="black", marker="v", ms=5, lw=0, label="exactly 0 (drawn at floor)"
-            )
-        )
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+        handles.append(_entry("exactly 0 (drawn at floor)", _ZERO))
+    legend_cols = len(handles) if ncols >= 3 else 2  # narrow figures stack the legend
+    fig.legend(handles=handles, loc="outside lower center", ncols=legend_cols, fontsize=9)
     fig.suptitle(title, fontsize=12)
     fig.supylabel("predicted loss increase (nats, log scale)", fontsize=10)
     return _save(fig, path)
@@ -207,7 +208,6 @@ def plot_model_curve(
 
     fig = _new_figure(12.0, 5.0)
     left, right = fig.subplots(1, 2, sharex=True)
-    chosen_style = {"marker": "*", "color": "red", "mec": "darkred", "ms": 16, "lw": 0, "zorder": 6}
     for ax, key in ((left, "predicted_loss_increase"), (right, "top1")):
         sx, sy = xy(sweep, key)
         if sx.size:
@@ -215,20 +215,18 @@ def plot_model_curve(
         ux, uy = xy(uniform, key)
         if ux.size:
             ax.plot(ux, uy, "s", color="tab:orange", ms=7, mec="black", label="uniform format")
-            rows = [p for p in uniform if p.get(key) is not None]
-            for x, y, point in zip(ux, uy, rows):
-                ax.annotate(
-                    str(point.get("format", "")),
-                    (x, y),
-                    xytext=(6, 6),
-                    textcoords="offset points",
-                    fontsize=8,
-                    color="saddlebrown",
-                )
+            names = [str(p.get("format", "")) for p in uniform if p.get(key) is not None]
+            _annotate_points(ax, ux, uy, names)
         if chosen is not None and chosen.get(key) is not None:
             cx, cy = xy([chosen], key)
-            ax.plot(cx, cy, label=f"chosen ({float(chosen['avg_bits']):.2f} bits)", **chosen_style)
+            ax.plot(
+                cx,
+                cy,
+                label=f"chosen ({float(chosen['avg_bits']):.2f} bits)",
+                **{**_CHOSEN, "ms": 16},
+            )
         ax.grid(True, alpha=0.3)
+        ax.margins(x=0.1)
         ax.set_xlabel("average weight bits")
 
     left.set_yscale("log")
@@ -237,24 +235,13 @@ def plot_model_curve(
     right.set_ylabel("top-1 accuracy (%)")
     right.set_title("measured accuracy", fontsize=10)
     if fp32_top1 is not None:
-        right.axhline(
-            100.0 * fp32_top1,
-            ls="--",
-            color="black",
-            lw=1.2,
-            label=f"FP32 ({100.0 * fp32_top1:.2f}%)",
-        )
+        fp32 = 100.0 * fp32_top1
+        right.axhline(fp32, ls="--", color="black", lw=1.2, label=f"FP32 ({fp32:.2f}%)")
     if not any(p.get("top1") is not None for p in everything):
-        right.text(
-            0.5,
-            0.5,
-            "accuracy not measured",
-            transform=right.transAxes,
-            ha="center",
-            va="center",
-            fontsize=13,
-            color="gray",
-        )
+        centre = {"transform": right.transAxes, "ha": "center", "va": "center", "color": "gray"}
+        right.text(0.5, 0.5, "accuracy not measured", fontsize=13, **centre)
+        right.set_yticks([])
+        right.grid(False)
     for ax in (left, right):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
@@ -295,20 +282,21 @@ def plot_bit_allocation(
         raise ValueError(
             "bits, num_params, trace and trace_stderr must each have one entry per layer"
         )
-    avg_bits = (
-        float((bit_values * params).sum() / params.sum()) if params.sum() > 0 else float("nan")
-    )
+    total = float(params.sum())
+    average = f"{float((bit_values * params).sum()) / total:.2f} bits" if total > 0 else "n/a"
 
-    palette = {b: i for i, b in enumerate(sorted(set(bit_values.tolist())))}
-    colors = [f"C{palette[b] % 10}" for b in bit_values.tolist()]
+    levels = sorted(set(bit_values.tolist()))
+    ramp = colormaps["viridis"](np.linspace(0.3, 0.95, len(levels)) if len(levels) > 1 else [0.5])
+    palette = dict(zip(levels, ramp))  # sequential: darker = fewer bits
     x = np.arange(n_layers)
     fig = _new_figure(max(8.0, 0.32 * n_layers + 3.0), 6.0)
     ax = fig.subplots()
+    colors = [palette[b] for b in bit_values.tolist()]
     ax.bar(x, bit_values, color=colors, edgecolor="black", linewidth=0.4, width=0.75, zorder=2)
     ax.set_xticks(x, [_short(name) for name in layer_names], rotation=60, ha="right", fontsize=7)
     ax.set_xlim(-0.6, n_layers - 0.4)
     top = int(bit_values.max(initial=8))
-    ax.set_ylim(0, top + 1.5)
+    ax.set_ylim(0, top + 0.5)
     ax.set_yticks(range(0, top + 1))
     ax.set_ylabel("weight bits")
     ax.set_xlabel("layer (execution order)")
@@ -318,19 +306,19 @@ def plot_bit_allocation(
     floor = _log_floor(trace)
     shown = np.maximum(trace, floor)
     lower = shown - np.maximum(shown - stderr, floor)
-    twin.errorbar(
-        x, shown, yerr=[lower, stderr], fmt="o", color="black", ms=4, capsize=2, lw=0.8, zorder=4
-    )
+    twin.errorbar(x, shown, yerr=[lower, stderr], lw=0.8, zorder=4, **_TRACE)
+    nonpositive = np.isfinite(trace) & (trace <= 0)
+    twin.plot(x[nonpositive], shown[nonpositive], **_ZERO)
     twin.set_yscale("log")
     twin.set_ylabel("Hessian trace tr(H_ll) (log)")
 
     handles: list[Patch | Line2D] = [
-        Patch(facecolor=f"C{i % 10}", edgecolor="black", label=f"{b} bits")
-        for b, i in palette.items()
+        Patch(facecolor=palette[b], edgecolor="black", label=f"{b} bits") for b in levels
     ]
-    handles.append(Line2D([], [], color="black", marker="o", ms=4, label="Hessian trace ± stderr"))
-    ax.legend(
-        handles=handles, fontsize=8, loc="upper left", ncols=min(len(handles), 6), framealpha=0.9
-    )
-    fig.suptitle(f"{title}\nparameter-weighted average: {avg_bits:.2f} bits", fontsize=12)
+    handles.append(_entry("Hessian trace ± stderr", {"color": "black", "marker": "o", "ms": 4}))
+    if nonpositive.any():
+        handles.append(_entry("trace ≤ 0 (drawn at floor)", _ZERO))
+    above = {"loc": "lower center", "bbox_to_anchor": (0.5, 1.01), "frameon": False}
+    ax.legend(handles=handles, fontsize=8, ncols=len(handles), **above)
+    fig.suptitle(f"{title}\nparameter-weighted average: {average}", fontsize=12)
     return _save(fig, path)
