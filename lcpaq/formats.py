@@ -56,9 +56,13 @@ def parse_format_list(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """How weights are mapped onto a format's grid (shared by all layers of one run)."""
+    """How weights are mapped onto a format's grid (shared by all layers of one run).
 
-    symmetric: bool = True
+    Defaults are the measured best on ResNet20 (asymmetric + MSE clipping: 90.3 % at 3 average bits
+    vs 89.3 % for symmetric min-max, both after statistics correction; docs/results.md).
+    """
+
+    symmetric: bool = False
     granularity: Granularity = "channel"
     clipping: Clipping = "mse"
     #: Number of candidate clipping ratios t/T·max|w| searched by MSE clipping (METHOD §0, T=100).
@@ -144,34 +148,60 @@ def _round_trip(
     return codes, (codes - zero) * scale
 
 
+def _clipping_errors(
+    grouped: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    ratios: torch.Tensor,
+    fmt: NumberFormat,
+    symmetric: bool,
+) -> torch.Tensor:
+    """||Q(w) - w||^2 per group [R, G] for clipping ranges ratio·[low, high], ratios [R, G].
+
+    Ratios are processed in chunks so memory stays O(chunk x weight size) for large layers.
+    """
+    qmin, qmax = code_range(fmt, symmetric)
+    chunk = max(1, (1 << 24) // max(1, grouped.numel()))
+    errors = []
+    for start in range(0, len(ratios), chunk):
+        part = ratios[start : start + chunk]
+        scale, zero = _scale_and_zero(low * part, high * part, fmt, symmetric)
+        _, restored = _round_trip(grouped[None], scale[..., None], zero[..., None], qmin, qmax)
+        errors.append((restored - grouped[None]).pow(2).sum(dim=2))
+    return torch.cat(errors)
+
+
+#: Coarse grid of the MSE clipping search; the fine grid (1/mse_grid_points) is searched around
+#: the coarse optimum. 20 + 9 evaluations instead of 100: ~3.5x faster, same resolution.
+MSE_COARSE_POINTS = 20
+
+
 def _mse_ranges(
     grouped: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group clipping range minimising ||Q(w) - w||^2 over ratios t/T of the min-max range.
-
-    The grid is searched in chunks of ratios so memory stays O(chunk x weight size) for large layers.
-    """
-    qmin, qmax = code_range(fmt, scheme.symmetric)
+    """Per-group clipping range minimising ||Q(w) - w||^2 over ratios t/T of the min-max range
+    (METHOD §0, T = mse_grid_points), searched coarse-to-fine."""
     low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
     if not scheme.symmetric:
         low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
     points = scheme.mse_grid_points
-    best_error = torch.full_like(low, float("inf"))
-    best_ratio = torch.ones_like(low)
-    chunk = max(1, min(points, (1 << 24) // max(1, grouped.numel())))
-    for start in range(1, points + 1, chunk):
-        ratios = (
-            torch.arange(start, min(start + chunk, points + 1), device=grouped.device).float()
-            / points
-        )
-        ratio_col = ratios[:, None]
-        scale, zero = _scale_and_zero(low * ratio_col, high * ratio_col, fmt, scheme.symmetric)
-        _, restored = _round_trip(grouped[None], scale[..., None], zero[..., None], qmin, qmax)
-        error = (restored - grouped[None]).pow(2).sum(dim=2)  # [ratios, groups]
-        chunk_best, chunk_arg = error.min(dim=0)
-        improved = chunk_best < best_error
-        best_error = torch.where(improved, chunk_best, best_error)
-        best_ratio = torch.where(improved, ratios[chunk_arg], best_ratio)
+    groups = len(low)
+    coarse_points = min(points, MSE_COARSE_POINTS)
+    coarse = torch.arange(1, coarse_points + 1, device=grouped.device).float() / coarse_points
+    coarse = coarse[:, None].expand(-1, groups)
+    errors = _clipping_errors(grouped, low, high, coarse, fmt, scheme.symmetric)
+    best_error, best_index = errors.min(dim=0)
+    best_ratio = coarse[best_index, torch.arange(groups)]
+    # Fine grid: the points of the 1/T grid between the coarse optimum's neighbours.
+    span = max(0, points // coarse_points - 1)
+    if span:
+        centre = torch.round(best_ratio * points)
+        offsets = torch.arange(-span, span + 1, device=grouped.device).float()[:, None]
+        fine = (centre[None] + offsets).clamp(1, points) / points
+        fine_errors = _clipping_errors(grouped, low, high, fine, fmt, scheme.symmetric)
+        fine_best, fine_index = fine_errors.min(dim=0)
+        improved = fine_best < best_error
+        best_ratio = torch.where(improved, fine[fine_index, torch.arange(groups)], best_ratio)
     return low * best_ratio, high * best_ratio
 
 

@@ -317,3 +317,44 @@ def test_run_on_shared_resnet20(tmp_path):
         weight = state[entry["weight_key"]]
         distinct = max(len(torch.unique(row)) for row in weight.reshape(weight.shape[0], -1))
         assert distinct <= 2 ** entry["bits"]
+
+
+def test_torchvision_model_with_many_classes(tmp_path):
+    """torchvision:<name> with weights from --checkpoint; 1000 classes use the sampled Fisher."""
+    import torchvision
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "mobilenet.pt"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), checkpoint)
+    data = tmp_path / "images.pt"
+    torch.save(
+        {"x": torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8), "y": torch.arange(8)}, data
+    )
+    out = tmp_path / "run"
+    args = [
+        "-q",
+        "analyze",
+        "--model",
+        "torchvision:mobilenet_v3_small",
+        "--checkpoint",
+        str(checkpoint),
+    ]
+    args += ["--calib", str(data), "--num-samples", "8", "--batch-size", "4", "--out", str(out)]
+    args += ["--formats", "int4,int8"]
+    assert main(args) == 0
+    assert main(["-q", "allocate", str(out), "--budget", "avg-bits=4"]) == 0
+    report = json.loads((out / "layers.json").read_text())
+    # 52 convolutions (depthwise ones included, squeeze-excitation 1x1s with bias) + 2 Linear.
+    assert len(report["layers"]) == 54
+    from lcpaq.artifacts import load_curvature
+
+    assert load_curvature(out / "curvature.npz").method == "fisher_sampled"
+
+
+def test_user_factory_model(digits_files, tmp_path):
+    """package.module:factory builds the user's own nn.Module."""
+    args = _run(digits_files, tmp_path / "run")
+    args[args.index("demo-digits")] = "lcpaq.demo:DigitsNet"
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "run" / "quantized" / "manifest.json").read_text())
+    assert manifest["model"] == "lcpaq.demo:DigitsNet"
