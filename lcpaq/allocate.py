@@ -184,7 +184,11 @@ class AllocationProblem:
         lp = highspy.HighsLp()
         lp.num_col_ = len(rows)
         lp.num_row_ = num_layers + len(BUDGET_METRICS)
-        lp.col_cost_ = self.scores[rows, columns].astype(float)
+        # HiGHS' tolerances are absolute (dual feasibility 1e-7): scores of 1e-7 would all look
+        # equal, so the objective is scaled to a largest coefficient of 1 (same optimum).
+        costs = self.scores[rows, columns].astype(float)
+        largest = float(np.abs(costs).max())
+        lp.col_cost_ = costs / largest if largest > 0 else costs
         lp.col_lower_ = np.zeros(len(rows))
         lp.col_upper_ = np.ones(len(rows))
         lp.row_lower_ = np.concatenate(
@@ -211,6 +215,7 @@ class AllocationProblem:
         highs = highspy.Highs()
         highs.setOptionValue("output_flag", False)
         highs.setOptionValue("mip_rel_gap", self.mip_rel_gap)
+        highs.setOptionValue("mip_abs_gap", 0.0)
         highs.setOptionValue("time_limit", self.time_limit_s)
         highs.setOptionValue("threads", 1)
         highs.passModel(lp)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, fake_quantize, get_format, scale_overhead_bits
 from lcpaq.graph import LayerInfo, get_module
 
@@ -40,7 +41,7 @@ class CandidateTable:
         try:
             return self.format_names.index(name)
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"format {name!r} is not among the analysed candidates {list(self.format_names)}"
             ) from None
 

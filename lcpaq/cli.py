@@ -27,7 +27,7 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         required=True,
-        help="cifar-resnet | torchvision:<name> | package.module:factory",
+        help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits",
     )
     group.add_argument("--checkpoint", help="state dict file (.th/.pt/.pth/.safetensors)")
     group.add_argument(
@@ -88,10 +88,20 @@ def _add_allocation_options(parser: argparse.ArgumentParser, *, required: bool) 
     group.add_argument("--scorer", choices=["hawq_v2", "diagonal"], default="hawq_v2")
 
 
+def _sweep_points(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (no sweep) or at least 2, got {value}")
+    return value
+
+
 def _add_sweep_options(parser: argparse.ArgumentParser, default_points: int) -> None:
     parser.add_argument(
         "--sweep-points",
-        type=int,
+        type=_sweep_points,
         default=default_points,
         help=f"budgets on the model-level curve (default {default_points}; 0 skips the sweep)",
     )
@@ -138,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="top-1 of FP32 and of the exported checkpoint")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--eval", required=True)
+    evaluate.add_argument(
+        "--quantized", type=Path, help="checkpoint folder (default RUN/quantized)"
+    )
 
     sweep = commands.add_parser("sweep", help="model-level Pareto curve over average-bit budgets")
     sweep.add_argument("run_dir", type=Path)
@@ -238,7 +251,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "export":
         pipeline.export(args.run_dir, out_dir=args.out)
     elif args.command == "evaluate":
-        pipeline.evaluate(args.run_dir, args.eval)
+        pipeline.evaluate(args.run_dir, args.eval, quantized_dir=args.quantized)
     elif args.command == "sweep":
         pipeline.sweep(
             args.run_dir,

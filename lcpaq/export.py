@@ -67,7 +67,12 @@ def replace_dir_atomically(build_dir: Path, target: Path) -> None:
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
-    os.replace(build_dir, target)
+    try:
+        os.replace(build_dir, target)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, target)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
 
@@ -119,13 +124,21 @@ def write_quantized_checkpoint(
             if key not in quantized_keys:
                 tensors[key] = tensor.detach().contiguous().cpu()
         save_file(tensors, str(build_dir / "model.safetensors"))
+        file_bytes = (build_dir / "model.safetensors").stat().st_size
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "lcpaq_version": __version__,
             **manifest_extra,
+            # Codes are stored one per byte (int8/uint8); bit packing is a later step, so the file
+            # is larger than the packed size the budgets count (totals.size_bytes).
+            "file_bytes": file_bytes,
             "layers": entries,
         }
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        # mkdtemp creates the folder owner-only; give the checkpoint the ordinary modes.
+        build_dir.chmod(0o755)
+        for path in build_dir.iterdir():
+            path.chmod(0o644)
         replace_dir_atomically(build_dir, out_dir)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)

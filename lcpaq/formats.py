@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from lcpaq.errors import InputError
+
 Granularity = Literal["tensor", "channel"]
 Clipping = Literal["minmax", "mse"]
 
@@ -42,14 +44,14 @@ def get_format(name: str) -> NumberFormat:
         return FORMATS[name]
     except KeyError:
         known = ", ".join(FORMATS)
-        raise ValueError(f"unknown number format {name!r}; known formats: {known}") from None
+        raise InputError(f"unknown number format {name!r}; known formats: {known}") from None
 
 
 def parse_format_list(text: str) -> tuple[str, ...]:
     """Parse ``"int2,int3,int4"`` into validated, de-duplicated format names sorted by bit width."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise ValueError("the candidate format list is empty")
+        raise InputError("the candidate format list is empty")
     formats = {get_format(name).name: get_format(name) for name in names}
     return tuple(sorted(formats, key=lambda name: (formats[name].bits, name)))
 
@@ -70,11 +72,11 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if self.granularity not in ("tensor", "channel"):
-            raise ValueError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
+            raise InputError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
         if self.clipping not in ("minmax", "mse"):
-            raise ValueError(f"clipping must be 'minmax' or 'mse', got {self.clipping!r}")
+            raise InputError(f"clipping must be 'minmax' or 'mse', got {self.clipping!r}")
         if self.mse_grid_points < 1:
-            raise ValueError(f"mse_grid_points must be >= 1, got {self.mse_grid_points}")
+            raise InputError(f"mse_grid_points must be >= 1, got {self.mse_grid_points}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from lcpaq.candidates import CandidateTable
+from lcpaq.errors import InputError
 
 Scorer = Callable[[CandidateTable, np.ndarray], np.ndarray]
 
@@ -27,7 +28,7 @@ def diagonal_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
     """½ · Σ_k G_kk Δw_k²: the curvature diagonal weights each element's error where it falls,
     instead of spreading the layer's trace evenly over its weights as HAWQ-V2 does."""
     if np.isnan(table.weighted_error).any():
-        raise ValueError(
+        raise InputError(
             "the 'diagonal' scorer needs the per-element curvature diagonal, which this analysis "
             "did not record (it is produced by the gauss_newton estimator)"
         )
@@ -43,7 +44,7 @@ def score_candidates(table: CandidateTable, trace: np.ndarray, scorer: str) -> n
     try:
         function = SCORERS[scorer]
     except KeyError:
-        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}") from None
+        raise InputError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}") from None
     if trace.shape != (len(table.layer_names),):
         raise ValueError(
             f"trace has shape {trace.shape}, expected one value per layer ({len(table.layer_names)})"

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lcpaq.errors import InputError
+
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -70,7 +72,7 @@ def discover_layers(model: nn.Module, example_batch: torch.Tensor) -> tuple[Laye
     """
     modules = quantizable_modules(model)
     if not modules:
-        raise ValueError("the model has no Conv1d, Conv2d or Linear layer to quantize")
+        raise InputError("the model has no Conv1d, Conv2d or Linear layer to quantize")
     seen: dict[str, tuple[int, int]] = {}
 
     def make_hook(name: str):
@@ -111,7 +113,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"the model has no module named {name!r}") from None
+        raise InputError(f"the model has no module named {name!r}") from None
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -151,7 +151,7 @@ def output_hessian_factors(
         eye = torch.eye(num_classes, dtype=logits.dtype, device=logits.device)
         factors = (2.0 / num_classes) ** 0.5 * eye[:, None, :].expand(-1, logits.shape[0], -1)
         return factors, False
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    probs = torch.softmax(logits.detach(), dim=-1)
     if num_classes <= EXACT_FACTOR_MAX_CLASSES:
         eye = torch.eye(num_classes, dtype=probs.dtype, device=probs.device)
         # factors[c, n] = sqrt(p_nc) (e_c - p_n)
@@ -210,8 +210,9 @@ def _batched_output_grads(
     return [torch.stack(parts) for parts in zip(*per_factor)]
 
 
-def _micro_batches(count: int, max_weight_elements: int) -> list[slice]:
-    size = max(1, PER_SAMPLE_ELEMENTS_LIMIT // max(1, max_weight_elements))
+def _micro_batches(count: int, elements_per_sample: int) -> list[slice]:
+    """Sample slices whose per-sample gradients stay under `PER_SAMPLE_ELEMENTS_LIMIT` elements."""
+    size = max(1, PER_SAMPLE_ELEMENTS_LIMIT // max(1, elements_per_sample))
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
@@ -245,7 +246,7 @@ def gauss_newton_traces(
     sum_trace = np.zeros(len(names))
     sum_trace_sq = np.zeros(len(names))
     diagonal = {
-        name: torch.zeros_like(module.weight, dtype=torch.float32)
+        name: torch.zeros_like(module.weight, requires_grad=False)
         for name, module in modules.items()
     }
     max_elements = max(module.weight.numel() for module in modules.values())
@@ -278,8 +279,7 @@ def gauss_newton_traces(
             calls = len(recorder.outputs[name])
             layer_grads = grads[cursor : cursor + calls]
             cursor += calls
-            for part in _micro_batches(count * factors.shape[0], max_elements):
-                part = slice(part.start // factors.shape[0], -(-part.stop // factors.shape[0]))
+            for part in _micro_batches(count, max_elements * factors.shape[0]):
                 # A layer called several times (shared weights) gets the sum over its calls.
                 weight_grad = sum(
                     per_sample_grads_from_columns(
@@ -289,9 +289,7 @@ def gauss_newton_traces(
                     )
                     for call, grad in enumerate(layer_grads)
                 )
-                squared = (
-                    weight_grad.float().pow(2).sum(0)
-                )  # [N, *weight.shape], summed over factors
+                squared = weight_grad.pow(2).sum(0)  # [N, *weight.shape], summed over factors
                 per_sample[part, layer_index] += squared.flatten(1).sum(1).double()
                 if keep_diagonal:
                     diagonal[name] += squared.sum(0)
@@ -317,7 +315,10 @@ def gauss_newton_traces(
         num_probes=0,
         flags=flag_estimates(trace, stderr),
         diagonal=(
-            {name: (values / num_samples).cpu().numpy() for name, values in diagonal.items()}
+            {
+                name: (values / num_samples).float().cpu().numpy()
+                for name, values in diagonal.items()
+            }
             if keep_diagonal
             else {}
         ),

@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -144,20 +143,27 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error) and "weights_only" not in str(error):
-            raise InputError(f"checkpoint {path} is corrupt or truncated: {error}") from None
+        # Only a pickle that names a global outside the allow-list needs arbitrary code; any
+        # other unpickling failure means the file is not a checkpoint at all.
+        message = str(error)
+        if "allowed global" not in message and "Unsupported global" not in message:
+            raise InputError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint") from None
         if not allow_unsafe_pickle:
             raise InputError(
                 f"checkpoint {path} needs unpickling of arbitrary code, which can run anything; "
                 "refusing. Re-save it as a plain state dict, or pass --allow-unsafe-pickle if you "
                 "trust its source"
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
-        raise InputError(f"checkpoint {path} is corrupt or truncated ({first_line})") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as unsafe_error:  # noqa: BLE001 - any failure: the file is unusable
+            raise InputError(
+                f"checkpoint {path} could not be unpickled ({type(unsafe_error).__name__})"
+            ) from None
+    except Exception as error:  # noqa: BLE001 - truncated zips, junk bytes, I/O errors, ...
+        lines = str(error).strip().splitlines()
+        detail = lines[0] if lines else type(error).__name__
+        raise InputError(f"checkpoint {path} is corrupt or truncated ({detail})") from None
     state_dict = _unwrap_state_dict(obj, path)
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

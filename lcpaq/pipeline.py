@@ -20,6 +20,7 @@ Hessian). File layout (all written atomically):
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -115,9 +116,25 @@ def _load_eval(config: RunConfig, model: nn.Module, eval_path: str) -> Dataset:
 # -- stage 1: analyze --------------------------------------------------------------------------
 
 
+#: Artifacts derived from an analysis; a new analysis removes them so nothing stale is reported.
+DOWNSTREAM_ARTIFACTS = (
+    "frontiers.npz",
+    "allocation.json",
+    "evaluation.json",
+    "sweep.json",
+    "report.md",
+    "report.json",
+    "timings.json",
+)
+
+
 def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
     """Measure curvature and per-candidate weight errors; write the analysis artifacts."""
     ensure_writable(run_dir)
+    for name in DOWNSTREAM_ARTIFACTS:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in ("quantized", "plots"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
     analysis = config.analysis
     with timed(run_dir, "analyze"):
         model, calib = _load_model_and_data(config, analysis.num_samples)

@@ -109,12 +109,19 @@ def _collect_fp_stats(
 
 
 def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
+    """Set running stats so BN maps the quantized inputs' moments to FP32's output moments.
+
+    With s = √(var+eps): s' = s·σ_q/σ_fp and rm' = μ_q − (σ_q/σ_fp)(μ_fp − rm) give
+    (μ_q − rm')/s' = (μ_fp − rm)/s and σ_q/s' = σ_fp/s.
+    """
     fp_mean, fp_var = fp.mean_var()
     q_mean, q_var = quantized.mean_var()
     eps = module.eps
-    ratio = torch.where(fp_var > 1e-12, q_var / fp_var.clamp_min(1e-12), torch.ones_like(fp_var))
+    valid = fp_var > 1e-12
+    ratio = torch.where(valid, q_var / fp_var.clamp_min(1e-12), torch.ones_like(fp_var))
     running_mean, running_var = module.running_mean, module.running_var
-    running_mean.add_((q_mean - fp_mean).to(running_mean.dtype))
+    shifted = q_mean - ratio.sqrt() * (fp_mean - running_mean.double())
+    running_mean.copy_(shifted.to(running_mean.dtype))
     running_var.copy_(
         ((running_var.double() + eps) * ratio - eps).clamp_min(0.0).to(running_var.dtype)
     )

@@ -1,0 +1,231 @@
+"""Quantized checkpoints in `lcpaq.export`: exact round trip, grid sizes, manifest, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net
+from safetensors.torch import load_file
+
+import lcpaq
+from lcpaq import export
+from lcpaq.errors import InputError
+from lcpaq.export import (
+    CHECKPOINT_FORMAT,
+    load_quantized,
+    quantize_model,
+    read_manifest,
+    write_quantized_checkpoint,
+)
+from lcpaq.formats import QuantScheme, code_range, get_format
+from lcpaq.graph import discover_layers
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ASSIGNMENT = {"conv1": "int2", "conv2": "int3", "fc": "int5"}
+EXTRA = {"budget": "avg-bits=3", "source_sha256": "0" * 64, "average_bits": 3.7}
+SCHEMES = [
+    QuantScheme(),  # the default, whatever it is
+    QuantScheme(symmetric=True, granularity="channel", clipping="mse"),
+    QuantScheme(symmetric=False, granularity="channel", clipping="minmax"),
+    QuantScheme(symmetric=True, granularity="tensor", clipping="mse"),
+    QuantScheme(symmetric=False, granularity="tensor", clipping="mse"),
+]
+
+
+def _scheme_id(scheme: QuantScheme) -> str:
+    return f"{'sym' if scheme.symmetric else 'asym'}-{scheme.granularity}-{scheme.clipping}"
+
+
+def _export(
+    folder: Path,
+    scheme: QuantScheme,
+    assignment: dict[str, str] = ASSIGNMENT,
+    model: TinyConvNet | None = None,
+):
+    model = model if model is not None else make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    quantized, codes = quantize_model(model, layers, assignment, scheme)
+    path = write_quantized_checkpoint(folder, quantized.state_dict(), layers, codes, EXTRA, scheme)
+    return model, quantized, codes, layers, path
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_scheme_id)
+def test_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme) -> None:
+    model, quantized, _, _, path = _export(tmp_path / "ckpt", scheme)
+    assert path == tmp_path / "ckpt"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors"]
+    loaded = load_quantized(path)
+    original = model.state_dict()
+    assert isinstance(loaded, dict)
+    assert set(loaded) == set(original)
+    expected = quantized.state_dict()
+    for key, tensor in loaded.items():
+        assert tensor.dtype == original[key].dtype, key
+        assert torch.equal(tensor, expected[key]), key
+        if key.removesuffix(".weight") in ASSIGNMENT and key.endswith(".weight"):
+            assert not torch.equal(tensor, original[key]), key  # really quantized
+        else:
+            assert torch.equal(tensor, original[key]), key  # everything else unchanged
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_scheme_id)
+def test_exported_codes_use_at_most_two_to_the_bits_values(
+    tmp_path: Path, scheme: QuantScheme
+) -> None:
+    _, _, _, layers, path = _export(tmp_path / "ckpt", scheme)
+    tensors = load_file(str(path / "model.safetensors"))
+    loaded = load_quantized(path)
+    by_name = {layer.name: layer for layer in layers}
+    for name, format_name in ASSIGNMENT.items():
+        key = by_name[name].weight_key
+        assert key not in tensors  # the float weight is not stored, only its codes
+        codes = tensors[key + ".qcodes"]
+        scale = tensors[key + ".qscale"]
+        fmt = get_format(format_name)
+        qmin, qmax = code_range(fmt, scheme.symmetric)
+        assert codes.dtype == (torch.int8 if scheme.symmetric else torch.uint8)
+        assert codes.shape == by_name[name].weight_shape
+        assert int(codes.int().min()) >= qmin and int(codes.int().max()) <= qmax
+        assert scale.dtype == torch.float32
+        groups = codes.shape[0] if scheme.granularity == "channel" else 1
+        assert scale.shape == (groups,)
+        if scheme.symmetric:
+            assert key + ".qzero" not in tensors
+        else:
+            assert tensors[key + ".qzero"].dtype == torch.int16
+        for row in loaded[key].reshape(codes.shape[0], -1):
+            assert len(torch.unique(row)) <= 2**fmt.bits
+        for row in codes.reshape(groups, -1):
+            assert len(torch.unique(row)) <= 2**fmt.bits
+
+
+def test_manifest_contents(tmp_path: Path) -> None:
+    scheme = QuantScheme(symmetric=False, clipping="minmax")
+    _, _, _, layers, path = _export(tmp_path / "ckpt", scheme)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest == read_manifest(path)
+    assert manifest["format"] == CHECKPOINT_FORMAT
+    assert manifest["lcpaq_version"] == lcpaq.__version__
+    for key, value in EXTRA.items():
+        assert manifest[key] == value
+    by_name = {layer.name: layer for layer in layers}
+    entries = {entry["name"]: entry for entry in manifest["layers"]}
+    assert set(entries) == set(ASSIGNMENT)
+    for name, format_name in ASSIGNMENT.items():
+        entry = entries[name]
+        assert entry["format"] == format_name
+        assert entry["bits"] == get_format(format_name).bits
+        assert entry["granularity"] == "channel"
+        assert entry["symmetric"] is False
+        assert entry["clipping"] == "minmax"
+        assert entry["weight_key"] == f"{name}.weight"
+        assert entry["num_params"] == by_name[name].num_params
+        assert entry["shape"] == list(by_name[name].weight_shape)
+
+
+def test_partial_assignment_keeps_other_weights_in_float(tmp_path: Path) -> None:
+    model, _, codes, _, path = _export(tmp_path / "ckpt", QuantScheme(), {"conv2": "int4"})
+    assert set(codes) == {"conv2"}
+    tensors = load_file(str(path / "model.safetensors"))
+    assert torch.equal(tensors["conv1.weight"], model.conv1.weight.detach())
+    assert torch.equal(tensors["fc.weight"], model.fc.weight.detach())
+    assert "conv2.weight" not in tensors and "conv2.weight.qcodes" in tensors
+
+
+def test_failed_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "ckpt"
+    _export(target, QuantScheme())
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_save_file(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "save_file", broken_save_file)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _export(target, QuantScheme(symmetric=False), {"conv1": "int8"})
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folders
+
+
+def test_overwrite_replaces_the_checkpoint_without_leftovers(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    _export(target, QuantScheme())
+    _, quantized, _, _, _ = _export(target, QuantScheme(), {"fc": "int8"})
+    assert [entry["name"] for entry in read_manifest(target)["layers"]] == ["fc"]
+    loaded = load_quantized(target)
+    assert torch.equal(loaded["fc.weight"], quantized.fc.weight.detach())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_load_into_a_model_returns_it_in_eval_mode(tmp_path: Path) -> None:
+    _, quantized, _, _, path = _export(tmp_path / "ckpt", QuantScheme())
+    fresh = TinyConvNet().train()
+    loaded = load_quantized(path, fresh)
+    assert loaded is fresh
+    assert not loaded.training
+    assert all(not module.training for module in loaded.modules())
+    inputs = conv_inputs(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), quantized(inputs))
+    # The package exports the loader at top level.
+    assert lcpaq.load_quantized is load_quantized
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="manifest.json is missing"):
+        load_quantized(tmp_path)
+    _, _, _, _, path = _export(tmp_path / "ckpt", QuantScheme())
+    with pytest.raises(InputError, match="does not fit the model"):
+        load_quantized(path, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="model.safetensors is not readable"):
+        load_quantized(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": "other/9"}))
+    with pytest.raises(InputError, match="unknown checkpoint format 'other/9'"):
+        load_quantized(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_quantized(path)
+
+
+def test_quantize_model_leaves_the_original_alone() -> None:
+    model = make_tiny_conv_net()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    layers = discover_layers(model, conv_inputs(2))
+    quantized, codes = quantize_model(model, layers, ASSIGNMENT, QuantScheme())
+    assert quantized is not model
+    assert not quantized.training
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+    assert set(codes) == set(ASSIGNMENT)
+    for name, fmt in ASSIGNMENT.items():
+        assert codes[name].format_name == fmt
+
+
+def test_failed_rename_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last step (moving the finished folder into place) fails: the old checkpoint must still
+    be at its path and no temporary or backup folder may be left behind."""
+    target = tmp_path / "ckpt"
+    _export(target, QuantScheme())
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real_replace = export.os.replace
+
+    def failing_replace(source: object, destination: object) -> None:
+        if Path(str(source)).name.startswith(".ckpt.tmp-"):
+            raise OSError(28, "No space left on device")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(export.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        _export(target, QuantScheme(), {"fc": "int8"})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before

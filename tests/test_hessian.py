@@ -1,0 +1,428 @@
+"""Curvature estimators in `lcpaq.hessian` against exact linear algebra on tiny float64 nets.
+
+Oracles: the explicit Gauss-Newton matrix J^T H_out J built from full Jacobians, exact Hessian blocks
+from torch.autograd.functional.hessian, per-sample gradients taken one sample at a time, and
+PyHessian's whole-model Hutchinson trace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    exact_hessian_block_traces,
+    explicit_gauss_newton,
+    make_tiny_conv_net,
+    make_tiny_mlp,
+)
+from torch import nn
+
+from lcpaq import hessian
+from lcpaq.graph import LayerInfo, discover_layers
+from lcpaq.hessian import (
+    CurvatureEstimate,
+    flag_estimates,
+    gauss_newton_traces,
+    hutchinson_traces,
+    per_sample_weight_grads,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# ---------------------------------------------------------------------------------------------
+# Models covering every layer kind the per-sample gradient code handles.
+
+
+class GroupedConvNet(nn.Module):
+    """Strided, padded, grouped and dilated Conv2d layers (one with reflect padding), BN, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, (3, 2), padding=(2, 1), dilation=(2, 1), groups=2, bias=False)
+        self.conv3 = nn.Conv2d(6, 2, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(2 * 3 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 2, 6, 6]
+        out = torch.tanh(self.bn(self.conv1(x)))  # [N, 4, 3, 3]
+        out = torch.tanh(self.conv2(out))  # [N, 6, 3, 4]
+        out = torch.tanh(self.conv3(out))  # [N, 2, 3, 4]
+        return self.fc(out.flatten(1))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 4, 3, stride=2, padding=2)
+        self.conv2 = nn.Conv1d(4, 4, 3, padding=1, groups=2, padding_mode="circular", bias=False)
+        self.fc = nn.Linear(4 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 3, 9]
+        out = torch.tanh(self.conv1(x))  # [N, 4, 6]
+        out = torch.tanh(self.conv2(out))
+        return self.fc(out.flatten(1))
+
+
+class SequenceNet(nn.Module):
+    """Linear layers applied to a [N, T, in] sequence, then a classifier on the flattened output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 5)
+        self.mix = nn.Linear(5, 2, bias=False)
+        self.head = nn.Linear(4 * 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 4, 3]
+        out = self.mix(torch.tanh(self.embed(x)))  # [N, 4, 2]
+        return self.head(torch.tanh(out).flatten(1))
+
+
+class SharedWeightNet(nn.Module):
+    """One Linear applied twice: its curvature is that of the summed contributions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def _build(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A float64 model in eval mode and 10 inputs for it, both from fixed seeds."""
+    generator = torch.Generator().manual_seed(123)
+    if kind == "tiny_conv":
+        model = make_tiny_conv_net(torch.float64)
+        return model, torch.randn(10, 1, 6, 6, generator=generator, dtype=torch.float64)
+    if kind == "mlp":
+        return make_tiny_mlp(torch.float64), torch.randn(
+            10, 5, generator=generator, dtype=torch.float64
+        )
+    torch.manual_seed(7)
+    model, shape = {
+        "grouped_conv": (GroupedConvNet, (10, 2, 6, 6)),
+        "conv1d": (Conv1dNet, (10, 3, 9)),
+        "sequence": (SequenceNet, (10, 4, 3)),
+        "shared": (SharedWeightNet, (10, 4)),
+    }[kind]
+    net = model().double().eval()
+    with torch.no_grad():  # make the logits large enough that softmax is far from uniform
+        for parameter in net.parameters():
+            parameter.mul_(2.0)
+    return net, torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+MODEL_KINDS = ["tiny_conv", "mlp", "grouped_conv", "conv1d", "sequence", "shared"]
+
+
+def _layers(model: nn.Module, inputs: torch.Tensor) -> tuple[LayerInfo, ...]:
+    return discover_layers(model, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gauss-Newton traces.
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_gauss_newton_matches_explicit_matrix(kind: str, loss: str) -> None:
+    model, inputs = _build(kind)
+    layers = _layers(model, inputs)
+    names = [layer.name for layer in layers]
+    estimate = gauss_newton_traces(model, layers, [inputs], loss=loss)
+    exact_traces, exact_diagonals = explicit_gauss_newton(model, names, inputs, loss=loss)
+    assert estimate.layer_names == tuple(names)
+    assert estimate.method == "gauss_newton"
+    assert estimate.num_samples == len(inputs)
+    assert estimate.num_probes == 0
+    # The model is float64 and lcpaq keeps its dtype: agreement is to rounding.
+    np.testing.assert_allclose(estimate.trace, exact_traces, rtol=1e-9, atol=0)
+    assert min(exact_traces) > 1e-4  # the oracle is not trivially zero
+    for layer, exact in zip(layers, exact_diagonals):
+        diagonal = estimate.diagonal[layer.name]
+        assert diagonal.shape == layer.weight_shape
+        np.testing.assert_allclose(
+            diagonal.ravel(), exact.numpy(), rtol=1e-5, atol=1e-7 * float(exact.abs().max())
+        )
+    # The diagonal sums to the trace.
+    sums = [float(estimate.diagonal[name].astype(np.float64).sum()) for name in names]
+    np.testing.assert_allclose(sums, estimate.trace, rtol=1e-5)
+    # Per-sample contributions average to the trace; the standard error is the one over samples.
+    assert estimate.sample_traces.shape == (len(inputs), len(names))
+    np.testing.assert_allclose(estimate.sample_traces.mean(0), estimate.trace, rtol=1e-5)
+    expected_stderr = estimate.sample_traces.astype(np.float64).std(0, ddof=1) / np.sqrt(
+        len(inputs)
+    )
+    np.testing.assert_allclose(estimate.trace_stderr, expected_stderr, rtol=1e-4)
+
+
+def test_gauss_newton_float64_is_exact_to_1e8() -> None:
+    for kind in MODEL_KINDS:
+        model, inputs = _build(kind)
+        layers = _layers(model, inputs)
+        estimate = gauss_newton_traces(model, layers, [inputs])
+        exact, _ = explicit_gauss_newton(model, [layer.name for layer in layers], inputs)
+        np.testing.assert_allclose(estimate.trace, exact, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["tiny_conv", "sequence"])
+def test_gauss_newton_streaming_gives_the_same_result(kind: str) -> None:
+    model, inputs = _build(kind)
+    layers = _layers(model, inputs)
+    whole = gauss_newton_traces(model, layers, [inputs])
+    parts = gauss_newton_traces(model, layers, iter([inputs[:3], inputs[3:8], inputs[8:]]))
+    assert parts.num_samples == whole.num_samples == len(inputs)
+    np.testing.assert_allclose(parts.trace, whole.trace, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(parts.trace_stderr, whole.trace_stderr, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(parts.sample_traces, whole.sample_traces, rtol=1e-6)
+    for name in whole.layer_names:
+        np.testing.assert_allclose(parts.diagonal[name], whole.diagonal[name], rtol=1e-6)
+
+
+def test_gauss_newton_aligned_micro_batches_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, inputs = _build("tiny_conv")
+    layers = _layers(model, inputs)
+    whole = gauss_newton_traces(model, layers, [inputs])
+    largest = max(layer.num_params for layer in layers)
+    # Micro-batches of 6 (sample, factor) pairs = 2 samples x 3 classes.
+    monkeypatch.setattr(hessian, "PER_SAMPLE_ELEMENTS_LIMIT", 6 * largest)
+    split = gauss_newton_traces(model, layers, [inputs])
+    np.testing.assert_allclose(split.trace, whole.trace, rtol=1e-12)
+    np.testing.assert_allclose(split.sample_traces, whole.sample_traces, rtol=1e-6)
+
+
+def test_gauss_newton_unaligned_micro_batches_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, inputs = _build("tiny_conv")
+    layers = _layers(model, inputs)
+    whole = gauss_newton_traces(model, layers, [inputs])
+    largest = max(layer.num_params for layer in layers)
+    # Micro-batches of 7 (sample, factor) pairs with 3 classes: 7 is not a multiple of 3.
+    monkeypatch.setattr(hessian, "PER_SAMPLE_ELEMENTS_LIMIT", 7 * largest)
+    split = gauss_newton_traces(model, layers, [inputs])
+    np.testing.assert_allclose(split.trace, whole.trace, rtol=1e-6)
+
+
+def test_gauss_newton_sampled_fisher_past_64_classes() -> None:
+    """With > 64 classes labels are drawn from the model: unbiased, deterministic per seed."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 70)).double().eval()
+    base = torch.randn(4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    inputs = base.repeat(150, 1)  # 600 samples, 150 label draws per distinct input
+    layers = _layers(model, inputs)
+    estimate = gauss_newton_traces(model, layers, [inputs], seed=11)
+    assert estimate.method == "fisher_sampled"
+    exact, _ = explicit_gauss_newton(model, [layer.name for layer in layers], base)
+    assert np.all(np.abs(estimate.trace - exact) <= 4 * estimate.trace_stderr)
+    assert np.all(estimate.trace_stderr < 0.2 * np.array(exact))
+    again = gauss_newton_traces(model, layers, [inputs], seed=11)
+    np.testing.assert_array_equal(again.trace, estimate.trace)
+    other = gauss_newton_traces(model, layers, [inputs], seed=12)
+    assert not np.array_equal(other.trace, estimate.trace)
+
+
+def test_gauss_newton_input_errors() -> None:
+    model, inputs = _build("mlp")
+    layers = _layers(model, inputs)
+    with pytest.raises(ValueError, match="no calibration samples"):
+        gauss_newton_traces(model, layers, [])
+    ghost = LayerInfo("ghost", "ghost.weight", "Linear", (2, 2), 4, 4, 9, False)
+    model.ghost = nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="'ghost' did not run"):
+        gauss_newton_traces(model, (*layers, ghost), [inputs])
+    per_position = nn.Sequential(nn.Linear(3, 5)).double().eval()
+    sequence = torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
+        gauss_newton_traces(per_position, _layers(per_position, sequence), [sequence])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample gradients.
+
+PER_SAMPLE_CASES = {
+    "conv2d_grouped_strided": (
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        (5, 4, 7, 6),
+    ),
+    "conv2d_dilated_asym": (
+        lambda: nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2),
+        (5, 2, 6, 7),
+    ),
+    "conv2d_reflect": (lambda: nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), (4, 3, 5, 5)),
+    "conv2d_same": (lambda: nn.Conv2d(2, 2, 4, padding="same", bias=False), (3, 2, 6, 6)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (5, 3, 9)),
+    "conv1d_circular_grouped": (
+        lambda: nn.Conv1d(4, 2, 3, padding=1, groups=2, padding_mode="circular"),
+        (4, 4, 8),
+    ),
+    "linear": (lambda: nn.Linear(6, 4), (5, 6)),
+    "linear_sequence": (lambda: nn.Linear(6, 4), (5, 3, 6)),
+    "linear_2d_sequence": (lambda: nn.Linear(3, 2), (4, 2, 5, 3)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("case", list(PER_SAMPLE_CASES))
+def test_per_sample_weight_grads_match_one_sample_at_a_time(case: str) -> None:
+    factory, shape = PER_SAMPLE_CASES[case]
+    torch.manual_seed(5)
+    module = factory().double()
+    generator = torch.Generator().manual_seed(6)
+    inputs = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    outputs = module(inputs)
+    grad_outputs = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
+    fast = per_sample_weight_grads(module, inputs, grad_outputs)
+    assert fast.shape == (shape[0], *module.weight.shape)
+    for index in range(shape[0]):
+        value = (grad_outputs[index : index + 1] * module(inputs[index : index + 1])).sum()
+        (expected,) = torch.autograd.grad(value, module.weight)
+        torch.testing.assert_close(fast[index], expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hutchinson.
+
+
+def _labelled(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model, inputs = _build(kind)
+    with torch.no_grad():
+        classes = model(inputs[:1]).shape[-1]
+    labels = torch.randint(0, classes, (len(inputs),), generator=torch.Generator().manual_seed(9))
+    return model, inputs, labels
+
+
+@pytest.mark.parametrize(("kind", "probes"), [("mlp", 400), ("tiny_conv", 400)])
+def test_hutchinson_within_three_standard_errors_of_exact_blocks(kind: str, probes: int) -> None:
+    model, inputs, labels = _labelled(kind)
+    layers = _layers(model, inputs)
+    names = [layer.name for layer in layers]
+    exact = exact_hessian_block_traces(model, names, inputs, labels)
+    batches = [(inputs[:4], labels[:4]), (inputs[4:], labels[4:])]
+    estimate = hutchinson_traces(model, layers, batches, max_probes=probes, rel_tol=0.0, seed=0)
+    assert estimate.method == "hutchinson"
+    assert estimate.num_probes == probes
+    assert estimate.num_samples == len(inputs)
+    assert estimate.layer_names == tuple(names)
+    deviation = np.abs(estimate.trace - np.array(exact))
+    assert np.all(deviation <= 3 * estimate.trace_stderr), (estimate.trace, exact)
+    # The check has teeth: the standard errors are small next to the total curvature.
+    assert np.all(estimate.trace_stderr < 0.2 * np.abs(exact).sum())
+    assert estimate.flags == flag_estimates(estimate.trace, estimate.trace_stderr)
+    # Parameters' requires_grad flags are restored.
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_hutchinson_is_deterministic_and_batching_invariant() -> None:
+    model, inputs, labels = _labelled("mlp")
+    layers = _layers(model, inputs)
+    one = hutchinson_traces(model, layers, [(inputs, labels)], max_probes=24, rel_tol=0.0, seed=3)
+    split = [(inputs[:3], labels[:3]), (inputs[3:], labels[3:])]
+    two = hutchinson_traces(model, layers, split, max_probes=24, rel_tol=0.0, seed=3)
+    np.testing.assert_allclose(two.trace, one.trace, rtol=1e-10)
+    np.testing.assert_allclose(two.trace_stderr, one.trace_stderr, rtol=1e-8)
+
+
+def test_hutchinson_stops_at_tolerance_and_validates() -> None:
+    model, inputs, labels = _labelled("mlp")
+    layers = _layers(model, inputs)
+    loose = hutchinson_traces(
+        model, layers, [(inputs, labels)], max_probes=400, min_probes=8, rel_tol=10.0, seed=0
+    )
+    assert loose.num_probes == 8
+    with pytest.raises(ValueError, match="max_probes"):
+        hutchinson_traces(model, layers, [(inputs, labels)], max_probes=1)
+    with pytest.raises(ValueError, match="no calibration samples"):
+        hutchinson_traces(model, layers, [(inputs[:0], labels[:0])])
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_exact_block_traces_agree_with_pyhessian() -> None:
+    """Whole-model Hutchinson trace from PyHessian vs the sum of exact per-layer block traces
+    (all parameters are weights: no bias, no BatchNorm)."""
+    pyhessian = pytest.importorskip("pyhessian")
+    torch.manual_seed(21)
+    model = nn.Sequential(
+        nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)
+    ).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    model.eval()
+    generator = torch.Generator().manual_seed(22)
+    inputs = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (12,), generator=generator)
+    names = ["0", "2"]
+    exact_total = sum(exact_hessian_block_traces(model, names, inputs, labels))
+
+    torch.manual_seed(0)  # PyHessian draws its probes from torch's global RNG
+    computer = pyhessian.hessian(model, nn.CrossEntropyLoss(), data=(inputs, labels), cuda=False)
+    samples = np.array(computer.trace(maxIter=300, tol=float("-inf")))
+    assert len(samples) == 300
+    stderr = samples.std(ddof=1) / np.sqrt(len(samples))
+    assert abs(samples.mean() - exact_total) <= 4 * stderr
+    assert stderr < 0.2 * abs(exact_total)
+
+    # lcpaq's joint-probe Hutchinson reads the same estimator per layer; its sum agrees too.
+    fresh = nn.Sequential(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False))
+    fresh = fresh.double().eval()
+    fresh.load_state_dict(model.state_dict())
+    layers = _layers(fresh, inputs)
+    ours = hutchinson_traces(fresh, layers, [(inputs, labels)], max_probes=300, rel_tol=0.0)
+    ours_total_se = float(np.sqrt((ours.trace_stderr**2).sum()))  # conservative upper bound
+    assert abs(ours.trace.sum() - samples.mean()) <= 4 * np.hypot(stderr, ours_total_se)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and clamping.
+
+
+def test_flag_estimates() -> None:
+    trace = np.array([-1.0, 0.0, 0.1, 0.2, 5.0, 1e-9])
+    stderr = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.0])
+    assert flag_estimates(trace, stderr) == (
+        "negative",
+        "negative",
+        "insignificant",
+        "",  # exactly 2 standard errors is significant
+        "",
+        "",
+    )
+
+
+def test_clamped_trace_replaces_non_positive_values() -> None:
+    trace = np.array([-1.0, 0.0, 2.0])
+    estimate = CurvatureEstimate(
+        layer_names=("a", "b", "c"),
+        trace=trace,
+        trace_stderr=np.zeros(3),
+        num_samples=1,
+        method="test",
+        num_probes=0,
+        flags=flag_estimates(trace, np.zeros(3)),
+    )
+    np.testing.assert_array_equal(estimate.clamped_trace(), [2e-12, 2e-12, 2.0])
+    assert estimate.flags == ("negative", "negative", "")
+
+
+def test_cross_entropy_factors_reproduce_the_output_hessian() -> None:
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    factors, sampled = hessian.output_hessian_factors(logits, "cross_entropy", None)
+    assert not sampled
+    assert factors.shape == (4, 5, 4)
+    probs = torch.softmax(logits, dim=-1)
+    expected = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    rebuilt = torch.einsum("kni,knj->nij", factors, factors)
+    torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-7)
+    # The output Hessian is the one of cross-entropy: check against autograd for one sample.
+    label = torch.tensor([2])
+    autograd_hessian = torch.autograd.functional.hessian(
+        lambda z: F.cross_entropy(z[None], label), logits[0]
+    )
+    torch.testing.assert_close(autograd_hessian, expected[0], rtol=1e-12, atol=1e-12)

@@ -1,0 +1,210 @@
+"""Statistics correction in `lcpaq.recovery`: after correction the quantized model's BatchNorm
+outputs and biased-layer outputs have the FP32 model's per-channel moments on the calibration data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net
+from torch import nn
+
+from lcpaq.export import quantize_model
+from lcpaq.formats import QuantScheme
+from lcpaq.graph import discover_layers
+from lcpaq.recovery import (
+    collect_reference_stats,
+    correct_statistics,
+    correction_points,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ASSIGNMENT = {"conv1": "int2", "conv2": "int3", "fc": "int3"}
+
+
+def _channel_moments(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = tensor.detach().transpose(0, 1).reshape(tensor.shape[1], -1).double()
+    return flat.mean(1), flat.var(1, unbiased=False)
+
+
+def _record(model: nn.Module, names: list[str], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of the named modules on one forward pass."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: outputs.__setitem__(name, out.detach())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(inputs)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def calibrated_conv_net(inputs: torch.Tensor) -> TinyConvNet:
+    """The tiny conv net with BatchNorm running statistics equal to the moments of its own inputs
+    on ``inputs`` (as if BN had been trained on exactly this data), set layer by layer."""
+    model = make_tiny_conv_net()
+    with torch.no_grad():
+        for name in ("bn1", "bn2"):
+            norm = model.get_submodule(name)
+            captured: list[torch.Tensor] = []
+            handle = norm.register_forward_pre_hook(
+                lambda _m, args, store=captured: store.append(args[0])
+            )
+            model(inputs)
+            handle.remove()
+            mean, var = _channel_moments(captured[0])
+            norm.running_mean.copy_(mean.float())
+            norm.running_var.copy_(var.float())
+    return model
+
+
+def _quantized(model: TinyConvNet, inputs: torch.Tensor) -> nn.Module:
+    layers = discover_layers(model, inputs)
+    scheme = QuantScheme(symmetric=True, granularity="channel", clipping="minmax")
+    quantized, _ = quantize_model(model, layers, ASSIGNMENT, scheme)
+    return quantized
+
+
+def _assert_moments_match(
+    fp_model: nn.Module, quantized: nn.Module, inputs: torch.Tensor, watched: list[str]
+) -> None:
+    reference, after = _record(fp_model, watched, inputs), _record(quantized, watched, inputs)
+    for name in watched:
+        mean_fp, var_fp = _channel_moments(reference[name])
+        mean_q, var_q = _channel_moments(after[name])
+        torch.testing.assert_close(mean_q, mean_fp, rtol=0, atol=1e-5)
+        if not isinstance(quantized.get_submodule(name), nn.Linear):
+            # BN matches the variance as well; bias correction only shifts the mean.
+            torch.testing.assert_close(var_q, var_fp, rtol=1e-4, atol=1e-6)
+
+
+def test_correction_matches_fp32_moments_after_each_norm_and_bias() -> None:
+    inputs = conv_inputs(64, seed=5)
+    fp_model = calibrated_conv_net(inputs)
+    quantized = _quantized(fp_model, inputs)
+    watched = ["bn1", "bn2", "fc"]
+    reference = _record(fp_model, watched, inputs)
+    before = _record(quantized, watched, inputs)
+    # Quantization to 2-3 bits really shifts the statistics (otherwise this test proves nothing).
+    mean_fp, var_fp = _channel_moments(reference["bn2"])
+    mean_q, var_q = _channel_moments(before["bn2"])
+    assert (mean_q - mean_fp).abs().max() > 0.05 or (var_q / var_fp - 1).abs().max() > 0.1
+
+    report = correct_statistics(fp_model, quantized, inputs, list(ASSIGNMENT))
+    assert report.num_samples == 64
+    assert report.corrected_norms == 2
+    assert report.corrected_biases == 2  # conv2 and fc carry a bias; conv1 does not
+    assert report.single_pass
+    _assert_moments_match(fp_model, quantized, inputs, watched)
+    # The FP32 model is left untouched.
+    assert torch.equal(fp_model.bn1.running_mean, calibrated_conv_net(inputs).bn1.running_mean)
+
+
+def test_correction_matches_fp32_moments_when_running_stats_differ_from_calibration() -> None:
+    """BN running statistics from other data than the calibration set (the usual case: BN was
+    trained on the training set, calibration is a different subset or label-free data)."""
+    fp_model = make_tiny_conv_net()  # running statistics unrelated to the calibration inputs
+    inputs = conv_inputs(64, seed=5)
+    quantized = _quantized(fp_model, inputs)
+    correct_statistics(fp_model, quantized, inputs, list(ASSIGNMENT))
+    _assert_moments_match(fp_model, quantized, inputs, ["bn1", "bn2", "fc"])
+
+
+def test_linear_bias_gets_mean_output_difference() -> None:
+    """A model with one quantized Linear and nothing before it: bias += E[y_fp - y_q] exactly."""
+    torch.manual_seed(0)
+    fp_model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3, bias=False)).eval()
+    inputs = torch.randn(50, 6, generator=torch.Generator().manual_seed(1)) + 0.5
+    layers = discover_layers(fp_model, inputs)
+    scheme = QuantScheme(symmetric=True, granularity="channel", clipping="mse")
+    quantized, _ = quantize_model(fp_model, layers, {"0": "int2", "2": "int2"}, scheme)
+    with torch.no_grad():
+        expected = (fp_model[0](inputs) - quantized[0](inputs)).double().mean(0)
+    old_bias = quantized[0].bias.detach().clone()
+    old_weights = [quantized[index].weight.detach().clone() for index in (0, 2)]
+    report = correct_statistics(fp_model, quantized, inputs, ["0", "2"])
+    assert report.corrected_biases == 1 and report.corrected_norms == 0
+    torch.testing.assert_close(
+        (quantized[0].bias.detach() - old_bias).double(), expected, rtol=1e-5, atol=1e-6
+    )
+    assert torch.equal(quantized[0].weight, old_weights[0])  # weights are not touched
+    assert torch.equal(quantized[2].weight, old_weights[1])
+    assert (quantized[0].bias.detach() - old_bias).abs().max() > 1e-3  # a real correction
+    with torch.no_grad():
+        torch.testing.assert_close(
+            quantized[0](inputs).mean(0), fp_model[0](inputs).mean(0), rtol=0, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("batch_size", [256, 7])
+def test_single_pass_and_prefix_passes_agree(batch_size: int) -> None:
+    fp_model = make_tiny_conv_net()
+    inputs = conv_inputs(64, seed=6)
+    base = _quantized(fp_model, inputs)
+    single, prefix = copy.deepcopy(base), copy.deepcopy(base)
+    one = correct_statistics(fp_model, single, inputs, list(ASSIGNMENT), batch_size=batch_size)
+    two = correct_statistics(
+        fp_model, prefix, inputs, list(ASSIGNMENT), batch_size=batch_size, single_pass_max_bytes=0
+    )
+    assert one.single_pass and not two.single_pass
+    assert (one.corrected_norms, one.corrected_biases) == (
+        two.corrected_norms,
+        two.corrected_biases,
+    )
+    single_state, prefix_state = single.state_dict(), prefix.state_dict()
+    changed = 0
+    for key, value in base.state_dict().items():
+        if not torch.equal(single_state[key], value):
+            changed += 1
+        # Equal up to float rounding: the single pass adds the bias delta to conv2's output,
+        # the prefix pass re-runs conv2 with the corrected bias.
+        torch.testing.assert_close(prefix_state[key], single_state[key], rtol=1e-6, atol=1e-8)
+    # running_mean/var of bn1, bn2 and the biases of conv2 and fc were corrected.
+    assert changed == 6
+
+
+def test_prefix_passes_in_micro_batches_match_fp32_moments() -> None:
+    inputs = conv_inputs(50, seed=7)
+    fp_model = calibrated_conv_net(inputs)
+    quantized = _quantized(fp_model, inputs)
+    report = correct_statistics(
+        fp_model, quantized, inputs, list(ASSIGNMENT), batch_size=7, single_pass_max_bytes=0
+    )
+    assert not report.single_pass
+    _assert_moments_match(fp_model, quantized, inputs, ["bn1", "bn2", "fc"])
+
+
+def test_reference_stats_can_be_reused() -> None:
+    fp_model = make_tiny_conv_net()
+    inputs = conv_inputs(32, seed=8)
+    base = _quantized(fp_model, inputs)
+    direct, reused = copy.deepcopy(base), copy.deepcopy(base)
+    correct_statistics(fp_model, direct, inputs, list(ASSIGNMENT))
+    reference = collect_reference_stats(fp_model, inputs, list(ASSIGNMENT))
+    correct_statistics(fp_model, reused, inputs, list(ASSIGNMENT), reference=reference)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(reused.state_dict()[key], value), key
+
+
+def test_reference_moments_follow_execution_order() -> None:
+    fp_model = make_tiny_conv_net()
+    reference = collect_reference_stats(fp_model, conv_inputs(8), list(ASSIGNMENT))
+    assert list(reference.moments) == ["bn1", "conv2", "bn2", "fc"]
+    assert reference.points == {"bn1": "norm", "bn2": "norm", "conv2": "bias", "fc": "bias"}
+    assert correction_points(fp_model, ["conv1"]) == [("bn1", "norm"), ("bn2", "norm")]
+
+
+def test_unquantized_model_is_left_as_it_is() -> None:
+    """Correcting a model against itself changes nothing (beyond float rounding)."""
+    fp_model = make_tiny_conv_net()
+    inputs = conv_inputs(32, seed=9)
+    copy_model = copy.deepcopy(fp_model)
+    correct_statistics(fp_model, copy_model, inputs, list(ASSIGNMENT))
+    for key, value in fp_model.state_dict().items():
+        torch.testing.assert_close(copy_model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
