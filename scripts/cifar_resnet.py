@@ -134,15 +134,31 @@ def main() -> None:
     # The reference ILP row: same exact traces and HiGHS, but symmetric min-max and no correction.
     reference_dir = args.out / "reference-run"
     pipeline.analyze(reference_config, reference_dir, progress=False)
+    # What helps: each quantizer with and without the statistics correction.
+    no_correction = replace(config, recovery=RecoveryConfig(enabled=False))
+    reference_corrected = replace(reference_config, recovery=config.recovery)
     for bits in MIXED_BUDGETS:
         allocation = pipeline.allocate(reference_dir, [Budget("avg-bits", bits)])
         assignment = dict(zip(allocation.layer_names, allocation.formats))
+        for label, run_config in (
+            ("reference quantizer, no correction", reference_config),
+            ("reference quantizer + correction", reference_corrected),
+        ):
+            rows.append(
+                _row(
+                    f"mixed {bits:g} bits, HAWQ-V2 score, {label}",
+                    accuracy_of(assignment, run_config),
+                    anchor,
+                    average_bits=allocation.average_bits,
+                )
+            )
+    for bits, (_, allocation) in mixed.items():
         rows.append(
             _row(
-                f"mixed {bits:g} bits, HAWQ-V2 score, reference quantizer, no correction",
-                accuracy_of(assignment, reference_config),
+                f"mixed {bits:g} bits, lcpaq quantizer, no correction",
+                accuracy_of(allocation["assignment"], no_correction),
                 anchor,
-                average_bits=allocation.average_bits,
+                average_bits=allocation["average_bits"],
             )
         )
     for bits, (accuracy, allocation) in mixed.items():
