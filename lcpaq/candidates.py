@@ -24,7 +24,8 @@ class CandidateTable:
     """Arrays [L, F] over ``layer_names`` × ``format_names``.
 
     ``weight_bits`` = n_l · b_f (what average bits count); ``size_bits`` adds the stored scales and
-    zero points; ``error_sq`` = ‖Q_f(W_l) − W_l‖²; ``weighted_error`` = Σ diag(G_ll) ⊙ (Q_f(W_l) − W_l)²
+    zero points (`lcpaq.formats.scale_overhead_bits`, which depends on the format: FP formats and MX
+    have no zero points); ``error_sq`` = ‖Q_f(W_l) − W_l‖²; ``weighted_error`` = Σ diag(G_ll) ⊙ (Q_f(W_l) − W_l)²
     (NaN when no curvature diagonal was measured). ``bits[f]`` is the code width of format f.
     """
 
@@ -66,8 +67,8 @@ def measure_candidates(
             if diagonal and layer.name in diagonal
             else None
         )
-        overhead = scale_overhead_bits(layer.weight_shape, scheme)
         for column, fmt in enumerate(formats):
+            overhead = scale_overhead_bits(layer.weight_shape, scheme, fmt)
             delta = (fake_quantize(weight, fmt, scheme) - weight).double()
             error_sq[row, column] = float(delta.pow(2).sum())
             if curvature is not None:

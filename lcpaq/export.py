@@ -4,12 +4,14 @@ changes a model.
 Output folder (written to a temporary folder, then renamed into place, so an interrupted export never
 leaves a partial checkpoint):
 
-* ``model.safetensors``: for each quantized layer ``<weight_key>.qcodes`` (int8 symmetric / uint8
-  asymmetric codes, weight-shaped), ``<weight_key>.qscale`` (float32, one per output channel or one per
-  tensor) and, if asymmetric, ``<weight_key>.qzero`` (int16); every other tensor of the state dict as
-  it is (including BatchNorm statistics after correction).
-* ``manifest.json``: every quantized layer with its state-dict name, format, bits and granularity;
-  totals (average bits, size in bytes), the budget, the source checkpoint's sha256, the lcpaq version.
+* ``model.safetensors``: for each quantized layer ``<weight_key>.qcodes`` (weight-shaped: int8
+  symmetric INT, uint8 asymmetric INT, uint8 bit patterns for FP formats), ``<weight_key>.qscale``
+  (float32 [1] per tensor, [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents
+  [C_out, blocks] for MX) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
+  every other tensor of the state dict as it is (including BatchNorm statistics after correction).
+* ``manifest.json``: every quantized layer with its state-dict name, format, kind (int/fp), bits,
+  granularity and group size; totals (average bits, size in bytes), the budget, the source
+  checkpoint's sha256, the lcpaq version. `lcpaq.formats.dequantize_weight` decodes every case.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -102,7 +105,8 @@ def write_quantized_checkpoint(
             layer = by_name[name]
             key = layer.weight_key
             tensors[key + CODES_SUFFIX] = quantized.codes.contiguous().cpu()
-            tensors[key + SCALE_SUFFIX] = quantized.scale.float().contiguous().cpu()
+            # float32, or uint8 E8M0 exponents for MX: stored as they are.
+            tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
             if quantized.zero_point is not None:
                 tensors[key + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
             fmt = get_format(quantized.format_name)
@@ -111,8 +115,10 @@ def write_quantized_checkpoint(
                     "name": name,
                     "weight_key": key,
                     "format": fmt.name,
+                    "kind": fmt.kind,
                     "bits": fmt.bits,
                     "granularity": quantized.granularity,
+                    "group_size": quantized.group_size,
                     "symmetric": quantized.zero_point is None,
                     "clipping": scheme.clipping,
                     "num_params": layer.num_params,
@@ -129,9 +135,14 @@ def write_quantized_checkpoint(
             "format": CHECKPOINT_FORMAT,
             "lcpaq_version": __version__,
             **manifest_extra,
-            # Codes are stored one per byte (int8/uint8); bit packing is a later step, so the file
+            # Codes are stored one per byte (int8/uint8, FP bit patterns too); bit packing is a later step, so the file
             # is larger than the packed size the budgets count (totals.size_bytes).
             "file_bytes": file_bytes,
+            # Every format the layers use, with what a decoder needs (bit layout, bias, max).
+            "formats": {
+                name: asdict(get_format(name))
+                for name in sorted({quantized.format_name for quantized in codes.values()})
+            },
             "layers": entries,
         }
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -184,6 +195,7 @@ def load_quantized(
             zero_point=tensors.get(key + ZERO_SUFFIX),
             format_name=entry["format"],
             granularity=entry["granularity"],
+            group_size=entry.get("group_size"),
         )
         state_dict[key] = dequantize_weight(quantized)
     for key, tensor in tensors.items():

@@ -1,13 +1,17 @@
 """Number formats and weight quantizers: the only module that knows bit layouts.
 
-A `NumberFormat` names a code grid (``int2`` … ``int8``); a `QuantScheme` says how a weight tensor is
-mapped onto it (symmetric or asymmetric, per-tensor or per-output-channel scales, min-max or MSE
-clipping). `quantize_weight` returns the integer codes plus scales and zero points that the exported
-checkpoint stores; `dequantize_weight` inverts it. Formulas follow METHOD §0.
+A `NumberFormat` names a code grid: integers ``int2`` … ``int8`` or minifloats ``fp8_e4m3``,
+``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``. A `QuantScheme` says how a weight tensor is
+mapped onto it (symmetric or asymmetric INT codes, per-tensor, per-output-channel, per-group or OCP
+microscaling (MX) scales, min-max or MSE clipping). `quantize_weight` returns the codes (INT values, or
+FP bit patterns) plus scales and zero points that the exported checkpoint stores; `dequantize_weight`
+inverts it. Formulas follow METHOD §0; docs/formats.md describes every case.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -15,26 +19,69 @@ import torch
 
 from lcpaq.errors import InputError
 
-Granularity = Literal["tensor", "channel"]
+Granularity = Literal["tensor", "channel", "group", "mx"]
 Clipping = Literal["minmax", "mse"]
+GRANULARITIES = ("tensor", "channel", "group", "mx")
+GROUP_SIZES = (32, 64, 128)
 
 #: Size in bits of one stored scale (float32) and of one stored zero point (we store it as int16 so
 #: that every asymmetric code range up to 8 bits fits; the cost model counts what is stored).
 SCALE_BITS = 32
 ZERO_POINT_BITS = 16
+#: OCP MX: blocks of 32 consecutive elements share one E8M0 scale (8 bits, a biased exponent).
+MX_BLOCK_SIZE = 32
+MX_SCALE_BITS = 8
+E8M0_BIAS = 127
 
 
 @dataclass(frozen=True)
 class NumberFormat:
-    """A code grid. ``bits`` is the storage width of one weight code."""
+    """A code grid. ``bits`` is the storage width of one code, sign included (what costs count).
+
+    Minifloats (``kind="fp"``) have ``exponent_bits``, ``mantissa_bits``, exponent ``bias``, largest
+    finite ``max_value`` and ``special_values``: ``"none"`` (every pattern finite), ``"fn"`` (only
+    S.1…1.1…1 is NaN, no inf: OCP E4M3) or ``"ieee"`` (all-ones exponent is inf/NaN: E5M2).
+    """
 
     name: str
-    kind: Literal["int"]
+    kind: Literal["int", "fp"]
     bits: int
+    exponent_bits: int = 0
+    mantissa_bits: int = 0
+    bias: int = 0
+    max_value: float = 0.0
+    special_values: Literal["none", "fn", "ieee"] = "none"
+
+
+def _minifloat(
+    name: str,
+    exponent_bits: int,
+    mantissa_bits: int,
+    bias: int,
+    max_value: float,
+    special_values: Literal["none", "fn", "ieee"],
+) -> NumberFormat:
+    return NumberFormat(
+        name=name,
+        kind="fp",
+        bits=1 + exponent_bits + mantissa_bits,
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        bias=bias,
+        max_value=max_value,
+        special_values=special_values,
+    )
 
 
 FORMATS: dict[str, NumberFormat] = {
-    f"int{bits}": NumberFormat(name=f"int{bits}", kind="int", bits=bits) for bits in range(2, 9)
+    **{
+        f"int{bits}": NumberFormat(name=f"int{bits}", kind="int", bits=bits) for bits in range(2, 9)
+    },
+    "fp8_e4m3": _minifloat("fp8_e4m3", 4, 3, 7, 448.0, "fn"),
+    "fp8_e5m2": _minifloat("fp8_e5m2", 5, 2, 15, 57344.0, "ieee"),
+    "fp6_e3m2": _minifloat("fp6_e3m2", 3, 2, 3, 28.0, "none"),
+    "fp6_e2m3": _minifloat("fp6_e2m3", 2, 3, 1, 7.5, "none"),
+    "fp4_e2m1": _minifloat("fp4_e2m1", 2, 1, 1, 6.0, "none"),
 }
 
 
@@ -48,12 +95,99 @@ def get_format(name: str) -> NumberFormat:
 
 
 def parse_format_list(text: str) -> tuple[str, ...]:
-    """Parse ``"int2,int3,int4"`` into validated, de-duplicated format names sorted by bit width."""
+    """Parse ``"int2,fp4_e2m1,int4"`` into validated, de-duplicated names sorted by bit width."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise InputError("the candidate format list is empty")
     formats = {get_format(name).name: get_format(name) for name in names}
     return tuple(sorted(formats, key=lambda name: (formats[name].bits, name)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Minifloat grids (METHOD §0): every bit pattern decoded once; rounding by bucketize on midpoints.
+
+
+def _decode_pattern(fmt: NumberFormat, code: int) -> float:
+    """The value of one bit pattern S.E…E.M…M (NaN/inf for the special patterns)."""
+    e_bits, m_bits = fmt.exponent_bits, fmt.mantissa_bits
+    sign = -1.0 if code >> (e_bits + m_bits) & 1 else 1.0
+    exponent = (code >> m_bits) & ((1 << e_bits) - 1)
+    mantissa = code & ((1 << m_bits) - 1)
+    all_ones = exponent == (1 << e_bits) - 1
+    if fmt.special_values == "ieee" and all_ones:
+        return sign * math.inf if mantissa == 0 else math.nan
+    if fmt.special_values == "fn" and all_ones and mantissa == (1 << m_bits) - 1:
+        return math.nan
+    if exponent == 0:  # subnormal: 2^(1-bias) · m / 2^M
+        return sign * 2.0 ** (1 - fmt.bias) * mantissa / 2**m_bits
+    return sign * 2.0 ** (exponent - fmt.bias) * (1 + mantissa / 2**m_bits)
+
+
+@functools.cache
+def _decode_table(name: str) -> torch.Tensor:
+    """float64 [2^bits]: the value of every code (bit pattern), NaN/inf where the format has them."""
+    fmt = get_format(name)
+    return torch.tensor([_decode_pattern(fmt, code) for code in range(2**fmt.bits)])
+
+
+@functools.cache
+def _positive_grid(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The finite values ≥ 0 (float64, ascending; index = magnitude code) and their midpoints."""
+    table = _decode_table(name)
+    fmt = get_format(name)
+    magnitudes = table[: 2 ** (fmt.bits - 1)]
+    grid = magnitudes[torch.isfinite(magnitudes)]
+    # Sign-magnitude with a biased exponent: magnitude codes are in value order, NaN/inf last.
+    assert bool((grid[1:] > grid[:-1]).all()) and float(grid[-1]) == fmt.max_value
+    return grid, (grid[1:] + grid[:-1]) / 2
+
+
+def fp_grid(fmt: NumberFormat) -> torch.Tensor:
+    """All distinct finite values of a minifloat, ascending (float64; ±0 counted once)."""
+    if fmt.kind != "fp":
+        raise InputError(f"{fmt.name} is not a floating-point format")
+    positive, _ = _positive_grid(fmt.name)
+    return torch.cat([-positive[1:].flip(0), positive])
+
+
+def fp_round_codes(values: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Bit patterns (int64) of the nearest grid value, ties to even mantissa, saturating at ±max.
+
+    Values that round to zero get +0 (code 0). ``values`` must be finite.
+    """
+    grid, midpoints = _positive_grid(fmt.name)
+    magnitude = values.abs().double()
+    index = torch.bucketize(magnitude, midpoints.to(values.device))  # a tie goes down here ...
+    at_tie = magnitude == midpoints.to(values.device)[index.clamp(max=len(midpoints) - 1)]
+    # ... and up instead when the lower neighbour's mantissa is odd: consecutive magnitude codes
+    # alternate in their last (mantissa) bit, so "even code" is "even mantissa".
+    index = index + (at_tie & (index % 2 == 1)).long()
+    negative = (values < 0) & (index > 0)
+    return index + negative.long() * (1 << (fmt.bits - 1))
+
+
+def fp_decode(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """float32 values of minifloat bit patterns (any integer dtype)."""
+    table = _decode_table(fmt.name).float().to(codes.device)
+    return table[codes.long()]
+
+
+def round_to_grid(values: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Round float values (scale 1) to the nearest minifloat value, ties to even, saturating."""
+    return fp_decode(fp_round_codes(values, fmt), fmt).to(values.dtype)
+
+
+def mx_element_emax(fmt: NumberFormat) -> int:
+    """OCP MX emax_elem: exponent of the largest power of two in the element format.
+
+    8/15/4/2/2 for E4M3/E5M2/E3M2/E2M3/E2M1. INT formats under MX follow OCP MXINT8, generalised to
+    b bits: the element is code·2^-(b-2) with code in ±(2^(b-1)-1), so emax_elem = 0.
+    """
+    return 0 if fmt.kind == "int" else math.floor(math.log2(fmt.max_value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemes.
 
 
 @dataclass(frozen=True)
@@ -62,6 +196,9 @@ class QuantScheme:
 
     Defaults are the measured best on ResNet20 (asymmetric + MSE clipping: 90.3 % at 3 average bits
     vs 89.3 % for symmetric min-max, both after statistics correction; docs/results.md).
+    ``symmetric`` only concerns INT formats with float scales: minifloats are sign-magnitude and MX
+    has no zero points. ``group_size`` is used by ``granularity="group"`` only (MX blocks are 32).
+    ``clipping`` does not apply to MX, whose scale is fixed by the block's largest magnitude.
     """
 
     symmetric: bool = False
@@ -69,14 +206,27 @@ class QuantScheme:
     clipping: Clipping = "mse"
     #: Number of candidate clipping ratios t/T·max|w| searched by MSE clipping (METHOD §0, T=100).
     mse_grid_points: int = 100
+    group_size: int = 128
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("tensor", "channel"):
-            raise InputError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(
+                f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
         if self.clipping not in ("minmax", "mse"):
             raise InputError(f"clipping must be 'minmax' or 'mse', got {self.clipping!r}")
         if self.mse_grid_points < 1:
             raise InputError(f"mse_grid_points must be >= 1, got {self.mse_grid_points}")
+        if self.group_size not in GROUP_SIZES:
+            sizes = ", ".join(map(str, GROUP_SIZES))
+            raise InputError(f"group size must be one of {sizes}, got {self.group_size!r}")
+
+    @property
+    def block_size(self) -> int | None:
+        """Elements per scale along the fan-in: group_size, 32 for MX, None for tensor/channel."""
+        if self.granularity == "group":
+            return self.group_size
+        return MX_BLOCK_SIZE if self.granularity == "mx" else None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -88,11 +238,14 @@ class QuantScheme:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """Integer codes of one weight tensor and what is needed to decode them.
+    """Codes of one weight tensor and what is needed to decode them.
 
-    ``codes`` has the weight's shape (int8 for symmetric, uint8 for asymmetric codes);
-    ``scale`` and ``zero_point`` have one entry per scale group (output channel or whole tensor),
-    and decode as ``w = scale * (code - zero_point)`` broadcast along axis 0.
+    ``codes`` has the weight's shape: int8 for symmetric INT (and INT under MX), uint8 for asymmetric
+    INT, uint8 bit patterns for minifloats. ``scale`` (and ``zero_point``, int16, asymmetric INT
+    only) has shape [1] per tensor, [C_out] per channel, [C_out, ceil(fan_in / group_size)] per
+    group; float32, except MX: uint8 E8M0 biased exponents (scale = 2^(e − 127)). INT decodes as
+    ``scale · (code − zero_point)``, FP as ``scale · value(code)``, INT under MX as
+    ``scale · code · 2^-(bits−2)``.
     """
 
     codes: torch.Tensor
@@ -100,52 +253,106 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     format_name: str
     granularity: Granularity
+    group_size: int | None = None
 
 
 def code_range(fmt: NumberFormat, symmetric: bool) -> tuple[int, int]:
-    """Smallest and largest integer code. Symmetric uses the restricted range ±(2^(b-1)-1)."""
+    """Smallest and largest INT code. Symmetric uses the restricted range ±(2^(b-1)-1)."""
+    if fmt.kind != "int":
+        raise InputError(f"{fmt.name} is a floating-point format; it has no integer code range")
     if symmetric:
         limit = 2 ** (fmt.bits - 1) - 1
         return -limit, limit
     return 0, 2**fmt.bits - 1
 
 
-def num_scale_groups(weight_shape: tuple[int, ...], granularity: Granularity) -> int:
-    return int(weight_shape[0]) if granularity == "channel" else 1
+def has_zero_point(fmt: NumberFormat, scheme: QuantScheme) -> bool:
+    return fmt.kind == "int" and not scheme.symmetric and scheme.granularity != "mx"
 
 
-def scale_overhead_bits(weight_shape: tuple[int, ...], scheme: QuantScheme) -> int:
-    """Bits stored besides the codes: one float32 scale (and zero point if asymmetric) per group."""
-    per_group = SCALE_BITS + (0 if scheme.symmetric else ZERO_POINT_BITS)
-    return num_scale_groups(weight_shape, scheme.granularity) * per_group
+def _fan_in(weight_shape: tuple[int, ...]) -> int:
+    return math.prod(weight_shape[1:]) if len(weight_shape) > 1 else 1
 
 
-def _grouped(weight: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """View the weight as [groups, elements per group] in float32."""
-    rows = weight.shape[0] if granularity == "channel" else 1
-    return weight.detach().reshape(rows, -1).float()
+def num_scale_groups(
+    weight_shape: tuple[int, ...], granularity: Granularity, group_size: int | None = None
+) -> int:
+    """Number of scales: 1 per tensor, C_out per channel, C_out · ceil(fan_in / g) per group/MX."""
+    if granularity == "tensor":
+        return 1
+    rows = int(weight_shape[0])
+    if granularity == "channel":
+        return rows
+    block = MX_BLOCK_SIZE if granularity == "mx" else group_size
+    if block is None:
+        raise InputError("group granularity needs a group size")
+    return rows * math.ceil(_fan_in(weight_shape) / block)
+
+
+def scale_overhead_bits(
+    weight_shape: tuple[int, ...], scheme: QuantScheme, fmt: NumberFormat | None = None
+) -> int:
+    """Bits stored besides the codes: per scale 32 (float32) + 16 per zero point (asymmetric INT);
+    MX: 8 (E8M0) per block of 32. ``fmt`` None counts as an INT format."""
+    groups = num_scale_groups(weight_shape, scheme.granularity, scheme.group_size)
+    if scheme.granularity == "mx":
+        return groups * MX_SCALE_BITS
+    zero = not scheme.symmetric if fmt is None else has_zero_point(fmt, scheme)
+    return groups * (SCALE_BITS + (ZERO_POINT_BITS if zero else 0))
+
+
+def _grouped(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """View the weight as [groups, elements per group] in float32.
+
+    Group/MX: each output channel's flattened fan-in is cut into blocks of consecutive elements; a
+    partial last block is padded with zeros. Zeros never change a block's scale (asymmetric ranges
+    are widened to contain 0 anyway, symmetric ones depend on max|w|) and every grid represents 0
+    exactly, so padding changes neither the codes nor the clipping errors of the real elements.
+    """
+    flat = weight.detach().float()
+    block = scheme.block_size
+    if block is None:
+        rows = weight.shape[0] if scheme.granularity == "channel" else 1
+        return flat.reshape(rows, -1)
+    flat = flat.reshape(weight.shape[0], -1)
+    padding = -flat.shape[1] % block
+    if padding:
+        flat = torch.nn.functional.pad(flat, (0, padding))
+    return flat.reshape(-1, block)
 
 
 def _scale_and_zero(
-    low: torch.Tensor, high: torch.Tensor, fmt: NumberFormat, symmetric: bool
+    low: torch.Tensor, high: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zero points for per-group ranges [low, high] (METHOD §0)."""
-    qmin, qmax = code_range(fmt, symmetric)
-    tiny = torch.finfo(torch.float32).tiny
-    if symmetric:
-        scale = torch.maximum(torch.maximum(-low, high) / qmax, torch.full_like(high, tiny))
+    """Float scales and zero points for per-group ranges [low, high] (METHOD §0)."""
+    tiny = torch.full_like(high, torch.finfo(torch.float32).tiny)
+    if fmt.kind == "fp":  # s = α / fmax, α = max|x|
+        return torch.maximum(torch.maximum(-low, high) / fmt.max_value, tiny), torch.zeros_like(
+            high
+        )
+    qmin, qmax = code_range(fmt, scheme.symmetric)
+    if scheme.symmetric:
+        scale = torch.maximum(torch.maximum(-low, high) / qmax, tiny)
         return scale, torch.zeros_like(scale)
     low = torch.clamp(low, max=0.0)
     high = torch.clamp(high, min=0.0)
-    scale = torch.maximum((high - low) / (qmax - qmin), torch.full_like(high, tiny))
+    scale = torch.maximum((high - low) / (qmax - qmin), tiny)
     zero = torch.clamp(torch.round(-low / scale), qmin, qmax)
     return scale, zero
 
 
 def _round_trip(
-    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    fmt: NumberFormat,
+    scheme: QuantScheme,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and dequantized values; ``scale``/``zero`` broadcast over the last axis."""
+    if fmt.kind == "fp":
+        codes = fp_round_codes(values / scale, fmt)
+        return codes, fp_decode(codes, fmt) * scale
+    qmin, qmax = code_range(fmt, scheme.symmetric)
     codes = torch.clamp(torch.round(values / scale) + zero, qmin, qmax)
     return codes, (codes - zero) * scale
 
@@ -156,19 +363,18 @@ def _clipping_errors(
     high: torch.Tensor,
     ratios: torch.Tensor,
     fmt: NumberFormat,
-    symmetric: bool,
+    scheme: QuantScheme,
 ) -> torch.Tensor:
     """||Q(w) - w||^2 per group [R, G] for clipping ranges ratio·[low, high], ratios [R, G].
 
     Ratios are processed in chunks so memory stays O(chunk x weight size) for large layers.
     """
-    qmin, qmax = code_range(fmt, symmetric)
     chunk = max(1, (1 << 24) // max(1, grouped.numel()))
     errors = []
     for start in range(0, len(ratios), chunk):
         part = ratios[start : start + chunk]
-        scale, zero = _scale_and_zero(low * part, high * part, fmt, symmetric)
-        _, restored = _round_trip(grouped[None], scale[..., None], zero[..., None], qmin, qmax)
+        scale, zero = _scale_and_zero(low * part, high * part, fmt, scheme)
+        _, restored = _round_trip(grouped[None], scale[..., None], zero[..., None], fmt, scheme)
         errors.append((restored - grouped[None]).pow(2).sum(dim=2))
     return torch.cat(errors)
 
@@ -184,14 +390,14 @@ def _mse_ranges(
     """Per-group clipping range minimising ||Q(w) - w||^2 over ratios t/T of the min-max range
     (METHOD §0, T = mse_grid_points), searched coarse-to-fine."""
     low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
-    if not scheme.symmetric:
+    if has_zero_point(fmt, scheme):
         low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
     points = scheme.mse_grid_points
     groups = len(low)
     coarse_points = min(points, MSE_COARSE_POINTS)
     coarse = torch.arange(1, coarse_points + 1, device=grouped.device).float() / coarse_points
     coarse = coarse[:, None].expand(-1, groups)
-    errors = _clipping_errors(grouped, low, high, coarse, fmt, scheme.symmetric)
+    errors = _clipping_errors(grouped, low, high, coarse, fmt, scheme)
     best_error, best_index = errors.min(dim=0)
     best_ratio = coarse[best_index, torch.arange(groups)]
     # Fine grid: the points of the 1/T grid between the coarse optimum's neighbours.
@@ -200,50 +406,122 @@ def _mse_ranges(
         centre = torch.round(best_ratio * points)
         offsets = torch.arange(-span, span + 1, device=grouped.device).float()[:, None]
         fine = (centre[None] + offsets).clamp(1, points) / points
-        fine_errors = _clipping_errors(grouped, low, high, fine, fmt, scheme.symmetric)
+        fine_errors = _clipping_errors(grouped, low, high, fine, fmt, scheme)
         fine_best, fine_index = fine_errors.min(dim=0)
         improved = fine_best < best_error
         best_ratio = torch.where(improved, fine[fine_index, torch.arange(groups)], best_ratio)
     return low * best_ratio, high * best_ratio
 
 
+def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
+    """Exact float32 2^e for integer e in [-127, 127] (2^-127 is a float32 subnormal)."""
+    return torch.pow(2.0, exponents.double()).float()
+
+
+def _mx_codes(grouped: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP MX: per block X = 2^(floor(log2 amax) − emax_elem), elements quantized from x / X.
+
+    Returns (codes [blocks, 32], E8M0 exponents [blocks] as int64 in 0..254).
+    """
+    amax = grouped.abs().amax(dim=1)
+    _, exponent = torch.frexp(amax)  # amax = m · 2^e, m in [0.5, 1): floor(log2 amax) = e − 1
+    shared = torch.where(amax > 0, exponent.long() - 1 - mx_element_emax(fmt), -E8M0_BIAS)
+    shared = shared.clamp(-E8M0_BIAS, E8M0_BIAS)  # E8M0 encodes 2^-127 … 2^127 (255 is NaN)
+    scale = _powers_of_two(shared)[:, None]
+    if fmt.kind == "fp":
+        return fp_round_codes(grouped / scale, fmt), shared + E8M0_BIAS
+    limit = 2 ** (fmt.bits - 1) - 1
+    element = grouped / scale * 2.0 ** (fmt.bits - 2)
+    return torch.clamp(torch.round(element), -limit, limit), shared + E8M0_BIAS
+
+
+def _code_dtype(fmt: NumberFormat, scheme: QuantScheme) -> torch.dtype:
+    if fmt.kind == "fp":
+        return torch.uint8
+    return torch.uint8 if has_zero_point(fmt, scheme) else torch.int8
+
+
+def _scale_shape(weight_shape: tuple[int, ...], scheme: QuantScheme) -> tuple[int, ...]:
+    if scheme.block_size is None:
+        return (num_scale_groups(weight_shape, scheme.granularity),)
+    return (int(weight_shape[0]), math.ceil(_fan_in(weight_shape) / scheme.block_size))
+
+
+def _ungroup(grouped: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    """Inverse of `_grouped`: drop the block padding and restore the weight's shape."""
+    rows = weight_shape[0] if len(weight_shape) else 1
+    fan_in = math.prod(weight_shape) // max(1, rows)
+    return grouped.reshape(rows, -1)[:, :fan_in].reshape(weight_shape)
+
+
 def quantize_weight(
     weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
 ) -> QuantizedWeight:
-    """Quantize a conv/linear weight (output channels on axis 0) to integer codes."""
+    """Quantize a conv/linear weight (output channels on axis 0) to codes plus scales."""
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values; cannot quantize")
-    grouped = _grouped(weight, scheme.granularity)
+    grouped = _grouped(weight, scheme)
+    shape = _scale_shape(tuple(weight.shape), scheme)
+    group_size = scheme.block_size
+    if scheme.granularity == "mx":
+        codes, exponents = _mx_codes(grouped, fmt)
+        return QuantizedWeight(
+            codes=_ungroup(codes, weight.shape).to(_code_dtype(fmt, scheme)),
+            scale=exponents.reshape(shape).to(torch.uint8),
+            zero_point=None,
+            format_name=fmt.name,
+            granularity=scheme.granularity,
+            group_size=group_size,
+        )
     if scheme.clipping == "mse":
         low, high = _mse_ranges(grouped, fmt, scheme)
     else:
         low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
-    scale, zero = _scale_and_zero(low, high, fmt, scheme.symmetric)
-    qmin, qmax = code_range(fmt, scheme.symmetric)
-    codes, _ = _round_trip(grouped, scale[:, None], zero[:, None], qmin, qmax)
-    code_dtype = torch.int8 if scheme.symmetric else torch.uint8
+    scale, zero = _scale_and_zero(low, high, fmt, scheme)
+    codes, _ = _round_trip(grouped, scale[:, None], zero[:, None], fmt, scheme)
     return QuantizedWeight(
-        codes=codes.reshape(weight.shape).to(code_dtype),
-        scale=scale,
-        zero_point=None if scheme.symmetric else zero.to(torch.int16),
+        codes=_ungroup(codes, weight.shape).to(_code_dtype(fmt, scheme)),
+        scale=scale.reshape(shape),
+        zero_point=zero.to(torch.int16).reshape(shape) if has_zero_point(fmt, scheme) else None,
         format_name=fmt.name,
         granularity=scheme.granularity,
+        group_size=group_size,
     )
+
+
+def decoded_scale(quantized: QuantizedWeight) -> torch.Tensor:
+    """float32 scales (MX: 2^(e − 127) from the stored E8M0 exponents), in the stored shape."""
+    if quantized.granularity != "mx":
+        return quantized.scale.float()
+    return _powers_of_two(quantized.scale.long() - E8M0_BIAS)
 
 
 def dequantize_weight(
     quantized: QuantizedWeight, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Decode ``scale * (code - zero_point)`` back to a float tensor of the weight's shape."""
-    rows = quantized.scale.numel()
-    codes = quantized.codes.reshape(rows, -1).float()
-    zero = (
-        quantized.zero_point.float()[:, None]
-        if quantized.zero_point is not None
-        else torch.zeros(rows, 1, device=codes.device)
-    )
-    restored = (codes - zero) * quantized.scale.float()[:, None]
-    return restored.reshape(quantized.codes.shape).to(dtype)
+    """Decode the codes back to a float tensor of the weight's shape (every format/granularity)."""
+    fmt = get_format(quantized.format_name)
+    shape = quantized.codes.shape
+    if quantized.granularity in ("group", "mx"):
+        if quantized.group_size is None:
+            raise InputError(f"{quantized.granularity} quantized weight without a group size")
+        rows = shape[0]
+        codes = quantized.codes.reshape(rows, -1)
+        padding = -codes.shape[1] % quantized.group_size
+        codes = torch.nn.functional.pad(codes, (0, padding)) if padding else codes
+        codes = codes.reshape(-1, quantized.group_size)
+    else:
+        codes = quantized.codes.reshape(quantized.scale.numel(), -1)
+    scale = decoded_scale(quantized).reshape(-1, 1)
+    if fmt.kind == "fp":
+        elements = fp_decode(codes, fmt)
+    elif quantized.granularity == "mx":
+        elements = codes.float() * 2.0 ** -(fmt.bits - 2)
+    else:
+        elements = codes.float()
+        if quantized.zero_point is not None:
+            elements = elements - quantized.zero_point.float().reshape(-1, 1)
+    return _ungroup(elements * scale, shape).to(dtype)
 
 
 def fake_quantize(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> torch.Tensor:

@@ -229,3 +229,109 @@ def test_failed_rename_keeps_the_previous_checkpoint(
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Floating-point formats, per-group scales and MX blocks.
+
+FP_ASSIGNMENT = {"conv1": "fp4_e2m1", "conv2": "fp8_e4m3", "fc": "int3"}
+FP_SCHEMES = [
+    QuantScheme(),
+    QuantScheme(granularity="tensor", clipping="minmax"),
+    QuantScheme(granularity="group", group_size=32),
+    QuantScheme(symmetric=True, granularity="group", group_size=64),
+    QuantScheme(granularity="mx"),
+]
+
+
+def _fp_scheme_id(scheme: QuantScheme) -> str:
+    return f"{_scheme_id(scheme)}-{scheme.group_size}"
+
+
+@pytest.mark.parametrize("scheme", FP_SCHEMES, ids=_fp_scheme_id)
+def test_fp_group_and_mx_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme) -> None:
+    model, quantized, codes, layers, path = _export(tmp_path / "ckpt", scheme, FP_ASSIGNMENT)
+    loaded = load_quantized(path)
+    expected = quantized.state_dict()
+    assert set(loaded) == set(expected)
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, expected[key]), key
+    tensors = load_file(str(path / "model.safetensors"))
+    manifest = read_manifest(path)
+    entries = {entry["name"]: entry for entry in manifest["layers"]}
+    by_name = {layer.name: layer for layer in layers}
+    for name, format_name in FP_ASSIGNMENT.items():
+        fmt = get_format(format_name)
+        key = by_name[name].weight_key
+        entry = entries[name]
+        assert (entry["format"], entry["kind"], entry["bits"]) == (format_name, fmt.kind, fmt.bits)
+        assert entry["granularity"] == scheme.granularity
+        assert entry["group_size"] == scheme.block_size
+        stored = tensors[key + ".qcodes"]
+        assert torch.equal(stored, codes[name].codes)
+        assert torch.equal(tensors[key + ".qscale"], codes[name].scale)
+        if fmt.kind == "fp":  # bit patterns, decoded by the table of the format
+            assert stored.dtype == torch.uint8
+            assert key + ".qzero" not in tensors
+            assert entry["symmetric"] is True  # no zero point
+        if scheme.granularity == "mx":
+            assert tensors[key + ".qscale"].dtype == torch.uint8  # E8M0 exponents
+        if scheme.block_size is not None:
+            fan_in = by_name[name].num_params // by_name[name].weight_shape[0]
+            groups = -(-fan_in // scheme.block_size)
+            assert tensors[key + ".qscale"].shape == (by_name[name].weight_shape[0], groups)
+    assert set(manifest["formats"]) == set(FP_ASSIGNMENT.values())
+    assert manifest["formats"]["fp8_e4m3"]["max_value"] == 448.0
+    assert manifest["formats"]["fp4_e2m1"]["exponent_bits"] == 2
+
+
+def test_fp8_codes_in_the_checkpoint_are_torch_float8_bit_patterns(tmp_path: Path) -> None:
+    """Per-tensor FP8: stored codes viewed as torch.float8_e4m3fn, times the scale, are the weight."""
+    scheme = QuantScheme(granularity="tensor", clipping="minmax")
+    _, _, _, _, path = _export(tmp_path / "ckpt", scheme, {"conv2": "fp8_e4m3"})
+    tensors = load_file(str(path / "model.safetensors"))
+    as_float8 = tensors["conv2.weight.qcodes"].view(torch.float8_e4m3fn).float()
+    restored = as_float8 * tensors["conv2.weight.qscale"]
+    assert torch.equal(restored, load_quantized(path)["conv2.weight"])
+
+
+def test_cli_run_with_fp_formats_and_group_scales(tmp_path: Path) -> None:
+    """Smoke run of the whole pipeline with an FP candidate set and per-group scales of 32."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from lcpaq.cli import main
+    from lcpaq.demo import DigitsNet
+
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    checkpoint = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    out = tmp_path / "run"
+    args = ["-q", "run", "--model", "demo-digits", "--checkpoint", str(checkpoint)]
+    args += ["--calib", str(data), "--eval", str(data), "--normalize", "none"]
+    args += ["--num-samples", "32", "--correction-samples", "32", "--sweep-points", "0"]
+    args += ["--formats", "int2,int4,fp8_e4m3,fp4_e2m1", "--granularity", "group"]
+    # 8 average bits: the 8-bit candidate (fp8_e4m3) has the smallest error in every layer.
+    args += ["--group-size", "32", "--budget", "avg-bits=8", "--out", str(out)]
+    assert main(args) == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["analysis"]["formats"] == ["int2", "fp4_e2m1", "int4", "fp8_e4m3"]
+    assert config["analysis"]["scheme"]["granularity"] == "group"
+    assert config["analysis"]["scheme"]["group_size"] == 32
+    manifest = read_manifest(out / "quantized")
+    formats = [entry["format"] for entry in manifest["layers"]]
+    assert "fp8_e4m3" in formats and set(formats) == set(manifest["formats"])
+    for entry in manifest["layers"]:
+        assert entry["kind"] == get_format(entry["format"]).kind and entry["group_size"] == 32
+    assert manifest["formats"]["fp8_e4m3"]["kind"] == "fp"
+    state = load_quantized(out / "quantized")
+    assert all(torch.isfinite(tensor).all() for tensor in state.values())
+    # Re-allocating to 4 bits reaches the 4-bit candidates (int4 or fp4_e2m1) without re-analysis.
+    assert main(["-q", "allocate", str(out), "--budget", "avg-bits=4"]) == 0
+    assert main(["-q", "export", str(out)]) == 0
+    formats = {entry["format"] for entry in read_manifest(out / "quantized")["layers"]}
+    assert formats <= {"int2", "fp4_e2m1", "int4", "fp8_e4m3"} and formats & {"int4", "fp4_e2m1"}

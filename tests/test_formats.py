@@ -7,16 +7,24 @@ import itertools
 import pytest
 import torch
 
+from lcpaq.errors import InputError
 from lcpaq.formats import (
     FORMATS,
     QuantScheme,
     code_range,
+    decoded_scale,
     dequantize_weight,
     fake_quantize,
+    fp_decode,
+    fp_grid,
+    fp_round_codes,
     get_format,
+    has_zero_point,
+    mx_element_emax,
     num_scale_groups,
     parse_format_list,
     quantize_weight,
+    round_to_grid,
     scale_overhead_bits,
 )
 
@@ -47,7 +55,7 @@ def _scheme_id(scheme: QuantScheme) -> str:
 
 
 def test_format_registry() -> None:
-    assert list(FORMATS) == [f"int{bits}" for bits in BITS]
+    assert list(FORMATS) == [f"int{bits}" for bits in BITS] + list(FP_TABLE)
     for bits in BITS:
         fmt = get_format(f"int{bits}")
         assert (fmt.name, fmt.kind, fmt.bits) == (f"int{bits}", "int", bits)
@@ -269,9 +277,299 @@ def test_quant_scheme_validation_and_round_trip() -> None:
         symmetric=False, granularity="tensor", clipping="minmax", mse_grid_points=7
     )
     assert QuantScheme.from_dict(scheme.to_dict()) == scheme
-    with pytest.raises(ValueError, match="granularity"):
-        QuantScheme(granularity="group")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="granularity.*'block'"):
+        QuantScheme(granularity="block")  # type: ignore[arg-type]
+    for bad in (0, 16, 100, 256):
+        with pytest.raises(InputError, match=f"group size must be one of 32, 64, 128, got {bad}"):
+            QuantScheme(granularity="group", group_size=bad)
+    grouped = QuantScheme(granularity="group", group_size=32)
+    assert QuantScheme.from_dict(grouped.to_dict()) == grouped
+    # Run configs written before group_size existed still load, with the default.
+    old = {key: value for key, value in QuantScheme().to_dict().items() if key != "group_size"}
+    assert QuantScheme.from_dict(old) == QuantScheme()
     with pytest.raises(ValueError, match="clipping"):
         QuantScheme(clipping="percentile")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mse_grid_points"):
         QuantScheme(mse_grid_points=0)
+
+
+def test_quant_scheme_defaults_unchanged() -> None:
+    scheme = QuantScheme()
+    assert (scheme.symmetric, scheme.granularity, scheme.clipping) == (False, "channel", "mse")
+    assert scheme.group_size == 128 and scheme.block_size is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Floating-point formats (METHOD §0 table and §7 oracles).
+
+#: name: (exponent bits, mantissa bits, bias, max, min normal, min subnormal, distinct finite values)
+FP_TABLE = {
+    "fp8_e4m3": (4, 3, 7, 448.0, 2.0**-6, 2.0**-9, 253),
+    "fp8_e5m2": (5, 2, 15, 57344.0, 2.0**-14, 2.0**-16, 247),
+    "fp6_e3m2": (3, 2, 3, 28.0, 0.25, 0.0625, 63),
+    "fp6_e2m3": (2, 3, 1, 7.5, 1.0, 0.125, 63),
+    "fp4_e2m1": (2, 1, 1, 6.0, 1.0, 0.5, 15),
+}
+TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+@pytest.mark.parametrize("name", FP_TABLE)
+def test_fp_grid_matches_the_method_table(name: str) -> None:
+    e_bits, m_bits, bias, fmax, min_normal, min_subnormal, count = FP_TABLE[name]
+    fmt = get_format(name)
+    assert (fmt.kind, fmt.bits, fmt.exponent_bits, fmt.mantissa_bits) == (
+        "fp",
+        1 + e_bits + m_bits,
+        e_bits,
+        m_bits,
+    )
+    assert (fmt.bias, fmt.max_value) == (bias, fmax)
+    grid = fp_grid(fmt)
+    assert len(grid) == count == len(torch.unique(grid))
+    assert float(grid.max()) == fmax and float(grid.min()) == -fmax
+    assert torch.equal(grid, -grid.flip(0))
+    positive = grid[grid > 0]
+    assert float(positive.min()) == min_subnormal
+    # The smallest normal: exponent field 1, mantissa 0.
+    assert float(fp_decode(torch.tensor(1 << m_bits), fmt)) == min_normal
+    assert 0.0 in grid.tolist()
+
+
+def test_fp4_e2m1_positive_grid() -> None:
+    grid = fp_grid(get_format("fp4_e2m1"))
+    assert grid[grid >= 0].tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("name", FP_TABLE)
+def test_every_grid_value_round_trips_exactly(name: str) -> None:
+    fmt = get_format(name)
+    grid = fp_grid(fmt).float()
+    codes = fp_round_codes(grid, fmt)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**fmt.bits
+    assert torch.equal(fp_decode(codes, fmt), grid)
+    assert torch.equal(round_to_grid(grid, fmt), grid)
+    # Every finite bit pattern decodes to a grid value and re-encodes to itself (except -0 -> +0).
+    patterns = torch.arange(2**fmt.bits)
+    values = fp_decode(patterns, fmt)
+    finite = torch.isfinite(values) & (values != 0)
+    assert torch.equal(fp_round_codes(values[finite], fmt), patterns[finite])
+
+
+@pytest.mark.parametrize("name", TORCH_DTYPES)
+def test_fp8_grid_equals_torch_on_every_bit_pattern(name: str) -> None:
+    fmt = get_format(name)
+    patterns = torch.arange(256, dtype=torch.uint8)
+    expected = patterns.view(TORCH_DTYPES[name]).float()
+    ours = fp_decode(patterns, fmt)
+    assert torch.equal(torch.isnan(ours), torch.isnan(expected))
+    assert torch.equal(ours[~torch.isnan(ours)], expected[~torch.isnan(expected)])
+    finite = expected[torch.isfinite(expected)]
+    assert torch.equal(torch.unique(finite).double(), fp_grid(fmt))
+
+
+@pytest.mark.parametrize("name", TORCH_DTYPES)
+def test_fp8_rounding_equals_torch_cast(name: str) -> None:
+    """Random in-range values over many binades, every midpoint (ties) and every grid value: our
+    round-to-nearest-even equals torch's float32 -> float8 cast, values and bit patterns."""
+    fmt = get_format(name)
+    generator = torch.Generator().manual_seed(0)
+    magnitude = torch.exp2(torch.empty(200_000).uniform_(-20, 17, generator=generator))
+    values = torch.randn(200_000, generator=generator).sign() * magnitude
+    grid = fp_grid(fmt).float()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([values.clamp(-fmt.max_value, fmt.max_value), midpoints, grid])
+    ours = round_to_grid(values, fmt)
+    cast = values.to(TORCH_DTYPES[name])
+    assert torch.equal(ours, cast.float())
+    nonzero = ours != 0  # torch keeps the sign of -0, we store +0
+    assert torch.equal(fp_round_codes(values, fmt)[nonzero], cast.view(torch.uint8).long()[nonzero])
+
+
+@pytest.mark.parametrize("name", FP_TABLE)
+def test_fp_rounding_saturates_at_max(name: str) -> None:
+    fmt = get_format(name)
+    fmax = fmt.max_value
+    values = torch.tensor([fmax, fmax * 1.01, fmax * 1.5, 1e30, -fmax * 1.2, -3e38])
+    expected = torch.tensor([fmax, fmax, fmax, fmax, -fmax, -fmax])
+    assert torch.equal(round_to_grid(values, fmt), expected)
+
+
+def test_fp_ties_go_to_even_mantissa() -> None:
+    fmt = get_format("fp4_e2m1")  # grid 0, .5, 1, 1.5, 2, 3, 4, 6
+    values = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -1.25, -5.0])
+    expected = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.0, -1.0, -4.0])
+    assert torch.equal(round_to_grid(values, fmt), expected)
+    # Just off the midpoint: plain nearest.
+    assert round_to_grid(torch.tensor([2.5001, 4.9999]), fmt).tolist() == [3.0, 4.0]
+    e4m3 = get_format("fp8_e4m3")  # 1 + 1/16 lies between 1 (mantissa 000) and 1.125 (001)
+    assert round_to_grid(torch.tensor([1.0625, 1.1875]), e4m3).tolist() == [1.0, 1.25]
+
+
+@pytest.mark.parametrize("name", FP_TABLE)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_fp_minmax_scale_maps_the_largest_magnitude_to_fmax(name: str, granularity: str) -> None:
+    fmt = get_format(name)
+    scheme = QuantScheme(granularity=granularity, clipping="minmax", group_size=32)
+    weight = _weight(80, shape=(6, 20, 3))  # fan-in 60: one full and one partial group of 32
+    quantized = quantize_weight(weight, fmt, scheme)
+    assert quantized.codes.dtype == torch.uint8 and quantized.codes.shape == weight.shape
+    assert quantized.zero_point is None
+    grouped = weight.reshape(6, -1)
+    if granularity == "tensor":
+        alpha = weight.abs().amax().reshape(1)
+    elif granularity == "channel":
+        alpha = grouped.abs().amax(1)
+    else:
+        alpha = torch.stack([grouped[:, :32].abs().amax(1), grouped[:, 32:].abs().amax(1)], 1)
+    assert torch.equal(quantized.scale, alpha / fmt.max_value)
+    restored = dequantize_weight(quantized)
+    assert torch.equal(restored, fake_quantize(weight, fmt, scheme))
+    assert torch.allclose(restored.abs().amax(), weight.abs().amax(), rtol=1e-6, atol=0)
+    # Each element is the nearest grid value of w / s, times s.
+    scale = quantized.scale if granularity != "group" else quantized.scale.repeat_interleave(32, 1)
+    scale = scale.reshape(-1, 1) if granularity != "group" else scale[:, :60]
+    scaled = (weight.reshape(scale.shape[0], -1) / scale).reshape(weight.shape)
+    expected = round_to_grid(scaled, fmt).reshape(scale.shape[0], -1) * scale
+    assert torch.equal(restored, expected.reshape(weight.shape))
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp6_e2m3", "fp4_e2m1"])
+def test_fp_mse_clipping_never_worse_than_minmax(name: str) -> None:
+    weight = torch.randn(6, 200, generator=torch.Generator().manual_seed(81))
+    fmt = get_format(name)
+    errors = {
+        clipping: (fake_quantize(weight, fmt, QuantScheme(clipping=clipping)) - weight)
+        .pow(2)
+        .sum(1)
+        for clipping in ("mse", "minmax")
+    }
+    assert bool((errors["mse"] <= errors["minmax"] * (1 + 1e-5)).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group scales and OCP microscaling.
+
+GROUP_FORMATS = ["int2", "int4", "int8", "fp8_e4m3", "fp6_e3m2", "fp4_e2m1"]
+
+
+def _values_per_format(name: str, scheme: QuantScheme) -> int:
+    fmt = get_format(name)
+    if fmt.kind == "fp":
+        return len(fp_grid(fmt))
+    return 2**fmt.bits if scheme.granularity != "mx" and not scheme.symmetric else 2**fmt.bits - 1
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("name", GROUP_FORMATS)
+def test_group_quantization(name: str, symmetric: bool, group_size: int) -> None:
+    fmt = get_format(name)
+    scheme = QuantScheme(symmetric=symmetric, granularity="group", group_size=group_size)
+    weight = _weight(90, shape=(5, 30, 3, 3))  # fan-in 270: groups of 32/64/128 + a partial one
+    quantized = quantize_weight(weight, fmt, scheme)
+    groups = -(-270 // group_size)
+    assert quantized.scale.shape == (5, groups) and quantized.group_size == group_size
+    assert num_scale_groups(tuple(weight.shape), "group", group_size) == 5 * groups
+    if has_zero_point(fmt, scheme):
+        assert quantized.zero_point is not None and quantized.zero_point.shape == (5, groups)
+    else:
+        assert quantized.zero_point is None
+    restored = dequantize_weight(quantized)
+    assert torch.equal(restored, fake_quantize(weight, fmt, scheme))
+    limit = _values_per_format(name, scheme)
+    flat = restored.reshape(5, -1)
+    for start in range(0, 270, group_size):
+        for row in flat[:, start : start + group_size]:
+            assert len(torch.unique(row)) <= limit
+    # A group is quantized exactly as if it were a channel of its own (padding changes nothing).
+    channel = QuantScheme(symmetric=symmetric, granularity="channel")
+    last = (groups - 1) * group_size
+    alone = fake_quantize(weight.reshape(5, -1)[:, last:].contiguous(), fmt, channel)
+    assert torch.equal(flat[:, last:], alone)
+    # Finer scales are never worse than one per channel with min-max.
+    by_channel = fake_quantize(weight, fmt, QuantScheme(symmetric=symmetric, clipping="minmax"))
+    grouped = fake_quantize(
+        weight, fmt, QuantScheme(symmetric=symmetric, granularity="group", group_size=32)
+    )
+    assert (grouped - weight).pow(2).sum() <= (by_channel - weight).pow(2).sum() * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"])
+def test_mx_blocks_of_32_share_a_power_of_two_scale(name: str) -> None:
+    fmt = get_format(name)
+    emax = {"fp8_e4m3": 8, "fp8_e5m2": 15, "fp6_e3m2": 4, "fp6_e2m3": 2, "fp4_e2m1": 2}[name]
+    assert mx_element_emax(fmt) == emax
+    weight = _weight(91, shape=(6, 10, 3, 3))  # fan-in 90: blocks of 32, 32 and 26
+    weight[4] = 0.0  # an all-zero channel
+    scheme = QuantScheme(granularity="mx")
+    quantized = quantize_weight(weight, fmt, scheme)
+    assert quantized.scale.dtype == torch.uint8 and quantized.scale.shape == (6, 3)
+    assert quantized.group_size == 32 and quantized.zero_point is None
+    assert int(quantized.scale.max()) <= 254  # 255 is the E8M0 NaN
+    scale = decoded_scale(quantized)
+    mantissa, _ = torch.frexp(scale)
+    assert bool((mantissa == 0.5).all())  # powers of two
+    blocks = torch.nn.functional.pad(weight.reshape(6, -1), (0, 6)).reshape(6, 3, 32)
+    amax = blocks.abs().amax(2)
+    nonzero = amax > 0
+    expected = torch.exp2(torch.floor(torch.log2(amax[nonzero])) - emax)
+    assert torch.equal(scale[nonzero], expected)
+    restored = dequantize_weight(quantized)
+    assert torch.equal(restored, fake_quantize(weight, fmt, scheme))
+    assert torch.equal(restored[4], weight[4])
+    # Each element is round-to-nearest-even of x / X on the element grid, saturating at fmax.
+    per_element = scale.repeat_interleave(32, 1)[:, :90].reshape(weight.shape)
+    assert torch.equal(restored, round_to_grid(weight / per_element, fmt) * per_element)
+    for block in restored.reshape(6, -1).split(32, dim=1):
+        for row in block:
+            assert len(torch.unique(row)) <= len(fp_grid(fmt))
+    assert scale_overhead_bits(tuple(weight.shape), scheme, fmt) == 6 * 3 * 8
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+def test_int_under_mx_is_mxint(bits: int, symmetric: bool) -> None:
+    """INT formats under MX: symmetric codes ±(2^(b-1)-1), element code·2^-(b-2), no zero point
+    (OCP MXINT8 generalised), whatever `symmetric` says."""
+    fmt = get_format(f"int{bits}")
+    weight = _weight(92, shape=(4, 64))
+    quantized = quantize_weight(weight, fmt, QuantScheme(symmetric=symmetric, granularity="mx"))
+    assert quantized.codes.dtype == torch.int8 and quantized.zero_point is None
+    limit = 2 ** (bits - 1) - 1
+    assert int(quantized.codes.abs().max()) <= limit
+    scale = decoded_scale(quantized)
+    amax = weight.reshape(4, 2, 32).abs().amax(2)
+    assert torch.equal(scale, torch.exp2(torch.floor(torch.log2(amax))))
+    element = quantized.codes.float().reshape(4, 2, 32) * 2.0 ** -(bits - 2)
+    assert torch.equal(dequantize_weight(quantized), (element * scale[..., None]).reshape(4, 64))
+    if bits == 8:  # MXINT8: 8-bit codes resolve every block to within 2^-7 of its scale
+        error = (dequantize_weight(quantized) - weight).reshape(4, 2, 32).abs()
+        assert bool((error <= scale[..., None] * 2.0**-6).all())
+
+
+def test_scale_overhead_bits_per_format_and_granularity() -> None:
+    shape = (16, 8, 3, 3)  # fan-in 72
+    fp4, int4 = get_format("fp4_e2m1"), get_format("int4")
+    channel = QuantScheme()
+    assert scale_overhead_bits(shape, channel, int4) == 16 * 48
+    assert scale_overhead_bits(shape, channel, fp4) == 16 * 32  # no zero point for FP
+    group = QuantScheme(granularity="group", group_size=32)  # 3 groups per channel
+    assert scale_overhead_bits(shape, group, int4) == 16 * 3 * 48
+    assert scale_overhead_bits(shape, group, fp4) == 16 * 3 * 32
+    group64 = QuantScheme(symmetric=True, granularity="group", group_size=64)
+    assert scale_overhead_bits(shape, group64, int4) == 16 * 2 * 32
+    mx = QuantScheme(granularity="mx")
+    assert scale_overhead_bits(shape, mx, int4) == scale_overhead_bits(shape, mx, fp4) == 16 * 3 * 8
+    assert num_scale_groups(shape, "mx") == 48
+
+
+def test_fp_formats_parse_and_sort_by_width() -> None:
+    names = parse_format_list("int8,fp8_e4m3,fp4_e2m1,int2,int4,fp6_e3m2")
+    assert names == ("int2", "fp4_e2m1", "int4", "fp6_e3m2", "fp8_e4m3", "int8")
+    with pytest.raises(InputError, match="unknown number format 'fp8'.*fp8_e5m2"):
+        parse_format_list("fp8")
+
+
+def test_code_range_rejects_fp_formats() -> None:
+    with pytest.raises(InputError, match="floating-point"):
+        code_range(get_format("fp8_e4m3"), True)
