@@ -1,38 +1,55 @@
 """Stage 3: choose one format per layer with an integer linear program solved by HiGHS (METHOD §4).
 
-Input: a `CandidateTable`, scores [L, F], the Pareto ``kept`` mask, budgets and fixed layers. Output:
-an `Allocation` (``allocation.json``): the format of each layer, predicted loss increase, the use of
-every budget, solver status and time. Numpy and highspy only — no torch.
+Input: a `CandidateTable`, scores [L, F], an ``allowed`` mask [L, F], a `CostModel`, budgets, tied
+layer groups and optional pairwise terms. Output: an `Allocation` (``allocation.json``): the format of
+each layer, predicted loss increase, every cost metric, the use of every budget, solver status and
+time; or a model-level Pareto curve (`AllocationProblem.pareto_curve`). Numpy and highspy only.
 
-Model: binary x[l, f] for every allowed candidate; Σ_f x[l, f] = 1 per layer; one ≤ row per budget;
-minimise Σ score[l, f]·x[l, f]. The model is built once per `AllocationProblem` and only the budget
-rows' bounds change between solves, so a budget sweep re-solves without rebuilding.
+Model. Tied layers (x_{i,f} = x_{j,f}) are merged into one *unit* that shares its variables, which
+is the tie constraint with fewer rows. Binary x[u, f] for every kept candidate of unit u;
+Σ_f x[u, f] = 1; one ≤ row per cost metric (all present, an absent budget has an infinite bound);
+minimise Σ s[u, f]·x[u, f] + Σ_{(u,v)} Σ_{f,g} C_uv(f, g)·y[uv, fg] with y ∈ [0, 1] continuous and the
+product y = x[u, f]·x[v, g] linearised exactly: RLT (default) Σ_g y[uv, fg] = x[u, f],
+Σ_f y[uv, fg] = x[v, g]; or McCormick y ≤ x[u, f], y ≤ x[v, g], y ≥ x[u, f] + x[v, g] − 1.
+Candidates are pruned first with the safe rule of METHOD §3 over every cost dimension
+(`lcpaq.frontier.safe_pareto_mask`). The HiGHS model is built once; a new budget changes row bounds
+only, and each solve starts from the best earlier solution that meets the new budgets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import highspy
 import numpy as np
+from scipy import sparse
 
-from lcpaq.candidates import CandidateTable
+from lcpaq.costs import BITS_PER_MB, COST_METRICS, CostModel, build_cost_model
 from lcpaq.errors import InputError
+from lcpaq.frontier import safe_pareto_mask
 
-BITS_PER_MB = 8e6  # sizes are reported in MB = 10^6 bytes
+if TYPE_CHECKING:  # candidates imports torch; this stage must not
+    from lcpaq.candidates import CandidateTable
 
-BUDGET_METRICS = ("avg-bits", "size-mb")
+BUDGET_METRICS = COST_METRICS
+LINEARIZATIONS = ("rlt", "mccormick")
+TIE_RULES = ("none", "downsample")
+#: Budget rows are scaled so that their largest coefficient is this (HiGHS tolerances are absolute).
+_ROW_SCALE = 1e3
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A hard limit: ``avg-bits`` (weight bits per quantized parameter, weighted by parameter count)
-    or ``size-mb`` (the whole checkpoint: codes, scales, zero points and unquantized tensors)."""
+    """A hard limit on one metric of `lcpaq.costs.COST_METRICS`: ``avg-bits`` (weight bits per
+    quantized parameter), ``size-mb`` (the whole checkpoint), ``size-frac`` (of the FP32 checkpoint),
+    ``bitops-g`` / ``ebops-g`` (GBOPs per sample) or ``latency-ms``."""
 
     metric: str
     value: float
@@ -42,7 +59,7 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """Parse ``avg-bits=3`` or ``size-mb=0.12``."""
+    """Parse ``avg-bits=3``, ``size-mb=0.12``, ``size-frac=0.25``, ``bitops-g=1.5``, …"""
     key, sep, value_text = text.partition("=")
     key = key.strip()
     if not sep:
@@ -58,6 +75,37 @@ def parse_budget(text: str) -> Budget:
     if not np.isfinite(value) or value <= 0:
         raise InputError(f"--budget {text!r}: the value must be a positive number")
     return Budget(key, value)
+
+
+def parse_tie(text: str) -> tuple[str, ...]:
+    """Parse ``--tie layer1.0.conv1,layer1.0.conv2`` into layer names (at least two)."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if len(names) < 2:
+        raise InputError(f"--tie {text!r}: give at least two layer names separated by commas")
+    return names
+
+
+def tie_rule_groups(layer_names: Sequence[str], rule: str) -> list[tuple[str, ...]]:
+    """Layer groups a rule ties. ``none``: nothing. ``downsample``: a residual shortcut conv
+    (a name with a ``downsample`` or ``shortcut`` component) shares the format of the first layer of
+    its block (the same name prefix), which reads the same input (HAWQ's ResNet ties)."""
+    if rule == "none":
+        return []
+    if rule != "downsample":
+        raise InputError(f"unknown tie rule {rule!r}; known: {', '.join(TIE_RULES)}")
+    groups = []
+    for name in layer_names:
+        parts = name.split(".")
+        marks = [k for k, part in enumerate(parts) if part in ("downsample", "shortcut")]
+        if not marks:
+            continue
+        prefix = ".".join(parts[: marks[0]]) + "."
+        partner = next(
+            (other for other in layer_names if other.startswith(prefix) and other != name), None
+        )
+        if partner is not None:
+            groups.append((partner, name))
+    return groups
 
 
 @dataclass(frozen=True)
@@ -82,6 +130,7 @@ class Allocation:
     status: str
     mip_gap: float
     solve_time_s: float
+    costs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -90,12 +139,26 @@ class Allocation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Allocation:
-        values = {key: data[key] for key in cls.__dataclass_fields__}
+        values = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
         values["layer_names"] = tuple(values["layer_names"])  # type: ignore[arg-type]
         values["formats"] = tuple(values["formats"])  # type: ignore[arg-type]
         values["bits"] = tuple(values["bits"])  # type: ignore[arg-type]
         values["budgets"] = tuple(BudgetUse(**use) for use in values["budgets"])  # type: ignore[union-attr]
         return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One optimum of a budget sweep: its costs, predicted loss increase and assignment."""
+
+    budgets: tuple[float, ...]  # the swept values this assignment is optimal for
+    costs: dict[str, float]
+    predicted_loss_increase: float
+    formats: tuple[str, ...]
+    mip_gap: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 @contextlib.contextmanager
@@ -117,11 +180,44 @@ def _quiet_stdout() -> Iterator[None]:
             os.close(saved)
 
 
-class AllocationProblem:
-    """The ILP for one candidate table, scores and set of allowed candidates.
+def _tie_units(layer_names: Sequence[str], ties: Sequence[Sequence[str]]) -> np.ndarray:
+    """Unit index per layer: tied layers (transitively) share one unit, numbered by first layer."""
+    parent = list(range(len(layer_names)))
 
-    ``allowed`` [L, F] marks candidates the solver may pick (the Pareto frontier, restricted further
-    for fixed layers). ``constant_size_bits`` is the size of everything not quantized.
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for group in ties:
+        indices = []
+        for name in group:
+            if name not in layer_names:
+                raise InputError(f"cannot tie layer {name!r}: no such quantizable layer")
+            indices.append(layer_names.index(name))
+        for other in indices[1:]:
+            a, b = sorted((root(indices[0]), root(other)))
+            parent[b] = a
+    roots = [root(k) for k in range(len(layer_names))]
+    _, unit = np.unique(roots, return_inverse=True)
+    return unit
+
+
+class AllocationProblem:
+    """The ILP for one candidate table, scores, allowed candidates, costs, ties and pairwise terms.
+
+    Args:
+        table: the candidate table [L, F].
+        scores: [L, F] separable predicted loss increases.
+        allowed: [L, F] candidates the solver may pick (fixed layers restricted to one format).
+        constant_size_bits: the size of everything not quantized (used when ``costs`` is None).
+        costs: a `CostModel`; default: ``avg-bits`` and ``size-mb`` from the table.
+        pairwise: {(i, j): C [F, F]} layer-index pairs; C[f, g] is added when layer i holds f and
+            layer j holds g.
+        ties: groups of layer names that must share one format.
+        linearization: ``rlt`` (default, tighter) or ``mccormick`` for the pairwise products.
+        prune: drop candidates by the safe Pareto rule first (never changes the optimum).
     """
 
     def __init__(
@@ -130,7 +226,12 @@ class AllocationProblem:
         scores: np.ndarray,
         allowed: np.ndarray,
         *,
-        constant_size_bits: float,
+        constant_size_bits: float = 0.0,
+        costs: CostModel | None = None,
+        pairwise: Mapping[tuple[int, int], np.ndarray] | None = None,
+        ties: Sequence[Sequence[str]] = (),
+        linearization: str = "rlt",
+        prune: bool = True,
         time_limit_s: float = 60.0,
         mip_rel_gap: float = 1e-6,
     ) -> None:
@@ -139,79 +240,168 @@ class AllocationProblem:
         empty = [table.layer_names[row] for row in range(len(allowed)) if not allowed[row].any()]
         if empty:
             raise InputError(f"layer {empty[0]!r} has no allowed candidate format")
+        if linearization not in LINEARIZATIONS:
+            raise InputError(
+                f"unknown linearization {linearization!r}; known: {', '.join(LINEARIZATIONS)}"
+            )
         self.table = table
-        self.scores = scores
-        self.allowed = allowed
+        self.scores = np.asarray(scores, dtype=float)
         self.constant_size_bits = float(constant_size_bits)
+        self.costs = costs or build_cost_model(table, constant_size_bits=constant_size_bits)
+        self.linearization = linearization
         self.time_limit_s = time_limit_s
         self.mip_rel_gap = mip_rel_gap
+        num_layers, num_formats = scores.shape
+        self.pairwise = self._check_pairs(pairwise or {}, num_layers, num_formats)
+        self.unit = _tie_units(table.layer_names, ties)
+        num_units = int(self.unit.max()) + 1 if num_layers else 0
+        members = [np.flatnonzero(self.unit == u) for u in range(num_units)]
+        unit_allowed = np.array([allowed[rows].all(axis=0) for rows in members], dtype=bool)
+        for u, rows in enumerate(members):
+            if not unit_allowed[u].any():
+                names = ", ".join(table.layer_names[row] for row in rows)
+                raise InputError(f"tied layers {names} have no allowed format in common")
+        self.unit_scores = np.array([self.scores[rows].sum(axis=0) for rows in members])
+        self.unit_costs = {
+            metric: np.array([coef[rows].sum(axis=0) for rows in members])
+            for metric, coef in self.costs.coefficients.items()
+        }
+        self.unit_pairs: dict[tuple[int, int], np.ndarray] = {}
+        for (i, j), matrix in self.pairwise.items():
+            u, v = int(self.unit[i]), int(self.unit[j])
+            if u == v:  # both layers of a tied unit hold the same format f
+                self.unit_scores[u] += np.diag(matrix)
+                continue
+            key, block = ((u, v), matrix) if u < v else ((v, u), matrix.T)
+            self.unit_pairs[key] = self.unit_pairs.get(key, 0.0) + block
+        if prune:
+            stacked = np.stack([self.unit_costs[m] for m in self.costs.metrics], axis=-1)
+            unit_allowed = safe_pareto_mask(
+                stacked, self.unit_scores, unit_allowed, self.unit_pairs
+            )
+        self.unit_allowed = unit_allowed
+        self.allowed = unit_allowed[self.unit]
         self._highs: highspy.Highs | None = None
+        self._found: list[np.ndarray] = []  # unit choices of earlier solves, for warm starts
+
+    @staticmethod
+    def _check_pairs(
+        pairwise: Mapping[tuple[int, int], np.ndarray], num_layers: int, num_formats: int
+    ) -> dict[tuple[int, int], np.ndarray]:
+        checked = {}
+        for (i, j), matrix in pairwise.items():
+            matrix = np.asarray(matrix, dtype=float)
+            if not (0 <= i < num_layers and 0 <= j < num_layers) or i == j:
+                raise ValueError(f"pairwise term ({i}, {j}) must join two different layers")
+            if matrix.shape != (num_formats, num_formats) or not np.isfinite(matrix).all():
+                raise ValueError(f"pairwise term ({i}, {j}) must be a finite [F, F] array")
+            if (j, i) in checked:
+                checked[(j, i)] = checked[(j, i)] + matrix.T
+            else:
+                checked[(i, j)] = checked.get((i, j), 0.0) + matrix
+        return checked
 
     # -- costs -----------------------------------------------------------------------------
-    def _budget_row(self, metric: str) -> tuple[np.ndarray, float]:
-        """Per-candidate coefficients and scale so that Σ coef·x ≤ limit·scale − offset."""
-        if metric == "avg-bits":
-            return self.table.weight_bits, float(self.table.num_params.sum())
-        if metric == "size-mb":
-            return self.table.size_bits, BITS_PER_MB
-        raise InputError(f"unknown budget metric {metric!r}")
-
-    def _row_upper(self, budget: Budget) -> float:
-        _, scale = self._budget_row(budget.metric)
-        offset = self.constant_size_bits if budget.metric == "size-mb" else 0.0
-        return budget.value * scale - offset
-
     def metric_value(self, metric: str, choice: np.ndarray) -> float:
-        """The metric (avg-bits or size-mb) of an assignment given as a format index per layer."""
-        coefficients, scale = self._budget_row(metric)
-        total = coefficients[np.arange(len(choice)), choice].sum()
-        if metric == "size-mb":
-            total += self.constant_size_bits
-        return float(total / scale)
+        """A cost metric of an assignment given as a format index per layer."""
+        return self.costs.value(metric, choice)
+
+    def objective(self, choice: np.ndarray) -> float:
+        """Predicted loss increase: Σ scores plus the pairwise terms of the chosen formats."""
+        rows = np.arange(len(choice))
+        total = float(self.scores[rows, choice].sum())
+        for (i, j), matrix in self.pairwise.items():
+            total += float(matrix[choice[i], choice[j]])
+        return total
 
     def smallest_achievable(self, metric: str) -> float:
-        coefficients, scale = self._budget_row(metric)
-        total = np.where(self.allowed, coefficients, np.inf).min(axis=1).sum()
-        if metric == "size-mb":
-            total += self.constant_size_bits
-        return float(total / scale)
+        """The smallest value of ``metric`` any allowed assignment (ties respected) reaches."""
+        self.costs.require(metric)
+        coefficients = np.where(self.unit_allowed, self.unit_costs[metric], np.inf)
+        return float(coefficients.min(axis=1).sum() + self.costs.offsets[metric])
 
     # -- model -----------------------------------------------------------------------------
     def _build(self) -> highspy.Highs:
-        rows, columns = np.nonzero(self.allowed)
-        self._columns = (rows, columns)
-        num_layers = len(self.table.layer_names)
+        units, columns = np.nonzero(self.unit_allowed)
+        num_units = self.unit_allowed.shape[0]
+        x_index = -np.ones(self.unit_allowed.shape, dtype=np.int64)
+        x_index[units, columns] = np.arange(len(units))
+        self._x = (units, columns, x_index)
+        metrics = self.costs.metrics
+        self._metric_rows = {metric: num_units + k for k, metric in enumerate(metrics)}
+        self._row_scale = {}
+        entries: list[tuple[int, int, float]] = []  # (row, column, value)
+        cost = list(self.unit_scores[units, columns])
+        lower = [1.0] * num_units + [-highspy.kHighsInf] * len(metrics)
+        upper = [1.0] * num_units + [highspy.kHighsInf] * len(metrics)
+        entries += [(int(u), k, 1.0) for k, u in enumerate(units)]
+        for metric, row in self._metric_rows.items():
+            values = self.unit_costs[metric][units, columns]
+            largest = float(np.abs(values).max()) if len(values) else 0.0
+            self._row_scale[metric] = _ROW_SCALE / largest if largest > 0 else 1.0
+            scaled = values * self._row_scale[metric]
+            entries += [(row, k, float(value)) for k, value in enumerate(scaled) if value != 0]
+        # Pairwise products y = x[u, f]·x[v, g].
+        self._y: list[tuple[int, int, int, int, int]] = []  # (column, u, f, v, g)
+        num_columns = len(units)
+        row = len(lower)
+        for (u, v), matrix in self.unit_pairs.items():
+            fs, gs = np.flatnonzero(self.unit_allowed[u]), np.flatnonzero(self.unit_allowed[v])
+            y_index = {}
+            for f, g in itertools.product(fs, gs):
+                if self.linearization == "mccormick" and matrix[f, g] == 0:
+                    continue  # a zero-cost product never changes the objective
+                y_index[f, g] = num_columns
+                self._y.append((num_columns, u, int(f), v, int(g)))
+                cost.append(float(matrix[f, g]))
+                num_columns += 1
+            if self.linearization == "rlt":
+                for unit, own, other, first in ((u, fs, gs, True), (v, gs, fs, False)):
+                    for a in own:
+                        for b in other:
+                            entries.append((row, y_index[(a, b) if first else (b, a)], 1.0))
+                        entries.append((row, int(x_index[unit, a]), -1.0))
+                        lower.append(0.0)
+                        upper.append(0.0)
+                        row += 1
+            else:
+                for (f, g), column in y_index.items():
+                    xf, xg = int(x_index[u, f]), int(x_index[v, g])
+                    entries += [(row, column, 1.0), (row, xf, -1.0)]
+                    entries += [(row + 1, column, 1.0), (row + 1, xg, -1.0)]
+                    entries += [(row + 2, column, 1.0), (row + 2, xf, -1.0), (row + 2, xg, -1.0)]
+                    lower += [-highspy.kHighsInf, -highspy.kHighsInf, -1.0]
+                    upper += [0.0, 0.0, highspy.kHighsInf]
+                    row += 3
+        cost_array = np.asarray(cost, dtype=float)
+        # HiGHS' tolerances are absolute: scale the objective to a largest coefficient of 1.
+        largest = float(np.abs(cost_array).max()) if len(cost_array) else 0.0
+        self._objective_scale = 1.0 / largest if largest > 0 else 1.0
+        rows_, cols_, vals_ = (np.array(part) for part in zip(*entries))
+        matrix = sparse.csc_matrix((vals_, (rows_, cols_)), shape=(row, num_columns))
+        self.model_arrays = {
+            "cost": cost_array * self._objective_scale,
+            "matrix": matrix,
+            "row_lower": np.array(lower),
+            "row_upper": np.array(upper),
+            "integrality": np.r_[np.ones(len(units)), np.zeros(num_columns - len(units))],
+        }
         lp = highspy.HighsLp()
-        lp.num_col_ = len(rows)
-        lp.num_row_ = num_layers + len(BUDGET_METRICS)
-        # HiGHS' tolerances are absolute (dual feasibility 1e-7): scores of 1e-7 would all look
-        # equal, so the objective is scaled to a largest coefficient of 1 (same optimum).
-        costs = self.scores[rows, columns].astype(float)
-        largest = float(np.abs(costs).max())
-        lp.col_cost_ = costs / largest if largest > 0 else costs
-        lp.col_lower_ = np.zeros(len(rows))
-        lp.col_upper_ = np.ones(len(rows))
-        lp.row_lower_ = np.concatenate(
-            [np.ones(num_layers), np.full(len(BUDGET_METRICS), -highspy.kHighsInf)]
+        lp.num_col_, lp.num_row_ = num_columns, row
+        lp.col_cost_ = self.model_arrays["cost"]
+        lp.col_lower_ = np.zeros(num_columns)
+        lp.col_upper_ = np.ones(num_columns)
+        lp.row_lower_, lp.row_upper_ = (
+            self.model_arrays["row_lower"],
+            self.model_arrays["row_upper"],
         )
-        lp.row_upper_ = np.concatenate(
-            [np.ones(num_layers), np.full(len(BUDGET_METRICS), highspy.kHighsInf)]
-        )
-        # Column-wise matrix: each candidate sits in its layer's one-hot row and in every budget row.
-        starts, indices, values = [0], [], []
-        for layer, fmt in zip(rows, columns):
-            indices.append(layer)
-            values.append(1.0)
-            for offset, metric in enumerate(BUDGET_METRICS):
-                coefficients, _ = self._budget_row(metric)
-                indices.append(num_layers + offset)
-                values.append(float(coefficients[layer, fmt]))
-            starts.append(len(indices))
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = starts
-        lp.a_matrix_.index_ = indices
-        lp.a_matrix_.value_ = values
-        lp.integrality_ = [highspy.HighsVarType.kInteger] * len(rows)
+        lp.a_matrix_.start_ = matrix.indptr
+        lp.a_matrix_.index_ = matrix.indices
+        lp.a_matrix_.value_ = matrix.data
+        lp.integrality_ = [highspy.HighsVarType.kInteger] * len(units) + [
+            highspy.HighsVarType.kContinuous
+        ] * (num_columns - len(units))
         highs = highspy.Highs()
         highs.setOptionValue("output_flag", False)
         highs.setOptionValue("mip_rel_gap", self.mip_rel_gap)
@@ -221,68 +411,203 @@ class AllocationProblem:
         highs.passModel(lp)
         return highs
 
-    def solve(self, budgets: Sequence[Budget]) -> Allocation:
-        """Minimise the predicted loss increase under all budgets (each a hard constraint)."""
+    def _ensure_model(self) -> highspy.Highs:
+        if self._highs is None:
+            with _quiet_stdout():  # HiGHS prints a banner when the first model is created
+                self._highs = self._build()
+        return self._highs
+
+    def row_bounds(self, budgets: Sequence[Budget]) -> dict[int, float]:
+        """Upper bound of every budget row (scaled) for these budgets; others are infinite."""
+        self._ensure_model()
+        bounds = {row: highspy.kHighsInf for row in self._metric_rows.values()}
+        for budget in budgets:
+            scale = self._row_scale[budget.metric]
+            limit = budget.value - self.costs.offsets[budget.metric]
+            bounds[self._metric_rows[budget.metric]] = limit * scale
+        return bounds
+
+    def _column_values(self, unit_choice: np.ndarray) -> np.ndarray:
+        units, columns, x_index = self._x
+        values = np.zeros(len(units) + len(self._y))
+        values[x_index[np.arange(len(unit_choice)), unit_choice]] = 1.0
+        for column, u, f, v, g in self._y:
+            values[column] = float(unit_choice[u] == f and unit_choice[v] == g)
+        return values
+
+    def _unit_value(self, metric: str, unit_choice: np.ndarray) -> float:
+        coefficients = self.unit_costs[metric][np.arange(len(unit_choice)), unit_choice]
+        return float(coefficients.sum() + self.costs.offsets[metric])
+
+    def _meets(self, unit_choice: np.ndarray, budgets: Sequence[Budget]) -> bool:
+        return all(self._unit_value(b.metric, unit_choice) <= b.value for b in budgets)
+
+    def _unit_objective(self, unit_choice: np.ndarray) -> float:
+        total = float(self.unit_scores[np.arange(len(unit_choice)), unit_choice].sum())
+        for (u, v), matrix in self.unit_pairs.items():
+            total += float(matrix[unit_choice[u], unit_choice[v]])
+        return total
+
+    def _run(self, budgets: Sequence[Budget]) -> tuple[np.ndarray | None, str, float, float]:
+        """Solve under ``budgets``: (unit choice or None if infeasible, status, gap, seconds)."""
+        highs = self._ensure_model()
+        for row, upper in self.row_bounds(budgets).items():
+            highs.changeRowBounds(row, -highspy.kHighsInf, upper)
+        starts = [c for c in self._found if self._meets(c, budgets)]
+        if starts:
+            best = min(starts, key=self._unit_objective)
+            solution = highspy.HighsSolution()
+            solution.col_value = self._column_values(best)
+            solution.value_valid = True
+            highs.setSolution(solution)
+        start = time.perf_counter()
+        with _quiet_stdout():
+            highs.run()
+        elapsed = time.perf_counter() - start
+        model_status = highs.getModelStatus()
+        status = highs.modelStatusToString(model_status)
+        if model_status == highspy.HighsModelStatus.kInfeasible:
+            return None, status, 0.0, elapsed
+        values = np.asarray(highs.getSolution().col_value)
+        if values.size == 0:
+            raise RuntimeError(f"HiGHS returned no solution (status: {status})")
+        units, columns, _ = self._x
+        choice = np.full(self.unit_allowed.shape[0], -1)
+        picked = values[: len(units)] > 0.5
+        choice[units[picked]] = columns[picked]
+        if (choice < 0).any():
+            raise RuntimeError(f"HiGHS solution is not one-hot (status: {status})")
+        if not any(np.array_equal(choice, found) for found in self._found):
+            self._found.append(choice)
+        return choice, status, float(highs.getInfo().mip_gap), elapsed
+
+    def _check_budgets(self, budgets: Sequence[Budget]) -> None:
         metrics = [budget.metric for budget in budgets]
         if len(set(metrics)) != len(metrics):
             raise InputError(
                 f"each budget metric may be given once, got {', '.join(map(str, budgets))}"
             )
+        problems = []
         for budget in budgets:
             smallest = self.smallest_achievable(budget.metric)
-            if budget.value < smallest - 1e-9:
-                raise InputError(
+            if budget.value < smallest - 1e-9 * abs(smallest):
+                problems.append(
                     f"budget {budget} is infeasible: the smallest achievable {budget.metric} with "
                     f"these candidates and layer policy is {smallest:.4g}"
                 )
-        if self._highs is None:
-            with _quiet_stdout():  # HiGHS prints a banner when the first model is created
-                self._highs = self._build()
-        highs = self._highs
-        num_layers = len(self.table.layer_names)
-        for offset, metric in enumerate(BUDGET_METRICS):
-            given = [budget for budget in budgets if budget.metric == metric]
-            upper = self._row_upper(given[0]) if given else highspy.kHighsInf
-            highs.changeRowBounds(num_layers + offset, -highspy.kHighsInf, upper)
-        start = time.perf_counter()
-        with _quiet_stdout():
-            highs.run()
-        elapsed = time.perf_counter() - start
-        status = highs.modelStatusToString(highs.getModelStatus())
-        if highs.getModelStatus() == highspy.HighsModelStatus.kInfeasible:
-            raise InputError(
-                "budgets "
-                + ", ".join(map(str, budgets))
-                + " cannot all be met at once: each is feasible alone but together they conflict"
-            )
-        values = np.asarray(highs.getSolution().col_value)
-        if values.size == 0:
-            raise RuntimeError(f"HiGHS returned no solution (status: {status})")
-        rows, columns = self._columns
-        choice = np.full(num_layers, -1)
-        picked = values > 0.5
-        choice[rows[picked]] = columns[picked]
-        if (choice < 0).any():
-            raise RuntimeError(f"HiGHS solution is not one-hot (status: {status})")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    def _explain_conflict(self, budgets: Sequence[Budget]) -> InputError:
+        """Which budgets conflict: solve every pair of them."""
+        alone = ", ".join(f"{b.metric} {self.smallest_achievable(b.metric):.4g}" for b in budgets)
+        pairs = [
+            f"{a} with {b}"
+            for a, b in itertools.combinations(budgets, 2)
+            if self._run([a, b])[0] is None
+        ]
+        conflict = (
+            "conflicting pairs: " + "; ".join(pairs)
+            if pairs
+            else "no two of them conflict, only all together"
+        )
+        return InputError(
+            "budgets "
+            + ", ".join(map(str, budgets))
+            + " cannot all be met at once: each is feasible alone (smallest achievable "
+            + alone
+            + ") but together they conflict ("
+            + conflict
+            + ")"
+        )
+
+    def _allocation(
+        self, unit_choice: np.ndarray, budgets: Sequence[Budget], status: str, gap: float, t: float
+    ) -> Allocation:
+        choice = unit_choice[self.unit]
         uses = []
         for budget in budgets:
             used = self.metric_value(budget.metric, choice)
             uses.append(
                 BudgetUse(budget.metric, budget.value, used, used >= budget.value * (1 - 1e-3))
             )
-        info = highs.getInfo()
         return Allocation(
             layer_names=self.table.layer_names,
             formats=tuple(self.table.format_names[index] for index in choice),
             bits=tuple(int(self.table.bits[index]) for index in choice),
-            predicted_loss_increase=float(self.scores[np.arange(num_layers), choice].sum()),
+            predicted_loss_increase=self.objective(choice),
             average_bits=self.metric_value("avg-bits", choice),
             size_bytes=self.metric_value("size-mb", choice) * BITS_PER_MB / 8,
             budgets=tuple(uses),
             status=status,
-            mip_gap=float(info.mip_gap),
-            solve_time_s=elapsed,
+            mip_gap=gap,
+            solve_time_s=t,
+            costs=self.costs.values(choice),
         )
+
+    def solve(self, budgets: Sequence[Budget]) -> Allocation:
+        """Minimise the predicted loss increase under all budgets (each a hard constraint)."""
+        self._check_budgets(budgets)
+        unit_choice, status, gap, elapsed = self._run(budgets)
+        if unit_choice is None:
+            raise self._explain_conflict(budgets)
+        return self._allocation(unit_choice, budgets, status, gap, elapsed)
+
+    def pareto_curve(
+        self,
+        metric: str,
+        num_points: int = 50,
+        *,
+        budgets: Sequence[Budget] = (),
+        low: float | None = None,
+        high: float | None = None,
+    ) -> list[ParetoPoint]:
+        """The model-level Pareto curve: optima over ``num_points`` budgets on ``metric``.
+
+        The sweep runs from the largest budget down. An optimum whose ``metric`` already meets the
+        next (smaller) budget stays optimal there (the feasible set only shrank), so it is reused
+        without a solve; otherwise HiGHS re-solves with new row bounds from the best earlier
+        solution that fits. ``budgets`` are other hard limits held fixed. Default range: the
+        smallest achievable value to the value of the optimum without a limit on ``metric``.
+        Returns the distinct assignments, by increasing ``metric``.
+        """
+        if num_points < 1:
+            raise InputError(f"a Pareto sweep needs at least one point, got {num_points}")
+        others = [b for b in budgets if b.metric != metric]
+        self._check_budgets(others)
+        if low is None:
+            low = self.smallest_achievable(metric)
+        if high is None:
+            top, _, _, _ = self._run(others)
+            if top is None:
+                raise self._explain_conflict(others)
+            high = self._unit_value(metric, top)
+        points: dict[tuple[int, ...], dict[str, object]] = {}
+        previous: np.ndarray | None = None
+        for value in np.linspace(high, low, num_points) if num_points > 1 else [high]:
+            sweep = [*others, Budget(metric, float(value))]
+            if previous is not None and self._unit_value(metric, previous) <= value:
+                choice, gap = previous, points[tuple(previous)]["gap"]
+            else:
+                choice, _, gap, _ = self._run(sweep)
+                if choice is None:
+                    continue
+            previous = choice
+            entry = points.setdefault(tuple(choice), {"gap": gap, "budgets": []})
+            entry["budgets"].append(float(value))  # type: ignore[union-attr]
+        result = []
+        for key, entry in points.items():
+            choice = np.asarray(key)[self.unit]
+            result.append(
+                ParetoPoint(
+                    budgets=tuple(sorted(entry["budgets"])),  # type: ignore[arg-type]
+                    costs=self.costs.values(choice),
+                    predicted_loss_increase=self.objective(choice),
+                    formats=tuple(self.table.format_names[index] for index in choice),
+                    mip_gap=float(entry["gap"]),  # type: ignore[arg-type]
+                )
+            )
+        return sorted(result, key=lambda point: point.costs[metric])
 
 
 def allowed_candidates(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lcpaq import __version__, pipeline
-from lcpaq.allocate import Budget, parse_budget
+from lcpaq.allocate import TIE_RULES, Budget, parse_budget, parse_tie
 from lcpaq.config import DEFAULT_FORMATS, AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, parse_format_list
@@ -51,12 +51,23 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
     group.add_argument(
-        "--formats", default=DEFAULT_FORMATS, help=f"candidate formats (default {DEFAULT_FORMATS})"
+        "--formats",
+        default=DEFAULT_FORMATS,
+        help=f"candidate formats: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1 "
+        f"(default {DEFAULT_FORMATS})",
     )
     group.add_argument(
         "--symmetric", action="store_true", help="symmetric codes (default asymmetric)"
     )
-    group.add_argument("--granularity", choices=["channel", "tensor"], default="channel")
+    group.add_argument(
+        "--granularity",
+        choices=["channel", "tensor", "group", "mx"],
+        default="channel",
+        help="scales per output channel, per tensor, per --group-size inputs, or OCP MX blocks of 32",
+    )
+    group.add_argument(
+        "--group-size", type=int, default=128, help="inputs per scale with --granularity group"
+    )
     group.add_argument("--clipping", choices=["mse", "minmax"], default="mse")
     group.add_argument(
         "--hutchinson-probes",
@@ -82,7 +93,24 @@ def _add_allocation_options(parser: argparse.ArgumentParser, *, required: bool) 
         action="append",
         required=required,
         metavar="METRIC=VALUE",
-        help="avg-bits=<float> or size-mb=<float>; repeat to combine",
+        help="avg-bits, size-mb, size-frac (of FP32), bitops-g, ebops-g (GBOPs per sample) or "
+        "latency-ms, e.g. size-mb=0.12; repeat to combine (all are hard limits)",
+    )
+    group.add_argument(
+        "--tie",
+        action="append",
+        metavar="LAYER,LAYER[,...]",
+        help="layers that must share one format; repeatable",
+    )
+    group.add_argument(
+        "--tie-rule",
+        choices=list(TIE_RULES),
+        default="none",
+        help="tie layers by a rule: none (default) or downsample (shortcut conv with its block)",
+    )
+    group.add_argument(
+        "--latency-table",
+        help="measured per-layer latency (CSV layer,format,ms or JSON); default: roofline estimate",
     )
     group.add_argument("--first-last", choices=["search", "keep-8bit"], default="search")
     group.add_argument("--scorer", choices=["hawq_v2", "diagonal"], default="hawq_v2")
@@ -176,7 +204,10 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             loss=args.loss,
             formats=parse_format_list(args.formats),
             scheme=QuantScheme(
-                symmetric=args.symmetric, granularity=args.granularity, clipping=args.clipping
+                symmetric=args.symmetric,
+                granularity=args.granularity,
+                clipping=args.clipping,
+                group_size=args.group_size,
             ),
             hutchinson_probes=args.hutchinson_probes,
             hutchinson_samples=args.hutchinson_samples,
@@ -191,6 +222,16 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 def _budgets(texts: list[str] | None) -> list[Budget]:
     return [parse_budget(text) for text in texts or []]
+
+
+def _allocation_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "first_last": args.first_last,
+        "scorer": args.scorer,
+        "ties": [parse_tie(text) for text in args.tie or []],
+        "tie_rule": args.tie_rule,
+        "latency_table": args.latency_table,
+    }
 
 
 def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
@@ -240,14 +281,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         budgets = _budgets(args.budget)
         config = _run_config(args)
         pipeline.analyze(config, args.out, progress=progress)
-        pipeline.allocate(args.out, budgets, first_last=args.first_last, scorer=args.scorer)
+        pipeline.allocate(args.out, budgets, **_allocation_options(args))  # type: ignore[arg-type]
         _finish(args.out, args.eval, args)
     elif args.command == "analyze":
         pipeline.analyze(_run_config(args), args.out, progress=progress)
     elif args.command == "allocate":
-        pipeline.allocate(
-            args.run_dir, _budgets(args.budget), first_last=args.first_last, scorer=args.scorer
-        )
+        pipeline.allocate(args.run_dir, _budgets(args.budget), **_allocation_options(args))  # type: ignore[arg-type]
     elif args.command == "export":
         pipeline.export(args.run_dir, out_dir=args.out)
     elif args.command == "evaluate":

@@ -9,14 +9,17 @@ activation terms) plug in by adding an entry to `SCORERS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lcpaq.candidates import CandidateTable
 from lcpaq.errors import InputError
 
-Scorer = Callable[[CandidateTable, np.ndarray], np.ndarray]
+if TYPE_CHECKING:  # candidates imports torch; this stage must not
+    from lcpaq.candidates import CandidateTable
+
+Scorer = Callable[["CandidateTable", np.ndarray], np.ndarray]
 
 
 def hawq_v2_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
@@ -82,4 +85,69 @@ def build_frontiers(table: CandidateTable, scores: np.ndarray) -> np.ndarray:
     for row in range(len(table.layer_names)):
         costs = np.column_stack([table.weight_bits[row], table.size_bits[row]])
         kept[row] = pareto_mask(costs, scores[row])
+    return kept
+
+
+def pairwise_score_bounds(
+    scores: np.ndarray,
+    allowed: np.ndarray,
+    pairwise: Mapping[tuple[int, int], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest score a candidate can contribute once its pairwise terms are counted.
+
+    For unit i and format f: s_i(f) + Σ_{j∈P(i)} min_h C_ij(f, h) and the same with max, where h runs
+    over the formats j may take (``allowed``). Without pairs both equal the scores.
+    """
+    low, high = scores.astype(float).copy(), scores.astype(float).copy()
+    for (i, j), matrix in (pairwise or {}).items():
+        matrix = np.asarray(matrix, dtype=float)
+        towards_j = np.where(allowed[j][None, :], matrix, np.nan)  # rows: i's formats
+        towards_i = np.where(allowed[i][:, None], matrix, np.nan).T  # rows: j's formats
+        for unit, block in ((i, towards_j), (j, towards_i)):
+            rows = allowed[unit]
+            low[unit, rows] += np.nanmin(block[rows], axis=1)
+            high[unit, rows] += np.nanmax(block[rows], axis=1)
+    return low, high
+
+
+def safe_pareto_mask(
+    costs: np.ndarray,
+    scores: np.ndarray,
+    allowed: np.ndarray,
+    pairwise: Mapping[tuple[int, int], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Candidates that may appear in an optimum, for every budget on every cost dimension.
+
+    METHOD §3 safe rule: drop f of unit i when an allowed g costs no more in every dimension and
+    s_i(g) + Σ_j max_h C_ij(g, h) ≤ s_i(f) + Σ_j min_h C_ij(f, h); swapping f for g then never raises
+    the objective nor any cost, whatever the other units hold. Of candidates equal in everything the
+    first is kept. Without pairs this is `pareto_mask` per unit.
+
+    Args:
+        costs: [U, F, K] cost of every candidate in K dimensions (lower is better).
+        scores: [U, F] separable scores.
+        allowed: [U, F] candidates to consider (others are neither kept nor used to prune).
+        pairwise: {(i, j): C [F, F]} pairwise terms, C[f, g] for unit i in f and unit j in g.
+    Returns:
+        bool [U, F], a subset of ``allowed`` with at least one candidate per unit that has one.
+    """
+    low, high = pairwise_score_bounds(scores, allowed, pairwise)
+    kept = allowed.copy()
+    num_formats = scores.shape[1]
+    for unit in range(scores.shape[0]):
+        candidates = np.flatnonzero(allowed[unit])
+        for f in candidates:
+            for g in candidates:
+                if g == f:
+                    continue
+                no_worse = (
+                    np.all(costs[unit, g] <= costs[unit, f]) and high[unit, g] <= low[unit, f]
+                )
+                strictly = (
+                    np.any(costs[unit, g] < costs[unit, f]) or high[unit, g] < low[unit, f] or g < f
+                )
+                if no_worse and strictly:
+                    kept[unit, f] = False
+                    break
+    assert num_formats == 0 or (kept.any(axis=1) == allowed.any(axis=1)).all()
     return kept

@@ -15,6 +15,8 @@ Two estimators:
   only running sums are kept.
 * ``hutchinson``: E[vᵀHv] with Rademacher v drawn jointly over all layers and read per layer
   (unbiased for tr(H_ll)); the cross-check, stopped at a relative-error tolerance or a probe cap.
+* ``hutchinson_single_layer``: Rademacher v that is zero outside one layer l, so v_lᵀH_ll v_l carries
+  no cross-block noise; probe budgets follow each layer's measured variance (below).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class CurvatureEstimate:
     diagonal: dict[str, np.ndarray] = field(default_factory=dict)
     #: Per-sample trace contributions [N, L] (exact estimators only): ranking stability, bootstrap.
     sample_traces: np.ndarray | None = None
+    #: Probes spent on each layer (single-layer Hutchinson only).
+    probes_per_layer: np.ndarray | None = None
 
     def clamped_trace(self) -> np.ndarray:
         """Traces with non-positive values replaced by 1e-12 × the largest (METHOD §1a)."""
@@ -238,24 +242,54 @@ def gauss_newton_traces(
     Returns:
         traces of the mean-loss Gauss–Newton blocks with standard errors over samples.
     """
-    model.eval()
-    modules = {layer.name: get_module(model, layer.name) for layer in layers}
-    names = tuple(modules)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sum_trace = np.zeros(len(names))
-    sum_trace_sq = np.zeros(len(names))
-    diagonal = {
-        name: torch.zeros_like(module.weight, requires_grad=False)
-        for name, module in modules.items()
-    }
-    max_elements = max(module.weight.numel() for module in modules.values())
-    num_samples = 0
-    sampled = False
-    sample_chunks: list[np.ndarray] = []
+    state = GaussNewtonState.start(model, layers, keep_diagonal=keep_diagonal, seed=seed)
     for inputs in tqdm(
         list(batches), desc="Gauss-Newton traces", disable=not progress, unit="batch"
     ):
+        state.add_batch(model, inputs, loss)
+    return state.finish()
+
+
+@dataclass
+class GaussNewtonState:
+    """Running state of `gauss_newton_traces`: per-batch, per-sample trace rows (float64, in batch
+    order), the summed per-element diagonal and the Fisher-sampling generator.
+
+    Split out so that `lcpaq.distributed` can run `add_batch` on a share of the batches in each
+    process and `finish` on the gathered rows, giving the single-process result.
+    """
+
+    names: tuple[str, ...]
+    modules: dict[str, nn.Module]
+    generator: torch.Generator
+    diagonal: dict[str, torch.Tensor]
+    keep_diagonal: bool
+    max_elements: int
+    rows: list[np.ndarray] = field(default_factory=list)
+    sampled: bool = False
+
+    @classmethod
+    def start(
+        cls, model: nn.Module, layers: Sequence[LayerInfo], *, keep_diagonal: bool, seed: int
+    ) -> GaussNewtonState:
+        model.eval()
+        modules = {layer.name: get_module(model, layer.name) for layer in layers}
+        device = next(model.parameters()).device
+        return cls(
+            names=tuple(modules),
+            modules=modules,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            diagonal={
+                name: torch.zeros_like(module.weight, requires_grad=False)
+                for name, module in modules.items()
+            },
+            keep_diagonal=keep_diagonal,
+            max_elements=max(module.weight.numel() for module in modules.values()),
+        )
+
+    def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
+        names, modules = self.names, self.modules
+        device = next(model.parameters()).device
         inputs = inputs.to(device).requires_grad_(True)
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
@@ -268,8 +302,8 @@ def gauss_newton_traces(
         missing = [name for name in names if name not in recorder.outputs]
         if missing:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
-        factors, is_sampled = output_hessian_factors(logits, loss, generator)
-        sampled = sampled or is_sampled
+        factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
+        self.sampled = self.sampled or is_sampled
         outputs = [out for name in names for out in recorder.outputs[name]]
         # All factors in one batched backward pass: grads[i] is [K, N, *output_i.shape[1:]].
         grads = _batched_output_grads(logits, outputs, factors)
@@ -279,7 +313,7 @@ def gauss_newton_traces(
             calls = len(recorder.outputs[name])
             layer_grads = grads[cursor : cursor + calls]
             cursor += calls
-            for part in _micro_batches(count, max_elements * factors.shape[0]):
+            for part in _micro_batches(count, self.max_elements * factors.shape[0]):
                 # A layer called several times (shared weights) gets the sum over its calls.
                 weight_grad = sum(
                     per_sample_grads_from_columns(
@@ -291,39 +325,45 @@ def gauss_newton_traces(
                 )
                 squared = weight_grad.pow(2).sum(0)  # [N, *weight.shape], summed over factors
                 per_sample[part, layer_index] += squared.flatten(1).sum(1).double()
-                if keep_diagonal:
-                    diagonal[name] += squared.sum(0)
+                if self.keep_diagonal:
+                    self.diagonal[name] += squared.sum(0)
             del layer_grads
         del grads, outputs, logits
         recorder.clear()
-        per_sample_np = per_sample.cpu().numpy()
-        sample_chunks.append(per_sample_np.astype(np.float32))
-        sum_trace += per_sample_np.sum(0)
-        sum_trace_sq += (per_sample_np**2).sum(0)
-        num_samples += count
-    if num_samples == 0:
-        raise ValueError("no calibration samples were given")
-    trace = sum_trace / num_samples
-    variance = np.maximum(sum_trace_sq / num_samples - trace**2, 0.0)
-    stderr = np.sqrt(variance * num_samples / max(num_samples - 1, 1) / num_samples)
-    return CurvatureEstimate(
-        layer_names=names,
-        trace=trace,
-        trace_stderr=stderr,
-        num_samples=num_samples,
-        method="fisher_sampled" if sampled else "gauss_newton",
-        num_probes=0,
-        flags=flag_estimates(trace, stderr),
-        diagonal=(
-            {
-                name: (values / num_samples).float().cpu().numpy()
-                for name, values in diagonal.items()
-            }
-            if keep_diagonal
-            else {}
-        ),
-        sample_traces=np.concatenate(sample_chunks),
-    )
+        self.rows.append(per_sample.cpu().numpy())
+
+    def finish(self) -> CurvatureEstimate:
+        names = self.names
+        sum_trace = np.zeros(len(names))
+        sum_trace_sq = np.zeros(len(names))
+        num_samples = 0
+        for per_sample_np in self.rows:  # batch order: the same sums in every process layout
+            sum_trace += per_sample_np.sum(0)
+            sum_trace_sq += (per_sample_np**2).sum(0)
+            num_samples += per_sample_np.shape[0]
+        if num_samples == 0:
+            raise ValueError("no calibration samples were given")
+        trace = sum_trace / num_samples
+        variance = np.maximum(sum_trace_sq / num_samples - trace**2, 0.0)
+        stderr = np.sqrt(variance * num_samples / max(num_samples - 1, 1) / num_samples)
+        return CurvatureEstimate(
+            layer_names=names,
+            trace=trace,
+            trace_stderr=stderr,
+            num_samples=num_samples,
+            method="fisher_sampled" if self.sampled else "gauss_newton",
+            num_probes=0,
+            flags=flag_estimates(trace, stderr),
+            diagonal=(
+                {
+                    name: (values / num_samples).float().cpu().numpy()
+                    for name, values in self.diagonal.items()
+                }
+                if self.keep_diagonal
+                else {}
+            ),
+            sample_traces=np.concatenate([rows.astype(np.float32) for rows in self.rows]),
+        )
 
 
 def hutchinson_traces(
@@ -408,4 +448,135 @@ def hutchinson_traces(
         method="hutchinson",
         num_probes=len(stacked),
         flags=flag_estimates(trace, stderr),
+    )
+
+
+def probes_for_tolerance(mean: np.ndarray, variance: np.ndarray, rel_tol: float) -> np.ndarray:
+    """Probes m with √(variance/m) ≤ rel_tol·|mean|, per layer (inf where the mean is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        needed = variance / (rel_tol * np.abs(mean)) ** 2
+    return np.where(np.isfinite(needed), np.ceil(needed), np.inf)
+
+
+def _allocate_round(deficit: np.ndarray, budget: int) -> np.ndarray:
+    """Half of each layer's remaining need this round (so variances are re-estimated before the
+    rest is spent), scaled down by largest remainders when that exceeds the budget."""
+    wanted = np.ceil(deficit / 2.0)
+    if wanted.sum() <= budget:
+        return wanted.astype(int)
+    share = wanted * budget / wanted.sum()
+    counts = np.floor(share).astype(int)
+    order = np.argsort(-(share - counts), kind="stable")
+    counts[order[: budget - counts.sum()]] += 1
+    return counts
+
+
+def single_layer_hutchinson_traces(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rel_tol: float = 0.05,
+    min_probes: int = 4,
+    max_probes_per_layer: int = 256,
+    max_total_probes: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> CurvatureEstimate:
+    """Per-layer Hutchinson traces of the exact Hessian with single-layer probes (METHOD §1a (ii)).
+
+    Probe v is Rademacher on layer l and zero elsewhere, so v_lᵀ(Hv)_l = v_lᵀH_ll v_l: the variance
+    is 2(‖H_ll‖²_F − Σ_k (H_ll)_kk²), without the cross-block terms that a joint probe adds. Each
+    probe differentiates only to W_l, so a probe on a late layer costs a fraction of a full HVP.
+
+    Budgets follow the measured variance: every layer first gets ``min_probes`` probes; then, in
+    rounds, each layer that has not reached SE_l ≤ ``rel_tol``·|T̂_l| gets half of the probes its
+    variance says it still needs, up to ``max_probes_per_layer`` per layer and ``max_total_probes``
+    in all (default: no total cap). Per batch the gradient graph is built once per round.
+    ``probes_per_layer`` of the result records what each layer got.
+    """
+    if min_probes < 2:
+        raise ValueError(
+            f"min_probes must be at least 2 to give a standard error, got {min_probes}"
+        )
+    if max_probes_per_layer < min_probes:
+        raise ValueError(
+            f"max_probes_per_layer ({max_probes_per_layer}) is below min_probes ({min_probes})"
+        )
+    model.eval()
+    modules = {layer.name: get_module(model, layer.name) for layer in layers}
+    names = tuple(modules)
+    weights = [module.weight for module in modules.values()]
+    device = weights[0].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = sum(int(labels.shape[0]) for _, labels in batches)
+    if total == 0:
+        raise ValueError("no calibration samples were given")
+    cap_total = max_total_probes if max_total_probes is not None else np.iinfo(np.int64).max
+    if cap_total < min_probes * len(names):
+        raise ValueError(
+            f"max_total_probes ({max_total_probes}) is below min_probes x layers "
+            f"({min_probes * len(names)})"
+        )
+    requires_grad = [weight.requires_grad for weight in weights]
+    for weight in weights:
+        weight.requires_grad_(True)
+    samples: list[list[float]] = [[] for _ in names]
+    counts = np.full(len(names), min_probes)
+    bar = tqdm(desc="single-layer Hutchinson", disable=not progress, unit="probe")
+    try:
+        while counts.sum() > 0:
+            plan = [(index, int(count)) for index, count in enumerate(counts) if count > 0]
+            probes = [
+                (
+                    index,
+                    (
+                        torch.randint(
+                            0, 2, weights[index].shape, generator=generator, device=device
+                        )
+                        * 2
+                        - 1
+                    ).to(weights[index].dtype),
+                )
+                for index, count in plan
+                for _ in range(count)
+            ]
+            values = np.zeros(len(probes))
+            for inputs, labels in batches:
+                inputs, labels = inputs.to(device), labels.to(device)
+                batch_loss = F.cross_entropy(model(inputs), labels, reduction="sum") / total
+                grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
+                for probe_index, (index, v) in enumerate(probes):
+                    (hvp,) = torch.autograd.grad(
+                        grads[index], weights[index], grad_outputs=v, retain_graph=True
+                    )
+                    values[probe_index] += float((hvp * v).sum())
+                del grads, batch_loss
+            for (index, _), value in zip(probes, values):
+                samples[index].append(value)
+            bar.update(len(probes))
+            spent = sum(len(values) for values in samples)
+            mean = np.array([np.mean(values) for values in samples])
+            variance = np.array([np.var(values, ddof=1) for values in samples])
+            taken = np.array([len(values) for values in samples])
+            needed = np.minimum(probes_for_tolerance(mean, variance, rel_tol), max_probes_per_layer)
+            deficit = np.maximum(needed - taken, 0)
+            counts = _allocate_round(deficit, int(min(cap_total - spent, deficit.sum())))
+    finally:
+        bar.close()
+        for weight, flag in zip(weights, requires_grad):
+            weight.requires_grad_(flag)
+    taken = np.array([len(values) for values in samples])
+    trace = np.array([np.mean(values) for values in samples])
+    stderr = np.array([np.std(values, ddof=1) for values in samples]) / np.sqrt(taken)
+    logger.info("single-layer Hutchinson used %d probes", int(taken.sum()))
+    return CurvatureEstimate(
+        layer_names=names,
+        trace=trace,
+        trace_stderr=stderr,
+        num_samples=total,
+        method="hutchinson_single_layer",
+        num_probes=int(taken.sum()),
+        flags=flag_estimates(trace, stderr),
+        probes_per_layer=taken,
     )

@@ -32,13 +32,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq import artifacts
-from lcpaq.allocate import Allocation, AllocationProblem, Budget, allowed_candidates
+from lcpaq.allocate import (
+    Allocation,
+    AllocationProblem,
+    Budget,
+    allowed_candidates,
+    tie_rule_groups,
+)
 from lcpaq.candidates import CandidateTable, measure_candidates
 from lcpaq.config import FirstLastPolicy, RunConfig
+from lcpaq.costs import build_cost_model, load_latency_table
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import evaluate_accuracy, paired_difference
 from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpoint
+from lcpaq.formats import get_format
 from lcpaq.frontier import build_frontiers, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
 from lcpaq.hessian import gauss_newton_traces, hutchinson_traces
@@ -199,9 +207,15 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
 
 
 def build_problem(
-    run_dir: Path, first_last: FirstLastPolicy, scorer: str
+    run_dir: Path,
+    first_last: FirstLastPolicy,
+    scorer: str,
+    *,
+    ties: Sequence[Sequence[str]] = (),
+    tie_rule: str = "none",
+    latency_table: str | None = None,
 ) -> tuple[AllocationProblem, CandidateTable, np.ndarray, np.ndarray]:
-    """The ILP for a run folder: scores, Pareto mask and the first/last-layer policy."""
+    """The ILP for a run folder: scores, Pareto mask, costs, ties and the first/last-layer policy."""
     layers, unquantized_bits = read_layers(run_dir)
     table = artifacts.load_candidates(run_dir / "candidates.npz")
     curvature = artifacts.load_curvature(run_dir / "curvature.npz")
@@ -216,8 +230,29 @@ def build_problem(
         fixed = {layers[0].name: HIGH_FORMAT, layers[-1].name: HIGH_FORMAT}
     elif first_last != "search":
         raise InputError(f"--first-last must be 'search' or 'keep-8bit', got {first_last!r}")
-    allowed = allowed_candidates(table, kept, fixed)
-    problem = AllocationProblem(table, scores, allowed, constant_size_bits=unquantized_bits)
+    # The problem prunes by the safe rule over every cost dimension, ties included (METHOD §3).
+    allowed = allowed_candidates(table, np.ones_like(kept), fixed)
+    costs = build_cost_model(
+        table,
+        constant_size_bits=unquantized_bits,
+        fp32_size_bits=float(
+            artifacts.read_json(run_dir / "layers.json", "layer list")["fp32_size_bits"]  # type: ignore[arg-type]
+        ),
+        macs_per_sample=np.array([layer.macs_per_sample for layer in layers], dtype=float),
+        weight_shapes=[layer.weight_shape for layer in layers],
+        weight_sign_bits=np.array(
+            [
+                get_format(name).kind != "int" or read_config(run_dir).analysis.scheme.symmetric
+                for name in table.format_names
+            ],
+            dtype=float,
+        ),
+        latency_table=load_latency_table(latency_table) if latency_table else None,
+    )
+    groups = [*ties, *tie_rule_groups(table.layer_names, tie_rule)]
+    problem = AllocationProblem(
+        table, scores, allowed, constant_size_bits=unquantized_bits, costs=costs, ties=groups
+    )
     return problem, table, scores, kept
 
 
@@ -227,12 +262,17 @@ def allocate(
     *,
     first_last: FirstLastPolicy = "search",
     scorer: str = "hawq_v2",
+    ties: Sequence[Sequence[str]] = (),
+    tie_rule: str = "none",
+    latency_table: str | None = None,
 ) -> Allocation:
     """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``."""
     if not budgets:
         raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
     with timed(run_dir, "allocate"):
-        problem, table, scores, kept = build_problem(run_dir, first_last, scorer)
+        problem, table, scores, kept = build_problem(
+            run_dir, first_last, scorer, ties=ties, tie_rule=tie_rule, latency_table=latency_table
+        )
         allocation = problem.solve(budgets)
         artifacts.write_npz(
             run_dir / "frontiers.npz", {"scores": scores, "kept": kept, "allowed": problem.allowed}
@@ -242,6 +282,9 @@ def allocate(
             {
                 "first_last": first_last,
                 "scorer": scorer,
+                "ties": [list(group) for group in ties],
+                "tie_rule": tie_rule,
+                "latency_table": latency_table,
                 **allocation.to_dict(),
             },
         )
@@ -387,8 +430,13 @@ def sweep(
     first_last = str(allocation_data["first_last"])
     with timed(run_dir, "sweep"):
         problem, table, scores, _ = build_problem(
-            run_dir, first_last, str(allocation_data["scorer"])
-        )  # type: ignore[arg-type]
+            run_dir,
+            first_last,  # type: ignore[arg-type]
+            str(allocation_data["scorer"]),
+            ties=allocation_data.get("ties", []),  # type: ignore[arg-type]
+            tie_rule=str(allocation_data.get("tie_rule", "none")),
+            latency_table=allocation_data.get("latency_table"),  # type: ignore[arg-type]
+        )
         smallest = problem.smallest_achievable("avg-bits")
         low = max(smallest, min_bits) if min_bits is not None else smallest
         budgets = np.linspace(low, max_bits, num_points)

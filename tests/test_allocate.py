@@ -14,9 +14,12 @@ from lcpaq.allocate import (
     Budget,
     allowed_candidates,
     parse_budget,
+    parse_tie,
+    tie_rule_groups,
     uniform_choice,
 )
 from lcpaq.candidates import CandidateTable
+from lcpaq.costs import CostModel, build_cost_model
 from lcpaq.errors import InputError
 from lcpaq.frontier import build_frontiers
 
@@ -285,6 +288,10 @@ def test_allocation_round_trip_and_uniform_choice() -> None:
         ("size-mb=0.12", Budget("size-mb", 0.12)),
         (" avg-bits = 2.5", Budget("avg-bits", 2.5)),
         ("size-mb=1e-2", Budget("size-mb", 0.01)),
+        ("size-frac=0.25", Budget("size-frac", 0.25)),
+        ("bitops-g=1.5", Budget("bitops-g", 1.5)),
+        ("ebops-g=2", Budget("ebops-g", 2.0)),
+        ("latency-ms=2", Budget("latency-ms", 2.0)),
     ],
 )
 def test_parse_budget(text: str, expected: Budget) -> None:
@@ -298,7 +305,7 @@ def test_parse_budget(text: str, expected: Budget) -> None:
         ("avg-bits=0", "positive"),
         ("avg-bits=nan", "positive"),
         ("size-mb=inf", "positive"),
-        ("latency=3", "unknown metric 'latency'; known: avg-bits, size-mb"),
+        ("latency=3", "unknown metric 'latency'; known: avg-bits, size-mb, size-frac, bitops-g"),
         ("avg-bits=three", "'three' is not a number"),
         ("avg-bits=", "is not a number"),
         ("avg-bits", "expected METRIC=VALUE"),
@@ -307,3 +314,216 @@ def test_parse_budget(text: str, expected: Budget) -> None:
 def test_parse_budget_errors(text: str, message: str) -> None:
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         parse_budget(text)
+
+
+# -- several budgets, ties and pairwise terms ---------------------------------------------------
+
+
+def rich_instance(
+    rng: np.random.Generator, num_layers: int, num_formats: int
+) -> tuple[AllocationProblem, CandidateTable, np.ndarray, CostModel, dict, list]:
+    """Random costs in every metric (latency non-monotone), pairs with negative C, random ties."""
+    table, scores, constant = random_instance(rng, num_layers, num_formats, format_overhead=True)
+    latency = {
+        name: {fmt: float(rng.uniform(0.1, 2.0)) for fmt in table.format_names}
+        for name in table.layer_names
+    }
+    costs = build_cost_model(
+        table,
+        constant_size_bits=constant,
+        fp32_size_bits=float(table.num_params.sum() * 32 + constant),
+        macs_per_sample=rng.integers(100, 10_000, num_layers).astype(float),
+        activation_bits=rng.integers(2, 9, num_formats).astype(float),
+        weight_sign_bits=rng.integers(0, 2, num_formats).astype(float),
+        latency_table=latency,
+    )
+    pairs = {}
+    for i, j in itertools.combinations(range(num_layers), 2):
+        if rng.random() < 0.5:
+            pairs[(i, j) if rng.random() < 0.5 else (j, i)] = rng.normal(
+                0.0, float(scores.mean()), (num_formats, num_formats)
+            )
+    ties = []
+    if num_layers >= 3 and rng.random() < 0.5:
+        ties.append(tuple(table.layer_names[k] for k in rng.choice(num_layers, 2, replace=False)))
+    allowed = np.ones_like(scores, dtype=bool)
+    if rng.random() < 0.3:  # fix one layer
+        allowed[int(rng.integers(num_layers))] = np.eye(num_formats, dtype=bool)[0]
+    return table, scores, allowed, costs, pairs, ties
+
+
+class RichBruteForce:
+    """Every assignment that respects the ties, with every metric and the full objective."""
+
+    def __init__(self, table, scores, allowed, costs: CostModel, pairs, ties) -> None:
+        options = [np.flatnonzero(row) for row in allowed]
+        choices = np.array(list(itertools.product(*options)))
+        for group in ties:
+            rows = [table.layer_names.index(name) for name in group]
+            choices = choices[np.all(choices[:, rows] == choices[:, rows[:1]], axis=1)]
+        self.choices = choices
+        rows = np.arange(len(table.layer_names))
+        self.values = {
+            metric: costs.coefficients[metric][rows, choices].sum(1) + costs.offsets[metric]
+            for metric in costs.metrics
+        }
+        self.score = scores[rows, choices].sum(1)
+        for (i, j), matrix in pairs.items():
+            self.score = self.score + matrix[choices[:, i], choices[:, j]]
+
+    def best(self, budgets: list[Budget]) -> float | None:
+        feasible = np.ones(len(self.score), dtype=bool)
+        for budget in budgets:
+            feasible &= self.values[budget.metric] <= budget.value
+        return float(self.score[feasible].min()) if feasible.any() else None
+
+    def random_budget(self, rng: np.random.Generator, metric: str) -> Budget:
+        values = np.unique(self.values[metric])
+        for _ in range(100):
+            value = float(rng.uniform(values[0], values[-1] * 1.05))
+            if np.min(np.abs(values - value)) > 1e-6 * value:
+                return Budget(metric, value)
+        return Budget(metric, float(values[-1] * 1.1))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pairs_ties_and_several_budgets_equal_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    num_layers, num_formats = int(rng.integers(2, 7)), int(rng.integers(2, 4))
+    table, scores, allowed, costs, pairs, ties = rich_instance(rng, num_layers, num_formats)
+    brute = RichBruteForce(table, scores, allowed, costs, pairs, ties)
+    problems = {
+        form: AllocationProblem(
+            table, scores, allowed, costs=costs, pairwise=pairs, ties=ties, linearization=form
+        )
+        for form in ("rlt", "mccormick")
+    }
+    metrics = list(costs.metrics)
+    for _ in range(4):
+        chosen = rng.choice(metrics, size=int(rng.integers(1, 4)), replace=False)
+        budgets = [brute.random_budget(rng, str(metric)) for metric in chosen]
+        expected = brute.best(budgets)
+        for problem in problems.values():
+            if any(b.value < problem.smallest_achievable(b.metric) for b in budgets):
+                with pytest.raises(InputError, match="infeasible"):
+                    problem.solve(budgets)
+                continue
+            if expected is None:
+                with pytest.raises(InputError, match="cannot all be met at once") as info:
+                    problem.solve(budgets)
+                assert all(str(b) in str(info.value) for b in budgets)
+                continue
+            allocation = problem.solve(budgets)
+            assert allocation.status == "Optimal"
+            assert allocation.predicted_loss_increase == pytest.approx(expected, rel=1e-6, abs=1e-9)
+            choice = np.array([table.format_names.index(name) for name in allocation.formats])
+            assert allowed[np.arange(num_layers), choice].all()
+            for group in ties:
+                assert len({allocation.formats[table.layer_names.index(n)] for n in group}) == 1
+            for use in allocation.budgets:
+                assert use.used == pytest.approx(costs.value(use.metric, choice), rel=1e-12)
+                assert use.used <= use.limit * (1 + 1e-9)
+            assert allocation.costs == pytest.approx(costs.values(choice))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pareto_curve_points_are_optimal_and_distinct(seed: int) -> None:
+    rng = np.random.default_rng(2000 + seed)
+    table, scores, allowed, costs, pairs, ties = rich_instance(rng, 5, 3)
+    if seed % 2:
+        pairs = {}
+    brute = RichBruteForce(table, scores, allowed, costs, pairs, ties)
+    problem = AllocationProblem(table, scores, allowed, costs=costs, pairwise=pairs, ties=ties)
+    metric = ("size-mb", "bitops-g", "latency-ms")[seed % 3]
+    points = problem.pareto_curve(metric, num_points=30)
+    assert points and len({point.formats for point in points}) == len(points)
+    swept = sorted(value for point in points for value in point.budgets)
+    assert len(swept) == 30
+    assert swept[0] == pytest.approx(problem.smallest_achievable(metric))
+    for point in points:
+        for value in point.budgets:
+            assert point.costs[metric] <= value * (1 + 1e-9)
+            expected = brute.best([Budget(metric, value * (1 + 1e-12))])
+            assert point.predicted_loss_increase == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert [p.costs[metric] for p in points] == sorted(p.costs[metric] for p in points)
+
+
+def test_conflicting_budgets_are_named() -> None:
+    # Two layers, two formats: a costs 1 in size but 10 in BitOps; b the other way round.
+    table = CandidateTable(
+        layer_names=("l0", "l1"),
+        format_names=("int2", "int8"),
+        num_params=np.array([100, 100]),
+        bits=np.array([2, 8]),
+        weight_bits=np.array([[200.0, 800.0], [200.0, 800.0]]),
+        size_bits=np.array([[200.0, 800.0], [200.0, 800.0]]),
+        error_sq=np.ones((2, 2)),
+        weighted_error=np.full((2, 2), np.nan),
+    )
+    costs = build_cost_model(table, macs_per_sample=np.array([1e9, 1e9]), activation_bits=8)
+    costs = CostModel(
+        costs.layer_names,
+        costs.format_names,
+        {**costs.coefficients, "bitops-g": np.array([[10.0, 1.0], [10.0, 1.0]])},
+        costs.offsets,
+    )
+    problem = AllocationProblem(table, np.ones((2, 2)), np.ones((2, 2), bool), costs=costs)
+    size, bitops = Budget("size-mb", 700 / BITS_PER_MB), Budget("bitops-g", 5.0)
+    with pytest.raises(InputError, match="cannot all be met at once") as info:
+        problem.solve([size, bitops, Budget("avg-bits", 8.0)])
+    message = str(info.value)
+    assert f"conflicting pairs: {size} with {bitops}" in message
+    assert "smallest achievable size-mb 5e-05, bitops-g 2, avg-bits 2" in message
+    with pytest.raises(InputError, match="bitops-g=1 is infeasible.*smallest achievable bitops-g"):
+        problem.solve([Budget("bitops-g", 1.0)])
+    with pytest.raises(InputError, match="needs MACs per layer"):
+        AllocationProblem(table, np.ones((2, 2)), np.ones((2, 2), bool)).solve(
+            [Budget("bitops-g", 5.0)]
+        )
+
+
+def test_ties_and_tie_rules() -> None:
+    names = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.0.downsample.0", "fc"]
+    assert tie_rule_groups(names, "none") == []
+    assert tie_rule_groups(names, "downsample") == [("layer1.0.conv1", "layer1.0.downsample.0")]
+    with pytest.raises(InputError, match="unknown tie rule"):
+        tie_rule_groups(names, "nope")
+    assert parse_tie(" a, b ,a") == ("a", "b")
+    with pytest.raises(InputError, match="at least two layer names"):
+        parse_tie("a")
+    rng = np.random.default_rng(3)
+    table, scores, constant = random_instance(rng, 4, 3, monotone=True)
+    allowed = np.ones_like(scores, dtype=bool)
+    with pytest.raises(InputError, match="cannot tie layer 'nope'"):
+        AllocationProblem(table, scores, allowed, ties=[("block0.conv", "nope")])
+    fixed = allowed_candidates(table, allowed, {"block0.conv": table.format_names[0]})
+    fixed = allowed_candidates(table, fixed, {"block1.conv": table.format_names[1]})
+    with pytest.raises(InputError, match="no allowed format in common"):
+        AllocationProblem(table, scores, fixed, ties=[("block0.conv", "block1.conv")])
+    problem = AllocationProblem(
+        table, scores, fixed, ties=[("block1.conv", "block2.conv", "block3.conv")]
+    )
+    allocation = problem.solve([Budget("avg-bits", 8.0)])
+    assert allocation.formats[1:] == (table.format_names[1],) * 3
+
+
+def test_pairwise_input_errors_and_tied_pairs_fold_into_scores() -> None:
+    rng = np.random.default_rng(4)
+    table, scores, constant = random_instance(rng, 3, 2)
+    allowed = np.ones_like(scores, dtype=bool)
+    with pytest.raises(ValueError, match="two different layers"):
+        AllocationProblem(table, scores, allowed, pairwise={(1, 1): np.zeros((2, 2))})
+    with pytest.raises(ValueError, match=r"finite \[F, F\]"):
+        AllocationProblem(table, scores, allowed, pairwise={(0, 1): np.zeros((3, 2))})
+    with pytest.raises(InputError, match="unknown linearization"):
+        AllocationProblem(table, scores, allowed, linearization="nope")
+    pair = np.array([[-5.0, 3.0], [3.0, 0.0]])
+    problem = AllocationProblem(
+        table, scores, allowed, pairwise={(0, 1): pair}, ties=[("block0.conv", "block1.conv")]
+    )
+    allocation = problem.solve([])
+    brute = RichBruteForce(
+        table, scores, allowed, problem.costs, {(0, 1): pair}, [("block0.conv", "block1.conv")]
+    )
+    assert allocation.predicted_loss_increase == pytest.approx(brute.best([]))
+    assert allocation.formats[0] == allocation.formats[1] == table.format_names[0]

@@ -12,7 +12,9 @@ from lcpaq.frontier import (
     build_frontiers,
     diagonal_score,
     hawq_v2_score,
+    pairwise_score_bounds,
     pareto_mask,
+    safe_pareto_mask,
     score_candidates,
 )
 
@@ -152,3 +154,62 @@ def test_pruned_candidates_never_in_a_brute_force_optimum(seed: int) -> None:
     # ... and (continuous random scores: the optimum is unique) no optimum uses a pruned one.
     optimal = feasible & (masked == best_all[:, None])
     assert not np.any(optimal & uses_pruned[None, :])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_safe_pruning_never_removes_an_optimum_with_pairs_and_several_costs(seed: int) -> None:
+    rng = np.random.default_rng(300 + seed)
+    num_units, num_formats, num_dims = int(rng.integers(2, 5)), int(rng.integers(2, 4)), 3
+    # Small integer costs (ties in cost) with one cost dimension not monotone in the others.
+    costs = rng.integers(0, 4, size=(num_units, num_formats, num_dims)).astype(float)
+    scores = rng.random((num_units, num_formats))
+    pairs = {}
+    if seed % 4:  # a quarter of the instances without pairs
+        for i, j in itertools.combinations(range(num_units), 2):
+            if rng.random() < 0.6:
+                pairs[(i, j)] = rng.normal(0.0, 0.1 * (seed % 3), (num_formats, num_formats))
+    allowed = rng.random((num_units, num_formats)) < 0.9
+    allowed[np.arange(num_units), rng.integers(0, num_formats, num_units)] = True
+    kept = safe_pareto_mask(costs, scores, allowed, pairs)
+    assert not np.any(kept & ~allowed)
+    assert kept.any(axis=1).all()
+    if not pairs:
+        for unit in range(num_units):
+            rows = np.flatnonzero(allowed[unit])
+            np.testing.assert_array_equal(
+                kept[unit, rows], pareto_mask(costs[unit, rows], scores[unit, rows])
+            )
+    options = [np.flatnonzero(row) for row in allowed]
+    choices = np.array(list(itertools.product(*options)))
+    units = np.arange(num_units)
+    totals = costs[units, choices].sum(axis=1)  # [N, K]
+    objective = scores[units, choices].sum(1)
+    for (i, j), matrix in pairs.items():
+        objective = objective + matrix[choices[:, i], choices[:, j]]
+    uses_pruned = ~kept[units, choices].all(axis=1)
+    # Every budget vector that is some assignment's cost vector (with each dimension optionally off).
+    for budget in np.unique(totals, axis=0):
+        for active in itertools.product([True, False], repeat=num_dims):
+            limit = np.where(active, budget, np.inf)
+            feasible = np.all(totals <= limit, axis=1)
+            best = objective[feasible].min()
+            best_kept = objective[feasible & ~uses_pruned].min()
+            assert best_kept == pytest.approx(best, abs=1e-12)
+            optimal = feasible & (objective <= best + 1e-12)
+            if optimal.sum() == 1:  # a unique optimum never uses a pruned candidate
+                assert not uses_pruned[optimal].any()
+
+
+def test_pairwise_score_bounds_example() -> None:
+    scores = np.array([[1.0, 2.0], [0.0, 0.0]])
+    allowed = np.array([[True, True], [True, False]])
+    pair = np.array([[5.0, -9.0], [1.0, 7.0]])  # unit 1 can only take format 0
+    low, high = pairwise_score_bounds(scores, allowed, {(0, 1): pair})
+    np.testing.assert_array_equal(low[0], [6.0, 3.0])
+    np.testing.assert_array_equal(high[0], [6.0, 3.0])
+    np.testing.assert_array_equal(low[1], [1.0, 0.0])
+    np.testing.assert_array_equal(high[1], [5.0, 0.0])
+    costs = np.zeros((2, 2, 1))
+    # Format 1 of unit 0 costs the same and scores 3 < 6 whatever unit 1 holds: format 0 goes.
+    kept = safe_pareto_mask(costs, scores, allowed, {(0, 1): pair})
+    np.testing.assert_array_equal(kept, [[False, True], [True, False]])

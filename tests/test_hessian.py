@@ -27,6 +27,8 @@ from lcpaq.hessian import (
     gauss_newton_traces,
     hutchinson_traces,
     per_sample_weight_grads,
+    probes_for_tolerance,
+    single_layer_hutchinson_traces,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -340,6 +342,70 @@ def test_hutchinson_stops_at_tolerance_and_validates() -> None:
         hutchinson_traces(model, layers, [(inputs, labels)], max_probes=1)
     with pytest.raises(ValueError, match="no calibration samples"):
         hutchinson_traces(model, layers, [(inputs[:0], labels[:0])])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tiny_conv"])
+def test_single_layer_hutchinson_within_three_standard_errors(kind: str) -> None:
+    model, inputs, labels = _labelled(kind)
+    layers = _layers(model, inputs)
+    names = [layer.name for layer in layers]
+    exact = np.array(exact_hessian_block_traces(model, names, inputs, labels))
+    batches = [(inputs[:4], labels[:4]), (inputs[4:], labels[4:])]
+    estimate = single_layer_hutchinson_traces(
+        model, layers, batches, rel_tol=0.0, min_probes=200, max_probes_per_layer=200
+    )
+    assert estimate.method == "hutchinson_single_layer"
+    np.testing.assert_array_equal(estimate.probes_per_layer, [200] * len(layers))
+    assert estimate.num_probes == 200 * len(layers)
+    assert np.all(np.abs(estimate.trace - exact) <= 3 * estimate.trace_stderr), (
+        estimate.trace,
+        exact,
+    )
+    assert np.all(estimate.trace_stderr < 0.2 * np.abs(exact).sum())
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_single_layer_probes_have_no_cross_block_variance() -> None:
+    """Per-layer probes beat joint probes at equal probe count per layer (METHOD §1a (ii))."""
+    model, inputs, labels = _labelled("tiny_conv")
+    layers = _layers(model, inputs)
+    single = single_layer_hutchinson_traces(
+        model, layers, [(inputs, labels)], rel_tol=0.0, min_probes=64, max_probes_per_layer=64
+    )
+    joint = hutchinson_traces(model, layers, [(inputs, labels)], max_probes=64, rel_tol=0.0)
+    assert np.median(single.trace_stderr / joint.trace_stderr) < 1.0
+
+
+def test_single_layer_budgets_follow_variance_and_caps() -> None:
+    model, inputs, labels = _labelled("tiny_conv")
+    layers = _layers(model, inputs)
+    estimate = single_layer_hutchinson_traces(
+        model, layers, [(inputs, labels)], rel_tol=0.05, min_probes=4, max_probes_per_layer=30
+    )
+    probes = estimate.probes_per_layer
+    assert np.all(probes >= 4) and np.all(probes <= 30)
+    # Every layer either reached the tolerance or its cap (or would need more than the cap).
+    variance = estimate.trace_stderr**2 * probes
+    needed = probes_for_tolerance(estimate.trace, variance, 0.05)
+    reached = estimate.trace_stderr <= 0.05 * np.abs(estimate.trace) + 1e-15
+    assert np.all(reached | (probes == 30) | (needed > probes))
+    capped = single_layer_hutchinson_traces(
+        model, layers, [(inputs, labels)], rel_tol=1e-6, min_probes=3, max_total_probes=20
+    )
+    assert capped.num_probes == 20
+    again = single_layer_hutchinson_traces(
+        model, layers, [(inputs, labels)], rel_tol=1e-6, min_probes=3, max_total_probes=20
+    )
+    np.testing.assert_array_equal(again.trace, capped.trace)
+    with pytest.raises(ValueError, match="min_probes"):
+        single_layer_hutchinson_traces(model, layers, [(inputs, labels)], min_probes=1)
+    with pytest.raises(ValueError, match="max_total_probes"):
+        single_layer_hutchinson_traces(model, layers, [(inputs, labels)], max_total_probes=5)
+
+
+def test_probes_for_tolerance() -> None:
+    needed = probes_for_tolerance(np.array([2.0, 0.0, -1.0]), np.array([4.0, 1.0, 1.0]), 0.1)
+    np.testing.assert_array_equal(needed, [100.0, np.inf, 100.0])
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")

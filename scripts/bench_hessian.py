@@ -1,0 +1,420 @@
+"""Benchmark lcpaq's curvature estimators against PyHessian and Hutchinson, and their scaling.
+
+In one process, on the same model and the same calibration images (the first ``--num-samples``
+of ``--calib``), for each checkpoint:
+
+* lcpaq's default: exact per-layer Gauss–Newton traces (`gauss_newton_traces`), SE over samples;
+* PyHessian's ``hessian(...).trace()`` on the quantized layers' weights only (other parameters are
+  frozen so its one number is Σ_l tr(H_ll), the sum lcpaq reports per layer);
+* single-layer Hutchinson (`single_layer_hutchinson_traces`): probes zero outside one layer,
+  budgets by per-layer variance, stopped at ``--rel-tol`` or the probe caps. It is also the
+  Hessian reference that lcpaq's per-layer traces are rank-correlated against (raise
+  ``--hutchinson-probes-per-layer``/``--hutchinson-max-per-layer`` for a longer reference).
+
+Times are also given in HVP-equivalents: one Hessian-vector product of the whole-weight Hessian on
+the same batch, timed in the same run (median of ``--hvp-repeats``; the gradient graph is built
+once, as PyHessian does, and its build time is reported separately). This machine's speed swings
+several-fold between runs, so only ratios within one run are meaningful.
+
+Scaling: Gauss–Newton time and peak memory vs calibration samples (ResNet20 checkpoint) and vs
+depth (CIFAR ResNets with random weights), each configuration in a fresh child process. Peak memory
+is the child's peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs after the
+model and data are loaded, so it measures the estimator; ``resource.getrusage`` maxrss deltas where
+that reset is unavailable — the JSON says which), plus CUDA's max_memory_allocated on a GPU.
+
+    python scripts/bench_hessian.py --out results/bench_hessian.json          # ~15 min, 2 CPU cores
+    python scripts/bench_hessian.py --hutchinson-probes-per-layer 40 --pyhessian-iters 100  # longer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+
+from lcpaq.data import load_dataset
+from lcpaq.graph import discover_layers, get_module
+from lcpaq.hessian import (
+    gauss_newton_traces,
+    probes_for_tolerance,
+    single_layer_hutchinson_traces,
+)
+from lcpaq.models import build_model, load_model
+
+logger = logging.getLogger("bench_hessian")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LCPAQ_SHARED", REPO.parent / "shared"))
+CHECKPOINTS = {
+    "resnet20": "checkpoints/resnet20-12fca82f.th",
+    "resnet32": "checkpoints/resnet32-d509ac18.th",
+}
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine(device: torch.device) -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_hvp(
+    model: nn.Module, weights: list[torch.Tensor], inputs, labels, repeats: int, seed: int
+) -> dict[str, float]:
+    """Median time of one whole-weight HVP on a retained graph, and the graph's build time."""
+    device = inputs.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    _sync(device)
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(inputs), labels)
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    _sync(device)
+    graph_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        probe = [
+            (torch.randint(0, 2, w.shape, generator=generator, device=device) * 2 - 1).to(w.dtype)
+            for w in weights
+        ]
+        start = time.perf_counter()
+        torch.autograd.grad(grads, weights, grad_outputs=probe, retain_graph=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"hvp_seconds": float(np.median(times)), "graph_seconds": graph_seconds, "all": times}
+
+
+def run_pyhessian(
+    model: nn.Module, weights: list[torch.Tensor], inputs, labels, iters: int, seed: int
+) -> dict[str, object]:
+    """PyHessian's whole-model trace over the measured weights only (other params frozen)."""
+    from pyhessian import hessian
+
+    frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
+    flags = [p.requires_grad for p in frozen]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    torch.manual_seed(seed)  # PyHessian draws its probes from torch's global RNG
+    try:
+        start = time.perf_counter()
+        computer = hessian(
+            model, nn.CrossEntropyLoss(), data=(inputs, labels), cuda=inputs.device.type == "cuda"
+        )
+        samples = np.array(computer.trace(maxIter=iters, tol=1e-3), dtype=np.float64)
+        _sync(inputs.device)
+        seconds = time.perf_counter() - start
+    finally:
+        for parameter, flag in zip(frozen, flags):
+            parameter.requires_grad_(flag)
+        for parameter in model.parameters():
+            parameter.grad = None  # PyHessian leaves create_graph gradients behind
+    mean = float(samples.mean())
+    variance = float(samples.var(ddof=1)) if len(samples) > 1 else float("nan")
+    return {
+        "trace": mean,
+        "stderr": float(np.sqrt(variance / len(samples))),
+        "num_probes": len(samples),
+        "stopping_rule": f"maxIter={iters}, tol=1e-3 (PyHessian's running-mean rule)",
+        "probes_for_5pct": float(probes_for_tolerance(np.array(mean), np.array(variance), 0.05)),
+        "seconds": seconds,
+    }
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    model = load_model("cifar-resnet", SHARED / CHECKPOINTS[name]).to(device)
+    calib = load_dataset(args.calib, num_classes=10).subset(0, args.num_samples)
+    inputs, labels = calib.inputs.to(device), calib.labels.to(device)
+    layers = discover_layers(model, inputs)
+    names = [layer.name for layer in layers]
+    weights = [get_module(model, layer).weight for layer in names]
+    logger.info("%s: %d layers, %d samples", name, len(layers), len(inputs))
+
+    hvp = time_hvp(model, weights, inputs, labels, args.hvp_repeats, args.seed)
+    unit = hvp["hvp_seconds"]
+    logger.info("%s: one HVP %.2f s (graph %.2f s)", name, unit, hvp["graph_seconds"])
+
+    batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    _sync(device)
+    start = time.perf_counter()
+    gn = gauss_newton_traces(model, layers, batches, seed=args.seed)
+    _sync(device)
+    gn_seconds = time.perf_counter() - start
+    logger.info("%s: Gauss-Newton %.1f s = %.1f HVP", name, gn_seconds, gn_seconds / unit)
+
+    pyh = run_pyhessian(model, weights, inputs, labels, args.pyhessian_iters, args.seed)
+    logger.info("%s: PyHessian %.1f s, %d probes", name, pyh["seconds"], pyh["num_probes"])
+
+    start = time.perf_counter()
+    hutch = single_layer_hutchinson_traces(
+        model,
+        layers,
+        [(inputs, labels)],
+        rel_tol=args.rel_tol,
+        min_probes=args.hutchinson_min_probes,
+        max_probes_per_layer=args.hutchinson_max_per_layer,
+        max_total_probes=args.hutchinson_probes_per_layer * len(layers),
+        seed=args.seed,
+    )
+    _sync(device)
+    hutch_seconds = time.perf_counter() - start
+    logger.info(
+        "%s: single-layer Hutchinson %.1f s, %d probes", name, hutch_seconds, hutch.num_probes
+    )
+
+    taken = hutch.probes_per_layer
+    variance = hutch.trace_stderr**2 * taken
+    needed = probes_for_tolerance(hutch.trace, variance, 0.05)
+    seconds_per_probe = hutch_seconds / hutch.num_probes
+    gn_rel = gn.trace_stderr / np.abs(gn.trace)
+    spearman_gn = float(spearmanr(gn.trace, hutch.trace).statistic)
+    hutch_total_se = float(np.sqrt((hutch.trace_stderr**2).sum()))
+    hutch_5pct_hvp = float(needed.sum() * seconds_per_probe / unit)
+    return {
+        "model": name,
+        "checkpoint": str(CHECKPOINTS[name]),
+        "num_layers": len(layers),
+        "num_samples": len(inputs),
+        "hvp": hvp,
+        "layers": [
+            {
+                "name": layer,
+                "num_params": info.num_params,
+                "gauss_newton": float(gn.trace[i]),
+                "gauss_newton_stderr": float(gn.trace_stderr[i]),
+                "hutchinson": float(hutch.trace[i]),
+                "hutchinson_stderr": float(hutch.trace_stderr[i]),
+                "hutchinson_probes": int(taken[i]),
+                "hutchinson_probes_for_5pct": float(needed[i]),
+            }
+            for i, (layer, info) in enumerate(zip(names, layers))
+        ],
+        "gauss_newton": {
+            "seconds": gn_seconds,
+            "hvp_equivalents": gn_seconds / unit,
+            "sum": float(gn.trace.sum()),
+            "sum_stderr": float(np.std(gn.sample_traces.sum(1), ddof=1) / np.sqrt(len(inputs))),
+            "probe_noise": "none (exact per sample); stderr is over calibration samples",
+            "max_relative_stderr_over_samples": float(gn_rel.max()),
+            "median_relative_stderr_over_samples": float(np.median(gn_rel)),
+        },
+        "pyhessian": {**pyh, "hvp_equivalents": pyh["seconds"] / unit},
+        "single_layer_hutchinson": {
+            "seconds": hutch_seconds,
+            "hvp_equivalents": hutch_seconds / unit,
+            "num_probes": hutch.num_probes,
+            "sum": float(hutch.trace.sum()),
+            "sum_stderr": hutch_total_se,
+            "layers_at_5pct": int((hutch.trace_stderr <= 0.05 * np.abs(hutch.trace)).sum()),
+            "median_probes_for_5pct": float(np.median(needed)),
+            "max_probes_for_5pct": float(needed.max()),
+            "total_probes_for_5pct": float(needed.sum()),
+            "hvp_equivalents_for_5pct": hutch_5pct_hvp,
+            "note": "probes for 5% extrapolated from the measured per-layer variance; HVP-equivalents"
+            " for 5% use this run's mean seconds per single-layer probe",
+        },
+        "comparison": {
+            "spearman_gauss_newton_vs_hutchinson": spearman_gn,
+            "hutchinson_5pct_over_gauss_newton_cost": hutch_5pct_hvp / (gn_seconds / unit),
+            "pyhessian_5pct_over_gauss_newton_cost": pyh["probes_for_5pct"] / (gn_seconds / unit),
+            "pyhessian_run_over_gauss_newton_cost": pyh["seconds"] / gn_seconds,
+        },
+    }
+
+
+# -- scaling: one child process per configuration -------------------------------------------------
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> None:
+    torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(str(spec["device"]))
+    if spec["checkpoint"]:
+        model = load_model("cifar-resnet", str(spec["checkpoint"]))
+    else:
+        torch.manual_seed(int(spec["seed"]))
+        model = build_model(f"cifar-resnet{spec['depth']}", None).eval()
+    model = model.to(device)
+    calib = load_dataset(str(spec["calib"]), num_classes=10).subset(0, int(spec["num_samples"]))
+    inputs = calib.inputs.to(device)
+    layers = discover_layers(model, inputs)
+    batch = int(spec["batch_size"])
+    batches = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+    rss_before = _rss_kib("VmRSS")
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS), Linux >= 4.0
+        method = "VmHWM reset after loading (peak RSS during the estimator)"
+    except OSError:
+        method = "getrusage maxrss delta (lower bound)"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    gauss_newton_traces(model, layers, batches, seed=int(spec["seed"]))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if method.startswith("VmHWM"):
+        peak = _rss_kib("VmHWM") or 0
+        peak_delta = peak - (rss_before or 0)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_delta = peak - maxrss_before
+    queue.put(
+        {
+            **{key: spec[key] for key in ("depth", "num_samples", "batch_size")},
+            "num_layers": len(layers),
+            "num_params": sum(layer.num_params for layer in layers),
+            "seconds": seconds,
+            "rss_before_mib": (rss_before or 0) / 1024,
+            "peak_rss_mib": peak / 1024,
+            "peak_over_before_mib": peak_delta / 1024,
+            "memory_method": method,
+            "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20
+            if device.type == "cuda"
+            else None,
+        }
+    )
+
+
+def run_child(spec: dict[str, object]) -> dict[str, object]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_scaling_child, args=(spec, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    logger.info("scaling %s", {k: result[k] for k in ("depth", "num_samples", "seconds")})
+    return result
+
+
+def _fit_slope(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Log-log slope (1 = linear growth) of y against x."""
+    slope = np.polyfit(np.log(xs), np.log(ys), 1)[0]
+    return {"loglog_slope": float(slope)}
+
+
+def scaling(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    base = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+        "calib": str(args.calib),
+        "batch_size": args.batch_size,
+    }
+    by_samples = [
+        run_child(
+            {
+                **base,
+                "checkpoint": str(SHARED / CHECKPOINTS["resnet20"]),
+                "depth": 20,
+                "num_samples": count,
+            }
+        )
+        for count in args.scaling_samples
+    ]
+    by_depth = [
+        run_child({**base, "checkpoint": None, "depth": depth, "num_samples": args.depth_samples})
+        for depth in args.scaling_depths
+    ]
+    return {
+        "estimator": "gauss_newton_traces (lcpaq default)",
+        "vs_samples": by_samples,
+        "vs_samples_time": _fit_slope(
+            [r["num_samples"] for r in by_samples], [r["seconds"] for r in by_samples]
+        ),
+        "vs_depth": by_depth,
+        "vs_depth_time": _fit_slope(
+            [r["num_layers"] for r in by_depth], [r["seconds"] for r in by_depth]
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="resnet20,resnet32")
+    parser.add_argument("--calib", type=Path, default=SHARED / "data/cifar10_train_subset.npz")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hvp-repeats", type=int, default=3)
+    parser.add_argument("--pyhessian-iters", type=int, default=20, help="PyHessian maxIter")
+    parser.add_argument("--rel-tol", type=float, default=0.05)
+    parser.add_argument("--hutchinson-min-probes", type=int, default=3)
+    parser.add_argument(
+        "--hutchinson-probes-per-layer",
+        type=int,
+        default=5,
+        help="total single-layer probe cap = this x layers",
+    )
+    parser.add_argument("--hutchinson-max-per-layer", type=int, default=40)
+    parser.add_argument("--scaling-samples", default="256,512,1024,2048")
+    parser.add_argument("--scaling-depths", default="20,32,44,56")
+    parser.add_argument("--depth-samples", type=int, default=256)
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_hessian.json"))
+    args = parser.parse_args(argv)
+    args.scaling_samples = [int(v) for v in args.scaling_samples.split(",") if v]
+    args.scaling_depths = [int(v) for v in args.scaling_depths.split(",") if v]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    result: dict[str, object] = {
+        "git_sha": _git_sha(),
+        "machine": _machine(device),
+        "seed": args.seed,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": [bench_model(name, args, device) for name in args.models.split(",") if name],
+    }
+    if not args.skip_scaling:
+        result["scaling"] = scaling(args, device)
+    result["total_seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    logger.info("wrote %s in %.0f s", args.out, result["total_seconds"])
+
+
+if __name__ == "__main__":
+    main()
