@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lcpaq.errors import InputError
 from lcpaq.graph import LayerInfo, get_module
 
 logger = logging.getLogger(__name__)
@@ -296,8 +297,9 @@ class GaussNewtonState:
         with _LayerRecorder(modules) as recorder:
             logits = model(inputs)
         if logits.dim() != 2:
-            raise ValueError(
-                f"expected logits of shape [batch, classes], got {tuple(logits.shape)}"
+            raise InputError(
+                f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
+                "of shape [batch, classes]"
             )
         missing = [name for name in names if name not in recorder.outputs]
         if missing:
@@ -366,6 +368,24 @@ class GaussNewtonState:
         )
 
 
+def _probe_setup(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+) -> tuple[tuple[str, ...], list[torch.Tensor], torch.Generator, int]:
+    """Shared start of the Hutchinson estimators: eval mode, layer weights, seeded generator and
+    the total number of calibration samples."""
+    model.eval()
+    modules = {layer.name: get_module(model, layer.name) for layer in layers}
+    weights = [module.weight for module in modules.values()]
+    generator = torch.Generator(device=weights[0].device).manual_seed(seed)
+    total = sum(int(labels.shape[0]) for _, labels in batches)
+    if total == 0:
+        raise ValueError("no calibration samples were given")
+    return tuple(modules), weights, generator, total
+
+
 def hutchinson_traces(
     model: nn.Module,
     layers: Sequence[LayerInfo],
@@ -389,15 +409,8 @@ def hutchinson_traces(
         raise ValueError(
             f"max_probes must be at least 2 to give a standard error, got {max_probes}"
         )
-    model.eval()
-    modules = {layer.name: get_module(model, layer.name) for layer in layers}
-    names = tuple(modules)
-    weights = [module.weight for module in modules.values()]
+    names, weights, generator, total = _probe_setup(model, layers, batches, seed)
     device = weights[0].device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = sum(int(labels.shape[0]) for _, labels in batches)
-    if total == 0:
-        raise ValueError("no calibration samples were given")
     requires_grad = [weight.requires_grad for weight in weights]
     for weight in weights:
         weight.requires_grad_(True)
@@ -503,15 +516,8 @@ def single_layer_hutchinson_traces(
         raise ValueError(
             f"max_probes_per_layer ({max_probes_per_layer}) is below min_probes ({min_probes})"
         )
-    model.eval()
-    modules = {layer.name: get_module(model, layer.name) for layer in layers}
-    names = tuple(modules)
-    weights = [module.weight for module in modules.values()]
+    names, weights, generator, total = _probe_setup(model, layers, batches, seed)
     device = weights[0].device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = sum(int(labels.shape[0]) for _, labels in batches)
-    if total == 0:
-        raise ValueError("no calibration samples were given")
     cap_total = max_total_probes if max_total_probes is not None else np.iinfo(np.int64).max
     if cap_total < min_probes * len(names):
         raise ValueError(
