@@ -13,25 +13,31 @@ from pathlib import Path
 
 import torch
 
-from lcpaq import __version__, pipeline
+from lcpaq import __version__, artifacts, pipeline
 from lcpaq.allocate import TIE_RULES, Budget, parse_budget, parse_tie
-from lcpaq.config import DEFAULT_FORMATS, AnalysisConfig, RecoveryConfig, RunConfig
+from lcpaq.config import (
+    DEFAULT_FORMATS,
+    AllocationConfig,
+    AnalysisConfig,
+    RecoveryConfig,
+    RunConfig,
+)
 from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, parse_format_list
 
 logger = logging.getLogger("lcpaq")
 
 
-def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
+def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     group = parser.add_argument_group("model and calibration")
     group.add_argument(
         "--model",
-        required=True,
+        required=required,
         help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits",
     )
     group.add_argument("--checkpoint", help="state dict file (.th/.pt/.pth/.safetensors)")
     group.add_argument(
-        "--calib", required=True, help="calibration data: .npz, .pt or ImageFolder dir"
+        "--calib", required=required, help="calibration data: .npz, .pt or ImageFolder dir"
     )
     group.add_argument(
         "--normalize",
@@ -155,8 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="analyze, allocate, export, evaluate, sweep, plot, report"
     )
-    _add_analysis_options(run)
-    _add_allocation_options(run, required=True)
+    run.add_argument(
+        "--config",
+        type=Path,
+        help="a run configuration (run_config.json of a run, or best_config.json of lcpaq search); "
+        "analysis and allocation options then come from it (--budget overrides its budgets)",
+    )
+    _add_analysis_options(run, required=False)
+    _add_allocation_options(run, required=False)
     run.add_argument("--eval", help="labelled evaluation data (.npz, .pt or ImageFolder dir)")
     run.add_argument("--out", type=Path, required=True, help="run folder")
     _add_sweep_options(run, default_points=8)
@@ -191,7 +203,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options a --config file supplies; giving them as well would be ambiguous.
+_CONFIG_OPTIONS = (
+    "model",
+    "checkpoint",
+    "calib",
+    "normalize",
+    "image_size",
+    "num_samples",
+    "batch_size",
+    "loss",
+    "formats",
+    "symmetric",
+    "granularity",
+    "group_size",
+    "clipping",
+    "hutchinson_probes",
+    "hutchinson_samples",
+    "seed",
+    "correction_samples",
+    "no_correction",
+    "tie",
+    "tie_rule",
+    "latency_table",
+    "first_last",
+    "scorer",
+)
+
+
+def _config_from_file(args: argparse.Namespace) -> RunConfig:
+    defaults = build_parser().parse_args([args.command, "--out", str(args.out)])
+    given = [
+        "--" + name.replace("_", "-")
+        for name in _CONFIG_OPTIONS
+        if getattr(args, name, None) != getattr(defaults, name, None)
+    ]
+    if given:
+        raise InputError(
+            f"{', '.join(given)} cannot be combined with --config {args.config}: "
+            "edit the configuration file instead"
+        )
+    config = RunConfig.from_dict(
+        artifacts.read_json(args.config, "run configuration"), source=str(args.config)
+    )
+    if args.allow_unsafe_pickle:
+        config = config.with_analysis(allow_unsafe_pickle=True)
+    return config
+
+
 def _run_config(args: argparse.Namespace) -> RunConfig:
+    for name in ("model", "calib"):
+        if getattr(args, name) is None:
+            raise InputError(f"--{name} is required (or give a run configuration with --config)")
     return RunConfig(
         analysis=AnalysisConfig(
             model=args.model,
@@ -217,6 +280,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         recovery=RecoveryConfig(
             enabled=not args.no_correction, num_samples=args.correction_samples
         ),
+        allocation=_allocation_config(args) if hasattr(args, "first_last") else AllocationConfig(),
     )
 
 
@@ -224,14 +288,15 @@ def _budgets(texts: list[str] | None) -> list[Budget]:
     return [parse_budget(text) for text in texts or []]
 
 
-def _allocation_options(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "first_last": args.first_last,
-        "scorer": args.scorer,
-        "ties": [parse_tie(text) for text in args.tie or []],
-        "tie_rule": args.tie_rule,
-        "latency_table": args.latency_table,
-    }
+def _allocation_config(args: argparse.Namespace) -> AllocationConfig:
+    return AllocationConfig(
+        budgets=tuple(str(budget) for budget in _budgets(args.budget)),
+        first_last=args.first_last,
+        scorer=args.scorer,
+        ties=tuple(parse_tie(text) for text in args.tie or []),
+        tie_rule=args.tie_rule,
+        latency_table=args.latency_table,
+    )
 
 
 def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
@@ -278,15 +343,24 @@ def _dispatch(args: argparse.Namespace) -> None:
         pipeline.allocate(args.out, budgets)
         _finish(args.out, str(evaluation), args)
     elif args.command == "run":
-        budgets = _budgets(args.budget)
-        config = _run_config(args)
+        config = _config_from_file(args) if args.config else _run_config(args)
+        if args.budget:
+            config = config.with_allocation(
+                budgets=tuple(str(budget) for budget in _budgets(args.budget))
+            )
+        if not config.allocation.budgets:
+            raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
         pipeline.analyze(config, args.out, progress=progress)
-        pipeline.allocate(args.out, budgets, **_allocation_options(args))  # type: ignore[arg-type]
+        pipeline.allocate(
+            args.out,
+            _budgets(list(config.allocation.budgets)),
+            **config.allocation.options(),
+        )
         _finish(args.out, args.eval, args)
     elif args.command == "analyze":
         pipeline.analyze(_run_config(args), args.out, progress=progress)
     elif args.command == "allocate":
-        pipeline.allocate(args.run_dir, _budgets(args.budget), **_allocation_options(args))  # type: ignore[arg-type]
+        pipeline.allocate(args.run_dir, _budgets(args.budget), **_allocation_config(args).options())
     elif args.command == "export":
         pipeline.export(args.run_dir, out_dir=args.out)
     elif args.command == "evaluate":

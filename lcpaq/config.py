@@ -62,19 +62,85 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    analysis: AnalysisConfig
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+class AllocationConfig:
+    """How the ILP chooses formats (see `lcpaq.allocate`); the options of ``lcpaq allocate``.
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    ``budgets``: ``METRIC=VALUE`` texts (`lcpaq.allocate.parse_budget`), all hard limits; empty means
+    "given on the command line". ``cost_weights``: λ_k of the objective Σ s + Σ_k λ_k·cost_k/B_k
+    (METHOD §4; 0 for every metric by default, so hard budgets alone decide).
+    """
+
+    budgets: tuple[str, ...] = ()
+    first_last: FirstLastPolicy = "search"
+    scorer: str = "hawq_v2"
+    ties: tuple[tuple[str, ...], ...] = ()
+    tie_rule: str = "none"
+    latency_table: str | None = None
+    cost_weights: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.first_last not in ("search", "keep-8bit"):
+            raise InputError(f"first-last must be 'search' or 'keep-8bit', got {self.first_last!r}")
+        for metric, weight in self.cost_weights:
+            if not weight >= 0:
+                raise InputError(f"cost weight of {metric} must be >= 0, got {weight}")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `lcpaq.pipeline.allocate` (everything but the budgets)."""
+        options: dict[str, Any] = {
+            "first_last": self.first_last,
+            "scorer": self.scorer,
+            "ties": [list(group) for group in self.ties],
+            "tie_rule": self.tie_rule,
+            "latency_table": self.latency_table,
+        }
+        if self.cost_weights:
+            options["cost_weights"] = dict(self.cost_weights)
+        return options
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        analysis = dict(data["analysis"])
-        analysis["scheme"] = QuantScheme.from_dict(analysis["scheme"])
-        analysis["formats"] = tuple(analysis["formats"])
-        return cls(analysis=AnalysisConfig(**analysis), recovery=RecoveryConfig(**data["recovery"]))
+    def from_dict(cls, data: dict[str, Any]) -> AllocationConfig:
+        data = dict(data)
+        data["budgets"] = tuple(data.get("budgets", ()))
+        data["ties"] = tuple(tuple(group) for group in data.get("ties", ()))
+        data["cost_weights"] = tuple(
+            (str(metric), float(weight)) for metric, weight in data.get("cost_weights", ())
+        )
+        return cls(**data)
+
+
+#: Version of the run_config.json layout; files without one are version 1 (no allocation block).
+CONFIG_VERSION = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run does, as one JSON file (``run_config.json``; ``lcpaq run --config`` reads it
+    back, which is how a configuration found by ``lcpaq search`` is reproduced)."""
+
+    analysis: AnalysisConfig
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config_version": CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "run configuration") -> RunConfig:
+        try:
+            analysis = dict(data["analysis"])
+            analysis["scheme"] = QuantScheme.from_dict(analysis["scheme"])
+            analysis["formats"] = tuple(analysis["formats"])
+            return cls(
+                analysis=AnalysisConfig(**analysis),
+                recovery=RecoveryConfig(**data.get("recovery", {})),
+                allocation=AllocationConfig.from_dict(data.get("allocation", {})),
+            )
+        except (KeyError, TypeError) as error:
+            raise InputError(f"{source} is malformed: {error}") from None
 
     def with_analysis(self, **changes: Any) -> RunConfig:
         return replace(self, analysis=replace(self.analysis, **changes))
+
+    def with_allocation(self, **changes: Any) -> RunConfig:
+        return replace(self, allocation=replace(self.allocation, **changes))

@@ -358,3 +358,37 @@ def test_user_factory_model(digits_files, tmp_path):
     assert main(args) == 0
     manifest = json.loads((tmp_path / "run" / "quantized" / "manifest.json").read_text())
     assert manifest["model"] == "lcpaq.demo:DigitsNet"
+
+
+def test_run_config_file_reproduces_a_run(digits_files, tmp_path):
+    """`lcpaq run --config` (how a searched configuration is reused) repeats a run exactly."""
+    first = tmp_path / "first"
+    assert main(_run(digits_files, first, "--clipping", "minmax", "--first-last", "keep-8bit")) == 0
+    config = json.loads((first / "run_config.json").read_text())
+    assert config["allocation"]["budgets"] == ["avg-bits=4"]
+    assert config["allocation"]["first_last"] == "keep-8bit"
+    second = tmp_path / "second"
+    argv = ["-q", "run", "--config", str(first / "run_config.json"), "--sweep-points", "0"]
+    assert main([*argv, "--out", str(second)]) == 0
+    assert json.loads((second / "run_config.json").read_text()) == config
+    chosen = [
+        json.loads((run / "allocation.json").read_text())["formats"] for run in (first, second)
+    ]
+    assert chosen[0] == chosen[1]
+    # --budget overrides the file's budgets; analysis options may not be mixed with --config.
+    third = tmp_path / "third"
+    assert main([*argv, "--budget", "avg-bits=8", "--out", str(third)]) == 0
+    assert json.loads((third / "allocation.json").read_text())["average_bits"] > 4
+
+
+def test_run_config_conflicts_and_bad_files(digits_files, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1, "analysis": {"model": "demo-digits"}}')
+    code = main(["-q", "run", "--config", str(bad), "--out", str(tmp_path / "o")])
+    _assert_clean_error(capsys, code, "bad.json", "malformed")
+    code = main(
+        ["-q", "run", "--config", str(bad), "--num-samples", "8", "--out", str(tmp_path / "o")]
+    )
+    _assert_clean_error(capsys, code, "--num-samples", "--config")
+    code = main(["-q", "run", "--budget", "avg-bits=3", "--out", str(tmp_path / "o")])
+    _assert_clean_error(capsys, code, "--model")
