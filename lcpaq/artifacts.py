@@ -151,6 +151,8 @@ def save_candidates(path: Path, table: CandidateTable) -> Path:
             "size_bits": table.size_bits,
             "error_sq": table.error_sq,
             "weighted_error": table.weighted_error,
+            "weight_formats": np.array(table.weight_formats),
+            "activation_formats": np.array(table.activation_formats),
         },
     )
 
@@ -166,4 +168,7 @@ def load_candidates(path: Path) -> CandidateTable:
         size_bits=arrays["size_bits"],
         error_sq=arrays["error_sq"],
         weighted_error=arrays["weighted_error"],
+        # Tables written before (weight, activation) pairs lack these; the defaults fill them.
+        weight_formats=tuple(str(name) for name in arrays.get("weight_formats", ())),
+        activation_formats=tuple(str(name) for name in arrays.get("activation_formats", ())),
     )

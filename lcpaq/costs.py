@@ -13,14 +13,15 @@ Metrics (`COST_METRICS`):
 - ``bitops-g``: GBOPs per input sample, MACs_l · b_w · b_a / 10⁹ (HAWQ-V3, LIMPQ).
 - ``ebops-g``: HGQ's effective BOPs at layer-uniform bits, MACs_l · b̃_w · b̃_a / 10⁹, where b̃ counts
   magnitude bits only (HGQ does not count the sign): b̃_w = b_w − 1 for formats that store a sign bit
-  (symmetric INT and every FP format), b_w otherwise; activations are taken as unsigned (after ReLU),
-  b̃_a = b_a.
+  (symmetric INT and every FP format), b_w otherwise; INT activations are taken as unsigned (after
+  ReLU), b̃_a = b_a, FP activation formats store a sign bit, b̃_a = b_a − 1.
 - ``latency-ms``: per-layer time for one sample, from a measured table (`load_latency_table`) or
   the roofline estimate max(MACs / peak(f), bytes / bandwidth) (`Roofline`); layers add up (an
   assumption: no overlap between layers).
 
-Activation bits: one value per candidate format, 8 by default (the activation half of a candidate
-pair; activations are not quantized yet, this only feeds BitOps, EBOPs and the roofline).
+Activation bits: one value per candidate, the width of its activation format
+(``CandidateTable.activation_bits``; 8 when no activation formats were chosen, as before).
+Activations are not quantized at inference yet; this feeds BitOps, EBOPs and the roofline.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def build_cost_model(
     fp32_size_bits: float | None = None,
     macs_per_sample: np.ndarray | None = None,
     weight_shapes: Sequence[Sequence[int]] | None = None,
-    activation_bits: float | np.ndarray = DEFAULT_ACTIVATION_BITS,
+    activation_bits: float | np.ndarray | None = None,
     weight_sign_bits: np.ndarray | None = None,
+    activation_sign_bits: np.ndarray | None = None,
     latency_table: Mapping[str, Mapping[str, float]] | None = None,
     roofline: Roofline | None = None,
 ) -> CostModel:
@@ -161,9 +163,12 @@ def build_cost_model(
         macs_per_sample: [L] MACs per input sample; enables ``bitops-g``, ``ebops-g`` and the
             roofline ``latency-ms``.
         weight_shapes: [L] weight shapes, for latency-table lookups by shape.
-        activation_bits: activation bits per candidate format (scalar or [F]); default 8.
+        activation_bits: activation bits per candidate (scalar or [F]); default: the table's
+            ``activation_bits`` (its activation formats), else 8.
         weight_sign_bits: [F] 1 where the format stores a sign bit (EBOPs does not count it);
             default 0 (asymmetric unsigned INT codes).
+        activation_sign_bits: [F] the same for the activation format; default: the table's
+            ``activation_sign_bits`` (1 for FP activation formats), else 0.
         latency_table: measured ms per layer name or shape key and format (`load_latency_table`).
         roofline: peak rates for the roofline estimate used when no table is given.
     """
@@ -173,7 +178,12 @@ def build_cost_model(
     bits = np.asarray(table.bits, dtype=float)  # type: ignore[attr-defined]
     size_bits = np.asarray(table.size_bits, dtype=float)  # type: ignore[attr-defined]
     weight_bits = np.asarray(table.weight_bits, dtype=float)  # type: ignore[attr-defined]
+    if activation_bits is None:
+        activation_bits = getattr(table, "activation_bits", DEFAULT_ACTIVATION_BITS)
+    if activation_sign_bits is None:
+        activation_sign_bits = getattr(table, "activation_sign_bits", 0)
     act = np.broadcast_to(np.asarray(activation_bits, dtype=float), bits.shape)
+    act_sign = np.broadcast_to(np.asarray(activation_sign_bits, dtype=float), bits.shape)
     if np.any(act <= 0):
         raise InputError("activation bits must be positive")
     coefficients: dict[str, np.ndarray] = {
@@ -190,7 +200,7 @@ def build_cost_model(
             raise ValueError(f"macs_per_sample has shape {macs.shape}, expected ({len(names)},)")
         coefficients["bitops-g"] = macs[:, None] * (bits * act)[None, :] / 1e9
         sign = np.zeros_like(bits) if weight_sign_bits is None else np.asarray(weight_sign_bits)
-        coefficients["ebops-g"] = macs[:, None] * ((bits - sign) * act)[None, :] / 1e9
+        coefficients["ebops-g"] = macs[:, None] * ((bits - sign) * (act - act_sign))[None, :] / 1e9
         offsets["bitops-g"] = offsets["ebops-g"] = 0.0
     if latency_table is not None:
         latency = np.zeros((len(names), len(formats)))

@@ -9,7 +9,8 @@ leaves a partial checkpoint):
   (float32 [1] per tensor, [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents
   [C_out, blocks] for MX) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
   every other tensor of the state dict as it is (including BatchNorm statistics after correction).
-* ``manifest.json``: every quantized layer with its state-dict name, format, kind (int/fp), bits,
+* ``manifest.json``: every quantized layer with its state-dict name, weight format, activation
+  format (what the cost models assumed; activations are not quantized yet), kind (int/fp), bits,
   granularity and group size; totals (average bits, size in bytes), the budget, the source
   checkpoint's sha256, the lcpaq version. `lcpaq.formats.dequantize_weight` decodes every case.
 """
@@ -87,8 +88,14 @@ def write_quantized_checkpoint(
     codes: Mapping[str, QuantizedWeight],
     manifest_extra: Mapping[str, object],
     scheme: QuantScheme,
+    activation_formats: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``model.safetensors`` and ``manifest.json`` into ``out_dir`` atomically."""
+    """Write ``model.safetensors`` and ``manifest.json`` into ``out_dir`` atomically.
+
+    ``activation_formats`` names each layer's activation format (the activation half of its
+    candidate); activations are not quantized by the checkpoint, the name records what the
+    allocation's BitOps/EBOPs/latency assumed.
+    """
     out_dir = Path(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +122,7 @@ def write_quantized_checkpoint(
                     "name": name,
                     "weight_key": key,
                     "format": fmt.name,
+                    "activation_format": (activation_formats or {}).get(name),
                     "kind": fmt.kind,
                     "bits": fmt.bits,
                     "granularity": quantized.granularity,

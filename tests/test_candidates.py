@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 from conftest import conv_inputs, make_tiny_conv_net
 
-from lcpaq.candidates import measure_candidates
+from lcpaq.artifacts import load_candidates, save_candidates
+from lcpaq.candidates import (
+    DEFAULT_ACTIVATION_FORMAT,
+    activation_bits,
+    activation_format_of,
+    activation_score_matrix,
+    activation_sign_bits,
+    expand_weight_matrix,
+    measure_candidates,
+    parse_activation_formats,
+    weight_format_of,
+)
 from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, fake_quantize, get_format, scale_overhead_bits
 from lcpaq.graph import discover_layers, get_module
@@ -73,3 +84,95 @@ def test_unknown_candidate_format() -> None:
     table = measure_candidates(model, layers, ("int4",), QuantScheme())
     with pytest.raises(InputError, match="fp8_e4m3"):
         table.format_index("fp8_e4m3")
+
+
+# -- (weight, activation) candidate pairs ------------------------------------------------------
+
+ACTS = ("int4", "fp8_e4m3", "int8")
+
+
+def test_pairs_repeat_the_weight_measurements_per_activation_format() -> None:
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    weights = ("int2", "fp4_e2m1", "int8")
+    plain = measure_candidates(model, layers, weights, QuantScheme())
+    paired = measure_candidates(model, layers, weights, QuantScheme(), activation_formats=ACTS)
+    assert not plain.paired and paired.paired
+    assert plain.activation_formats == ("int8",) * 3  # the cost models' old 8-bit assumption
+    assert paired.format_names == tuple(f"{w}/{a}" for w in weights for a in ACTS)
+    assert paired.weight_formats == tuple(w for w in weights for _ in ACTS)
+    assert paired.activation_formats == ACTS * 3
+    assert paired.activation_bits.tolist() == [4, 8, 8] * 3
+    assert paired.activation_sign_bits.tolist() == [0, 1, 0] * 3
+    for column, name in enumerate(paired.format_names):
+        source = plain.format_index(weight_format_of(name))
+        assert activation_format_of(name) == paired.activation_formats[column]
+        assert paired.bits[column] == plain.bits[source]
+        for field in ("weight_bits", "size_bits", "error_sq", "weighted_error"):
+            np.testing.assert_array_equal(
+                getattr(paired, field)[:, column], getattr(plain, field)[:, source]
+            )
+    assert activation_format_of("int4") == DEFAULT_ACTIVATION_FORMAT
+    # keep-8bit picks 8-bit weights with the widest activation format, int8 over fp8 at a tie.
+    assert paired.format_names[paired.candidate_index("int8")] == "int8/int8"
+    assert paired.format_names[paired.candidate_index("int2", "int4")] == "int2/int4"
+    with pytest.raises(InputError, match="'int3/int4' is not among"):
+        paired.candidate_index("int3", "int4")
+
+
+def test_parse_activation_formats() -> None:
+    assert parse_activation_formats("int8, fp8_e4m3,int4,int8") == ("int4", "fp8_e4m3", "int8")
+    assert parse_activation_formats("fp32,int8") == ("int8", "fp32")
+    assert activation_bits("fp16") == 16 and activation_sign_bits("fp32") == 1
+    with pytest.raises(InputError, match="unknown activation format 'int9'"):
+        parse_activation_formats("int8,int9")
+    with pytest.raises(InputError, match="empty"):
+        parse_activation_formats(" , ")
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    with pytest.raises(InputError, match="unknown activation format 'a7'"):
+        measure_candidates(model, layers, ("int4",), QuantScheme(), activation_formats=("a7",))
+
+
+def test_select_and_pairwise_expansion() -> None:
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    table = measure_candidates(
+        model,
+        layers,
+        ("int2", "fp4_e2m1", "int8"),
+        QuantScheme(),
+        activation_formats=("int4", "int8"),
+    )
+    ints = table.select([c for c, w in enumerate(table.weight_formats) if w.startswith("int")])
+    assert ints.format_names == ("int2/int4", "int2/int8", "int8/int4", "int8/int8")
+    np.testing.assert_array_equal(ints.error_sq, table.error_sq[:, [0, 1, 4, 5]])
+    weight_matrix = np.arange(9.0).reshape(3, 3)  # C(f, g) over weight formats
+    expanded = expand_weight_matrix(table, ("int2", "fp4_e2m1", "int8"), weight_matrix)
+    assert expanded.shape == (6, 6)
+    assert expanded[table.format_index("fp4_e2m1/int8"), table.format_index("int8/int4")] == 5.0
+    assert expanded[table.format_index("int2/int4"), table.format_index("int2/int8")] == 0.0
+    with pytest.raises(InputError, match="no weight format 'fp4_e2m1'"):
+        expand_weight_matrix(table, ("int2", "int8"), np.zeros((2, 2)))
+    scores = activation_score_matrix(table, {"int4": np.array([1.0, 2.0, 3.0])})
+    np.testing.assert_array_equal(scores[:, table.format_index("int8/int4")], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(scores[:, table.format_index("int8/int8")], 0.0)
+
+
+def test_pair_table_round_trip_and_old_files(tmp_path) -> None:
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    table = measure_candidates(model, layers, ("int4", "fp8_e4m3"), QuantScheme(), None, ACTS)
+    loaded = load_candidates(save_candidates(tmp_path / "candidates.npz", table))
+    assert loaded.format_names == table.format_names
+    assert loaded.activation_formats == table.activation_formats
+    assert loaded.weight_formats == table.weight_formats
+    np.testing.assert_array_equal(loaded.size_bits, table.size_bits)
+    # A candidates.npz written before activation formats existed still loads, as weights-only.
+    plain = measure_candidates(model, layers, ("int4", "fp8_e4m3"), QuantScheme())
+    arrays = dict(np.load(save_candidates(tmp_path / "old.npz", plain)))
+    del arrays["weight_formats"], arrays["activation_formats"]
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = load_candidates(tmp_path / "old.npz")
+    assert old.weight_formats == ("int4", "fp8_e4m3")
+    assert old.activation_formats == ("int8", "int8") and not old.paired

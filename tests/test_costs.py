@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import conv_inputs, make_tiny_conv_net
 
-from lcpaq.candidates import CandidateTable
+from lcpaq.candidates import CandidateTable, measure_candidates
 from lcpaq.costs import (
     COST_METRICS,
     Roofline,
@@ -16,6 +17,8 @@ from lcpaq.costs import (
     shape_key,
 )
 from lcpaq.errors import InputError
+from lcpaq.formats import QuantScheme
+from lcpaq.graph import discover_layers
 
 
 def two_layer_table() -> CandidateTable:
@@ -107,3 +110,52 @@ def test_latency_table_by_name_and_shape(tmp_path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         load_latency_table(tmp_path / "missing.json")
     assert shape_key((64, 64, 3, 3)) == "64x64x3x3"
+
+
+def test_bitops_of_weight_activation_pairs_on_a_tiny_model() -> None:
+    """TinyConvNet: conv1 4×(1·3·3) on a 6×6 output = 1296 MACs, conv2 (grouped, stride 2)
+    6×(2·3·3) on 3×3 = 972 MACs, fc 54→3 = 162 MACs per sample."""
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    macs = np.array([layer.macs_per_sample for layer in layers], dtype=float)
+    assert macs.tolist() == [1296, 972, 162]
+    table = measure_candidates(
+        model,
+        layers,
+        ("int4", "fp8_e4m3"),
+        QuantScheme(),
+        activation_formats=("int4", "fp8_e5m2", "fp32"),
+    )
+    costs = build_cost_model(
+        table, macs_per_sample=macs, weight_sign_bits=np.array([0, 0, 0, 1, 1, 1])
+    )
+    choice = np.array(
+        [
+            table.format_index("int4/int4"),
+            table.format_index("fp8_e4m3/fp8_e5m2"),
+            table.format_index("int4/fp32"),
+        ]
+    )
+    assert costs.value("bitops-g", choice) * 1e9 == pytest.approx(
+        1296 * 4 * 4 + 972 * 8 * 8 + 162 * 4 * 32
+    )
+    # EBOPs drop the sign bit of FP weights and FP activations; INT activations are unsigned.
+    assert costs.value("ebops-g", choice) * 1e9 == pytest.approx(
+        1296 * 4 * 4 + 972 * 7 * 7 + 162 * 4 * 31
+    )
+    # Roofline compute rate follows the wider operand: 8/max(b_w, b_a) × the 8-bit peak.
+    conv2 = costs.coefficients["latency-ms"][1, choice[1]]
+    memory = table.size_bits[1, choice[1]] / 8 / 100e9
+    assert conv2 == pytest.approx(1e3 * max(972 / 1e12, memory))
+
+
+def test_unpaired_tables_keep_the_8_bit_activation_assumption() -> None:
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    macs = np.array([layer.macs_per_sample for layer in layers], dtype=float)
+    table = measure_candidates(model, layers, ("int2", "int8"), QuantScheme())
+    costs = build_cost_model(table, macs_per_sample=macs)
+    np.testing.assert_allclose(
+        costs.coefficients["bitops-g"] * 1e9, macs[:, None] * np.array([[2 * 8, 8 * 8]])
+    )
+    np.testing.assert_allclose(costs.coefficients["ebops-g"], costs.coefficients["bitops-g"])
