@@ -15,6 +15,7 @@ import torch
 
 from lcpaq import __version__, artifacts, pipeline
 from lcpaq.allocate import TIE_RULES, Budget, parse_budget, parse_tie
+from lcpaq.candidates import parse_activation_formats
 from lcpaq.config import (
     DEFAULT_FORMATS,
     AllocationConfig,
@@ -61,6 +62,13 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         default=DEFAULT_FORMATS,
         help=f"candidate formats: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1 "
         f"(default {DEFAULT_FORMATS})",
+    )
+    group.add_argument(
+        "--act-formats",
+        help="activation formats paired with every weight format into (weight, activation) "
+        "candidates, e.g. int8,int4,fp8_e4m3 (also fp16, fp32: unquantized); they set the "
+        "activation bits of BitOps/EBOPs/latency. Default: weight formats only, 8-bit activations "
+        "assumed by the cost models",
     )
     group.add_argument(
         "--symmetric", action="store_true", help="symmetric codes (default asymmetric)"
@@ -214,6 +222,7 @@ _CONFIG_OPTIONS = (
     "batch_size",
     "loss",
     "formats",
+    "act_formats",
     "symmetric",
     "granularity",
     "group_size",
@@ -266,6 +275,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             batch_size=args.batch_size,
             loss=args.loss,
             formats=parse_format_list(args.formats),
+            act_formats=parse_activation_formats(args.act_formats) if args.act_formats else (),
             scheme=QuantScheme(
                 symmetric=args.symmetric,
                 granularity=args.granularity,

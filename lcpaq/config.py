@@ -20,6 +20,9 @@ class AnalysisConfig:
     ``num_samples``: calibration images for the curvature (standard errors shrink as 1/√N; on
     ResNet20 256 images give ~20-50 % per-layer relative error of the data mean, see report).
     ``hutchinson_probes``: 0 disables the Hutchinson cross-check, otherwise its probe cap.
+    ``act_formats``: activation formats paired with every weight format into (weight, activation)
+    candidates (`lcpaq.candidates`); empty: one candidate per weight format, 8-bit activations
+    assumed by the cost models.
     """
 
     model: str
@@ -31,6 +34,7 @@ class AnalysisConfig:
     batch_size: int = 64
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     formats: tuple[str, ...] = parse_format_list(DEFAULT_FORMATS)
+    act_formats: tuple[str, ...] = ()
     scheme: QuantScheme = field(default_factory=QuantScheme)
     hutchinson_probes: int = 0
     hutchinson_samples: int = 128
@@ -131,6 +135,7 @@ class RunConfig:
             analysis = dict(data["analysis"])
             analysis["scheme"] = QuantScheme.from_dict(analysis["scheme"])
             analysis["formats"] = tuple(analysis["formats"])
+            analysis["act_formats"] = tuple(analysis.get("act_formats", ()))
             return cls(
                 analysis=AnalysisConfig(**analysis),
                 recovery=RecoveryConfig(**data.get("recovery", {})),

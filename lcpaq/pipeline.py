@@ -39,14 +39,18 @@ from lcpaq.allocate import (
     allowed_candidates,
     tie_rule_groups,
 )
-from lcpaq.candidates import CandidateTable, measure_candidates
+from lcpaq.candidates import (
+    CandidateTable,
+    activation_format_of,
+    measure_candidates,
+    weight_format_of,
+)
 from lcpaq.config import FirstLastPolicy, RunConfig
 from lcpaq.costs import build_cost_model, load_latency_table
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import evaluate_accuracy, paired_difference
 from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpoint
-from lcpaq.formats import get_format
 from lcpaq.frontier import build_frontiers, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
 from lcpaq.hessian import gauss_newton_traces, hutchinson_traces
@@ -180,7 +184,12 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
         else:
             (run_dir / "hutchinson.npz").unlink(missing_ok=True)
         table = measure_candidates(
-            model, layers, analysis.formats, analysis.scheme, curvature.diagonal
+            model,
+            layers,
+            analysis.formats,
+            analysis.scheme,
+            curvature.diagonal,
+            activation_formats=analysis.act_formats,
         )
         checkpoint_sha = file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else None
         artifacts.write_json(run_dir / "run_config.json", config.to_dict())
@@ -223,11 +232,13 @@ def build_problem(
     kept = build_frontiers(table, scores)
     fixed: dict[str, str] = {}
     if first_last == "keep-8bit":
-        if HIGH_FORMAT not in table.format_names:
+        if HIGH_FORMAT not in table.weight_formats:
             raise InputError(
                 f"--first-last keep-8bit needs {HIGH_FORMAT} among the analysed formats"
             )
-        fixed = {layers[0].name: HIGH_FORMAT, layers[-1].name: HIGH_FORMAT}
+        # With (weight, activation) pairs: 8-bit weights with the widest activation format.
+        high = table.format_names[table.candidate_index(HIGH_FORMAT)]
+        fixed = {layers[0].name: high, layers[-1].name: high}
     elif first_last != "search":
         raise InputError(f"--first-last must be 'search' or 'keep-8bit', got {first_last!r}")
     # The problem prunes by the safe rule over every cost dimension, ties included (METHOD §3).
@@ -240,13 +251,7 @@ def build_problem(
         ),
         macs_per_sample=np.array([layer.macs_per_sample for layer in layers], dtype=float),
         weight_shapes=[layer.weight_shape for layer in layers],
-        weight_sign_bits=np.array(
-            [
-                get_format(name).kind != "int" or read_config(run_dir).analysis.scheme.symmetric
-                for name in table.format_names
-            ],
-            dtype=float,
-        ),
+        weight_sign_bits=table.weight_sign_bits(read_config(run_dir).analysis.scheme.symmetric),
         latency_table=load_latency_table(latency_table) if latency_table else None,
     )
     groups = [*ties, *tie_rule_groups(table.layer_names, tie_rule)]
@@ -307,6 +312,11 @@ def read_allocation(run_dir: Path) -> tuple[Allocation, dict[str, object]]:
 # -- stage 3: export ---------------------------------------------------------------------------
 
 
+def weight_assignment(layer_names: Sequence[str], candidates: Sequence[str]) -> dict[str, str]:
+    """Layer → weight format of its chosen candidate (``int4/fp8_e4m3`` → ``int4``)."""
+    return {name: weight_format_of(candidate) for name, candidate in zip(layer_names, candidates)}
+
+
 def quantize_and_recover(
     model: nn.Module,
     layers: Sequence[LayerInfo],
@@ -331,7 +341,7 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or run_dir / "quantized"
     with timed(run_dir, "export"):
         model, calib = _load_model_and_data(config, config.recovery.num_samples)
-        assignment = dict(zip(allocation.layer_names, allocation.formats))
+        assignment = weight_assignment(allocation.layer_names, allocation.formats)
         quantized_model, codes = quantize_and_recover(
             model, layers, assignment, config, calib.inputs
         )
@@ -361,6 +371,10 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
             codes,
             manifest_extra,
             config.analysis.scheme,
+            activation_formats={
+                name: activation_format_of(candidate)
+                for name, candidate in zip(allocation.layer_names, allocation.formats)
+            },
         )
     logger.info("wrote quantized checkpoint %s", path)
     return path
@@ -463,7 +477,7 @@ def sweep(
             key = allocation.formats
             if key not in seen:
                 seen[key] = (
-                    measure(dict(zip(allocation.layer_names, allocation.formats)))
+                    measure(weight_assignment(allocation.layer_names, allocation.formats))
                     if measure
                     else None
                 )
@@ -480,7 +494,7 @@ def sweep(
         uniform = []
         for column, format_name in enumerate(table.format_names):
             choice = np.full(len(layers), column)
-            assignment = {layer.name: format_name for layer in layers}
+            assignment = {layer.name: weight_format_of(format_name) for layer in layers}
             uniform.append(
                 {
                     "format": format_name,
