@@ -67,14 +67,47 @@ class InteractionTerms:
         }
 
 
+PairRule = Literal["window", "block", "all"]
+PAIR_RULES: tuple[str, ...] = ("window", "block", "all")
+PairSource = Literal["none", "hessian", "gauss-newton", "forward"]
+PAIR_SOURCES: tuple[str, ...] = ("none", "hessian", "gauss-newton", "forward")
+
+
+def residual_block(name: str) -> str:
+    """The block a layer belongs to: its parent module, with a ``downsample``/``shortcut`` branch
+    folded into the block that holds it (``layer1.0.downsample.0`` → ``layer1.0``)."""
+    parts = name.split(".")[:-1]
+    for index, part in enumerate(parts):
+        if part in ("downsample", "shortcut"):
+            return ".".join(parts[:index])
+    return ".".join(parts)
+
+
 def select_pairs(
-    num_layers: int, rule: Literal["window", "all"] = "window", window: int = 3
+    num_layers: int,
+    rule: PairRule = "window",
+    window: int = 3,
+    layer_names: Sequence[str] | None = None,
 ) -> tuple[Pair, ...]:
-    """Layer pairs (i, j), i < j, in execution order: ``window`` keeps 0 < j − i ≤ window."""
+    """Layer pairs (i, j), i < j, in execution order.
+
+    ``window``: 0 < j − i ≤ ``window``; ``block``: layers of the same residual block
+    (`residual_block`, needs ``layer_names``; top-level layers have no partner); ``all``: every pair.
+    """
+    if rule == "block":
+        if layer_names is None or len(layer_names) != num_layers:
+            raise ValueError("pair rule 'block' needs one layer name per layer")
+        blocks = [residual_block(name) for name in layer_names]
+        return tuple(
+            (i, j)
+            for i in range(num_layers)
+            for j in range(i + 1, num_layers)
+            if blocks[i] and blocks[i] == blocks[j]
+        )
     if rule == "all":
         window = num_layers
     elif rule != "window":
-        raise ValueError(f"pair rule must be 'window' or 'all', got {rule!r}")
+        raise ValueError(f"pair rule must be one of {', '.join(PAIR_RULES)}, got {rule!r}")
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     return tuple(
@@ -397,6 +430,76 @@ def measured_interactions(
         diagonal_stderr=single.std(-1, ddof=1) / np.sqrt(single.shape[-1]),
         method="measured",
         num_samples=len(base),
+    )
+
+
+# -- one entry point for the pipeline --------------------------------------------------------------
+
+
+def pair_formats(format_names: Sequence[str], max_bits: int) -> tuple[str, ...]:
+    """The candidate formats whose cross terms are measured: at most ``max_bits`` bits per code.
+
+    Cross terms scale like the product of the two layers' weight errors (about 2^-(b_i + b_j)), so
+    wide formats contribute little and the allocation treats their terms as 0; measuring only the
+    narrow formats cuts the forward-measured cost by (F / F_narrow)² (36 → 9 blocks for INT2–8).
+    """
+    return tuple(name for name in format_names if get_format(name).bits <= max_bits)
+
+
+def compute_interactions(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    inputs: torch.Tensor,
+    labels: torch.Tensor | None,
+    format_names: Sequence[str],
+    *,
+    source: PairSource,
+    pairs: Sequence[Pair],
+    scheme: QuantScheme | None = None,
+    batch_size: int = 64,
+    curvature_loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+    forward_loss: Literal["cross_entropy", "kl"] = "kl",
+) -> InteractionTerms:
+    """Inter-layer terms from ``source`` (``hessian``, ``gauss-newton`` or ``forward``).
+
+    The curvature sources split ``inputs`` into batches of ``batch_size`` (the exact Hessian's
+    standard error is over these batches, so give at least two); ``forward`` measures on all of
+    ``inputs`` at once with ``forward_loss`` (``kl``: label-free KL to the FP32 outputs, default).
+    """
+    if source == "forward":
+        return measured_interactions(
+            model,
+            layers,
+            inputs,
+            labels,
+            format_names,
+            scheme=scheme,
+            pairs=pairs,
+            loss=forward_loss,
+            batch_size=max(batch_size, 256),
+        )
+    if source not in ("hessian", "gauss-newton"):
+        raise ValueError(
+            f"pairwise source must be one of {', '.join(PAIR_SOURCES[1:])}, got {source!r}"
+        )
+    batches = [
+        (
+            inputs[start : start + batch_size],
+            None if labels is None else labels[start : start + batch_size],
+        )
+        for start in range(0, len(inputs), batch_size)
+    ]
+    if source == "hessian" and labels is None:
+        raise ValueError("Hessian cross terms need labels (use gauss-newton or forward without)")
+    return hessian_cross_terms(
+        model,
+        layers,
+        batches,  # type: ignore[arg-type]
+        format_names,
+        scheme=scheme,
+        pairs=pairs,
+        curvature="hessian" if source == "hessian" else "gauss_newton",
+        loss=curvature_loss,
     )
 
 
