@@ -4,7 +4,7 @@ Input: an eval-mode model, its `LayerInfo` list and calibration batches. Output:
 (trace of each layer's diagonal Hessian block, its standard error, flags, and for the Gauss–Newton path
 the per-element diagonal), saved as ``curvature.npz`` in the run folder.
 
-Two estimators:
+Three estimators (all for the losses of `LossName`: cross-entropy, MSE, KL to the FP32 outputs):
 
 * ``gauss_newton`` (default): the exact per-layer trace of the Gauss–Newton matrix
   G = (1/N) Σ_n J_nᵀ H_out,n J_n. With H_out = Σ_c u_c u_cᵀ (cross-entropy: u_c = √p_c (e_c − p)),
@@ -12,17 +12,18 @@ Two estimators:
   with respect to every layer's output at once; per-sample weight gradients are formed from the
   layer inputs and output gradients (unfold for convolutions), so there is no probe noise and the
   standard error is the one over calibration samples. Memory does not grow with the number of batches:
-  only running sums are kept.
+  only running sums are kept. For ``kl`` at the FP32 point it equals the exact Hessian.
 * ``hutchinson``: E[vᵀHv] with Rademacher v drawn jointly over all layers and read per layer
   (unbiased for tr(H_ll)); the cross-check, stopped at a relative-error tolerance or a probe cap.
 * ``hutchinson_single_layer``: Rademacher v that is zero outside one layer l, so v_lᵀH_ll v_l carries
-  no cross-block noise; probe budgets follow each layer's measured variance (below).
+  no cross-block noise; probe budgets follow each layer's measured variance (below). The pipeline's
+  ``estimator="hutchinson"`` uses this one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,11 +38,20 @@ from lcpaq.graph import LayerInfo, get_module
 
 logger = logging.getLogger(__name__)
 
-LossName = Literal["cross_entropy", "mse"]
+#: Losses on the logits z: ``cross_entropy`` (true labels), ``mse`` (mean over outputs of (z − y)²,
+#: y one-hot for integer labels) and ``kl`` = KL(p_FP ‖ softmax(z)) to the FP32 model's own outputs
+#: (label-free). At the FP32 point KL's gradient p − p_FP is zero, so its Hessian has no residual
+#: term: it *is* the Gauss–Newton matrix with H_out = diag(p) − ppᵀ (tests check both).
+LossName = Literal["cross_entropy", "mse", "kl"]
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "kl")
 
 #: Past this many classes the exact factorisation costs too many backward passes; the Monte-Carlo
 #: Fisher (labels drawn from the model, one backward per draw) is used instead (METHOD §1a').
 EXACT_FACTOR_MAX_CLASSES = 64
+
+#: Output gradients of all layers are kept for at most this many float elements at once: the
+#: C backward passes of a batch run in chunks of factors that fit (at least one factor per chunk).
+FACTOR_GRADS_ELEMENTS_LIMIT = 1 << 26
 
 #: Per-sample gradients are formed in micro-batches of at most this many float32 elements.
 PER_SAMPLE_ELEMENTS_LIMIT = 1 << 25
@@ -143,14 +153,20 @@ def per_sample_weight_grads(
     return per_sample_grads_from_columns(module, columns, grad_outputs[None])[0]
 
 
+def check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
 def output_hessian_factors(
     logits: torch.Tensor, loss: LossName, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, bool]:
     """Factors U [K, N, C] with H_out,n = Σ_k U[k, n] U[k, n]ᵀ; the flag says if they are sampled.
 
-    Cross-entropy's output Hessian diag(p) − ppᵀ does not depend on the labels, so the same
-    factors also serve label-free calibration (KL to the FP32 outputs has the same Hessian at p).
+    Cross-entropy's output Hessian diag(p) − ppᵀ does not depend on the labels; ``kl`` (KL to the
+    FP32 outputs, evaluated at the FP32 model) has the same output Hessian, so both use these factors.
     """
+    check_loss(loss)
     num_classes = logits.shape[-1]
     if loss == "mse":  # mean over outputs of (z - y)^2: H_out = (2/C) I
         eye = torch.eye(num_classes, dtype=logits.dtype, device=logits.device)
@@ -166,6 +182,33 @@ def output_hessian_factors(
     drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     factors = probs - F.one_hot(drawn, num_classes).to(probs.dtype)
     return factors[None].to(logits.dtype), True
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor | None, loss: LossName) -> torch.Tensor:
+    """Σ_n ℓ(z_n) over a batch: the loss whose exact Hessian the Hutchinson estimators measure.
+
+    ``mse`` takes float targets of the logits' shape, or integer labels (one-hot targets).
+    ``kl`` ignores the labels: the reference distribution is the model's own (detached) output, so
+    called on the FP32 model it measures KL(p_FP ‖ p) around p = p_FP.
+    """
+    check_loss(loss)
+    if loss == "kl":
+        reference = torch.log_softmax(logits.detach(), dim=-1)
+        return F.kl_div(
+            torch.log_softmax(logits, dim=-1), reference, reduction="sum", log_target=True
+        )
+    if labels is None:
+        raise InputError(f"loss {loss!r} needs labels; use loss 'kl' for label-free calibration")
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, labels, reduction="sum")
+    target = labels
+    if not labels.is_floating_point():
+        target = F.one_hot(labels, logits.shape[-1])
+    if target.shape != logits.shape:
+        raise InputError(
+            f"mse targets have shape {tuple(target.shape)}, the logits {tuple(logits.shape)}"
+        )
+    return (logits - target.to(logits.dtype)).pow(2).mean(-1).sum()
 
 
 class _LayerRecorder:
@@ -198,21 +241,42 @@ class _LayerRecorder:
         self.outputs.clear()
 
 
-def _batched_output_grads(
-    logits: torch.Tensor, outputs: list[torch.Tensor], factors: torch.Tensor
-) -> list[torch.Tensor]:
-    """Gradients of Σ_n factors[k, n]·logits[n] w.r.t. each output, stacked over k.
+def output_grads_in_chunks(
+    logits: torch.Tensor, targets: Sequence[torch.Tensor], factors: torch.Tensor, chunk: int
+) -> Iterator[list[torch.Tensor]]:
+    """Gradients of Σ_n factors[k, n]·logits[n] w.r.t. each target, ``chunk`` factors at a time:
+    one [k, *target.shape] tensor per target.
 
-    One backward pass per factor: measured on ResNet20 (CPU), a vmapped backward
-    (``is_grads_batched``) was 3x slower than this loop.
+    One backward pass per factor (a vmapped backward, ``is_grads_batched``, was measured 3x slower
+    on ResNet20 on CPU); each factor's gradients are copied into preallocated buffers at once so
+    that a chunk never exists twice (a list plus its stacked copy).
     """
-    per_factor = [
-        torch.autograd.grad(
-            logits, outputs, grad_outputs=factor, retain_graph=index + 1 < len(factors)
-        )
-        for index, factor in enumerate(factors)
-    ]
-    return [torch.stack(parts) for parts in zip(*per_factor)]
+    for start in range(0, len(factors), chunk):
+        size = min(chunk, len(factors) - start)
+        buffers: list[torch.Tensor] = []
+        for k in range(size):
+            grads = torch.autograd.grad(
+                logits,
+                list(targets),
+                grad_outputs=factors[start + k],
+                retain_graph=start + k + 1 < len(factors),
+            )
+            if not buffers:
+                buffers = [grad.new_empty((size, *grad.shape)) for grad in grads]
+            for buffer, grad in zip(buffers, grads):
+                buffer[k] = grad
+            del grads
+        yield buffers
+        del buffers
+
+
+def factor_chunk(num_factors: int, elements_per_factor: int) -> int:
+    """Factors per chunk: as many as fit in `FACTOR_GRADS_ELEMENTS_LIMIT` elements, at least one.
+
+    Fewer factors per chunk lower the peak memory, but every chunk unfolds each convolution input
+    again (im2col dominated the profile on ResNet20 at one factor per chunk: 1.3x the time).
+    """
+    return int(min(num_factors, max(1, FACTOR_GRADS_ELEMENTS_LIMIT // max(1, elements_per_factor))))
 
 
 def _micro_batches(count: int, elements_per_sample: int) -> list[slice]:
@@ -291,7 +355,7 @@ class GaussNewtonState:
     def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
         names, modules = self.names, self.modules
         device = next(model.parameters()).device
-        inputs = inputs.to(device).requires_grad_(True)
+        inputs = inputs.to(device).detach().requires_grad_(True)  # not the caller's tensor
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
         with _LayerRecorder(modules) as recorder:
@@ -307,30 +371,31 @@ class GaussNewtonState:
         factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
         self.sampled = self.sampled or is_sampled
         outputs = [out for name in names for out in recorder.outputs[name]]
-        # All factors in one batched backward pass: grads[i] is [K, N, *output_i.shape[1:]].
-        grads = _batched_output_grads(logits, outputs, factors)
-        cursor = 0
-        for layer_index, name in enumerate(names):
-            module = modules[name]
-            calls = len(recorder.outputs[name])
-            layer_grads = grads[cursor : cursor + calls]
-            cursor += calls
-            for part in _micro_batches(count, self.max_elements * factors.shape[0]):
-                # A layer called several times (shared weights) gets the sum over its calls.
-                weight_grad = sum(
-                    per_sample_grads_from_columns(
-                        module,
-                        layer_input_columns(module, recorder.inputs[name][call][part]),
-                        grad[:, part],
+        chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))
+        for grads in output_grads_in_chunks(logits, outputs, factors, chunk):
+            cursor = 0
+            for layer_index, name in enumerate(names):
+                module = modules[name]
+                calls = len(recorder.outputs[name])
+                layer_grads = grads[cursor : cursor + calls]
+                cursor += calls
+                for part in _micro_batches(count, self.max_elements * grads[0].shape[0]):
+                    # A layer called several times (shared weights) gets the sum over its calls.
+                    weight_grad = sum(
+                        per_sample_grads_from_columns(
+                            module,
+                            layer_input_columns(module, recorder.inputs[name][call][part]),
+                            grad[:, part],
+                        )
+                        for call, grad in enumerate(layer_grads)
                     )
-                    for call, grad in enumerate(layer_grads)
-                )
-                squared = weight_grad.pow(2).sum(0)  # [N, *weight.shape], summed over factors
-                per_sample[part, layer_index] += squared.flatten(1).sum(1).double()
-                if self.keep_diagonal:
-                    self.diagonal[name] += squared.sum(0)
-            del layer_grads
-        del grads, outputs, logits
+                    squared = weight_grad.pow(2).sum(0)  # [n, *weight.shape], over the chunk
+                    per_sample[part, layer_index] += squared.flatten(1).sum(1).double()
+                    if self.keep_diagonal:
+                        self.diagonal[name] += squared.sum(0)
+                del layer_grads
+            del grads
+        del outputs, logits
         recorder.clear()
         self.rows.append(per_sample.cpu().numpy())
 
@@ -368,48 +433,88 @@ class GaussNewtonState:
         )
 
 
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """The calibration batches one process computes, and how per-batch sums are added over processes.
+
+    The default is one process with every batch. `lcpaq.distributed` passes ``rank``/``world`` and an
+    all-reduce, so the Hutchinson estimators split their batches across processes: every process
+    draws the same probes from the same seed, sums its batches and all-reduces, so every process
+    sees the same estimate and stops at the same round.
+    """
+
+    rank: int = 0
+    world: int = 1
+    reduce_sum: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def mine(self, batches: Sequence[Batch]) -> Sequence[Batch]:
+        return batches[self.rank :: self.world]
+
+    def add_up(self, values: np.ndarray) -> np.ndarray:
+        return values if self.reduce_sum is None else self.reduce_sum(values)
+
+
 def _probe_setup(
     model: nn.Module,
     layers: Sequence[LayerInfo],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     seed: int,
+    loss: LossName,
 ) -> tuple[tuple[str, ...], list[torch.Tensor], torch.Generator, int]:
     """Shared start of the Hutchinson estimators: eval mode, layer weights, seeded generator and
     the total number of calibration samples."""
+    check_loss(loss)
     model.eval()
     modules = {layer.name: get_module(model, layer.name) for layer in layers}
     weights = [module.weight for module in modules.values()]
     generator = torch.Generator(device=weights[0].device).manual_seed(seed)
-    total = sum(int(labels.shape[0]) for _, labels in batches)
+    total = sum(int(inputs.shape[0]) for inputs, _ in batches)
     if total == 0:
         raise ValueError("no calibration samples were given")
     return tuple(modules), weights, generator, total
 
 
+def _batch_loss(
+    model: nn.Module, batch: Batch, loss: LossName, total: int, device: torch.device
+) -> torch.Tensor:
+    """This batch's share of the mean calibration loss (the sum over batches is the mean)."""
+    inputs, labels = batch
+    logits = model(inputs.to(device))
+    return summed_loss(logits, None if labels is None else labels.to(device), loss) / total
+
+
 def hutchinson_traces(
     model: nn.Module,
     layers: Sequence[LayerInfo],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     *,
     max_probes: int = 64,
     min_probes: int = 8,
     rel_tol: float = 0.05,
     probes_per_round: int = 8,
     seed: int = 0,
+    loss: LossName = "cross_entropy",
+    share: BatchShare = BatchShare(),
     progress: bool = False,
 ) -> CurvatureEstimate:
-    """Per-layer Hutchinson traces of the exact Hessian of the mean cross-entropy over all batches.
+    """Per-layer Hutchinson traces of the exact Hessian of the mean ``loss`` over all batches.
 
     Each probe v is Rademacher over all measured layers at once; layer l reads v_lᵀ(Hv)_l, which is
     unbiased for tr(H_ll). Probes run in rounds; per batch the gradient graph is built once per round
     and reused for every probe of the round. Stops when every layer's standard error is below
     ``rel_tol`` × |estimate| (after ``min_probes``) or at ``max_probes``.
+
+    ``batches`` are (inputs, labels) pairs; labels may be None for ``loss="kl"`` (see `summed_loss`).
+    ``share`` splits the batches across processes (`lcpaq.distributed`).
     """
     if max_probes < 2:
         raise ValueError(
             f"max_probes must be at least 2 to give a standard error, got {max_probes}"
         )
-    names, weights, generator, total = _probe_setup(model, layers, batches, seed)
+    names, weights, generator, total = _probe_setup(model, layers, batches, seed, loss)
     device = weights[0].device
     requires_grad = [weight.requires_grad for weight in weights]
     for weight in weights:
@@ -429,9 +534,8 @@ def hutchinson_traces(
                 for _ in range(round_size)
             ]
             values = np.zeros((round_size, len(names)))
-            for inputs, labels in batches:
-                inputs, labels = inputs.to(device), labels.to(device)
-                batch_loss = F.cross_entropy(model(inputs), labels, reduction="sum") / total
+            for batch in share.mine(batches):
+                batch_loss = _batch_loss(model, batch, loss, total, device)
                 grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
                 for probe_index, probe in enumerate(probes):
                     dot = sum((grad * v).sum() for grad, v in zip(grads, probe))
@@ -439,7 +543,7 @@ def hutchinson_traces(
                         dot, weights, retain_graph=probe_index + 1 < round_size
                     )
                     values[probe_index] += [float((h * v).sum()) for h, v in zip(hvp, probe)]
-            estimates.extend(values)
+            estimates.extend(share.add_up(values))
             bar.update(round_size)
             stacked = np.array(estimates)
             stderr = stacked.std(0, ddof=1) / np.sqrt(len(stacked))
@@ -487,16 +591,19 @@ def _allocate_round(deficit: np.ndarray, budget: int) -> np.ndarray:
 def single_layer_hutchinson_traces(
     model: nn.Module,
     layers: Sequence[LayerInfo],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     *,
     rel_tol: float = 0.05,
     min_probes: int = 4,
     max_probes_per_layer: int = 256,
     max_total_probes: int | None = None,
     seed: int = 0,
+    loss: LossName = "cross_entropy",
+    share: BatchShare = BatchShare(),
     progress: bool = False,
 ) -> CurvatureEstimate:
-    """Per-layer Hutchinson traces of the exact Hessian with single-layer probes (METHOD §1a (ii)).
+    """Per-layer Hutchinson traces of the exact Hessian of the mean ``loss`` with single-layer
+    probes (METHOD §1a (ii)).
 
     Probe v is Rademacher on layer l and zero elsewhere, so v_lᵀ(Hv)_l = v_lᵀH_ll v_l: the variance
     is 2(‖H_ll‖²_F − Σ_k (H_ll)_kk²), without the cross-block terms that a joint probe adds. Each
@@ -506,7 +613,13 @@ def single_layer_hutchinson_traces(
     rounds, each layer that has not reached SE_l ≤ ``rel_tol``·|T̂_l| gets half of the probes its
     variance says it still needs, up to ``max_probes_per_layer`` per layer and ``max_total_probes``
     in all (default: no total cap). Per batch the gradient graph is built once per round.
-    ``probes_per_layer`` of the result records what each layer got.
+    ``probes_per_layer`` of the result records what each layer got. ``batches``, ``loss`` and
+    ``share`` as in `hutchinson_traces`.
+
+    Why this variance reduction: on ResNet20 the joint probe needed a median ~1,900 probes per layer
+    for 5 % (the Linear layer ~250,000) because every other layer's block adds variance; the
+    single-layer probe removes that term, and allocating by measured variance spends probes where
+    the relative error is worst instead of uniformly (METHOD §1a).
     """
     if min_probes < 2:
         raise ValueError(
@@ -516,7 +629,7 @@ def single_layer_hutchinson_traces(
         raise ValueError(
             f"max_probes_per_layer ({max_probes_per_layer}) is below min_probes ({min_probes})"
         )
-    names, weights, generator, total = _probe_setup(model, layers, batches, seed)
+    names, weights, generator, total = _probe_setup(model, layers, batches, seed, loss)
     device = weights[0].device
     cap_total = max_total_probes if max_total_probes is not None else np.iinfo(np.int64).max
     if cap_total < min_probes * len(names):
@@ -548,9 +661,8 @@ def single_layer_hutchinson_traces(
                 for _ in range(count)
             ]
             values = np.zeros(len(probes))
-            for inputs, labels in batches:
-                inputs, labels = inputs.to(device), labels.to(device)
-                batch_loss = F.cross_entropy(model(inputs), labels, reduction="sum") / total
+            for batch in share.mine(batches):
+                batch_loss = _batch_loss(model, batch, loss, total, device)
                 grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
                 for probe_index, (index, v) in enumerate(probes):
                     (hvp,) = torch.autograd.grad(
@@ -558,6 +670,7 @@ def single_layer_hutchinson_traces(
                     )
                     values[probe_index] += float((hvp * v).sum())
                 del grads, batch_loss
+            values = share.add_up(values)
             for (index, _), value in zip(probes, values):
                 samples[index].append(value)
             bar.update(len(probes))

@@ -16,10 +16,12 @@ from conftest import (
     explicit_gauss_newton,
     make_tiny_conv_net,
     make_tiny_mlp,
+    weight_jacobians,
 )
 from torch import nn
 
 from lcpaq import hessian
+from lcpaq.errors import InputError
 from lcpaq.graph import LayerInfo, discover_layers
 from lcpaq.hessian import (
     CurvatureEstimate,
@@ -210,6 +212,41 @@ def test_gauss_newton_unaligned_micro_batches_give_the_same_result(
     monkeypatch.setattr(hessian, "PER_SAMPLE_ELEMENTS_LIMIT", 7 * largest)
     split = gauss_newton_traces(model, layers, [inputs])
     np.testing.assert_allclose(split.trace, whole.trace, rtol=1e-6)
+
+
+@pytest.mark.parametrize("limit_factors", [1, 2])
+def test_gauss_newton_factor_chunks_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, limit_factors: int
+) -> None:
+    """Backward passes in chunks of 1 or 2 of the 3 factors (bounded memory) change nothing."""
+    model, inputs = _build("grouped_conv")
+    layers = _layers(model, inputs)
+    whole = gauss_newton_traces(model, layers, [inputs])
+    with torch.no_grad():
+        per_factor = sum(output.numel() for output in _layer_outputs(model, layers, inputs))
+    monkeypatch.setattr(hessian, "FACTOR_GRADS_ELEMENTS_LIMIT", limit_factors * per_factor)
+    assert hessian.factor_chunk(3, per_factor) == limit_factors
+    split = gauss_newton_traces(model, layers, [inputs])
+    np.testing.assert_allclose(split.trace, whole.trace, rtol=1e-12)
+    for name in whole.layer_names:
+        np.testing.assert_allclose(split.diagonal[name], whole.diagonal[name], rtol=1e-6)
+    assert not inputs.requires_grad  # the caller's tensor is left alone
+
+
+def _layer_outputs(
+    model: nn.Module, layers: tuple[LayerInfo, ...], inputs: torch.Tensor
+) -> list[torch.Tensor]:
+    outputs: list[torch.Tensor] = []
+    handles = [
+        model.get_submodule(layer.name).register_forward_hook(
+            lambda _m, _a, out: outputs.append(out)
+        )
+        for layer in layers
+    ]
+    model(inputs)
+    for handle in handles:
+        handle.remove()
+    return outputs
 
 
 def test_gauss_newton_sampled_fisher_past_64_classes() -> None:
@@ -492,3 +529,159 @@ def test_cross_entropy_factors_reproduce_the_output_hessian() -> None:
         lambda z: F.cross_entropy(z[None], label), logits[0]
     )
     torch.testing.assert_close(autograd_hessian, expected[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: MSE and KL to the FP32 outputs, against torch.autograd.functional.hessian.
+
+
+def _mean_loss_of_layer_weight(
+    model: nn.Module, name: str, inputs: torch.Tensor, labels: torch.Tensor, loss: str
+):
+    """w ↦ mean loss with layer ``name``'s weight replaced by w (flat); KL's reference is FP32."""
+    params = {key: value.detach() for key, value in model.named_parameters()}
+    params.update(dict(model.named_buffers()))
+    shape = params[f"{name}.weight"].shape
+    with torch.no_grad():
+        reference = torch.log_softmax(model(inputs), dim=-1)
+
+    def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(
+            model, {**params, f"{name}.weight": flat.reshape(shape)}, (inputs,)
+        )
+        if loss == "kl":  # KL(p_FP || p) with p_FP fixed
+            log_p = torch.log_softmax(logits, dim=-1)
+            return (reference.exp() * (reference - log_p)).sum(-1).mean()
+        if loss == "mse":
+            return (logits - F.one_hot(labels, logits.shape[-1])).pow(2).mean(-1).mean()
+        return F.cross_entropy(logits, labels)
+
+    return mean_loss, params[f"{name}.weight"].reshape(-1)
+
+
+def exact_hessian_blocks(
+    model: nn.Module, names: list[str], inputs: torch.Tensor, labels: torch.Tensor, loss: str
+) -> list[torch.Tensor]:
+    """The diagonal Hessian blocks H_ll [n_l, n_l] of the mean loss, by torch.autograd.functional."""
+    blocks = []
+    for name in names:
+        function, flat = _mean_loss_of_layer_weight(model, name, inputs, labels, loss)
+        blocks.append(torch.autograd.functional.hessian(function, flat))
+    return blocks
+
+
+def explicit_gauss_newton_blocks(
+    model: nn.Module, names: list[str], inputs: torch.Tensor
+) -> list[torch.Tensor]:
+    """(1/N) Σ_n J_nᵀ (diag(p) − ppᵀ) J_n per layer, from explicit Jacobians."""
+    logits, jacobians = weight_jacobians(model, names, inputs)
+    probs = torch.softmax(logits, dim=-1)
+    h_out = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    return [torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / len(inputs) for jac in jacobians]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tiny_conv", "grouped_conv"])
+def test_kl_hessian_at_the_fp32_point_is_the_gauss_newton_matrix(kind: str) -> None:
+    """KL(p_FP ‖ p)'s gradient p − p_FP vanishes at the FP32 weights, so its exact Hessian has no
+    residual term: every block equals Jᵀ(diag(p) − ppᵀ)J, and lcpaq's ``kl`` traces and diagonals
+    are exact Hessian traces. Cross-entropy with labels keeps a residual term (the contrast)."""
+    model, inputs, labels = _labelled(kind)
+    layers = _layers(model, inputs)
+    names = [layer.name for layer in layers]
+    kl_blocks = exact_hessian_blocks(model, names, inputs, labels, "kl")
+    gn_blocks = explicit_gauss_newton_blocks(model, names, inputs)
+    ce_blocks = exact_hessian_blocks(model, names, inputs, labels, "cross_entropy")
+    estimate = gauss_newton_traces(model, layers, [inputs[:4], inputs[4:]], loss="kl")
+    assert estimate.method == "gauss_newton"
+    residuals = []
+    for name, kl_block, gn_block, ce_block in zip(names, kl_blocks, gn_blocks, ce_blocks):
+        scale = float(gn_block.abs().max())
+        torch.testing.assert_close(kl_block, gn_block, rtol=0, atol=1e-10 * scale)
+        residuals.append(float((ce_block - gn_block).abs().max()) / scale)
+        np.testing.assert_allclose(
+            estimate.trace[names.index(name)], float(torch.trace(kl_block)), rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            estimate.diagonal[name].ravel(),
+            kl_block.diagonal().numpy(),
+            rtol=1e-5,
+            atol=1e-7 * scale,
+        )
+    # With tanh the logits are curved in the hidden weights, so the labelled cross-entropy keeps a
+    # residual term there (ReLU nets are piecewise linear: no residual, as for every last layer).
+    if kind != "tiny_conv":
+        assert max(residuals[:-1]) > 1e-3
+    cross_entropy = gauss_newton_traces(model, layers, [inputs], loss="cross_entropy")
+    np.testing.assert_allclose(estimate.trace, cross_entropy.trace, rtol=1e-12)
+
+
+def test_mse_gauss_newton_is_the_exact_hessian_of_a_linear_model() -> None:
+    """For a linear model the MSE Hessian is exactly Gauss–Newton: (2/C)·mean_n ‖x_n‖² per output."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 3)).double().eval()
+    inputs = torch.randn(7, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    labels = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(4))
+    layers = _layers(model, inputs)
+    (block,) = exact_hessian_blocks(model, ["0"], inputs, labels, "mse")
+    estimate = gauss_newton_traces(model, layers, [inputs], loss="mse")
+    np.testing.assert_allclose(estimate.trace, [float(torch.trace(block))], rtol=1e-12)
+    np.testing.assert_allclose(
+        estimate.trace, [2.0 / 3.0 * 3 * float(inputs.pow(2).sum(1).mean())], rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])  # cross-entropy: the tests above
+@pytest.mark.parametrize(
+    "estimator", ["joint", "single_layer"], ids=["hutchinson", "single_layer_hutchinson"]
+)
+def test_hutchinson_estimators_follow_the_loss(loss: str, estimator: str) -> None:
+    """Both Hutchinson estimators agree with the exact Hessian traces of the chosen loss (3 SE)."""
+    model, inputs, labels = _labelled("tiny_conv")
+    layers = _layers(model, inputs)
+    names = [layer.name for layer in layers]
+    exact = np.array(
+        [float(torch.trace(b)) for b in exact_hessian_blocks(model, names, inputs, labels, loss)]
+    )
+    batch_labels = None if loss == "kl" else labels  # KL needs no labels
+    batches = [(inputs[:4], None if batch_labels is None else batch_labels[:4])]
+    batches.append((inputs[4:], None if batch_labels is None else batch_labels[4:]))
+    if estimator == "joint":
+        estimate = hutchinson_traces(
+            model, layers, batches, max_probes=300, rel_tol=0.0, seed=1, loss=loss
+        )
+    else:
+        estimate = single_layer_hutchinson_traces(
+            model, layers, batches, rel_tol=0.0, min_probes=150, max_probes_per_layer=150, loss=loss
+        )
+    assert np.all(np.abs(estimate.trace - exact) <= 3 * estimate.trace_stderr), (estimate, exact)
+    assert np.all(estimate.trace_stderr < 0.25 * np.abs(exact).sum())
+
+
+def test_summed_loss_values_and_errors() -> None:
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 2, 1, 2])
+    mse = hessian.summed_loss(logits, labels, "mse")
+    expected = ((logits - F.one_hot(labels, 3)) ** 2).mean(1).sum()
+    torch.testing.assert_close(mse, expected)
+    targets = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(
+        hessian.summed_loss(logits, targets, "mse"), ((logits - targets) ** 2).mean(1).sum()
+    )
+    torch.testing.assert_close(
+        hessian.summed_loss(logits, labels, "cross_entropy"),
+        F.cross_entropy(logits, labels, reduction="sum"),
+    )
+    kl = hessian.summed_loss(logits, None, "kl")  # at its own reference: zero, zero gradient
+    assert float(kl.detach()) == 0.0
+    (grad,) = torch.autograd.grad(kl, logits)
+    assert float(grad.abs().max()) < 1e-15
+    with pytest.raises(InputError, match="needs labels"):
+        hessian.summed_loss(logits, None, "cross_entropy")
+    with pytest.raises(InputError, match="mse targets have shape"):
+        hessian.summed_loss(logits, torch.zeros(4, 2, dtype=torch.float64), "mse")
+    with pytest.raises(InputError, match="loss must be one of"):
+        hessian.summed_loss(logits, labels, "hinge")  # type: ignore[arg-type]
+    model, inputs = _build("mlp")
+    with pytest.raises(InputError, match="loss must be one of"):
+        gauss_newton_traces(model, _layers(model, inputs), [inputs], loss="l1")  # type: ignore[arg-type]
