@@ -527,3 +527,20 @@ def dequantize_weight(
 def fake_quantize(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> torch.Tensor:
     """Quantize then dequantize, keeping the weight's dtype and device."""
     return dequantize_weight(quantize_weight(weight, fmt, scheme), weight.dtype)
+
+
+def fake_quantize_activation(
+    values: torch.Tensor, fmt: NumberFormat, low: float, high: float, *, symmetric: bool = False
+) -> torch.Tensor:
+    """Quantize then dequantize activations with one per-tensor scale fixed beforehand.
+
+    Static activation quantization (METHOD §0): [``low``, ``high``] comes from calibration
+    statistics, not from ``values``, so every batch is mapped onto the same grid and values outside
+    the range saturate. INT is asymmetric by default (with ``low`` = 0 after a ReLU every code is
+    used); minifloats are scaled so that max(|low|, |high|) maps to the format's largest value.
+    """
+    scheme = QuantScheme(symmetric=symmetric, granularity="tensor", clipping="minmax")
+    bounds = torch.tensor([low, high], dtype=torch.float64, device=values.device)
+    scale, zero = _scale_and_zero(bounds[:1], bounds[1:], fmt, scheme)
+    _, dequantized = _round_trip(values.double(), scale, zero, fmt, scheme)
+    return dequantized.to(values.dtype)
