@@ -226,6 +226,31 @@ def pair_candidates(table: CandidateTable, activation_formats: Sequence[str]) ->
     )
 
 
+def assign_activations(table: CandidateTable, activation_formats: Sequence[str]) -> CandidateTable:
+    """A paired table with one given activation format per column of an unpaired table (e.g.
+    the uniform baselines W8A8, W4A4)."""
+    if table.paired:
+        raise ValueError("the table is already paired with activation formats")
+    if len(activation_formats) != len(table.format_names):
+        raise ValueError("give one activation format per candidate")
+    for name in activation_formats:
+        activation_bits(name)  # validates the name
+    return CandidateTable(
+        layer_names=table.layer_names,
+        format_names=tuple(
+            candidate_name(w, a, True) for w, a in zip(table.weight_formats, activation_formats)
+        ),
+        num_params=table.num_params,
+        bits=table.bits,
+        weight_bits=table.weight_bits,
+        size_bits=table.size_bits,
+        error_sq=table.error_sq,
+        weighted_error=table.weighted_error,
+        weight_formats=table.weight_formats,
+        activation_formats=tuple(activation_formats),
+    )
+
+
 def expand_weight_matrix(
     table: CandidateTable, weight_names: Sequence[str], matrix: np.ndarray
 ) -> np.ndarray:

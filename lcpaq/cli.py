@@ -23,6 +23,7 @@ from lcpaq.config import (
     RecoveryConfig,
     RunConfig,
 )
+from lcpaq.costs import COST_METRICS
 from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, parse_format_list
 
@@ -148,6 +149,13 @@ def _add_sweep_options(parser: argparse.ArgumentParser, default_points: int) -> 
         help=f"budgets on the model-level curve (default {default_points}; 0 skips the sweep)",
     )
     parser.add_argument("--sweep-min-bits", type=float, default=None)
+    parser.add_argument(
+        "--sweep-metric",
+        action="append",
+        choices=list(COST_METRICS),
+        help="budget metric to sweep (repeatable; default: the metrics of the run's budgets, the "
+        "other budgets held fixed)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantized", type=Path, help="checkpoint folder (default RUN/quantized)"
     )
 
-    sweep = commands.add_parser("sweep", help="model-level Pareto curve over average-bit budgets")
+    sweep = commands.add_parser("sweep", help="model-level Pareto curves over budgets")
     sweep.add_argument("run_dir", type=Path)
     sweep.add_argument("--eval", help="measure top-1 at every point")
     _add_sweep_options(sweep, default_points=8)
@@ -321,6 +329,7 @@ def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> N
             eval_path,
             num_points=args.sweep_points,
             min_bits=args.sweep_min_bits,
+            metrics=args.sweep_metric,
             progress=progress,
         )
     else:
@@ -381,6 +390,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             args.eval,
             num_points=args.sweep_points,
             min_bits=args.sweep_min_bits,
+            metrics=args.sweep_metric,
             progress=progress,
         )
     elif args.command == "plot":

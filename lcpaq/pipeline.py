@@ -13,12 +13,15 @@ Hessian). File layout (all written atomically):
     allocation.json   chosen format per layer, solver report   (allocate)
     quantized/        model.safetensors + manifest.json        (export)
     evaluation.json   FP32 and quantized top-1                 (evaluate)
-    sweep.json        model-level Pareto curve, uniform points (sweep)
+    infeasible.json   why the last budgets could not be met     (allocate, if infeasible)
+    sweep.json        model-level Pareto curves, uniform points (sweep)
     plots/*.png, report.md, report.json, timings.json
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -42,16 +45,26 @@ from lcpaq.allocate import (
 from lcpaq.candidates import (
     CandidateTable,
     activation_format_of,
+    assign_activations,
     measure_candidates,
     weight_format_of,
 )
 from lcpaq.config import FirstLastPolicy, RunConfig
-from lcpaq.costs import build_cost_model, load_latency_table
+from lcpaq.costs import CostModel, build_cost_model, load_latency_table
+from lcpaq.curves import (
+    BASELINE_FORMATS,
+    budget_table,
+    explain_infeasible,
+    extra_uniform_points,
+    sweep_metric,
+    uniform_points,
+)
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import evaluate_accuracy, paired_difference
 from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpoint
-from lcpaq.frontier import build_frontiers, score_candidates
+from lcpaq.formats import get_format
+from lcpaq.frontier import build_frontiers, pareto_mask, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
 from lcpaq.hessian import gauss_newton_traces, hutchinson_traces
 from lcpaq.models import build_model, file_sha256, load_model, num_classes_of
@@ -134,6 +147,7 @@ DOWNSTREAM_ARTIFACTS = (
     "allocation.json",
     "evaluation.json",
     "sweep.json",
+    "infeasible.json",
     "report.md",
     "report.json",
     "timings.json",
@@ -215,6 +229,24 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
 # -- stage 2: allocate -------------------------------------------------------------------------
 
 
+def candidate_costs(
+    run_dir: Path, table: CandidateTable, latency_table: str | None = None
+) -> CostModel:
+    """Every cost metric of a candidate table of this run (the ILP's table, or baselines)."""
+    layers, unquantized_bits = read_layers(run_dir)
+    return build_cost_model(
+        table,
+        constant_size_bits=unquantized_bits,
+        fp32_size_bits=float(
+            artifacts.read_json(run_dir / "layers.json", "layer list")["fp32_size_bits"]  # type: ignore[arg-type]
+        ),
+        macs_per_sample=np.array([layer.macs_per_sample for layer in layers], dtype=float),
+        weight_shapes=[layer.weight_shape for layer in layers],
+        weight_sign_bits=table.weight_sign_bits(read_config(run_dir).analysis.scheme.symmetric),
+        latency_table=load_latency_table(latency_table) if latency_table else None,
+    )
+
+
 def build_problem(
     run_dir: Path,
     first_last: FirstLastPolicy,
@@ -243,17 +275,7 @@ def build_problem(
         raise InputError(f"--first-last must be 'search' or 'keep-8bit', got {first_last!r}")
     # The problem prunes by the safe rule over every cost dimension, ties included (METHOD §3).
     allowed = allowed_candidates(table, np.ones_like(kept), fixed)
-    costs = build_cost_model(
-        table,
-        constant_size_bits=unquantized_bits,
-        fp32_size_bits=float(
-            artifacts.read_json(run_dir / "layers.json", "layer list")["fp32_size_bits"]  # type: ignore[arg-type]
-        ),
-        macs_per_sample=np.array([layer.macs_per_sample for layer in layers], dtype=float),
-        weight_shapes=[layer.weight_shape for layer in layers],
-        weight_sign_bits=table.weight_sign_bits(read_config(run_dir).analysis.scheme.symmetric),
-        latency_table=load_latency_table(latency_table) if latency_table else None,
-    )
+    costs = candidate_costs(run_dir, table, latency_table)
     groups = [*ties, *tie_rule_groups(table.layer_names, tie_rule)]
     problem = AllocationProblem(
         table, scores, allowed, constant_size_bits=unquantized_bits, costs=costs, ties=groups
@@ -278,7 +300,16 @@ def allocate(
         problem, table, scores, kept = build_problem(
             run_dir, first_last, scorer, ties=ties, tie_rule=tie_rule, latency_table=latency_table
         )
-        allocation = problem.solve(budgets)
+        try:
+            allocation = problem.solve(budgets)
+        except InputError as error:
+            # Keep the reason next to the run: the report explains which budgets conflict.
+            with contextlib.suppress(InputError):
+                explanation = explain_infeasible(problem, budgets, str(error))
+                artifacts.write_json(run_dir / "infeasible.json", explanation)
+            raise
+        (run_dir / "infeasible.json").unlink(missing_ok=True)
+        budget_rows = budget_table(problem, budgets, allocation)
         artifacts.write_npz(
             run_dir / "frontiers.npz", {"scores": scores, "kept": kept, "allowed": problem.allowed}
         )
@@ -291,6 +322,7 @@ def allocate(
                 "tie_rule": tie_rule,
                 "latency_table": latency_table,
                 **allocation.to_dict(),
+                "budget_table": budget_rows,
             },
         )
     logger.info(
@@ -429,18 +461,28 @@ def sweep(
     eval_path: str | None,
     *,
     num_points: int = 8,
-    max_bits: float = 8.0,
+    max_bits: float | None = None,
     min_bits: float | None = None,
+    metrics: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, object]:
-    """The model-level Pareto curve: the ILP optimum over a range of average-bit budgets, and
-    uniform assignments, each with predicted loss increase and (given eval data) measured top-1
-    after the same quantization and statistics correction as the export."""
+    """Model-level Pareto curves and uniform baselines (``sweep.json``).
+
+    For each metric of ``metrics`` (default: the metrics of the run's budgets) the distinct ILP
+    optima over ``num_points`` budgets from the smallest achievable value to the unconstrained
+    optimum (`lcpaq.curves.sweep_metric`; ``min_bits``/``max_bits`` bound an ``avg-bits``
+    sweep), the run's budgets on other metrics held fixed. Uniform baselines: every weight format
+    of the candidates plus `lcpaq.curves.BASELINE_FORMATS` (INT8, INT4, FP8 E4M3), measured on the
+    model when they are not candidates. Every point has every cost metric, the predicted loss
+    increase and, given eval data, top-1 after the same quantization and statistics correction as
+    the export (each distinct weight assignment measured once)."""
     if num_points < 2:
         raise InputError(f"--sweep-points must be at least 2, got {num_points}")
     config = read_config(run_dir)
     layers, _ = read_layers(run_dir)
-    _, allocation_data = read_allocation(run_dir)
+    allocation, allocation_data = read_allocation(run_dir)
+    fixed = [Budget(use.metric, use.limit) for use in allocation.budgets]
+    metrics = list(dict.fromkeys(metrics or [budget.metric for budget in fixed] or ["avg-bits"]))
     first_last = str(allocation_data["first_last"])
     with timed(run_dir, "sweep"):
         problem, table, scores, _ = build_problem(
@@ -451,10 +493,30 @@ def sweep(
             tie_rule=str(allocation_data.get("tie_rule", "none")),
             latency_table=allocation_data.get("latency_table"),  # type: ignore[arg-type]
         )
-        smallest = problem.smallest_achievable("avg-bits")
-        low = max(smallest, min_bits) if min_bits is not None else smallest
-        budgets = np.linspace(low, max_bits, num_points)
-        measure = None
+        curves = {
+            metric: sweep_metric(
+                problem,
+                metric,
+                num_points,
+                fixed=fixed,
+                low=min_bits if metric == "avg-bits" else None,
+                high=max_bits if metric == "avg-bits" else None,
+            )
+            for metric in metrics
+        }
+        uniform = uniform_points(problem, table)
+        model: nn.Module | None = None
+        missing = [name for name in BASELINE_FORMATS if name not in table.weight_formats]
+        if missing:
+            model = _load_model_and_data(config, 1)[0]
+            uniform += baseline_points(
+                run_dir,
+                model,
+                table,
+                missing,
+                str(allocation_data["scorer"]),
+                allocation_data.get("latency_table"),  # type: ignore[arg-type]
+            )
         if eval_path is not None:
             model, calib = _load_model_and_data(config, config.recovery.num_samples)
             dataset = _load_eval(config, model, eval_path)
@@ -471,54 +533,65 @@ def sweep(
                 )
                 return evaluate_accuracy(quantized_model, dataset).top1
 
-        points, seen = [], {}
-        for budget in tqdm(budgets, desc="budget sweep", disable=not progress, unit="budget"):
-            allocation = problem.solve([Budget("avg-bits", float(budget))])
-            key = allocation.formats
-            if key not in seen:
-                seen[key] = (
-                    measure(weight_assignment(allocation.layer_names, allocation.formats))
-                    if measure
-                    else None
-                )
-            points.append(
-                {
-                    "budget_avg_bits": float(budget),
-                    "avg_bits": allocation.average_bits,
-                    "size_bytes": allocation.size_bytes,
-                    "predicted_loss_increase": allocation.predicted_loss_increase,
-                    "top1": seen[key],
-                    "formats": list(allocation.formats),
-                }
-            )
-        uniform = []
-        for column, format_name in enumerate(table.format_names):
-            choice = np.full(len(layers), column)
-            assignment = {layer.name: weight_format_of(format_name) for layer in layers}
-            uniform.append(
-                {
-                    "format": format_name,
-                    "avg_bits": problem.metric_value("avg-bits", choice),
-                    "size_bytes": problem.metric_value("size-mb", choice) * 1e6,
-                    "predicted_loss_increase": float(scores[np.arange(len(layers)), column].sum()),
-                    "top1": measure(assignment) if measure else None,
-                }
-            )
+            # Activations are not quantized at inference: accuracy depends on the weights only.
+            everything = [point for curve in curves.values() for point in curve] + uniform
+            seen: dict[tuple[str, ...], float] = {}
+            for point in tqdm(everything, desc="measuring", disable=not progress, unit="point"):
+                candidates = point.get("formats") or [point["weight_format"]] * len(layers)
+                assignment = weight_assignment(table.layer_names, candidates)
+                key = tuple(assignment.values())
+                if key not in seen:
+                    seen[key] = measure(assignment)
+                point["top1"] = seen[key]
         result = {
             "first_last": first_last,
             "eval_data": eval_path,
-            "points": points,
+            "metrics": metrics,
+            "fixed_budgets": [str(budget) for budget in fixed],
+            "curves": curves,
+            "points": curves[metrics[0]],
             "uniform": uniform,
         }
         artifacts.write_json(run_dir / "sweep.json", result)
     return result
 
 
+def baseline_points(
+    run_dir: Path,
+    model: nn.Module,
+    table: CandidateTable,
+    formats: Sequence[str],
+    scorer: str,
+    latency_table: str | None,
+) -> list[dict[str, object]]:
+    """Uniform baselines of weight formats outside the candidate set, measured on the model with
+    the run's scheme and scored by the run's scorer (no pairwise terms). In a paired table the
+    activation format is the weight format itself (W8A8, W4A4, FP8/FP8)."""
+    layers, _ = read_layers(run_dir)
+    curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+    extra = measure_candidates(
+        model, layers, formats, read_config(run_dir).analysis.scheme, curvature.diagonal
+    )
+    if table.paired:
+        extra = assign_activations(extra, formats)
+    extra_scores = score_candidates(extra, curvature.clamped_trace(), scorer)
+    try:
+        costs = candidate_costs(run_dir, extra, latency_table)
+    except InputError:  # the measured latency table has no entry for a baseline format
+        costs = candidate_costs(run_dir, extra, None)
+        costs = dataclasses.replace(
+            costs,
+            coefficients={k: v for k, v in costs.coefficients.items() if k != "latency-ms"},
+        )
+    return extra_uniform_points(extra, costs, extra_scores)
+
+
 # -- stage 6: plots and report -----------------------------------------------------------------
 
 
 def plot(run_dir: Path) -> list[Path]:
-    """Per-layer frontiers, the model-level curve (if swept) and the bit allocation, as PNGs."""
+    """Per-layer frontiers (INT and FP markers), the layer × candidate heatmap, the bit
+    allocation and, if swept, one model-level curve per swept budget metric, as PNGs."""
     from lcpaq import plots
 
     with timed(run_dir, "plot"):
@@ -530,6 +603,17 @@ def plot(run_dir: Path) -> list[Path]:
         model_name = str(artifacts.read_json(run_dir / "layers.json", "layer list")["model"])
         budget_text = ", ".join(str(Budget(use.metric, use.limit)) for use in allocation.budgets)
         title = f"{model_name} — budget {budget_text}"
+        # A candidate is on its layer's frontier when no other is cheaper or equal in every cost
+        # metric and no worse in score (pairs differ in BitOps only, so weight bits are not enough).
+        costs = candidate_costs(
+            run_dir,
+            table,
+            allocation_data.get("latency_table"),  # type: ignore[arg-type]
+        )
+        stacked = np.stack([costs.coefficients[m] for m in costs.metrics], axis=-1)
+        kept = np.array(
+            [pareto_mask(stacked[row], frontiers["scores"][row]) for row in range(len(layers))]
+        )
         paths = [
             plots.plot_layer_frontiers(
                 run_dir / "plots" / "frontiers.png",
@@ -537,9 +621,20 @@ def plot(run_dir: Path) -> list[Path]:
                 format_names=table.format_names,
                 bits=table.bits,
                 scores=frontiers["scores"],
-                kept=frontiers["kept"],
+                kept=kept,
                 chosen=allocation.formats,
                 title=f"Per-layer Pareto frontiers ({allocation_data['scorer']} score): {title}",
+                kinds=[get_format(name).kind for name in table.weight_formats],
+                activation_formats=table.activation_formats if table.paired else None,
+            ),
+            plots.plot_candidate_heatmap(
+                run_dir / "plots" / "candidate_heatmap.png",
+                layer_names=table.layer_names,
+                format_names=table.format_names,
+                values=frontiers["scores"],
+                chosen=allocation.formats,
+                allowed=frontiers["allowed"],
+                title=f"Predicted loss increase per layer and candidate: {title}",
             ),
             plots.plot_bit_allocation(
                 run_dir / "plots" / "bit_allocation.png",
@@ -560,19 +655,30 @@ def plot(run_dir: Path) -> list[Path]:
             )
             chosen = {
                 "avg_bits": allocation.average_bits,
+                "costs": allocation.costs,
                 "predicted_loss_increase": allocation.predicted_loss_increase,
                 "top1": evaluation["quantized"]["top1"] if evaluation else None,  # type: ignore[index]
             }
-            paths.append(
-                plots.plot_model_curve(
-                    run_dir / "plots" / "model_curve.png",
-                    sweep=sweep_data["points"],  # type: ignore[arg-type]
-                    uniform=sweep_data["uniform"],  # type: ignore[arg-type]
-                    chosen=chosen,
-                    fp32_top1=evaluation["fp32"]["top1"] if evaluation else None,  # type: ignore[index]
-                    title=f"Model-level Pareto curve: {title}",
+            curves = sweep_data.get("curves") or {"avg-bits": sweep_data["points"]}
+            fixed = ", ".join(sweep_data.get("fixed_budgets", []))  # type: ignore[arg-type]
+            # The first swept metric keeps the old file name; others get their own file.
+            for number, (metric, points) in enumerate(curves.items()):  # type: ignore[union-attr]
+                others = ", ".join(b for b in fixed.split(", ") if b and not b.startswith(metric))
+                paths.append(
+                    plots.plot_model_curve(
+                        run_dir
+                        / "plots"
+                        / ("model_curve.png" if number == 0 else f"model_curve_{metric}.png"),
+                        sweep=points,
+                        uniform=sweep_data["uniform"],  # type: ignore[arg-type]
+                        chosen=chosen,
+                        fp32_top1=evaluation["fp32"]["top1"] if evaluation else None,  # type: ignore[index]
+                        title=f"Model-level Pareto curve over {metric}"
+                        + (f" (held: {others})" if others else "")
+                        + f": {model_name}",
+                        metric=metric,
+                    )
                 )
-            )
     return paths
 
 

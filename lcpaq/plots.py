@@ -101,8 +101,14 @@ def plot_layer_frontiers(
     kept: np.ndarray,
     chosen: Sequence[str] | None,
     title: str,
+    kinds: Sequence[str] | None = None,
+    activation_formats: Sequence[str] | None = None,
 ) -> Path:
     """Plot each layer's candidate formats as predicted loss increase against weight bits.
+
+    INT formats are drawn as circles, FP formats as diamonds (``kinds``); with (weight,
+    activation) candidate pairs each activation format gets its own colour and a small sideways
+    offset, and its own frontier line.
 
     Args:
         path: Destination PNG file; parent folders are created.
@@ -114,11 +120,30 @@ def plot_layer_frontiers(
         kept: Bool array ``[L, F]``, True where the format is on the layer's Pareto frontier.
         chosen: Chosen format name per layer, or None when nothing was allocated yet.
         title: Figure title; should name the model and the budget.
+        kinds: ``"int"`` or ``"fp"`` per format (marker shape); default all INT.
+        activation_formats: Activation format per candidate (colour), or None.
 
     Returns:
         The path of the written PNG.
     """
     bits = np.asarray(bits, dtype=float)
+    kinds = list(kinds) if kinds is not None else ["int"] * len(format_names)
+    acts = list(activation_formats) if activation_formats is not None else [""] * len(bits)
+    if len(kinds) != len(format_names) or len(acts) != len(format_names):
+        raise ValueError("kinds and activation_formats need one entry per format")
+    act_names = list(dict.fromkeys(acts))
+    act_color = (
+        dict(zip(act_names, colormaps["tab10"](np.arange(len(act_names)) % 10)))
+        if len(act_names) > 1
+        else {act_names[0]: _KEPT["color"]}
+    )
+    # Pairs that share a weight format sit side by side instead of on top of each other.
+    spread = 0.5 if len(act_names) > 1 else 0.0
+    offset = {
+        name: spread * (k / max(len(act_names) - 1, 1) - 0.5) for k, name in enumerate(act_names)
+    }
+    x_all = bits + np.array([offset[name] for name in acts])
+    is_fp = np.array([kind == "fp" for kind in kinds], dtype=bool)
     scores = np.asarray(scores, dtype=float)
     kept = np.asarray(kept, dtype=bool)
     n_layers = len(layer_names)
@@ -141,14 +166,25 @@ def plot_layer_frontiers(
         finite = np.isfinite(scores[index])  # NaN/inf scores are left out, not drawn
         row = np.where(finite, np.maximum(scores[index], _log_floor(scores[index])), np.nan)
         on_front = kept[index]
-        order = np.lexsort((-row[on_front], bits[on_front]))
-        ax.plot(bits[on_front][order], row[on_front][order], **_KEPT)
-        ax.plot(bits[~on_front], row[~on_front], **_PRUNED)
-        ax.plot(bits[zero[index]], row[zero[index]], **_ZERO)
+        for name in act_names:
+            line = on_front & np.array([act == name for act in acts])
+            order = np.lexsort((-row[line], x_all[line]))
+            ax.plot(x_all[line][order], row[line][order], color=act_color[name], lw=1.3)
+        for fp, marker in ((False, "o"), (True, "D")):
+            for name in act_names:
+                group = (is_fp == fp) & np.array([act == name for act in acts])
+                style = {**_KEPT, "marker": marker, "lw": 0, "color": act_color[name]}
+                ax.plot(x_all[group & on_front], row[group & on_front], **style)
+                ax.plot(
+                    x_all[group & ~on_front],
+                    row[group & ~on_front],
+                    **{**_PRUNED, "marker": marker},
+                )
+        ax.plot(x_all[zero[index]], row[zero[index]], **_ZERO)
         label = _short(layer_names[index])
         if chosen is not None and chosen[index] in column:
             pick = column[chosen[index]]
-            ax.plot(bits[pick], row[pick], clip_on=False, **_CHOSEN)
+            ax.plot(x_all[pick], row[pick], clip_on=False, **_CHOSEN)
             label = f"{_short(layer_names[index], _NAME_CHARS - 8)} → {chosen[index]}"
         ax.set_yscale("log")
         ax.set_title(label, fontsize=8)
@@ -161,6 +197,16 @@ def plot_layer_frontiers(
             ax.set_xlabel("weight bits", fontsize=9)
 
     handles = [_entry("Pareto frontier (kept)", _KEPT), _entry("pruned (dominated)", _PRUNED)]
+    if is_fp.any():
+        handles = [
+            _entry("INT format, kept", _KEPT),
+            _entry("FP format, kept", {**_KEPT, "marker": "D"}),
+            _entry("pruned (hollow)", _PRUNED),
+        ]
+    if len(act_names) > 1:
+        handles += [
+            _entry(f"activations {name}", {**_KEPT, "color": act_color[name]}) for name in act_names
+        ]
     if chosen is not None:
         handles.append(_entry("chosen format", _CHOSEN))
     if zero.any():
@@ -172,6 +218,29 @@ def plot_layer_frontiers(
     return _save(fig, path)
 
 
+#: Axis labels of the budget metrics (`lcpaq.costs.COST_METRICS`).
+METRIC_LABELS = {
+    "avg-bits": "average weight bits",
+    "size-mb": "model size (MB)",
+    "size-frac": "size (fraction of FP32)",
+    "bitops-g": "BitOps (GBOPs per sample)",
+    "ebops-g": "EBOPs (G per sample)",
+    "latency-ms": "latency estimate (ms per sample)",
+}
+
+
+def _metric_of(point: Mapping, metric: str) -> float | None:
+    """A point's value of a cost metric: ``costs[metric]``, or ``avg_bits`` for older points."""
+    costs = point.get("costs") or {}
+    if metric in costs:
+        return float(costs[metric])
+    if metric == "avg-bits" and point.get("avg_bits") is not None:
+        return float(point["avg_bits"])
+    if metric == "size-mb" and point.get("size_bytes") is not None:
+        return float(point["size_bytes"]) / 1e6
+    return None
+
+
 def plot_model_curve(
     path: str | os.PathLike[str],
     *,
@@ -180,31 +249,42 @@ def plot_model_curve(
     chosen: Mapping | None,
     fp32_top1: float | None,
     title: str,
+    metric: str = "avg-bits",
 ) -> Path:
-    """Plot whole-model predicted loss and measured accuracy against average weight bits.
+    """Plot whole-model predicted loss and measured accuracy against one budget metric.
 
     Args:
         path: Destination PNG file; parent folders are created.
-        sweep: Mixed-precision allocations over a budget sweep; each mapping has ``avg_bits``,
-            ``predicted_loss_increase`` (nats) and ``top1`` (fraction in [0, 1] or None).
-        uniform: Single-format baselines, the same keys plus ``format`` (e.g. ``"int8"``).
+        sweep: Mixed-precision allocations over a budget sweep; each mapping has ``costs``
+            (metric → value; older points: ``avg_bits``), ``predicted_loss_increase`` (nats) and
+            ``top1`` (fraction in [0, 1] or None).
+        uniform: Single-format baselines, the same keys plus ``format`` (e.g. ``"int8"``); FP
+            formats (names starting with ``fp``) are drawn as diamonds, INT ones as squares.
         chosen: The exported allocation (same keys as ``sweep``), or None.
         fp32_top1: Top-1 accuracy of the unquantized model as a fraction, or None.
         title: Figure title; should name the model and the budget.
+        metric: The x axis, one of `METRIC_LABELS`; points without it are left out.
 
     Returns:
         The path of the written PNG.
     """
-    sweep = sorted(sweep, key=lambda point: float(point["avg_bits"]))
+    sweep = [p for p in sweep if _metric_of(p, metric) is not None]
+    uniform = [p for p in uniform if _metric_of(p, metric) is not None]
+    if chosen is not None and _metric_of(chosen, metric) is None:
+        chosen = None
+    sweep = sorted(sweep, key=lambda point: float(_metric_of(point, metric)))  # type: ignore[arg-type]
     everything = [*sweep, *uniform, *([chosen] if chosen is not None else [])]
     losses = np.array([float(p["predicted_loss_increase"]) for p in everything], dtype=float)
     floor = _log_floor(losses)
 
     def xy(points: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
         rows = [p for p in points if p.get(key) is not None]
-        x = np.array([float(p["avg_bits"]) for p in rows], dtype=float)
+        x = np.array([_metric_of(p, metric) for p in rows], dtype=float)
         y = np.array([float(p[key]) for p in rows], dtype=float)
         return x, (np.maximum(y, floor) if key == "predicted_loss_increase" else 100.0 * y)
+
+    def is_fp(point: Mapping) -> bool:
+        return str(point.get("weight_format", point.get("format", ""))).startswith("fp")
 
     fig = _new_figure(12.0, 5.0)
     left, right = fig.subplots(1, 2, sharex=True)
@@ -212,9 +292,15 @@ def plot_model_curve(
         sx, sy = xy(sweep, key)
         if sx.size:
             ax.plot(sx, sy, "o-", color="tab:blue", ms=5, label="lcpaq mixed precision")
+        for fp, marker, color, text in (
+            (False, "s", "tab:orange", "uniform INT format"),
+            (True, "D", "tab:purple", "uniform FP format"),
+        ):
+            ux, uy = xy([p for p in uniform if is_fp(p) == fp], key)
+            if ux.size:
+                ax.plot(ux, uy, marker, color=color, ms=7, mec="black", lw=0, label=text)
         ux, uy = xy(uniform, key)
-        if ux.size:
-            ax.plot(ux, uy, "s", color="tab:orange", ms=7, mec="black", label="uniform format")
+        if ux.size:  # one pass, so coinciding INT and FP points share one label
             names = [str(p.get("format", "")) for p in uniform if p.get(key) is not None]
             _annotate_points(ax, ux, uy, names)
         if chosen is not None and chosen.get(key) is not None:
@@ -222,12 +308,12 @@ def plot_model_curve(
             ax.plot(
                 cx,
                 cy,
-                label=f"chosen ({float(chosen['avg_bits']):.2f} bits)",
+                label=f"chosen ({_metric_of(chosen, metric):.4g} {metric})",
                 **{**_CHOSEN, "ms": 16},
             )
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.1)
-        ax.set_xlabel("average weight bits")
+        ax.set_xlabel(METRIC_LABELS.get(metric, metric))
 
     left.set_yscale("log")
     left.set_ylabel("predicted loss increase (nats, log)")
@@ -321,4 +407,96 @@ def plot_bit_allocation(
     above = {"loc": "lower center", "bbox_to_anchor": (0.5, 1.01), "frameon": False}
     ax.legend(handles=handles, fontsize=8, ncols=len(handles), **above)
     fig.suptitle(f"{title}\nparameter-weighted average: {average}", fontsize=12)
+    return _save(fig, path)
+
+
+def plot_candidate_heatmap(
+    path: str | os.PathLike[str],
+    *,
+    layer_names: Sequence[str],
+    format_names: Sequence[str],
+    values: np.ndarray,
+    chosen: Sequence[str] | None,
+    allowed: np.ndarray | None,
+    title: str,
+    value_label: str = "predicted loss increase (nats)",
+) -> Path:
+    """Heatmap of layer × candidate format, log colour scale, the chosen cell outlined.
+
+    Args:
+        path: Destination PNG file; parent folders are created.
+        layer_names: Layer names, length ``L`` (rows, execution order).
+        format_names: Candidate names, length ``C`` (columns).
+        values: Float array ``[L, C]`` (e.g. the score); values ≤ 0 are drawn at a floor a decade
+            below the smallest positive value, NaN cells are blank.
+        chosen: Chosen candidate per layer (outlined in red, with a star), or None.
+        allowed: Bool ``[L, C]``; candidates the ILP could not pick (pruned as dominated, or
+            excluded by the layer policy) are crossed out. None: all allowed.
+        title: Figure title; should name the model and the budget.
+        value_label: Colour bar label.
+
+    Returns:
+        The path of the written PNG.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    values = np.asarray(values, dtype=float)
+    n_layers, n_formats = len(layer_names), len(format_names)
+    if values.shape != (n_layers, n_formats):
+        raise ValueError("values must have shape [len(layer_names), len(format_names)]")
+    if allowed is not None and np.shape(allowed) != values.shape:
+        raise ValueError("allowed must have the shape of values")
+    if chosen is not None and len(chosen) != n_layers:
+        raise ValueError("chosen must name one format per layer")
+    floor = _log_floor(values)
+    shown = np.where(np.isfinite(values), np.maximum(values, floor), np.nan)
+    finite = shown[np.isfinite(shown)]
+    high = float(finite.max()) if finite.size else 1.0
+    norm = LogNorm(vmin=min(floor, high), vmax=max(high, floor * 10))
+    fig = _new_figure(max(6.0, 0.75 * n_formats + 4.0), max(3.5, 0.3 * n_layers + 2.2))
+    ax = fig.subplots()
+    image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=ax, pad=0.01)
+    colorbar.set_label(f"{value_label} (log)")
+    ax.set_xticks(np.arange(n_formats), list(format_names), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(n_layers), [_short(name) for name in layer_names], fontsize=7)
+    ax.set_xlabel("candidate format")
+    ax.set_ylabel("layer (execution order)")
+    if n_layers * n_formats <= 600:  # numbers stay legible on small grids only
+        for row, column in np.ndindex(values.shape):
+            if np.isfinite(values[row, column]):
+                light = norm(shown[row, column]) < 0.5
+                ax.text(
+                    column,
+                    row,
+                    f"{values[row, column]:.1g}",
+                    ha="center",
+                    va="center",
+                    fontsize=5.5,
+                    color="white" if light else "black",
+                )
+    handles: list[Patch | Line2D] = []
+    if allowed is not None and not np.all(allowed):
+        rows, columns = np.nonzero(~np.asarray(allowed, dtype=bool))
+        ax.plot(columns, rows, "x", color="lightgray", ms=9, mew=1.0, lw=0)
+        handles.append(
+            _entry(
+                "not selectable (dominated or fixed by policy)",
+                {"color": "lightgray", "marker": "x", "lw": 0},
+            )
+        )
+    if chosen is not None:
+        column_of = {name: k for k, name in enumerate(format_names)}
+        for row, name in enumerate(chosen):
+            if name in column_of:
+                box = Rectangle(
+                    (column_of[name] - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=2.2, zorder=5
+                )
+                ax.add_patch(box)
+        handles.append(Patch(facecolor="none", edgecolor="red", lw=2.2, label="chosen format"))
+    if handles:
+        above = {"loc": "lower center", "bbox_to_anchor": (0.5, 1.01), "frameon": False}
+        ax.legend(handles=handles, fontsize=8, ncols=len(handles), **above)
+    fig.suptitle(title, fontsize=12)
     return _save(fig, path)

@@ -3,7 +3,9 @@ built only from the artifacts in the run folder."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -101,12 +103,124 @@ def build_report(run_dir: Path) -> dict[str, object]:
         "allocation": allocation,
         "evaluation": _optional(run_dir, "evaluation.json"),
         "sweep": _optional(run_dir, "sweep.json"),
+        "infeasible": _optional(run_dir, "infeasible.json"),
         "timings_s": _optional(run_dir, "timings.json"),
     }
 
 
 def _pct(value: object) -> str:
     return "–" if value is None else f"{100 * float(value):.2f}"  # type: ignore[arg-type]
+
+
+def _number(value: object, spec: str = ".4g") -> str:
+    return "–" if value is None else format(float(value), spec)  # type: ignore[arg-type]
+
+
+def budget_lines(allocation: Mapping[str, Any]) -> list[str]:
+    """The budget table (limit, used, slack, binding, limiting) and every cost metric used.
+
+    ``budget_table`` rows come from `lcpaq.curves.budget_table`; allocations written before it
+    existed show their ``budgets`` (limit, used, binding) with the slack computed here.
+    """
+    rows = allocation.get("budget_table") or [
+        {**use, "slack": use["limit"] - use["used"], "slack_frac": 1 - use["used"] / use["limit"]}
+        for use in allocation["budgets"]
+    ]
+    lines = [
+        "",
+        "### Budgets",
+        "",
+        "| budget | limit | used | slack | slack (% of limit) | binding | limiting "
+        "(predicted ΔL without it) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        limiting = (
+            "–"
+            if "limiting" not in row
+            else ("yes" if row["limiting"] else "no")
+            + f" ({_number(row['predicted_loss_without'])})"
+        )
+        lines.append(
+            f"| {row['metric']} | {row['limit']:.6g} | {row['used']:.6g} | {row['slack']:.4g} | "
+            f"{100 * row['slack_frac']:.2f} | {'yes' if row['binding'] else 'no'} | {limiting} |"
+        )
+    costs = allocation.get("costs") or {}
+    if costs:
+        lines += [
+            "",
+            "Every cost metric of the allocation: "
+            + "; ".join(f"{metric} {value:.6g}" for metric, value in costs.items())
+            + ".",
+        ]
+    return lines
+
+
+def infeasible_lines(infeasible: Mapping[str, Any]) -> list[str]:
+    """Why the last ``lcpaq allocate`` request could not be met (``infeasible.json``)."""
+    lines = [
+        "## Infeasible request",
+        f"- budgets {', '.join(infeasible['budgets'])} cannot be met; the allocation above (if any) "
+        "is the last feasible one",
+        "",
+        "| budget | limit | smallest achievable | feasible alone | short by |",
+        "|---|---|---|---|---|",
+    ]
+    for row in infeasible["per_budget"]:
+        lines.append(
+            f"| {row['metric']} | {row['limit']:.6g} | {row['smallest_achievable']:.6g} | "
+            f"{'yes' if row['feasible_alone'] else 'no'} | {row['shortfall']:.4g} |"
+        )
+    alone = all(row["feasible_alone"] for row in infeasible["per_budget"])
+    pairs = infeasible["conflicting_pairs"]
+    if pairs:
+        text = "; ".join(" with ".join(pair) for pair in pairs)
+        lines += ["", f"- conflicting pairs: {text}"]
+    elif alone:
+        lines += ["", "- every pair of budgets is feasible; only all of them together conflict"]
+    lines += ["", f"- solver message: {infeasible['message']}", ""]
+    return lines
+
+
+def sweep_lines(sweep: Mapping[str, Any]) -> list[str]:
+    """One table per swept metric: uniform baselines, then the mixed-precision optima."""
+    curves = sweep.get("curves") or {"avg-bits": sweep["points"]}
+    held = ", ".join(sweep.get("fixed_budgets", []))
+    lines = ["", "## Model-level curves"]
+    for metric, points in curves.items():
+        others = ", ".join(b for b in held.split(", ") if b and not b.startswith(f"{metric}="))
+        lines += [
+            "",
+            f"### Over {metric}" + (f" (held: {others})" if others else ""),
+            "",
+            f"| assignment | {metric} | avg bits | size (MB) | BitOps (G) | predicted ΔL | top-1 % |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = [
+            (
+                f"uniform {point['format']}"
+                + ("" if point.get("in_candidates", True) else " (not a candidate)"),
+                point,
+            )
+            for point in sweep["uniform"]
+        ]
+        for point in points:
+            budgets = point.get("budgets") or [point.get("budget_avg_bits")]
+            span = (
+                _number(max(budgets))
+                if len(budgets) == 1
+                else f"{_number(min(budgets))}…{_number(max(budgets))}"
+            )
+            rows.append((f"lcpaq, budget {span}", point))
+        for label, point in rows:
+            costs = point.get("costs") or {}
+            lines.append(
+                f"| {label} | {_number(costs.get(metric, point.get('avg_bits')))} | "
+                f"{point['avg_bits']:.3f} | {point['size_bytes'] / 1e6:.4f} | "
+                f"{_number(costs.get('bitops-g'))} | {point['predicted_loss_increase']:.4g} | "
+                f"{_pct(point['top1'])} |"
+            )
+    return lines
 
 
 def render_markdown(report: dict[str, object]) -> str:
@@ -123,12 +237,10 @@ def render_markdown(report: dict[str, object]) -> str:
             f"- predicted loss increase: {allocation['predicted_loss_increase']:.4g} nats",  # type: ignore[index]
             f"- solver: HiGHS {allocation['status']}, MIP gap {allocation['mip_gap']:.2g}, {allocation['solve_time_s'] * 1000:.1f} ms",  # type: ignore[index]
         ]
-        for use in allocation["budgets"]:  # type: ignore[index]
-            binding = " (binding)" if use["binding"] else ""
-            lines.append(
-                f"- {use['metric']}: used {use['used']:.4g} of {use['limit']:.4g}{binding}"
-            )
+        lines += budget_lines(allocation)  # type: ignore[arg-type]
         lines.append("")
+    if report.get("infeasible"):
+        lines += infeasible_lines(report["infeasible"])  # type: ignore[arg-type]
     if evaluation:
         lines += [
             "## Accuracy",
@@ -186,21 +298,7 @@ def render_markdown(report: dict[str, object]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     sweep = report["sweep"]
     if sweep:
-        lines += [
-            "",
-            "## Model-level curve",
-            "",
-            "| assignment | avg bits | size (MB) | predicted ΔL | top-1 % |",
-            "|---|---|---|---|---|",
-        ]
-        for point in sweep["uniform"]:  # type: ignore[index]
-            lines.append(
-                f"| uniform {point['format']} | {point['avg_bits']:.3f} | {point['size_bytes'] / 1e6:.4f} | {point['predicted_loss_increase']:.4g} | {_pct(point['top1'])} |"
-            )
-        for point in sweep["points"]:  # type: ignore[index]
-            lines.append(
-                f"| lcpaq ≤ {point['budget_avg_bits']:.2f} bits | {point['avg_bits']:.3f} | {point['size_bytes'] / 1e6:.4f} | {point['predicted_loss_increase']:.4g} | {_pct(point['top1'])} |"
-            )
+        lines += sweep_lines(sweep)  # type: ignore[arg-type]
     timings = report["timings_s"]
     if timings:
         lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]

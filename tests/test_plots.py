@@ -7,7 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lcpaq.plots import plot_bit_allocation, plot_layer_frontiers, plot_model_curve
+from lcpaq.plots import (
+    plot_bit_allocation,
+    plot_candidate_heatmap,
+    plot_layer_frontiers,
+    plot_model_curve,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -174,3 +179,105 @@ def test_failed_render_leaves_no_files(tmp_path: Path, monkeypatch: pytest.Monke
             title="tinynet",
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """Decode the PNG (proves it is complete and readable); returns [H, W, channels]."""
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+    assert float(image[..., :3].std()) > 0.01  # not a blank canvas
+    return image
+
+
+def test_frontiers_with_fp_markers_and_activation_pairs(tmp_path: Path) -> None:
+    names = [f"{w}/{a}" for w in ("int4", "fp4_e2m1", "int8") for a in ("int4", "int8")]
+    scores = np.repeat(SCORES[:, [1, 2, 3]], 2, axis=1) + np.tile([1e-3, 0.0], 3)
+    out = tmp_path / "frontiers.png"
+    plot_layer_frontiers(
+        out,
+        layer_names=LAYERS,
+        format_names=names,
+        bits=np.array([4, 4, 4, 4, 8, 8]),
+        scores=scores,
+        kept=np.ones_like(scores, dtype=bool),
+        chosen=["int4/int8", "fp4_e2m1/int4", "int8/int8"],
+        title="tinynet, pairs",
+        kinds=["int", "int", "fp", "fp", "int", "int"],
+        activation_formats=["int4", "int8"] * 3,
+    )
+    _assert_png(out, tmp_path)
+    _read_png(out)
+    with pytest.raises(ValueError, match="kinds"):
+        plot_layer_frontiers(
+            tmp_path / "bad.png",
+            layer_names=LAYERS,
+            format_names=names,
+            bits=np.array([4, 4, 4, 4, 8, 8]),
+            scores=scores,
+            kept=np.ones_like(scores, dtype=bool),
+            chosen=None,
+            title="bad",
+            kinds=["int"],
+        )
+
+
+def test_candidate_heatmap(tmp_path: Path) -> None:
+    out = tmp_path / "heatmap.png"
+    allowed = KEPT.copy()
+    plot_candidate_heatmap(
+        out,
+        layer_names=LAYERS,
+        format_names=FORMATS,
+        values=np.where(SCORES > 0, SCORES, np.nan),
+        chosen=["int4", "fp4", "int8"],
+        allowed=allowed,
+        title="tinynet, budget 4.0 bits",
+    )
+    _assert_png(out, tmp_path)
+    _read_png(out)
+    with pytest.raises(ValueError, match="shape"):
+        plot_candidate_heatmap(
+            tmp_path / "bad.png",
+            layer_names=LAYERS[:2],
+            format_names=FORMATS,
+            values=SCORES,
+            chosen=None,
+            allowed=None,
+            title="bad",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.png"]
+
+
+@pytest.mark.parametrize("metric", ["bitops-g", "size-mb", "latency-ms"])
+def test_model_curve_over_any_budget_metric(tmp_path: Path, metric: str) -> None:
+    def point(bits: float, loss: float, top1: float | None, **extra: object) -> dict:
+        costs = {"avg-bits": bits, "size-mb": bits / 80, "bitops-g": bits * 0.04}
+        return {
+            "costs": costs,
+            "avg_bits": bits,
+            "size_bytes": bits / 80 * 1e6,
+            "predicted_loss_increase": loss,
+            "top1": top1,
+            **extra,
+        }
+
+    sweep = [point(2.5, 0.3, 0.6), point(3.0, 0.1, 0.8), point(4.0, 0.02, 0.9)]
+    uniform = [
+        point(8.0, 1e-4, 0.92, format="int8"),
+        point(4.0, 0.05, 0.85, format="int4"),
+        point(8.0, 1e-3, 0.91, format="fp8_e4m3", weight_format="fp8_e4m3"),
+    ]
+    out = tmp_path / f"curve_{metric}.png"
+    plot_model_curve(
+        out,
+        sweep=sweep,
+        uniform=uniform,
+        chosen=point(3.0, 0.1, 0.8),
+        fp32_top1=0.93,
+        title="tinynet",
+        metric=metric,
+    )
+    _assert_png(out, tmp_path)
+    _read_png(out)
