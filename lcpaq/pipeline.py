@@ -45,6 +45,7 @@ from lcpaq.allocate import (
 from lcpaq.candidates import (
     CandidateTable,
     activation_format_of,
+    activation_score_matrix,
     assign_activations,
     measure_candidates,
     weight_format_of,
@@ -229,6 +230,24 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
 # -- stage 2: allocate -------------------------------------------------------------------------
 
 
+def activation_term(run_dir: Path, table: CandidateTable, scorer: str) -> np.ndarray:
+    """[L, C] activation part of every candidate's score: ``activations.npz`` (measured by
+    ``analyze --act-formats``) through `lcpaq.activations.activation_scores` (``diagonal`` for the
+    diagonal weight scorer, ``trace`` otherwise). Zero for an unpaired table (its 8-bit activations
+    are only a cost assumption), without the file, and for formats it did not measure."""
+    from lcpaq.activations import activation_scores, load_activation_sensitivity
+
+    path = run_dir / "activations.npz"
+    if not table.paired or not path.is_file():
+        return np.zeros(table.error_sq.shape)
+    sensitivity = load_activation_sensitivity(path)
+    if tuple(sensitivity.layer_names) != tuple(table.layer_names):
+        raise InputError(f"{path} lists other layers than candidates.npz: run lcpaq analyze again")
+    values = activation_scores(sensitivity, "diagonal" if scorer == "diagonal" else "trace")
+    by_format = {name: values[:, k] for k, name in enumerate(sensitivity.format_names)}
+    return activation_score_matrix(table, by_format)
+
+
 def candidate_costs(
     run_dir: Path, table: CandidateTable, latency_table: str | None = None
 ) -> CostModel:
@@ -261,6 +280,7 @@ def build_problem(
     table = artifacts.load_candidates(run_dir / "candidates.npz")
     curvature = artifacts.load_curvature(run_dir / "curvature.npz")
     scores = score_candidates(table, curvature.clamped_trace(), scorer)
+    scores = scores + activation_term(run_dir, table, scorer)
     kept = build_frontiers(table, scores)
     fixed: dict[str, str] = {}
     if first_last == "keep-8bit":
@@ -575,6 +595,7 @@ def baseline_points(
     if table.paired:
         extra = assign_activations(extra, formats)
     extra_scores = score_candidates(extra, curvature.clamped_trace(), scorer)
+    extra_scores = extra_scores + activation_term(run_dir, extra, scorer)
     try:
         costs = candidate_costs(run_dir, extra, latency_table)
     except InputError:  # the measured latency table has no entry for a baseline format

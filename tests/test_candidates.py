@@ -3,6 +3,8 @@ granularity) and weight errors for INT and FP candidates."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import conv_inputs, make_tiny_conv_net
@@ -176,3 +178,43 @@ def test_pair_table_round_trip_and_old_files(tmp_path) -> None:
     old = load_candidates(tmp_path / "old.npz")
     assert old.weight_formats == ("int4", "fp8_e4m3")
     assert old.activation_formats == ("int8", "int8") and not old.paired
+
+
+def test_activation_term_of_pairs_from_activations_npz(tmp_path) -> None:
+    """The ILP score of (w, a) = weight score + ½·T_l·σ²_l(a) from activations.npz (trace scorer),
+    ½·weighted[l, a] with the diagonal scorer; 0 for an unmeasured format and unpaired tables."""
+    from lcpaq.activations import ActivationSensitivity, save_activation_sensitivity
+    from lcpaq.pipeline import activation_term
+
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    table = measure_candidates(model, layers, ("int4", "int8"), QuantScheme(), None, ACTS)
+    noise = np.array([[0.1, 0.01, 0.001], [0.2, 0.02, 0.002], [0.3, 0.03, 0.003]])
+    sensitivity = ActivationSensitivity(
+        layer_names=table.layer_names,
+        format_names=("int4", "int8", "fp32"),
+        trace=np.array([1.0, 2.0, 4.0]),
+        trace_stderr=np.zeros(3),
+        num_elements=np.array([36, 64, 54]),
+        noise=noise,
+        weighted=10 * noise,
+        weighted_stderr=np.zeros((3, 3)),
+        low=np.zeros(3),
+        high=np.ones(3),
+        num_samples=2,
+        method="gauss_newton",
+    )
+    save_activation_sensitivity(tmp_path / "activations.npz", sensitivity)
+    term = activation_term(tmp_path, table, "hawq_v2")
+    column = table.format_index("int8/int4")
+    np.testing.assert_allclose(term[:, column], 0.5 * np.array([1.0, 2.0, 4.0]) * noise[:, 0])
+    np.testing.assert_allclose(term[:, table.format_index("int4/int8")], [0.005, 0.02, 0.06])
+    np.testing.assert_array_equal(term[:, table.format_index("int4/fp8_e4m3")], 0.0)
+    diagonal = activation_term(tmp_path, table, "diagonal")
+    np.testing.assert_allclose(diagonal[:, column], 5 * noise[:, 0])
+    plain = measure_candidates(model, layers, ("int4", "int8"), QuantScheme())
+    np.testing.assert_array_equal(activation_term(tmp_path, plain, "hawq_v2"), 0.0)
+    renamed = dataclasses.replace(sensitivity, layer_names=("a", "b", "c"))
+    save_activation_sensitivity(tmp_path / "activations.npz", renamed)
+    with pytest.raises(InputError, match="other layers"):
+        activation_term(tmp_path, table, "hawq_v2")
