@@ -83,7 +83,13 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
     group.add_argument(
         "--group-size", type=int, default=128, help="inputs per scale with --granularity group"
     )
-    group.add_argument("--clipping", choices=["mse", "minmax"], default="mse")
+    group.add_argument("--clipping", choices=["mse", "minmax", "percentile"], default="mse")
+    group.add_argument(
+        "--percentile",
+        type=float,
+        default=99.9,
+        help="p of --clipping percentile: cut each scale group's range at the p-th percentile",
+    )
     group.add_argument(
         "--hutchinson-probes",
         type=int,
@@ -216,7 +222,100 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("plot", "write the PNG plots"), ("report", "write report.md/.json")):
         stage = commands.add_parser(name, help=text)
         stage.add_argument("run_dir", type=Path)
+    _add_search_parser(commands)
     return parser
+
+
+def _add_search_parser(commands: argparse._SubParsersAction) -> None:
+    """``lcpaq search``: the options it does not search (model, data, budgets) and its own."""
+    search = commands.add_parser(
+        "search",
+        help="low-cost proxy search over the pipeline's options at fixed budgets (Optuna)",
+    )
+    group = search.add_argument_group("model, data and budgets (fixed for every trial)")
+    group.add_argument("--model", required=True, help="as for lcpaq run")
+    group.add_argument("--checkpoint")
+    group.add_argument(
+        "--calib",
+        required=True,
+        help="calibration data; its head feeds curvature/correction, its tail the proxy",
+    )
+    group.add_argument("--normalize", default="imagenet")
+    group.add_argument("--image-size", type=int)
+    group.add_argument("--allow-unsafe-pickle", action="store_true")
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    group.add_argument("--budget", action="append", required=True, metavar="METRIC=VALUE")
+    group.add_argument("--tie", action="append", metavar="LAYER,LAYER[,...]")
+    group.add_argument("--tie-rule", choices=list(TIE_RULES), default="none")
+    group.add_argument("--latency-table")
+    group = search.add_argument_group("search")
+    group.add_argument("--out", type=Path, required=True, help="search folder")
+    group.add_argument("--trials", type=int, default=60, help="finished trials (default 60)")
+    group.add_argument("--eval", help="labelled data for the full evaluation of the top-k")
+    group.add_argument("--top-k", type=int, default=3, help="configurations fully evaluated")
+    group.add_argument("--proxy", choices=["kl", "loss", "sqnr"], default="kl")
+    group.add_argument(
+        "--proxy-samples",
+        default="128,384,1152",
+        help="growing proxy slices for successive halving (default 128,384,1152)",
+    )
+    group.add_argument(
+        "--fix",
+        action="append",
+        metavar="NAME=VALUE",
+        help="pin a search dimension, e.g. --fix formats=int-pow2 (docs/05-search.md)",
+    )
+    group.add_argument(
+        "--size-cap",
+        choices=["default", "none"],
+        default="default",
+        help="hold every trial to the default configuration's size (default) unless a size "
+        "budget is given",
+    )
+    group.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db)")
+    group.add_argument("--study-name", default="lcpaq-search")
+    group.add_argument("--resume", action="store_true", help="continue an existing study")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _search_options(args: argparse.Namespace) -> object:
+    from lcpaq.search import SearchOptions, parse_fix, parse_rungs
+
+    base = RunConfig(
+        analysis=AnalysisConfig(
+            model=args.model,
+            checkpoint=args.checkpoint,
+            calib=args.calib,
+            normalize=args.normalize,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            loss=args.loss,
+            seed=args.seed,
+            allow_unsafe_pickle=args.allow_unsafe_pickle,
+        ),
+        allocation=AllocationConfig(
+            budgets=tuple(str(budget) for budget in _budgets(args.budget)),
+            ties=tuple(parse_tie(text) for text in args.tie or []),
+            tie_rule=args.tie_rule,
+            latency_table=args.latency_table,
+        ),
+    )
+    return SearchOptions(
+        base=base,
+        out=args.out,
+        trials=args.trials,
+        eval_path=args.eval,
+        storage=args.storage,
+        study_name=args.study_name,
+        resume=args.resume,
+        top_k=args.top_k,
+        proxy=args.proxy,
+        rungs=parse_rungs(args.proxy_samples),
+        fixed=parse_fix(args.fix or []),
+        size_cap=args.size_cap == "default",
+        seed=args.seed,
+    )
 
 
 #: Options a --config file supplies; giving them as well would be ambiguous.
@@ -235,6 +334,7 @@ _CONFIG_OPTIONS = (
     "granularity",
     "group_size",
     "clipping",
+    "percentile",
     "hutchinson_probes",
     "hutchinson_samples",
     "seed",
@@ -288,6 +388,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
                 symmetric=args.symmetric,
                 granularity=args.granularity,
                 clipping=args.clipping,
+                percentile=args.percentile,
                 group_size=args.group_size,
             ),
             hutchinson_probes=args.hutchinson_probes,
@@ -398,6 +499,12 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(path)
     elif args.command == "report":
         print(pipeline.report(args.run_dir))
+    elif args.command == "search":
+        from lcpaq.search import run_search
+
+        run_search(_search_options(args), progress=progress)  # type: ignore[arg-type]
+        print(f"best configuration: {args.out / 'best_config.json'}")
+        print(f"report: {args.out / 'search_report.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:

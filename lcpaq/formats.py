@@ -3,7 +3,7 @@
 A `NumberFormat` names a code grid: integers ``int2`` … ``int8`` or minifloats ``fp8_e4m3``,
 ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``. A `QuantScheme` says how a weight tensor is
 mapped onto it (symmetric or asymmetric INT codes, per-tensor, per-output-channel, per-group or OCP
-microscaling (MX) scales, min-max or MSE clipping). `quantize_weight` returns the codes (INT values, or
+microscaling (MX) scales, min-max, MSE or percentile clipping). `quantize_weight` returns the codes (INT values, or
 FP bit patterns) plus scales and zero points that the exported checkpoint stores; `dequantize_weight`
 inverts it. Formulas follow METHOD §0; docs/formats.md describes every case.
 """
@@ -20,7 +20,8 @@ import torch
 from lcpaq.errors import InputError
 
 Granularity = Literal["tensor", "channel", "group", "mx"]
-Clipping = Literal["minmax", "mse"]
+Clipping = Literal["minmax", "mse", "percentile"]
+CLIPPINGS = ("minmax", "mse", "percentile")
 GRANULARITIES = ("tensor", "channel", "group", "mx")
 GROUP_SIZES = (32, 64, 128)
 
@@ -199,6 +200,9 @@ class QuantScheme:
     ``symmetric`` only concerns INT formats with float scales: minifloats are sign-magnitude and MX
     has no zero points. ``group_size`` is used by ``granularity="group"`` only (MX blocks are 32).
     ``clipping`` does not apply to MX, whose scale is fixed by the block's largest magnitude.
+    ``percentile`` is p of ``clipping="percentile"``: the range of each scale group is cut at the
+    p-th percentile of |w| (symmetric INT, FP) or at the (100−p)-th and p-th percentiles of w
+    (asymmetric INT), linear interpolation between order statistics; p = 100 is min-max.
     """
 
     symmetric: bool = False
@@ -207,14 +211,20 @@ class QuantScheme:
     #: Number of candidate clipping ratios t/T·max|w| searched by MSE clipping (METHOD §0, T=100).
     mse_grid_points: int = 100
     group_size: int = 128
+    #: p of percentile clipping, in (50, 100]; ignored by the other clipping methods.
+    percentile: float = 99.9
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise InputError(
                 f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
             )
-        if self.clipping not in ("minmax", "mse"):
-            raise InputError(f"clipping must be 'minmax' or 'mse', got {self.clipping!r}")
+        if self.clipping not in CLIPPINGS:
+            raise InputError(
+                f"clipping must be one of {', '.join(CLIPPINGS)}, got {self.clipping!r}"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise InputError(f"clipping percentile must be in (50, 100], got {self.percentile!r}")
         if self.mse_grid_points < 1:
             raise InputError(f"mse_grid_points must be >= 1, got {self.mse_grid_points}")
         if self.group_size not in GROUP_SIZES:
@@ -413,6 +423,32 @@ def _mse_ranges(
     return low * best_ratio, high * best_ratio
 
 
+def _percentile_ranges(
+    weight: torch.Tensor, grouped: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipping range at the ``scheme.percentile``-th percentile (METHOD §0), over the
+    real elements of each group only: the zero padding of a partial last block is excluded."""
+    valid = _grouped(torch.ones_like(weight), scheme) > 0
+    counts = valid.sum(dim=1)
+    fraction = scheme.percentile / 100.0
+
+    def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+        # Padding sorts last (+inf), so positions 0 … count−1 are the real order statistics.
+        ordered = torch.where(valid, values, torch.inf).sort(dim=1).values.double()
+        position = q * (counts - 1).double()
+        below = position.floor().long()
+        above = torch.minimum(below + 1, counts - 1)
+        weight_above = position - below.double()
+        lower = ordered.gather(1, below[:, None])[:, 0]
+        upper = ordered.gather(1, above[:, None])[:, 0]
+        return (lower + weight_above * (upper - lower)).float()
+
+    if has_zero_point(fmt, scheme):
+        return quantile(grouped, 1.0 - fraction), quantile(grouped, fraction)
+    alpha = quantile(grouped.abs(), fraction)
+    return -alpha, alpha
+
+
 def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
     """Exact float32 2^e for integer e in [-127, 127] (2^-127 is a float32 subnormal)."""
     return torch.pow(2.0, exponents.double()).float()
@@ -475,6 +511,8 @@ def quantize_weight(
         )
     if scheme.clipping == "mse":
         low, high = _mse_ranges(grouped, fmt, scheme)
+    elif scheme.clipping == "percentile":
+        low, high = _percentile_ranges(weight, grouped, fmt, scheme)
     else:
         low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
     scale, zero = _scale_and_zero(low, high, fmt, scheme)

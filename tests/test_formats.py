@@ -288,7 +288,9 @@ def test_quant_scheme_validation_and_round_trip() -> None:
     old = {key: value for key, value in QuantScheme().to_dict().items() if key != "group_size"}
     assert QuantScheme.from_dict(old) == QuantScheme()
     with pytest.raises(ValueError, match="clipping"):
-        QuantScheme(clipping="percentile")  # type: ignore[arg-type]
+        QuantScheme(clipping="median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="percentile"):
+        QuantScheme(clipping="percentile", percentile=100.5)
     with pytest.raises(ValueError, match="mse_grid_points"):
         QuantScheme(mse_grid_points=0)
 

@@ -1,0 +1,1499 @@
+"""Low-cost proxy search over the pipeline's own options at fixed budgets (METHOD §5), on Optuna.
+
+A *configuration* is a `RunConfig`: the search varies documented, typed options of the pipeline
+(`SearchSpace`, docs/05-search.md), never search-only knobs, and every configuration keeps the
+same hard budgets, so proxy scores compare like for like. One trial:
+
+1. curvature for its (calibration samples, loss, seed, estimator options): computed once per
+   distinct key by the ordinary ``analyze`` stage into ``cache/curvature-…/`` and reloaded after;
+2. candidate table from cached quantized weights (``cache/weights/<scheme>/<format>.safetensors``,
+   pure weight arithmetic, once per (scheme, format));
+3. the ordinary ``allocate`` stage (HiGHS) on a trial folder ``trials/NNNNN/`` that holds the
+   analysis artifacts (hard links into the cache) — so it is a run folder ``lcpaq export`` accepts;
+4. the quantized model from the cached weights, statistics correction as ``export`` does it;
+5. the proxy on a held-out calibration slice disjoint from the curvature and correction images
+   (the file's tail): mean KL(p_FP ‖ p_Q) by default, on growing slices (128 → 384 → 1152
+   images) with Optuna's successive-halving pruner between them.
+
+The study (TPE, multivariate, seeded; lcpaq's default configuration enqueued first) lives in an
+Optuna RDB storage, ``search.db`` (SQLite) in the run folder unless ``--storage`` names another,
+so several processes can share it and an interrupted search resumes. At the end only the top-k
+configurations by proxy (and the default) get a full evaluation; the best is written as
+``best_config.json`` and run through the ordinary stages into ``best/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lcpaq import artifacts, pipeline
+from lcpaq.allocate import Allocation, Budget, parse_budget
+from lcpaq.candidates import CandidateTable, pair_candidates
+from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
+from lcpaq.data import Dataset, load_dataset
+from lcpaq.errors import InputError
+from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.formats import QuantScheme, fake_quantize, get_format, parse_format_list
+from lcpaq.formats import scale_overhead_bits as _scale_overhead_bits
+from lcpaq.graph import LayerInfo, get_module
+from lcpaq.hessian import CurvatureEstimate
+from lcpaq.models import file_sha256, load_model, num_classes_of
+from lcpaq.recovery import ReferenceStats, collect_reference_stats, correct_statistics
+
+logger = logging.getLogger(__name__)
+
+PROXIES = ("kl", "loss", "sqnr")
+DEFAULT_RUNGS = (128, 384, 1152)
+DEFAULT_STUDY_NAME = "lcpaq-search"
+#: Seconds between heartbeats of a running trial, and after which a silent one counts as stale.
+HEARTBEAT_S = 10
+GRACE_S = 60
+_EVAL_BATCH = 256
+
+# ---------------------------------------------------------------------------------------------
+# Search space: each dimension sets documented RunConfig fields.
+
+#: Candidate format sets (``--formats`` of the pipeline). Every set holds int2 (so budgets down to
+#: 2 average bits stay feasible) and int8 (``--first-last keep-8bit`` needs it).
+FORMAT_SETS: dict[str, str] = {
+    "int": DEFAULT_FORMATS,
+    "int-pow2": "int2,int4,int8",
+    "int-all": "int2,int3,int4,int5,int6,int7,int8",
+    "int+fp4": DEFAULT_FORMATS + ",fp4_e2m1",
+    "int+fp": DEFAULT_FORMATS + ",fp4_e2m1,fp6_e2m3,fp6_e3m2,fp8_e4m3",
+}
+#: ``--granularity`` / ``--group-size``.
+GRANULARITY_CHOICES: dict[str, tuple[str, int]] = {
+    "tensor": ("tensor", 128),
+    "channel": ("channel", 128),
+    "group32": ("group", 32),
+    "group64": ("group", 64),
+    "group128": ("group", 128),
+}
+#: ``--clipping`` / ``--percentile``.
+CLIPPING_CHOICES: dict[str, tuple[str, float]] = {
+    "mse": ("mse", 99.9),
+    "minmax": ("minmax", 99.9),
+    "p99": ("percentile", 99.0),
+    "p99.9": ("percentile", 99.9),
+    "p99.99": ("percentile", 99.99),
+}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched option: Optuna parameter ``name`` over ``choices``; ``apply`` writes a value
+    into a RunConfig (the fields named in ``option``); ``parse`` reads a ``--fix`` value."""
+
+    name: str
+    choices: tuple[Any, ...]
+    default: Any
+    option: str
+    apply: Callable[[RunConfig, Any], RunConfig]
+    parse: Callable[[str], Any]
+    why: str = ""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise InputError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _choice_text(choices: Mapping[str, object]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise InputError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false"):
+        raise InputError(f"expected true or false, got {text!r}")
+    return lowered == "true"
+
+
+def _scheme(config: RunConfig, **changes: Any) -> RunConfig:
+    return config.with_analysis(scheme=replace(config.analysis.scheme, **changes))
+
+
+def _apply_granularity(config: RunConfig, value: str) -> RunConfig:
+    granularity, group_size = GRANULARITY_CHOICES[value]
+    return _scheme(config, granularity=granularity, group_size=group_size)
+
+
+def _apply_clipping(config: RunConfig, value: str) -> RunConfig:
+    clipping, percentile = CLIPPING_CHOICES[value]
+    return _scheme(config, clipping=clipping, percentile=percentile)
+
+
+def _apply_formats(config: RunConfig, value: str) -> RunConfig:
+    return config.with_analysis(formats=parse_format_list(FORMAT_SETS.get(value, value)))
+
+
+def _parse_formats(text: str) -> str:
+    parse_format_list(FORMAT_SETS.get(text, text))  # validates a set name or a format list
+    return text
+
+
+def _apply_correction(config: RunConfig, value: str) -> RunConfig:
+    if value == "off":
+        return replace(config, recovery=RecoveryConfig(enabled=False))
+    return replace(config, recovery=RecoveryConfig(enabled=True, num_samples=int(value)))
+
+
+def _parse_correction(text: str) -> str:
+    return "off" if text == "off" else str(_positive_int(text))
+
+
+def default_dimensions() -> tuple[Dimension, ...]:
+    """The searched options, in the order Optuna suggests them (docs/05-search.md says why)."""
+    return (
+        Dimension(
+            "num_samples",
+            (128, 256, 512, 1024),
+            256,
+            "analysis.num_samples (--num-samples)",
+            lambda config, value: config.with_analysis(num_samples=int(value)),
+            _positive_int,
+            "curvature SE shrinks as 1/sqrt(N); each value costs one curvature pass",
+        ),
+        Dimension(
+            "clipping",
+            tuple(CLIPPING_CHOICES),
+            "mse",
+            "analysis.scheme.clipping/percentile (--clipping, --percentile)",
+            _apply_clipping,
+            _choice_text(CLIPPING_CHOICES),
+            "min-max, MSE-optimal or percentile ranges",
+        ),
+        Dimension(
+            "symmetric",
+            (False, True),
+            False,
+            "analysis.scheme.symmetric (--symmetric)",
+            lambda config, value: _scheme(config, symmetric=bool(value)),
+            _boolean,
+            "zero points cost 16 bits per scale group but fit skewed channels",
+        ),
+        Dimension(
+            "granularity",
+            tuple(GRANULARITY_CHOICES),
+            "channel",
+            "analysis.scheme.granularity/group_size (--granularity, --group-size)",
+            _apply_granularity,
+            _choice_text(GRANULARITY_CHOICES),
+            "finer scales cut the error but cost scale bits",
+        ),
+        Dimension(
+            "formats",
+            tuple(FORMAT_SETS),
+            "int",
+            "analysis.formats (--formats)",
+            _apply_formats,
+            _parse_formats,
+            "INT-only and INT+FP candidate sets",
+        ),
+        Dimension(
+            "first_last",
+            ("search", "keep-8bit"),
+            "search",
+            "allocation.first_last (--first-last)",
+            lambda config, value: config.with_allocation(first_last=value),
+            _choice_text({"search": 0, "keep-8bit": 0}),
+            "fixing the first and last layer at INT8 is common practice",
+        ),
+        Dimension(
+            "scorer",
+            ("hawq_v2", "diagonal"),
+            "hawq_v2",
+            "allocation.scorer (--scorer)",
+            lambda config, value: config.with_allocation(scorer=value),
+            _choice_text({"hawq_v2": 0, "diagonal": 0}),
+            "trace/n times the error norm, or the diagonal-weighted error",
+        ),
+        Dimension(
+            "correction",
+            ("off", "256", "512", "1024"),
+            "1024",
+            "recovery.enabled/num_samples (--no-correction, --correction-samples)",
+            _apply_correction,
+            _parse_correction,
+            "BN statistics and bias correction, and its calibration images",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    dimensions: tuple[Dimension, ...] = field(default_factory=default_dimensions)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dimension.name for dimension in self.dimensions)
+
+    @property
+    def size(self) -> int:
+        """The number of distinct configurations."""
+        return math.prod(len(dimension.choices) for dimension in self.dimensions)
+
+    def dimension(self, name: str) -> Dimension:
+        for dimension in self.dimensions:
+            if dimension.name == name:
+                return dimension
+        raise InputError(f"--fix {name}: no such search dimension; known: {', '.join(self.names)}")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {d.name: trial.suggest_categorical(d.name, d.choices) for d in self.dimensions}
+
+    def default_params(self) -> dict[str, Any]:
+        return {dimension.name: dimension.default for dimension in self.dimensions}
+
+    def config(self, base: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+        for dimension in self.dimensions:
+            base = dimension.apply(base, params[dimension.name])
+        return base
+
+    def fix(self, values: Mapping[str, str], base: RunConfig) -> SearchSpace:
+        """The space with some dimensions pinned to one value (also the default's value)."""
+        dimensions = list(self.dimensions)
+        for name, text in values.items():
+            index = self.names.index(self.dimension(name).name)
+            dimension = dimensions[index]
+            try:
+                value = dimension.parse(text)
+                dimension.apply(base, value)  # a value the pipeline rejects fails here
+            except InputError as error:
+                raise InputError(f"--fix {name}={text}: {error}") from None
+            dimensions[index] = replace(dimension, choices=(value,), default=value)
+        return SearchSpace(tuple(dimensions))
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {"name": d.name, "option": d.option, "choices": list(d.choices), "default": d.default}
+            for d in self.dimensions
+        ]
+
+
+def parse_fix(texts: Sequence[str]) -> dict[str, str]:
+    values = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise InputError(f"--fix {text!r}: use NAME=VALUE, e.g. --fix num_samples=256")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def parse_rungs(text: str) -> tuple[int, ...]:
+    """``128,384,1152``: growing proxy slices with a constant whole ratio (the halving rate)."""
+    try:
+        rungs = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(
+            f"--proxy-samples {text!r}: give whole numbers, e.g. 128,384,1152"
+        ) from None
+    if not rungs or rungs[0] < 1:
+        raise InputError(f"--proxy-samples {text!r}: give at least one positive sample count")
+    if len(rungs) > 1:
+        ratio = rungs[1] // rungs[0]
+        geometric = all(b == a * ratio for a, b in zip(rungs, rungs[1:]))
+        if ratio < 2 or not geometric:
+            raise InputError(
+                f"--proxy-samples {text!r}: successive halving needs each slice a whole multiple "
+                "(>= 2, the same each time) of the one before, e.g. 128,384,1152"
+            )
+    return rungs
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration slices.
+
+
+@dataclass(frozen=True)
+class Slices:
+    """Calibration images [0, head) feed curvature and correction; the proxy uses the tail
+    [proxy_start, proxy_start + rungs[-1]); the two never overlap."""
+
+    num_images: int
+    head: int
+    proxy_start: int
+    rungs: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "calibration_images": self.num_images,
+            "curvature_and_correction": [0, self.head],
+            "proxy": [self.proxy_start, self.proxy_start + self.rungs[-1]],
+            "proxy_rungs": list(self.rungs),
+        }
+
+
+def head_samples(config: RunConfig) -> int:
+    """How many leading calibration images a configuration's analysis and correction read."""
+    analysis = config.analysis
+    used = [analysis.num_samples]
+    if config.recovery.enabled:
+        used.append(config.recovery.num_samples)
+    if analysis.hutchinson_probes:
+        used.append(analysis.hutchinson_samples)
+    if getattr(analysis, "pairwise", "none") != "none":
+        used.append(getattr(analysis, "pair_samples", 0))
+    return max(used)
+
+
+def plan_slices(num_images: int, rungs: Sequence[int], head: int, source: str) -> Slices:
+    needed = head + rungs[-1]
+    if needed > num_images:
+        raise InputError(
+            f"calibration file {source} has {num_images} images; the search needs {head} for "
+            f"curvature/correction plus {rungs[-1]} disjoint proxy images ({needed}): give a "
+            "larger file, smaller --proxy-samples, or --fix smaller sample counts"
+        )
+    return Slices(num_images, head, num_images - rungs[-1], tuple(rungs))
+
+
+def space_head(space: SearchSpace, base: RunConfig) -> int:
+    """The most leading images any configuration of the space reads (each dimension sets its own
+    fields, so the maximum over each dimension's choices bounds every combination)."""
+    defaults = space.config(base, space.default_params())
+    most = head_samples(defaults)
+    for dimension in space.dimensions:
+        for choice in dimension.choices:
+            most = max(most, head_samples(dimension.apply(defaults, choice)))
+    return most
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy scores.
+
+
+@dataclass
+class ProxyScorer:
+    """Per-sample sums of the proxy on the proxy slice; FP32 outputs are computed once.
+
+    kl: mean KL(p_FP ‖ p_Q) (label-free); loss: mean cross-entropy of the quantized model;
+    sqnr: −10·log10(Σ‖y‖² / Σ‖y − ŷ‖²) of the logits (negated so that lower is better).
+    """
+
+    kind: str
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    fp_logits: torch.Tensor
+
+    @classmethod
+    def build(cls, kind: str, model: nn.Module, data: Dataset) -> ProxyScorer:
+        if kind not in PROXIES:
+            raise InputError(f"--proxy must be one of {', '.join(PROXIES)}, got {kind!r}")
+        return cls(kind, data.inputs, data.labels, _logits(model, data.inputs))
+
+    def sums(self, model: nn.Module, start: int, stop: int) -> np.ndarray:
+        """[2] sums over images [start, stop) of the slice (numerator, denominator for sqnr)."""
+        logits = _logits(model, self.inputs[start:stop])
+        reference = self.fp_logits[start:stop]
+        if self.kind == "kl":
+            log_p = torch.log_softmax(reference, dim=1)
+            log_q = torch.log_softmax(logits, dim=1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+            return np.array([float(kl.sum()), 0.0])
+        if self.kind == "loss":
+            loss = torch.nn.functional.cross_entropy(
+                logits, self.labels[start:stop], reduction="sum"
+            )
+            return np.array([float(loss), 0.0])
+        signal = float(reference.pow(2).sum())
+        noise = float((reference - logits).pow(2).sum())
+        return np.array([signal, noise])
+
+    def value(self, sums: np.ndarray, count: int) -> float:
+        if self.kind == "sqnr":
+            return -10.0 * math.log10(sums[0] / max(sums[1], 1e-300))
+        return float(sums[0] / count)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    parts = [
+        model(inputs[start : start + _EVAL_BATCH]) for start in range(0, len(inputs), _EVAL_BATCH)
+    ]
+    return torch.cat(parts).double()
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches: curvature (per analysis key), quantized weights (per scheme and format).
+
+#: AnalysisConfig fields that do not change the curvature (they change the candidates, or the
+#: inter-layer terms, which the search does not cache).
+_NOT_CURVATURE = ("scheme", "formats", "act_formats", "allow_unsafe_pickle")
+
+
+def curvature_key(config: RunConfig, identity: Mapping[str, str]) -> str:
+    """Every analysis option that can change the curvature, plus the checkpoint and data files."""
+    data = {
+        name: value
+        for name, value in asdict(config.analysis).items()
+        if name not in _NOT_CURVATURE and not name.startswith("pair")
+    }
+    text = json.dumps({"analysis": data, "files": dict(identity)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _cache_analysis_config(config: RunConfig) -> RunConfig:
+    """The configuration the curvature cache runs ``analyze`` with: the same curvature options,
+    the cheapest candidate table (one min-max format) and no inter-layer terms."""
+    changes: dict[str, Any] = {"formats": ("int8",), "scheme": QuantScheme(clipping="minmax")}
+    names = {item.name for item in fields(config.analysis)}
+    if "act_formats" in names:
+        changes["act_formats"] = ()
+    if "pairwise" in names:
+        changes["pairwise"] = "none"
+    return config.with_analysis(**changes)
+
+
+def scheme_slug(scheme: QuantScheme) -> str:
+    """A readable cache folder name for a scheme, e.g. ``asym-channel-mse100``."""
+    parts = ["sym" if scheme.symmetric else "asym"]
+    parts.append(
+        f"group{scheme.group_size}" if scheme.granularity == "group" else scheme.granularity
+    )
+    if scheme.clipping == "mse":
+        parts.append(f"mse{scheme.mse_grid_points}")
+    elif scheme.clipping == "percentile":
+        parts.append(f"p{scheme.percentile:g}")
+    else:
+        parts.append(scheme.clipping)
+    return "-".join(parts)
+
+
+def candidate_table(
+    layers: Sequence[LayerInfo],
+    weights: Mapping[str, torch.Tensor],
+    quantized: Mapping[str, Mapping[str, torch.Tensor]],
+    format_names: Sequence[str],
+    scheme: QuantScheme,
+    diagonal: Mapping[str, np.ndarray] | None,
+    activation_formats: Sequence[str] = (),
+) -> CandidateTable:
+    """`lcpaq.candidates.measure_candidates` from already quantized weights
+    (``quantized[format][layer]``): the same arithmetic, without quantizing again."""
+    shape = (len(layers), len(format_names))
+    error_sq, weighted_error = np.zeros(shape), np.full(shape, np.nan)
+    weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
+    formats = [get_format(name) for name in format_names]
+    for row, layer in enumerate(layers):
+        weight = weights[layer.name]
+        curvature = (
+            torch.as_tensor(diagonal[layer.name]).double()
+            if diagonal and layer.name in diagonal
+            else None
+        )
+        for column, fmt in enumerate(formats):
+            delta = (quantized[fmt.name][layer.name] - weight).double()
+            error_sq[row, column] = float(delta.pow(2).sum())
+            if curvature is not None:
+                weighted_error[row, column] = float((curvature * delta.pow(2)).sum())
+            weight_bits[row, column] = layer.num_params * fmt.bits
+            size_bits[row, column] = layer.num_params * fmt.bits + _scale_overhead_bits(
+                layer.weight_shape, scheme, fmt
+            )
+    table = CandidateTable(
+        layer_names=tuple(layer.name for layer in layers),
+        format_names=tuple(format_names),
+        num_params=np.array([layer.num_params for layer in layers], dtype=np.int64),
+        bits=np.array([fmt.bits for fmt in formats], dtype=np.int64),
+        weight_bits=weight_bits,
+        size_bits=size_bits,
+        error_sq=error_sq,
+        weighted_error=weighted_error,
+    )
+    return pair_candidates(table, activation_formats)
+
+
+def _link_or_copy(source: Path, target: Path, *, copy_only: bool = False) -> None:
+    target.unlink(missing_ok=True)
+    if not copy_only:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed: copy instead
+    shutil.copyfile(source, target)
+
+
+class Infeasible(Exception):
+    """The allocation stage found no assignment for this configuration under the budgets."""
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    allocation: Allocation
+    quantized: nn.Module
+    timings: dict[str, float]
+
+
+class SearchContext:
+    """What every trial of one process shares: the FP32 model, the calibration data and its
+    slices, the proxy's FP32 outputs, and the caches (curvature, quantized weights, FP32
+    correction statistics)."""
+
+    def __init__(
+        self,
+        base: RunConfig,
+        run_dir: Path,
+        space: SearchSpace,
+        proxy: str,
+        rungs: Sequence[int],
+        *,
+        max_cached_weights: int = 96,
+    ) -> None:
+        analysis = base.analysis
+        self.base, self.run_dir, self.space = base, run_dir, space
+        self.cache_dir = run_dir / "cache"
+        self.model = load_model(
+            analysis.model, analysis.checkpoint, allow_unsafe_pickle=analysis.allow_unsafe_pickle
+        ).eval()
+        self.calib = load_dataset(
+            analysis.calib,
+            normalization=analysis.normalize,
+            num_classes=num_classes_of(self.model),
+            image_size=analysis.image_size,
+        )
+        self.slices = plan_slices(len(self.calib), rungs, space_head(space, base), analysis.calib)
+        proxy_data = self.calib.subset(self.slices.proxy_start, self.slices.num_images)
+        self.scorer = ProxyScorer.build(proxy, self.model, proxy_data)
+        self.identity = {
+            "checkpoint": file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else "",
+            "calib": file_sha256(Path(analysis.calib)) if Path(analysis.calib).is_file() else "",
+        }
+        self._curvature: dict[str, tuple[Path, CurvatureEstimate]] = {}
+        self._weights: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
+        self._max_cached_weights = max_cached_weights
+        self._reference: dict[int, ReferenceStats] = {}
+        self.layers: tuple[LayerInfo, ...] | None = None
+        self.fp_weights: dict[str, torch.Tensor] = {}
+        self.analyze_calls = 0
+
+    # -- curvature -------------------------------------------------------------------------
+    def curvature(self, config: RunConfig) -> tuple[Path, CurvatureEstimate, float]:
+        """(cache folder, estimate, seconds spent computing it now: 0 on a cache hit)."""
+        key = curvature_key(config, self.identity)
+        if key in self._curvature:
+            return (*self._curvature[key], 0.0)
+        folder = self.cache_dir / f"curvature-n{config.analysis.num_samples}-{key}"
+        seconds = 0.0
+        # ``analyze`` writes candidates.npz last, so its presence marks a complete analysis.
+        if not (folder / "candidates.npz").is_file():
+            start = time.perf_counter()
+            with _quiet("lcpaq.pipeline"):
+                pipeline.analyze(_cache_analysis_config(config), folder, progress=False)
+            self.analyze_calls += 1
+            seconds = time.perf_counter() - start
+            artifacts.write_json(folder / "cache_key.json", {"key": key, **self.identity})
+        estimate = artifacts.load_curvature(folder / "curvature.npz")
+        if self.layers is None:
+            self.layers, _ = pipeline.read_layers(folder)
+            self.fp_weights = {
+                layer.name: get_module(self.model, layer.name).weight.detach().clone()
+                for layer in self.layers
+            }
+        self._curvature[key] = (folder, estimate)
+        return folder, estimate, seconds
+
+    # -- quantized weights -----------------------------------------------------------------
+    def quantized_weights(self, scheme: QuantScheme, format_name: str) -> dict[str, torch.Tensor]:
+        """Fake-quantized weight of every layer (what export stores, decoded), cached."""
+        assert self.layers is not None, "curvature() loads the layer list first"
+        slug = scheme_slug(scheme)
+        key = (json.dumps(scheme.to_dict(), sort_keys=True), format_name)
+        if key in self._weights:
+            self._weights.move_to_end(key)
+            return self._weights[key]
+        path = self.cache_dir / "weights" / slug / f"{format_name}.safetensors"
+        names = [layer.name for layer in self.layers]
+        weights = None
+        if path.is_file():
+            stored = load_file(str(path))
+            if sorted(stored) == sorted(names):
+                weights = stored
+        if weights is None:
+            fmt = get_format(format_name)
+            weights = {
+                name: fake_quantize(self.fp_weights[name], fmt, scheme).contiguous()
+                for name in names
+            }
+            with artifacts.atomic_path(path) as temp:
+                save_file(weights, str(temp), metadata={"scheme": key[0], "format": format_name})
+        self._weights[key] = weights
+        while len(self._weights) > self._max_cached_weights:
+            self._weights.popitem(last=False)
+        return weights
+
+    def table(self, config: RunConfig, estimate: CurvatureEstimate) -> CandidateTable:
+        assert self.layers is not None
+        analysis = config.analysis
+        quantized = {
+            name: self.quantized_weights(analysis.scheme, name) for name in analysis.formats
+        }
+        return candidate_table(
+            self.layers,
+            self.fp_weights,
+            quantized,
+            analysis.formats,
+            analysis.scheme,
+            estimate.diagonal,
+            getattr(analysis, "act_formats", ()),
+        )
+
+    # -- allocation on a run folder --------------------------------------------------------
+    def write_analysis(
+        self,
+        run_dir: Path,
+        config: RunConfig,
+        cache_folder: Path,
+        table: CandidateTable,
+        *,
+        copy_files: bool = False,
+    ) -> None:
+        """Make ``run_dir`` an analysed run folder: the artifacts ``analyze`` would write."""
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        for name in ("layers.json", "curvature.npz", "hutchinson.npz"):
+            if (cache_folder / name).is_file():
+                _link_or_copy(cache_folder / name, run_dir / name, copy_only=copy_files)
+        artifacts.save_candidates(run_dir / "candidates.npz", table)
+        artifacts.write_json(run_dir / "run_config.json", config.to_dict())
+
+    def prepare(self, config: RunConfig, run_dir: Path) -> Prepared:
+        """Curvature (cached), candidates (cached weights), the allocate stage on ``run_dir``,
+        then the quantized and corrected model, as ``export`` builds it."""
+        timings = {}
+        folder, estimate, timings["hessian_s"] = self.curvature(config)
+        start = time.perf_counter()
+        table = self.table(config, estimate)
+        timings["candidates_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.write_analysis(run_dir, config, folder, table)
+        budgets = [parse_budget(text) for text in config.allocation.budgets]
+        try:
+            with _quiet("lcpaq.pipeline"):
+                allocation = pipeline.allocate(run_dir, budgets, **config.allocation.options())
+        except InputError as error:
+            raise Infeasible(str(error)) from None
+        timings["ilp_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        quantized = self.quantized_model(config, allocation)
+        timings["correction_s"] = time.perf_counter() - start
+        return Prepared(config, allocation, quantized, timings)
+
+    # -- quantized model -------------------------------------------------------------------
+    def reference(self, num_samples: int, names: Sequence[str]) -> ReferenceStats:
+        if num_samples not in self._reference:
+            self._reference[num_samples] = collect_reference_stats(
+                self.model, self.calib.inputs[:num_samples], names
+            )
+        return self._reference[num_samples]
+
+    @torch.no_grad()
+    def quantized_model(self, config: RunConfig, allocation: Allocation) -> nn.Module:
+        assignment = pipeline.weight_assignment(allocation.layer_names, allocation.formats)
+        quantized = copy.deepcopy(self.model).eval()
+        for name, format_name in assignment.items():
+            weights = self.quantized_weights(config.analysis.scheme, format_name)
+            get_module(quantized, name).weight.copy_(weights[name])
+        if config.recovery.enabled:
+            count = min(config.recovery.num_samples, len(self.calib))
+            names = list(assignment)
+            correct_statistics(
+                self.model,
+                quantized,
+                self.calib.inputs[:count],
+                names,
+                reference=self.reference(count, names),
+            )
+        return quantized
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence a logger's INFO lines (the stages log one per call; a search makes hundreds)."""
+    target = logging.getLogger(name)
+    level = target.level
+    target.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study.
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What ``lcpaq search`` was asked (see `lcpaq.cli`)."""
+
+    base: RunConfig
+    out: Path
+    trials: int = 60
+    eval_path: str | None = None
+    storage: str | None = None
+    study_name: str = DEFAULT_STUDY_NAME
+    resume: bool = False
+    top_k: int = 3
+    proxy: str = "kl"
+    rungs: tuple[int, ...] = DEFAULT_RUNGS
+    fixed: Mapping[str, str] = field(default_factory=dict)
+    size_cap: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise InputError(f"--trials must be at least 1, got {self.trials}")
+        if self.top_k < 1:
+            raise InputError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.proxy not in PROXIES:
+            raise InputError(f"--proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
+        if not self.base.allocation.budgets:
+            raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'search.db').resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with heartbeats (stale running trials can be detected)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeat options are flagged experimental
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            )
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot open --storage {url!r}: {message}") from None
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process runs no trial yet when it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a dead process as failed: at once when that process ran on
+    this machine (its pid is gone), else when its heartbeat is older than the grace period."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+    failed = []
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
+
+
+def _study_settings(options: SearchOptions, space: SearchSpace) -> dict[str, object]:
+    """What a resumed study must agree with (base configuration, space, proxy, slices)."""
+    base = options.base.to_dict()
+    base["analysis"].pop("allow_unsafe_pickle", None)
+    return {
+        "base_config": base,
+        "space": space.describe(),
+        "proxy": options.proxy,
+        "rungs": list(options.rungs),
+        "size_cap": options.size_cap,
+    }
+
+
+def open_study(options: SearchOptions, space: SearchSpace) -> tuple[optuna.Study, bool]:
+    """Create the study (error if it exists without --resume) or load it (--resume)."""
+    storage = open_storage(options.storage_url)
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True, seed=options.seed, constant_liar=True, n_startup_trials=10
+    )
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=options.rungs[0],
+            reduction_factor=options.rungs[1] // options.rungs[0],
+            min_early_stopping_rate=0,
+        )
+        if len(options.rungs) > 1
+        else optuna.pruners.NopPruner()
+    )
+    names = optuna.study.get_all_study_names(storage)
+    settings = json.loads(json.dumps(_study_settings(options, space), default=str))
+    if options.study_name in names:
+        if not options.resume:
+            raise InputError(
+                f"study {options.study_name!r} already exists in {options.storage_url}: pass "
+                "--resume to continue it, or choose another --study-name or --out"
+            )
+        study = optuna.load_study(
+            study_name=options.study_name, storage=storage, sampler=sampler, pruner=pruner
+        )
+        stored = study.user_attrs.get("settings")
+        for key, value in settings.items():
+            if stored is not None and stored.get(key) != value:
+                raise InputError(
+                    f"--resume: study {options.study_name!r} was created with a different "
+                    f"{key.replace('_', ' ')} ({_short(stored.get(key))} vs {_short(value)})"
+                )
+        return study, False
+    if options.resume:
+        raise InputError(
+            f"--resume: there is no study {options.study_name!r} in {options.storage_url}"
+        )
+    study = optuna.create_study(
+        study_name=options.study_name,
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        direction="minimize",
+    )
+    study.set_user_attr("settings", settings)
+    return study, True
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _ceil_budget_mb(size_bytes: float) -> float:
+    """A size-mb limit ≥ ``size_bytes`` that survives `Budget`'s 6-significant-digit text."""
+    value = math.ceil(size_bytes) / 1e6
+    text_value = float(f"{value:g}")
+    while text_value < value:
+        value = value * (1 + 1e-6)
+        text_value = float(f"{value:g}")
+    return text_value
+
+
+def _has_size_budget(budgets: Sequence[str]) -> bool:
+    return any(parse_budget(text).metric in ("size-mb", "size-frac") for text in budgets)
+
+
+class Search:
+    """One process's part of a search: trials, then the final step."""
+
+    def __init__(self, options: SearchOptions, *, progress: bool = True) -> None:
+        self.options = options
+        self.progress = progress
+        pipeline.ensure_writable(options.out)
+        self.wall_start = time.perf_counter()
+        self.space = SearchSpace().fix(options.fixed, options.base)
+        self.context = SearchContext(
+            options.base, options.out, self.space, options.proxy, options.rungs
+        )
+        self.study, self.created = open_study(options, self.space)
+        self.base = options.base
+        self.process_timings: dict[str, float] = {"setup_s": time.perf_counter() - self.wall_start}
+
+    # -- budgets ---------------------------------------------------------------------------
+    def _with_size_cap(self) -> RunConfig:
+        """The base configuration with the size cap of this study (METHOD §5: fixed budgets).
+
+        ``avg-bits`` counts code bits only; finer scale groups and zero points then come for
+        free. Unless the user gave a size budget, every trial is also held to the size (codes,
+        scales, zero points) of lcpaq's default configuration at the same budgets.
+        """
+        attrs = self.study.user_attrs
+        if not self.options.size_cap or _has_size_budget(self.base.allocation.budgets):
+            return self.base
+        if "size_cap_mb" not in attrs:
+            default = self.space.config(self.base, self.space.default_params())
+            folder, estimate, seconds = self.context.curvature(default)
+            self.process_timings["hessian_s"] = seconds
+            table = self.context.table(default, estimate)
+            work = self.options.out / "cache" / "default-allocation"
+            self.context.write_analysis(work, default, folder, table)
+            budgets = [parse_budget(text) for text in default.allocation.budgets]
+            with _quiet("lcpaq.pipeline"):
+                allocation = pipeline.allocate(work, budgets, **default.allocation.options())
+            self.study.set_user_attr("size_cap_mb", _ceil_budget_mb(allocation.size_bytes))
+        cap = Budget("size-mb", float(self.study.user_attrs["size_cap_mb"]))
+        return self.base.with_allocation(budgets=(*self.base.allocation.budgets, str(cap)))
+
+    # -- trials ----------------------------------------------------------------------------
+    def run_trials(self) -> None:
+        options = self.options
+        self.trial_base = self._with_size_cap()
+        if self.created:
+            self.study.enqueue_trial(self.space.default_params(), user_attrs={"default": True})
+        else:
+            stale = fail_stale_trials(self.study)
+            if stale:
+                logger.info("marked stale running trial(s) %s as failed", stale)
+        finished = self._count_finished()
+        wanted = min(options.trials, self.space.size)
+        remaining = wanted - finished
+        if remaining <= 0:
+            logger.info("study already has %d scored configurations", finished)
+            return
+        logger.info(
+            "search: %d configuration(s) to score (%d done), proxy %s on images %s of %s",
+            remaining,
+            finished,
+            options.proxy,
+            self.context.slices.to_dict()["proxy"],
+            self.base.analysis.calib,
+        )
+
+        def stop_when_done(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+            if self._count_finished() >= wanted:
+                study.stop()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.optimize(
+                self._objective,
+                # Repeats of a scored configuration cost nothing and do not count; this bounds
+                # how many TPE may propose once it converges.
+                n_trials=3 * remaining + 10,
+                callbacks=[stop_when_done],
+                gc_after_trial=False,
+            )
+
+    def _count_finished(self) -> int:
+        """Scored configurations: complete or pruned trials that are not repeats."""
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        trials = self.study.get_trials(deepcopy=False, states=states)
+        return sum("duplicate_of" not in trial.user_attrs for trial in trials)
+
+    def trial_dir(self, number: int) -> Path:
+        return self.options.out / "trials" / f"{number:05d}"
+
+    def _duplicate(self, params: Mapping[str, Any], number: int) -> optuna.trial.FrozenTrial | None:
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        for other in self.study.get_trials(deepcopy=False, states=states):
+            if (
+                other.number != number
+                and other.params == dict(params)
+                and "duplicate_of" not in other.user_attrs
+            ):
+                return other
+        return None
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", _worker())
+        params = self.space.suggest(trial)
+        duplicate = self._duplicate(params, trial.number)
+        if duplicate is not None:
+            logger.info("trial %d: same configuration as trial %d", trial.number, duplicate.number)
+            return self._replay(trial, duplicate)
+        config = self.space.config(self.trial_base, params)
+        timings = {}
+        try:
+            prepared = self.context.prepare(config, self.trial_dir(trial.number))
+        except Infeasible as error:
+            # Pruned before the first slice: it counts as a trial (it cost an ILP solve) and TPE
+            # ranks pruned trials without intermediate values last, so it learns to avoid them.
+            trial.set_user_attr("error", str(error))
+            logger.info("trial %d: infeasible, pruned (%s)", trial.number, error)
+            raise optuna.TrialPruned() from None
+        timings.update(prepared.timings)
+        allocation = prepared.allocation
+        trial.set_user_attr("avg_bits", allocation.average_bits)
+        trial.set_user_attr("size_bytes", allocation.size_bytes)
+        trial.set_user_attr("predicted_loss_increase", allocation.predicted_loss_increase)
+        trial.set_user_attr("assignment", list(allocation.formats))
+        scorer, sums, done = self.context.scorer, np.zeros(2), 0
+        proxy_s = 0.0
+        try:
+            for index, rung in enumerate(self.options.rungs):
+                start = time.perf_counter()
+                sums = sums + scorer.sums(prepared.quantized, done, rung)
+                done = rung
+                value = scorer.value(sums, done)
+                proxy_s += time.perf_counter() - start
+                trial.report(value, rung)
+                if index < len(self.options.rungs) - 1 and trial.should_prune():
+                    logger.info(
+                        "trial %d: %s %.5g on %d images, pruned",
+                        trial.number,
+                        scorer.kind,
+                        value,
+                        rung,
+                    )
+                    raise optuna.TrialPruned()
+        finally:
+            timings["proxy_s"] = proxy_s
+            for name, seconds in timings.items():
+                trial.set_user_attr(name, seconds)
+        logger.info(
+            "trial %d: %s %.5g on %d images, %.3f bits, %.1f s",
+            trial.number,
+            scorer.kind,
+            value,
+            done,
+            allocation.average_bits,
+            sum(timings.values()),
+        )
+        return value
+
+    def _replay(self, trial: optuna.Trial, other: optuna.trial.FrozenTrial) -> float:
+        """A configuration already scored: report its values again instead of recomputing."""
+        trial.set_user_attr("duplicate_of", other.number)
+        for name in ("avg_bits", "size_bytes", "predicted_loss_increase", "assignment", "error"):
+            if name in other.user_attrs:
+                trial.set_user_attr(name, other.user_attrs[name])
+        for step, value in sorted(other.intermediate_values.items()):
+            trial.report(value, step)
+        if other.state == TrialState.PRUNED:
+            raise optuna.TrialPruned()
+        assert other.value is not None
+        return other.value
+
+    # -- final step ------------------------------------------------------------------------
+    def finish(self) -> dict[str, object]:
+        """Full evaluation of the top-k (and the default), best_config.json, best/, tables,
+        plots and the search report."""
+        options, context = self.options, self.context
+        trials = self.study.get_trials(deepcopy=False)
+        complete = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+        ]
+        if not complete:
+            raise InputError(
+                f"study {options.study_name!r} has no complete trial: nothing to choose from"
+            )
+        ranked = sorted(complete, key=lambda t: (t.value, t.number))
+        top = ranked[: options.top_k]
+        default_params = self.space.default_params()
+        default_trial = next((t for t in complete if t.params == default_params), None)
+        evaluate_trials = list(top)
+        if default_trial is not None and default_trial not in evaluate_trials:
+            evaluate_trials.append(default_trial)
+        eval_data = (
+            load_dataset(
+                options.eval_path,
+                normalization=self.base.analysis.normalize,
+                num_classes=num_classes_of(context.model),
+                image_size=self.base.analysis.image_size,
+            )
+            if options.eval_path
+            else None
+        )
+        trial_base = getattr(self, "trial_base", None) or self._with_size_cap()
+        evaluations: dict[int, Accuracy] = {}
+        final_timings = {"final_prepare_s": 0.0, "full_eval_s": 0.0}
+        if eval_data is not None:
+            for trial in evaluate_trials:
+                start = time.perf_counter()
+                config = self.space.config(trial_base, trial.params)
+                prepared = context.prepare(config, self.trial_dir(trial.number))
+                final_timings["final_prepare_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                evaluations[trial.number] = evaluate_accuracy(prepared.quantized, eval_data)
+                final_timings["full_eval_s"] += time.perf_counter() - start
+                logger.info(
+                    "full evaluation of trial %d: top-1 %.2f %%",
+                    trial.number,
+                    100 * evaluations[trial.number].top1,
+                )
+            best = max(
+                evaluate_trials, key=lambda t: (evaluations[t.number].top1, -t.value, -t.number)
+            )
+        else:
+            best = ranked[0]
+        best_config = self.space.config(trial_base, best.params)
+        artifacts.write_json(options.out / "best_config.json", best_config.to_dict())
+        start = time.perf_counter()
+        best_run = self._run_best(best, best_config)
+        final_timings["best_run_s"] = time.perf_counter() - start
+        summary = self._summary(
+            trials, top, best, default_trial, evaluations, final_timings, best_run
+        )
+        self._write_tables(trials, evaluations)
+        plots = self._plots(trials, best, default_trial, evaluations, summary)
+        summary["plots"] = [str(path.relative_to(options.out)) for path in plots]
+        artifacts.write_json(options.out / "search_report.json", summary)
+        artifacts.write_text(options.out / "search_report.md", _report_markdown(summary))
+        return summary
+
+    def _run_best(self, best: optuna.trial.FrozenTrial, config: RunConfig) -> dict[str, object]:
+        """The ordinary stages on ``best/``: allocate, export, evaluate, plot, report."""
+        context = self.context
+        best_dir = self.options.out / "best"
+        folder, estimate, _ = context.curvature(config)
+        table = context.table(config, estimate)
+        context.write_analysis(best_dir, config, folder, table, copy_files=True)
+        budgets = [parse_budget(text) for text in config.allocation.budgets]
+        allocation = pipeline.allocate(best_dir, budgets, **config.allocation.options())
+        expected = best.user_attrs.get("assignment")
+        if expected is not None and list(allocation.formats) != list(expected):
+            raise RuntimeError(
+                f"best/ allocation differs from trial {best.number}'s: the stages are not "
+                "deterministic on this machine"
+            )
+        pipeline.export(best_dir)
+        result: dict[str, object] = {"folder": str(best_dir)}
+        if self.options.eval_path:
+            evaluation = pipeline.evaluate(best_dir, self.options.eval_path)
+            result["evaluation"] = evaluation
+        pipeline.plot(best_dir)
+        result["report"] = str(pipeline.report(best_dir))
+        return result
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _rows(
+        self, trials: Sequence[optuna.trial.FrozenTrial], evaluations: Mapping[int, Accuracy]
+    ) -> list[dict[str, object]]:
+        rows = []
+        for trial in trials:
+            attrs = trial.user_attrs
+            steps = trial.intermediate_values
+            row: dict[str, object] = {
+                "number": trial.number,
+                "state": trial.state.name,
+                "proxy": trial.value
+                if trial.value is not None
+                else (steps[max(steps)] if steps else None),
+                "proxy_images": max(steps) if steps else None,
+                **{f"proxy_{rung}": steps.get(rung) for rung in self.options.rungs},
+                **{name: trial.params.get(name) for name in self.space.names},
+                "avg_bits": attrs.get("avg_bits"),
+                "size_bytes": attrs.get("size_bytes"),
+                "predicted_loss_increase": attrs.get("predicted_loss_increase"),
+                "top1": evaluations[trial.number].top1 if trial.number in evaluations else None,
+                "default": bool(attrs.get("default", False)),
+                "duplicate_of": attrs.get("duplicate_of"),
+                "error": attrs.get("error"),
+                **{name: attrs.get(name) for name in _TIMING_KEYS},
+                "duration_s": trial.duration.total_seconds() if trial.duration else None,
+            }
+            rows.append(row)
+        return rows
+
+    def _write_tables(
+        self, trials: Sequence[optuna.trial.FrozenTrial], evaluations: Mapping[int, Accuracy]
+    ) -> None:
+        rows = self._rows(trials, evaluations)
+        artifacts.write_json(self.options.out / "trials.json", {"trials": rows})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["number"])
+        writer.writeheader()
+        writer.writerows(rows)
+        artifacts.write_text(self.options.out / "trials.csv", buffer.getvalue())
+
+    def _summary(
+        self,
+        trials: Sequence[optuna.trial.FrozenTrial],
+        top: Sequence[optuna.trial.FrozenTrial],
+        best: optuna.trial.FrozenTrial,
+        default_trial: optuna.trial.FrozenTrial | None,
+        evaluations: Mapping[int, Accuracy],
+        final_timings: Mapping[str, float],
+        best_run: Mapping[str, object],
+    ) -> dict[str, object]:
+        options = self.options
+        states = [t.state for t in trials]
+        split = {name: 0.0 for name in _TIMING_KEYS}
+        for trial in trials:
+            for name in _TIMING_KEYS:
+                split[name] += float(trial.user_attrs.get(name, 0.0))
+        split["hessian_s"] += self.process_timings.get("hessian_s", 0.0)
+        split.update({name: float(value) for name, value in final_timings.items()})
+        split["setup_s"] = self.process_timings["setup_s"]
+        comparison: dict[str, object] = {}
+        if default_trial is not None and best.number in evaluations:
+            chosen, default = evaluations[best.number], evaluations[default_trial.number]
+            difference, stderr = paired_difference(chosen, default)
+            comparison = {
+                "best_top1": chosen.top1,
+                "default_top1": default.top1,
+                "paired_difference": difference,
+                "paired_difference_stderr": stderr,
+                "eval_images": chosen.num_samples,
+            }
+        evaluated = [t for t in trials if t.number in evaluations]
+        spearman = None
+        if len(evaluated) >= 3:
+            from scipy.stats import spearmanr
+
+            rho = spearmanr(
+                [-t.value for t in evaluated], [evaluations[t.number].top1 for t in evaluated]
+            ).statistic
+            spearman = None if not np.isfinite(rho) else float(rho)
+        params_distinct = {
+            json.dumps(t.params, sort_keys=True, default=str) for t in trials if t.params
+        }
+        return {
+            "study": options.study_name,
+            "storage": options.storage_url,
+            "budgets": list(
+                self.space.config(self._with_size_cap(), best.params).allocation.budgets
+            ),
+            "user_budgets": list(self.base.allocation.budgets),
+            "size_cap_mb": self.study.user_attrs.get("size_cap_mb"),
+            "proxy": options.proxy,
+            "slices": self.context.slices.to_dict(),
+            "space": self.space.describe(),
+            "trials": {
+                "total": len(trials),
+                "complete": states.count(TrialState.COMPLETE),
+                "pruned": states.count(TrialState.PRUNED),
+                "failed": states.count(TrialState.FAIL),
+                "running": states.count(TrialState.RUNNING),
+                "duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
+                "distinct_configurations": len(params_distinct),
+            },
+            "best": {
+                "trial": best.number,
+                "params": best.params,
+                "proxy": best.value,
+                "top1": evaluations[best.number].top1 if best.number in evaluations else None,
+                "avg_bits": best.user_attrs.get("avg_bits"),
+                "size_bytes": best.user_attrs.get("size_bytes"),
+                "config": str(options.out / "best_config.json"),
+                "run": dict(best_run),
+            },
+            "default": None
+            if default_trial is None
+            else {
+                "trial": default_trial.number,
+                "params": default_trial.params,
+                "proxy": default_trial.value,
+                "top1": evaluations[default_trial.number].top1
+                if default_trial.number in evaluations
+                else None,
+                "avg_bits": default_trial.user_attrs.get("avg_bits"),
+                "size_bytes": default_trial.user_attrs.get("size_bytes"),
+            },
+            "best_vs_default": comparison,
+            "top_k": [t.number for t in top],
+            "full_evaluations": len(evaluations),
+            "eval_data": options.eval_path,
+            "spearman_proxy_vs_top1": spearman,
+            "importances": self._importances(trials),
+            "wall_time_split_s": split,
+            "this_process_wall_s": time.perf_counter() - self.wall_start,
+            "curvature_computations": self.context.analyze_calls,
+        }
+
+    def _importances(self, trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, float]:
+        """fANOVA importances of the first-rung proxy over every scored trial (complete and
+        pruned): the last rung is reached by a few trials only. KL and loss are taken in log10."""
+        first = self.options.rungs[0]
+        varied = [d for d in self.space.dimensions if len(d.choices) > 1]
+        scored = [
+            t
+            for t in trials
+            if first in t.intermediate_values
+            and "duplicate_of" not in t.user_attrs
+            and all(d.name in t.params for d in varied)
+        ]
+        if len(scored) < 3 or not varied:
+            return {}
+        memory = optuna.create_study(direction="minimize")
+        distributions = {
+            d.name: optuna.distributions.CategoricalDistribution(d.choices) for d in varied
+        }
+        for trial in scored:
+            value = float(trial.intermediate_values[first])
+            if self.options.proxy != "sqnr":
+                value = math.log10(max(value, 1e-300))
+            memory.add_trial(
+                optuna.trial.create_trial(
+                    params={d.name: trial.params[d.name] for d in varied},
+                    distributions=distributions,
+                    value=value,
+                )
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(
+                    memory,
+                    evaluator=optuna.importance.FanovaImportanceEvaluator(seed=self.options.seed),
+                )
+        except (RuntimeError, ValueError) as error:
+            logger.warning("parameter importances not computed: %s", error)
+            return {}
+        return {name: float(value) for name, value in importances.items()}
+
+    def _plots(
+        self,
+        trials: Sequence[optuna.trial.FrozenTrial],
+        best: optuna.trial.FrozenTrial,
+        default_trial: optuna.trial.FrozenTrial | None,
+        evaluations: Mapping[int, Accuracy],
+        summary: Mapping[str, object],
+    ) -> list[Path]:
+        from lcpaq import search_plots
+
+        folder = self.options.out / "plots"
+        title = f"{self.base.analysis.model} — budget {', '.join(summary['budgets'])}"  # type: ignore[arg-type]
+        proxy_label = _PROXY_LABELS[self.options.proxy]
+        paths = [
+            search_plots.plot_proxy_per_trial(
+                folder / "proxy_per_trial.png",
+                trials=self._rows(trials, evaluations),
+                rungs=self.options.rungs,
+                best=best.number,
+                default=default_trial.number if default_trial else None,
+                log_scale=self.options.proxy != "sqnr",
+                ylabel=proxy_label,
+                title=f"Proxy score per trial: {title}",
+            ),
+            search_plots.plot_importances(
+                folder / "importances.png",
+                importances=summary["importances"],  # type: ignore[arg-type]
+                title=f"Parameter importances (fANOVA, first-rung proxy): {title}",
+            ),
+        ]
+        if evaluations:
+            paths.append(
+                search_plots.plot_proxy_vs_accuracy(
+                    folder / "proxy_vs_accuracy.png",
+                    points=[
+                        (t.number, float(t.value), 100 * evaluations[t.number].top1)
+                        for t in trials
+                        if t.number in evaluations and t.value is not None
+                    ],
+                    best=best.number,
+                    default=default_trial.number if default_trial else None,
+                    log_scale=self.options.proxy != "sqnr",
+                    xlabel=proxy_label,
+                    title=f"Proxy vs top-1 on {Path(self.options.eval_path or '').name}: {title}",
+                )
+            )
+        return paths
+
+
+_TIMING_KEYS = ("hessian_s", "candidates_s", "ilp_s", "correction_s", "proxy_s")
+_PROXY_LABELS = {
+    "kl": "mean KL(p_FP32 ‖ p_quantized), nats",
+    "loss": "cross-entropy of the quantized model",
+    "sqnr": "−SQNR of the logits, dB (lower is better)",
+}
+
+
+def _report_markdown(summary: Mapping[str, Any]) -> str:
+    trials = summary["trials"]
+    best, default = summary["best"], summary["default"]
+    lines = [
+        f"# lcpaq search: study `{summary['study']}`",
+        "",
+        f"Budgets (hard, every trial): {', '.join(summary['budgets'])}"
+        + (
+            f" (the size cap is lcpaq's default configuration's size at {', '.join(summary['user_budgets'])})"
+            if summary.get("size_cap_mb")
+            else ""
+        )
+        + ".",
+        f"Proxy: `{summary['proxy']}` on calibration images {summary['slices']['proxy']} "
+        f"(rungs {summary['slices']['proxy_rungs']}); curvature and correction use images "
+        f"{summary['slices']['curvature_and_correction']}.",
+        f"Trials: {trials['total']} ({trials['complete']} complete, {trials['pruned']} pruned, "
+        f"{trials['failed']} failed, {trials['duplicates']} repeats of an earlier configuration; "
+        f"{trials['distinct_configurations']} distinct configurations). Full evaluations: "
+        f"{summary['full_evaluations']}"
+        + (
+            f" on `{summary['eval_data']}`."
+            if summary["eval_data"]
+            else " (no --eval: chosen by proxy)."
+        ),
+        "",
+        "| | trial | proxy | top-1 % | avg bits | size bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, entry in (("best", best), ("default", default)):
+        if entry is None:
+            continue
+        top1 = "" if entry["top1"] is None else f"{100 * entry['top1']:.2f}"
+        lines.append(
+            f"| {label} | {entry['trial']} | {entry['proxy']:.5g} | {top1} | "
+            f"{entry['avg_bits']:.3f} | {entry['size_bytes']:.0f} |"
+        )
+    comparison = summary["best_vs_default"]
+    if comparison:
+        lines += [
+            "",
+            f"Best vs default, paired on {comparison['eval_images']} images: "
+            f"{100 * comparison['paired_difference']:+.2f} ± "
+            f"{100 * comparison['paired_difference_stderr']:.2f} points.",
+        ]
+    lines += ["", "Best configuration (differences from the default in bold):", ""]
+    for name, value in best["params"].items():
+        changed = default is not None and default["params"].get(name) != value
+        lines.append(f"- {name}: {'**' if changed else ''}{value}{'**' if changed else ''}")
+    lines += ["", "## Wall time", "", "| part | seconds |", "|---|---|"]
+    lines += [
+        f"| {name[:-2]} | {seconds:.1f} |" for name, seconds in summary["wall_time_split_s"].items()
+    ]
+    if summary["importances"]:
+        lines += ["", "## Parameter importances (fANOVA on the first-rung proxy)", ""]
+        lines += [f"- {name}: {value:.3f}" for name, value in summary["importances"].items()]
+    if summary["spearman_proxy_vs_top1"] is not None:
+        lines += [
+            "",
+            f"Spearman(−proxy, top-1) over the {summary['full_evaluations']} evaluated "
+            f"configurations: {summary['spearman_proxy_vs_top1']:.2f}.",
+        ]
+    lines += ["", f"Ordinary run folder of the best configuration: `{best['run']['folder']}`.", ""]
+    return "\n".join(lines)
+
+
+def run_search(options: SearchOptions, *, progress: bool = True) -> dict[str, object]:
+    """``lcpaq search``: run (or resume) the study, then the final step."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # lcpaq logs each trial itself
+    try:
+        search = Search(options, progress=progress)
+        search.run_trials()
+        return search.finish()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
