@@ -12,9 +12,12 @@ from torch import nn
 from lcpaq.formats import QuantScheme, fake_quantize, get_format
 from lcpaq.graph import discover_layers
 from lcpaq.interactions import (
+    compute_interactions,
     hessian_cross_terms,
     load_interactions,
     measured_interactions,
+    pair_formats,
+    residual_block,
     select_pairs,
 )
 
@@ -264,3 +267,68 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     for pair, value in significant.items():
         kept = np.abs(terms.cross[pair]) >= 2 * terms.stderr[pair]
         np.testing.assert_array_equal(value[~kept], 0.0)
+
+
+def test_block_rule_pairs_layers_of_one_residual_block() -> None:
+    names = [
+        "conv1",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer1.0.downsample.0",
+        "layer1.1.conv1",
+        "layer1.1.conv2",
+        "fc",
+    ]
+    assert residual_block("layer1.0.downsample.0") == "layer1.0"
+    assert residual_block("layer2.1.shortcut.conv") == "layer2.1"
+    assert residual_block("fc") == ""
+    assert select_pairs(len(names), "block", layer_names=names) == ((1, 2), (1, 3), (2, 3), (4, 5))
+    with pytest.raises(ValueError, match="layer name"):
+        select_pairs(3, "block")
+
+
+def test_pair_formats_keep_the_narrow_formats() -> None:
+    names = ("int2", "int3", "int4", "int5", "int8", "fp4_e2m1", "fp8_e4m3")
+    assert pair_formats(names, 4) == ("int2", "int3", "int4", "fp4_e2m1")
+    assert pair_formats(names, 8) == names
+    assert pair_formats(names, 1) == ()
+
+
+@pytest.mark.parametrize("source", ["hessian", "gauss-newton", "forward"])
+def test_compute_interactions_dispatches_to_the_estimators(source: str) -> None:
+    model, inputs, labels = _model_and_data("tiny_conv")
+    layers = discover_layers(model, inputs)
+    pairs = select_pairs(len(layers), "all")
+    terms = compute_interactions(
+        model, layers, inputs, labels, FORMATS[:2], source=source, pairs=pairs, batch_size=4
+    )
+    if source == "forward":
+        expected = measured_interactions(
+            model, layers, inputs, labels, FORMATS[:2], pairs=pairs, loss="kl"
+        )
+    else:
+        batches = [(inputs[:4], labels[:4]), (inputs[4:8], labels[4:8]), (inputs[8:], labels[8:])]
+        curvature = "hessian" if source == "hessian" else "gauss_newton"
+        expected = hessian_cross_terms(
+            model, layers, batches, FORMATS[:2], pairs=pairs, curvature=curvature
+        )
+    assert terms.method == expected.method and terms.pairs == pairs
+    for pair in pairs:
+        np.testing.assert_allclose(terms.cross[pair], expected.cross[pair], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(terms.stderr[pair], expected.stderr[pair], rtol=1e-12, atol=0)
+    if source == "hessian":  # three batches: standard errors over batches exist
+        assert all(np.all(np.isfinite(error)) for error in terms.stderr.values())
+        with pytest.raises(ValueError, match="labels"):
+            compute_interactions(
+                model, layers, inputs, None, FORMATS[:1], source=source, pairs=pairs
+            )
+    with pytest.raises(ValueError, match="source"):
+        compute_interactions(
+            model,
+            layers,
+            inputs,
+            labels,
+            FORMATS[:1],
+            source="magic",
+            pairs=pairs,  # type: ignore[arg-type]
+        )
