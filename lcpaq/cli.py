@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lcpaq import __version__, artifacts, pipeline
+from lcpaq import __version__, artifacts, distributed, pipeline
 from lcpaq.allocate import TIE_RULES, Budget, parse_budget, parse_tie
 from lcpaq.candidates import parse_activation_formats
 from lcpaq.config import (
@@ -57,7 +57,12 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         "--num-samples", type=int, default=256, help="calibration images for curvature"
     )
     group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    group.add_argument(
+        "--loss",
+        choices=["cross_entropy", "mse", "kl"],
+        default="cross_entropy",
+        help="loss whose curvature is measured; kl: KL to the FP32 outputs (label-free)",
+    )
     group.add_argument(
         "--formats",
         default=DEFAULT_FORMATS,
@@ -94,9 +99,23 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         "--hutchinson-probes",
         type=int,
         default=0,
-        help="run the Hutchinson cross-check with at most this many probes (0: off)",
+        help="gauss-newton: run the Hutchinson cross-check with at most this many probes (0: off); "
+        "hutchinson: the cap on probes over all layers (at least 2 per layer)",
     )
     group.add_argument("--hutchinson-samples", type=int, default=128)
+    group.add_argument(
+        "--estimator",
+        choices=["gauss-newton", "hutchinson"],
+        default="gauss-newton",
+        help="curvature used for scoring: exact per-layer Gauss-Newton traces (default) or "
+        "exact-Hessian single-layer Hutchinson traces (needs --hutchinson-probes)",
+    )
+    group.add_argument(
+        "--hutchinson-rel-tol",
+        type=float,
+        default=0.05,
+        help="Hutchinson stops once every layer's standard error is below this x |trace|",
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument(
         "--correction-samples",
@@ -337,6 +356,8 @@ _CONFIG_OPTIONS = (
     "percentile",
     "hutchinson_probes",
     "hutchinson_samples",
+    "estimator",
+    "hutchinson_rel_tol",
     "seed",
     "correction_samples",
     "no_correction",
@@ -393,6 +414,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             ),
             hutchinson_probes=args.hutchinson_probes,
             hutchinson_samples=args.hutchinson_samples,
+            estimator=args.estimator,
+            hutchinson_rel_tol=args.hutchinson_rel_tol,
             seed=args.seed,
             allow_unsafe_pickle=args.allow_unsafe_pickle,
         ),
@@ -442,6 +465,8 @@ def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> N
 
 def _dispatch(args: argparse.Namespace) -> None:
     progress = not args.quiet
+    if not distributed.is_main_process() and args.command not in ("analyze", "run"):
+        return  # under torchrun only the analysis is shared; rank 0 does the rest
     if args.command == "demo":
         from lcpaq.demo import DEMO_MODEL, prepare_demo
 
@@ -471,6 +496,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         if not config.allocation.budgets:
             raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
         pipeline.analyze(config, args.out, progress=progress)
+        if not distributed.is_main_process():
+            return
         pipeline.allocate(
             args.out,
             _budgets(list(config.allocation.budgets)),
@@ -518,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.propagate = False
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Under torchrun (RANK/WORLD_SIZE set) analysis splits its batches over the processes.
+    if distributed.init_from_environment() and not distributed.is_main_process():
+        logger.setLevel(logging.WARNING)
+        args.quiet = True
     try:
         _dispatch(args)
     except InputError as error:
@@ -526,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lcpaq: interrupted; artifacts already written are complete", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

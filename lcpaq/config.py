@@ -19,7 +19,13 @@ class AnalysisConfig:
 
     ``num_samples``: calibration images for the curvature (standard errors shrink as 1/√N; on
     ResNet20 256 images give ~20-50 % per-layer relative error of the data mean, see report).
-    ``hutchinson_probes``: 0 disables the Hutchinson cross-check, otherwise its probe cap.
+    ``estimator``: the curvature used for scoring: ``gauss-newton`` (exact per-layer Gauss–Newton
+    traces, the default) or ``hutchinson`` (exact-Hessian single-layer Hutchinson traces with
+    probe budgets allocated by layer variance, stopped at ``hutchinson_rel_tol`` relative standard
+    error per layer or after ``hutchinson_probes`` probes in all, which must be >= 2 per layer).
+    ``hutchinson_probes``: with ``gauss-newton``, 0 disables the Hutchinson cross-check, otherwise
+    its probe cap. ``loss``: ``cross_entropy``, ``mse`` or ``kl`` (KL to the FP32 outputs,
+    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.hessian`).
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
     candidates (`lcpaq.candidates`); empty: one candidate per weight format, 8-bit activations
     assumed by the cost models.
@@ -32,12 +38,14 @@ class AnalysisConfig:
     image_size: int | None = None
     num_samples: int = 256
     batch_size: int = 64
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    loss: Literal["cross_entropy", "mse", "kl"] = "cross_entropy"
     formats: tuple[str, ...] = parse_format_list(DEFAULT_FORMATS)
     act_formats: tuple[str, ...] = ()
     scheme: QuantScheme = field(default_factory=QuantScheme)
     hutchinson_probes: int = 0
     hutchinson_samples: int = 128
+    estimator: Literal["gauss-newton", "hutchinson"] = "gauss-newton"
+    hutchinson_rel_tol: float = 0.05
     seed: int = 0
     allow_unsafe_pickle: bool = False
 
@@ -51,6 +59,29 @@ class AnalysisConfig:
             raise InputError(
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"
             )
+        _check_estimator_options(self)
+
+
+ESTIMATORS = ("gauss-newton", "hutchinson")
+LOSSES = ("cross_entropy", "mse", "kl")
+
+
+def _check_estimator_options(config: AnalysisConfig) -> None:
+    if config.estimator not in ESTIMATORS:
+        raise InputError(
+            f"estimator must be one of {', '.join(ESTIMATORS)}, got {config.estimator!r}"
+        )
+    if config.loss not in LOSSES:
+        raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if config.estimator == "hutchinson" and config.hutchinson_probes < 2:
+        raise InputError(
+            "estimator hutchinson needs a probe cap: give --hutchinson-probes (at least 2 per "
+            f"layer), got {config.hutchinson_probes}"
+        )
+    if not 0 <= config.hutchinson_rel_tol < float("inf"):
+        raise InputError(
+            f"hutchinson-rel-tol must be a finite number >= 0, got {config.hutchinson_rel_tol}"
+        )
 
 
 @dataclass(frozen=True)

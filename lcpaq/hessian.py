@@ -344,8 +344,9 @@ class GaussNewtonState:
             names=tuple(modules),
             modules=modules,
             generator=torch.Generator(device=device).manual_seed(seed),
+            # float64 sums: the multi-process reduction then matches the single-process sum.
             diagonal={
-                name: torch.zeros_like(module.weight, requires_grad=False)
+                name: torch.zeros_like(module.weight, dtype=torch.float64, requires_grad=False)
                 for name, module in modules.items()
             },
             keep_diagonal=keep_diagonal,

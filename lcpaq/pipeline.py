@@ -8,6 +8,7 @@ Hessian). File layout (all written atomically):
     layers.json       quantizable layers, unquantized size     (analyze)
     curvature.npz     per-layer traces ± standard errors       (analyze)
     hutchinson.npz    Hutchinson cross-check, if requested     (analyze)
+    activations.npz   activation curvature × format noise      (analyze, with --act-formats)
     candidates.npz    cost and weight error per layer×format   (analyze)
     frontiers.npz     scores and Pareto mask                   (allocate)
     allocation.json   chosen format per layer, solver report   (allocate)
@@ -27,6 +28,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lcpaq import artifacts
+from lcpaq import artifacts, distributed
+from lcpaq.activations import ActivationSensitivity, save_activation_sensitivity
 from lcpaq.allocate import (
     Allocation,
     AllocationProblem,
@@ -67,7 +70,7 @@ from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpo
 from lcpaq.formats import get_format
 from lcpaq.frontier import build_frontiers, pareto_mask, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
-from lcpaq.hessian import gauss_newton_traces, hutchinson_traces
+from lcpaq.hessian import CurvatureEstimate, hutchinson_traces, single_layer_hutchinson_traces
 from lcpaq.models import build_model, file_sha256, load_model, num_classes_of
 from lcpaq.recovery import collect_reference_stats, correct_statistics
 
@@ -155,8 +158,128 @@ DOWNSTREAM_ARTIFACTS = (
 )
 
 
+@dataclass(frozen=True)
+class Measurements:
+    """What `measure_sensitivity` measured, with wall times in seconds."""
+
+    curvature: CurvatureEstimate
+    curvature_seconds: float
+    hutchinson: CurvatureEstimate | None = None
+    hutchinson_seconds: float | None = None
+    activations: ActivationSensitivity | None = None
+    activations_seconds: float | None = None
+
+
+def _labelled_batches(data: Dataset, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (data.inputs[start : start + size], data.labels[start : start + size])
+        for start in range(0, len(data), size)
+    ]
+
+
+def _hutchinson_min_probes(probe_cap: int, num_layers: int) -> int:
+    """Probes every layer gets before budgets follow its variance: 4, fewer if the cap is tight."""
+    if probe_cap < 2 * num_layers:
+        raise InputError(
+            f"--hutchinson-probes {probe_cap} is below 2 probes per layer for estimator hutchinson "
+            f"({num_layers} layers): give at least {2 * num_layers}"
+        )
+    return min(4, probe_cap // num_layers)
+
+
+def measure_sensitivity(
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    calib: Dataset,
+    *,
+    progress: bool = True,
+) -> Measurements:
+    """Everything ``analyze`` measures on calibration data: the curvature used for scoring
+    (``estimator``), the Hutchinson cross-check (``hutchinson_probes`` with gauss-newton) and the
+    activation sensitivity (``act_formats``).
+
+    Under torchrun every process calls this with the same arguments: each measurement splits the
+    calibration batches across the processes and reduces, in this fixed order, so every process
+    gets the single-process result (bitwise for Gauss–Newton and the activation curvature; the
+    Hutchinson per-probe sums are added in another order, equal to float rounding).
+    """
+    analysis = config.analysis
+    starts = range(0, len(calib), analysis.batch_size)
+    batches = [calib.inputs[start : start + analysis.batch_size] for start in starts]
+    labelled = _labelled_batches(calib, analysis.batch_size)
+    share = distributed.batch_share()
+    start = time.perf_counter()
+    if analysis.estimator == "hutchinson":
+        curvature = single_layer_hutchinson_traces(
+            model,
+            layers,
+            labelled,
+            rel_tol=analysis.hutchinson_rel_tol,
+            min_probes=_hutchinson_min_probes(analysis.hutchinson_probes, len(layers)),
+            max_probes_per_layer=analysis.hutchinson_probes,
+            max_total_probes=analysis.hutchinson_probes,
+            seed=analysis.seed,
+            loss=analysis.loss,
+            share=share,
+            progress=progress,
+        )
+    else:
+        curvature = distributed.gauss_newton_traces_distributed(
+            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
+        )
+    measured: dict[str, object] = {
+        "curvature": curvature,
+        "curvature_seconds": time.perf_counter() - start,
+    }
+    if analysis.hutchinson_probes and analysis.estimator == "gauss-newton":
+        subset = calib.subset(0, min(analysis.hutchinson_samples, len(calib)))
+        start = time.perf_counter()
+        measured["hutchinson"] = hutchinson_traces(
+            model,
+            layers,
+            _labelled_batches(subset, analysis.batch_size),
+            max_probes=analysis.hutchinson_probes,
+            min_probes=min(8, analysis.hutchinson_probes),
+            rel_tol=analysis.hutchinson_rel_tol,
+            seed=analysis.seed,
+            loss=analysis.loss,
+            share=share,
+            progress=progress,
+        )
+        measured["hutchinson_seconds"] = time.perf_counter() - start
+    if analysis.act_formats:
+        start = time.perf_counter()
+        measured["activations"] = distributed.activation_sensitivity_distributed(
+            model,
+            layers,
+            batches,
+            analysis.act_formats,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            progress=progress,
+        )
+        measured["activations_seconds"] = time.perf_counter() - start
+    return Measurements(**measured)  # type: ignore[arg-type]
+
+
+def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[LayerInfo, ...]]:
+    """The model (on this process's GPU when CUDA is available), calibration data and layers."""
+    model, calib = _load_model_and_data(config, config.analysis.num_samples)
+    layers = discover_layers(model, calib.inputs)
+    return model.to(distributed.default_device()), calib, layers
+
+
 def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
-    """Measure curvature and per-candidate weight errors; write the analysis artifacts."""
+    """Measure curvature and per-candidate weight errors; write the analysis artifacts.
+
+    Under torchrun (`lcpaq.distributed`) every process measures a share of the calibration
+    batches; only rank 0 writes the run folder.
+    """
+    if not distributed.is_main_process():
+        model, calib, layers = _analysis_inputs(config)
+        measure_sensitivity(config, model, layers, calib, progress=False)
+        return
     ensure_writable(run_dir)
     for name in DOWNSTREAM_ARTIFACTS:
         (run_dir / name).unlink(missing_ok=True)
@@ -164,40 +287,25 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
         shutil.rmtree(run_dir / folder, ignore_errors=True)
     analysis = config.analysis
     with timed(run_dir, "analyze"):
-        model, calib = _load_model_and_data(config, analysis.num_samples)
-        layers = discover_layers(model, calib.inputs)
+        model, calib, layers = _analysis_inputs(config)
         weight_keys = {layer.weight_key for layer in layers}
         state = model.state_dict()
         unquantized_bits = sum(
             t.numel() * t.element_size() * 8 for key, t in state.items() if key not in weight_keys
         )
         fp32_bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
-        batches = [
-            calib.inputs[start : start + analysis.batch_size]
-            for start in range(0, len(calib), analysis.batch_size)
-        ]
-        start = time.perf_counter()
-        curvature = gauss_newton_traces(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
-        )
-        curvature_seconds = time.perf_counter() - start
-        hutchinson_seconds = None
-        if analysis.hutchinson_probes:
-            subset = calib.subset(0, min(analysis.hutchinson_samples, len(calib)))
-            start = time.perf_counter()
-            check = hutchinson_traces(
-                model,
-                layers,
-                [(subset.inputs, subset.labels)],
-                max_probes=analysis.hutchinson_probes,
-                min_probes=min(8, analysis.hutchinson_probes),
-                seed=analysis.seed,
-                progress=progress,
-            )
-            hutchinson_seconds = time.perf_counter() - start
-            artifacts.save_curvature(run_dir / "hutchinson.npz", check)
+        measured = measure_sensitivity(config, model, layers, calib, progress=progress)
+        curvature = measured.curvature
+        curvature_seconds = measured.curvature_seconds
+        hutchinson_seconds = measured.hutchinson_seconds
+        if measured.hutchinson is not None:
+            artifacts.save_curvature(run_dir / "hutchinson.npz", measured.hutchinson)
         else:
             (run_dir / "hutchinson.npz").unlink(missing_ok=True)
+        if measured.activations is not None:
+            save_activation_sensitivity(run_dir / "activations.npz", measured.activations)
+        else:
+            (run_dir / "activations.npz").unlink(missing_ok=True)
         table = measure_candidates(
             model,
             layers,
@@ -217,6 +325,7 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
                 "unquantized_size_bits": unquantized_bits,
                 "curvature_seconds": curvature_seconds,
                 "hutchinson_seconds": hutchinson_seconds,
+                "activations_seconds": measured.activations_seconds,
                 "layers": [layer.to_dict() for layer in layers],
             },
         )
