@@ -479,7 +479,8 @@ def plot_candidate_heatmap(
     handles: list[Patch | Line2D] = []
     if allowed is not None and not np.all(allowed):
         rows, columns = np.nonzero(~np.asarray(allowed, dtype=bool))
-        ax.plot(columns, rows, "x", color="lightgray", ms=9, mew=1.0, lw=0)
+        # In the cell's corner, so the value stays legible.
+        ax.plot(columns + 0.34, rows - 0.26, "x", color="lightgray", ms=4, mew=1.0, lw=0)
         handles.append(
             _entry(
                 "not selectable (dominated or fixed by policy)",

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lcpaq.artifacts import load_candidates
 from lcpaq.cli import main
 from lcpaq.demo import DigitsNet
 from lcpaq.report import budget_lines, infeasible_lines, sweep_lines
@@ -134,6 +135,13 @@ def test_run_with_activation_pairs_and_a_bitops_budget(digits_run_files, tmp_pat
     (row,) = allocation["budget_table"]
     assert row["metric"] == "bitops-g" and row["used"] <= 0.006
     assert row["slack"] == pytest.approx(0.006 - row["used"])
+    # activations.npz (analyze --act-formats) adds the activation term: INT4 activations are
+    # noisier than INT8 ones, so the same weights score worse with them.
+    assert (out / "activations.npz").is_file()
+    scores = np.load(out / "frontiers.npz")["scores"]
+    table = load_candidates(out / "candidates.npz")
+    w4a4, w4a8 = table.format_index("int4/int4"), table.format_index("int4/int8")
+    assert bool((scores[:, w4a4] > scores[:, w4a8]).all())
     manifest = json.loads((out / "quantized" / "manifest.json").read_text())
     for entry in manifest["layers"]:
         candidate = allocation["assignment"][entry["name"]]
