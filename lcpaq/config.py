@@ -60,6 +60,10 @@ class AnalysisConfig:
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"
             )
         _check_estimator_options(self)
+        from lcpaq.candidates import activation_bits  # local: keeps config's imports minimal
+
+        for name in self.act_formats:
+            activation_bits(name)  # an unknown activation format fails before any analysis
 
 
 ESTIMATORS = ("gauss-newton", "hutchinson")

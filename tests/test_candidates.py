@@ -21,6 +21,7 @@ from lcpaq.candidates import (
     parse_activation_formats,
     weight_format_of,
 )
+from lcpaq.config import AnalysisConfig
 from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, fake_quantize, get_format, scale_overhead_bits
 from lcpaq.graph import discover_layers, get_module
@@ -134,6 +135,8 @@ def test_parse_activation_formats() -> None:
     layers = discover_layers(model, conv_inputs(2))
     with pytest.raises(InputError, match="unknown activation format 'a7'"):
         measure_candidates(model, layers, ("int4",), QuantScheme(), activation_formats=("a7",))
+    with pytest.raises(InputError, match="unknown activation format 'int9'"):
+        AnalysisConfig(model="m", checkpoint=None, calib="c", act_formats=("int8", "int9"))
 
 
 def test_select_and_pairwise_expansion() -> None:
