@@ -263,7 +263,7 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--image-size", type=int)
     group.add_argument("--allow-unsafe-pickle", action="store_true")
     group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    group.add_argument("--loss", choices=["cross_entropy", "mse", "kl"], default="cross_entropy")
     group.add_argument("--budget", action="append", required=True, metavar="METRIC=VALUE")
     group.add_argument("--tie", action="append", metavar="LAYER,LAYER[,...]")
     group.add_argument("--tie-rule", choices=list(TIE_RULES), default="none")
@@ -284,6 +284,12 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         action="append",
         metavar="NAME=VALUE",
         help="pin a search dimension, e.g. --fix formats=int-pow2 (docs/05-search.md)",
+    )
+    group.add_argument(
+        "--also",
+        action="append",
+        metavar="NAME",
+        help="search an optional dimension too (estimator: costly Hutchinson traces)",
     )
     group.add_argument(
         "--size-cap",
@@ -332,6 +338,7 @@ def _search_options(args: argparse.Namespace) -> object:
         proxy=args.proxy,
         rungs=parse_rungs(args.proxy_samples),
         fixed=parse_fix(args.fix or []),
+        also=tuple(args.also or ()),
         size_cap=args.size_cap == "default",
         seed=args.seed,
     )

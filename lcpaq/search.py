@@ -116,6 +116,8 @@ class Dimension:
     apply: Callable[[RunConfig, Any], RunConfig]
     parse: Callable[[str], Any]
     why: str = ""
+    #: Optional dimensions stay at their default unless ``--also NAME`` asks for them.
+    optional: bool = False
 
 
 def _positive_int(text: str) -> int:
@@ -175,6 +177,21 @@ def _apply_correction(config: RunConfig, value: str) -> RunConfig:
 
 def _parse_correction(text: str) -> str:
     return "off" if text == "off" else str(_positive_int(text))
+
+
+def _apply_estimator(config: RunConfig, value: str) -> RunConfig:
+    if value == "gauss-newton":
+        return config.with_analysis(estimator="gauss-newton", hutchinson_probes=0)
+    return config.with_analysis(estimator="hutchinson", hutchinson_probes=int(value.split("-")[1]))
+
+
+def _parse_estimator(text: str) -> str:
+    if text == "gauss-newton":
+        return text
+    name, _, probes = text.partition("-")
+    if name != "hutchinson" or not probes.isdigit() or int(probes) < 2:
+        raise InputError(f"expected gauss-newton or hutchinson-N (N >= 2 probes), got {text!r}")
+    return text
 
 
 def default_dimensions() -> tuple[Dimension, ...]:
@@ -252,12 +269,39 @@ def default_dimensions() -> tuple[Dimension, ...]:
             _parse_correction,
             "BN statistics and bias correction, and its calibration images",
         ),
+        Dimension(
+            "estimator",
+            ("gauss-newton", "hutchinson-64", "hutchinson-256"),
+            "gauss-newton",
+            "analysis.estimator/hutchinson_probes (--estimator, --hutchinson-probes)",
+            _apply_estimator,
+            _parse_estimator,
+            "exact Gauss-Newton traces, or Hutchinson with a probe cap (costly: opt-in)",
+            optional=True,
+        ),
     )
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     dimensions: tuple[Dimension, ...] = field(default_factory=default_dimensions)
+
+    @classmethod
+    def default(cls, also: Sequence[str] = ()) -> SearchSpace:
+        """The default dimensions; optional ones pinned to their default unless named in ``also``."""
+        dimensions = default_dimensions()
+        names = {dimension.name for dimension in dimensions}
+        for name in also:
+            if name not in names:
+                raise InputError(
+                    f"--also {name}: no such search dimension; known: {', '.join(names)}"
+                )
+        return cls(
+            tuple(
+                d if not d.optional or d.name in also else replace(d, choices=(d.default,))
+                for d in dimensions
+            )
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -555,13 +599,29 @@ def _link_or_copy(source: Path, target: Path, *, copy_only: bool = False) -> Non
 class Infeasible(Exception):
     """The allocation stage found no assignment for this configuration under the budgets."""
 
+    def __init__(self, message: str, timings: Mapping[str, float]) -> None:
+        super().__init__(message)
+        self.timings = dict(timings)
+
 
 @dataclass
 class Prepared:
     config: RunConfig
     allocation: Allocation
-    quantized: nn.Module
+    quantized: nn.Module | None
     timings: dict[str, float]
+
+
+def model_key(config: RunConfig, allocation: Allocation) -> str:
+    """What fixes the quantized model: scheme, correction and the chosen formats. Configurations
+    that differ elsewhere (curvature samples, scorer, first/last policy, format set) often
+    allocate the same formats; they share this key and so their proxy values."""
+    data = {
+        "scheme": config.analysis.scheme.to_dict(),
+        "recovery": asdict(config.recovery),
+        "assignment": list(allocation.formats),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SearchContext:
@@ -697,9 +757,9 @@ class SearchContext:
         artifacts.save_candidates(run_dir / "candidates.npz", table)
         artifacts.write_json(run_dir / "run_config.json", config.to_dict())
 
-    def prepare(self, config: RunConfig, run_dir: Path) -> Prepared:
+    def prepare(self, config: RunConfig, run_dir: Path, *, build: bool = True) -> Prepared:
         """Curvature (cached), candidates (cached weights), the allocate stage on ``run_dir``,
-        then the quantized and corrected model, as ``export`` builds it."""
+        then (``build``) the quantized and corrected model, as ``export`` builds it."""
         timings = {}
         folder, estimate, timings["hessian_s"] = self.curvature(config)
         start = time.perf_counter()
@@ -712,12 +772,21 @@ class SearchContext:
             with _quiet("lcpaq.pipeline"):
                 allocation = pipeline.allocate(run_dir, budgets, **config.allocation.options())
         except InputError as error:
-            raise Infeasible(str(error)) from None
+            timings["ilp_s"] = time.perf_counter() - start
+            raise Infeasible(str(error), timings) from None
         timings["ilp_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        quantized = self.quantized_model(config, allocation)
-        timings["correction_s"] = time.perf_counter() - start
-        return Prepared(config, allocation, quantized, timings)
+        prepared = Prepared(config, allocation, None, timings)
+        if build:
+            self.build(prepared)
+        return prepared
+
+    def build(self, prepared: Prepared) -> nn.Module:
+        """The quantized and corrected model of a prepared configuration (timed once)."""
+        if prepared.quantized is None:
+            start = time.perf_counter()
+            prepared.quantized = self.quantized_model(prepared.config, prepared.allocation)
+            prepared.timings["correction_s"] = time.perf_counter() - start
+        return prepared.quantized
 
     # -- quantized model -------------------------------------------------------------------
     def reference(self, num_samples: int, names: Sequence[str]) -> ReferenceStats:
@@ -778,6 +847,7 @@ class SearchOptions:
     proxy: str = "kl"
     rungs: tuple[int, ...] = DEFAULT_RUNGS
     fixed: Mapping[str, str] = field(default_factory=dict)
+    also: tuple[str, ...] = ()
     size_cap: bool = True
     seed: int = 0
 
@@ -931,7 +1001,8 @@ class Search:
         self.progress = progress
         pipeline.ensure_writable(options.out)
         self.wall_start = time.perf_counter()
-        self.space = SearchSpace().fix(options.fixed, options.base)
+        self.cpu_start = time.process_time()
+        self.space = SearchSpace.default(options.also).fix(options.fixed, options.base)
         self.context = SearchContext(
             options.base, options.out, self.space, options.proxy, options.rungs
         )
@@ -1032,30 +1103,44 @@ class Search:
             logger.info("trial %d: same configuration as trial %d", trial.number, duplicate.number)
             return self._replay(trial, duplicate)
         config = self.space.config(self.trial_base, params)
-        timings = {}
         try:
-            prepared = self.context.prepare(config, self.trial_dir(trial.number))
+            prepared = self.context.prepare(config, self.trial_dir(trial.number), build=False)
         except Infeasible as error:
             # Pruned before the first slice: it counts as a trial (it cost an ILP solve) and TPE
             # ranks pruned trials without intermediate values last, so it learns to avoid them.
             trial.set_user_attr("error", str(error))
+            for name, seconds in error.timings.items():
+                trial.set_user_attr(name, seconds)
             logger.info("trial %d: infeasible, pruned (%s)", trial.number, error)
             raise optuna.TrialPruned() from None
-        timings.update(prepared.timings)
+        timings = prepared.timings
         allocation = prepared.allocation
         trial.set_user_attr("avg_bits", allocation.average_bits)
         trial.set_user_attr("size_bytes", allocation.size_bytes)
         trial.set_user_attr("predicted_loss_increase", allocation.predicted_loss_increase)
         trial.set_user_attr("assignment", list(allocation.formats))
+        key = model_key(config, allocation)
+        trial.set_user_attr("model_key", key)
+        known, source = self._known_sums(key, trial.number)
+        if known:
+            logger.info("trial %d: same quantized model as trial %d", trial.number, source)
+            trial.set_user_attr("same_model_as", source)
         scorer, sums, done = self.context.scorer, np.zeros(2), 0
         proxy_s = 0.0
+        recorded: dict[str, list[float]] = {}
         try:
             for index, rung in enumerate(self.options.rungs):
-                start = time.perf_counter()
-                sums = sums + scorer.sums(prepared.quantized, done, rung)
+                if rung in known:
+                    sums = np.array(known[rung])
+                else:
+                    quantized = self.context.build(prepared)
+                    start = time.perf_counter()
+                    sums = sums + scorer.sums(quantized, done, rung)
+                    proxy_s += time.perf_counter() - start
                 done = rung
                 value = scorer.value(sums, done)
-                proxy_s += time.perf_counter() - start
+                recorded[str(rung)] = [float(x) for x in sums]
+                trial.set_user_attr("proxy_sums", recorded)
                 trial.report(value, rung)
                 if index < len(self.options.rungs) - 1 and trial.should_prune():
                     logger.info(
@@ -1081,10 +1166,25 @@ class Search:
         )
         return value
 
+    def _known_sums(self, key: str, number: int) -> tuple[dict[int, list[float]], int | None]:
+        """Proxy sums per slice already measured for this quantized model by another trial."""
+        best: dict[int, list[float]] = {}
+        source = None
+        for other in self.study.get_trials(deepcopy=False):
+            if other.number == number or other.user_attrs.get("model_key") != key:
+                continue
+            sums = {
+                int(rung): value for rung, value in other.user_attrs.get("proxy_sums", {}).items()
+            }
+            if len(sums) > len(best):
+                best, source = sums, other.number
+        return best, source
+
     def _replay(self, trial: optuna.Trial, other: optuna.trial.FrozenTrial) -> float:
         """A configuration already scored: report its values again instead of recomputing."""
         trial.set_user_attr("duplicate_of", other.number)
-        for name in ("avg_bits", "size_bytes", "predicted_loss_increase", "assignment", "error"):
+        names = ("avg_bits", "size_bytes", "predicted_loss_increase", "assignment", "error")
+        for name in (*names, "model_key", "proxy_sums"):
             if name in other.user_attrs:
                 trial.set_user_attr(name, other.user_attrs[name])
         for step, value in sorted(other.intermediate_values.items()):
@@ -1136,7 +1236,8 @@ class Search:
                 prepared = context.prepare(config, self.trial_dir(trial.number))
                 final_timings["final_prepare_s"] += time.perf_counter() - start
                 start = time.perf_counter()
-                evaluations[trial.number] = evaluate_accuracy(prepared.quantized, eval_data)
+                quantized = context.build(prepared)
+                evaluations[trial.number] = evaluate_accuracy(quantized, eval_data)
                 final_timings["full_eval_s"] += time.perf_counter() - start
                 logger.info(
                     "full evaluation of trial %d: top-1 %.2f %%",
@@ -1320,6 +1421,8 @@ class Search:
             "importances": self._importances(trials),
             "wall_time_split_s": split,
             "this_process_wall_s": time.perf_counter() - self.wall_start,
+            # CPU seconds of all threads: less sensitive than wall time to other jobs on the host.
+            "this_process_cpu_s": time.process_time() - self.cpu_start,
             "curvature_computations": self.context.analyze_calls,
         }
 

@@ -180,7 +180,7 @@ def test_search_writes_every_artifact(searched):
     for name in ("hessian_s", "candidates_s", "ilp_s", "correction_s", "proxy_s", "full_eval_s"):
         assert split[name] >= 0
     assert split["proxy_s"] > 0 and split["full_eval_s"] > 0
-    assert set(report["importances"]) <= set(SearchSpace().names)
+    assert set(report["importances"]) <= set(SearchSpace.default().names)
     header = (out / "trials.csv").read_text().splitlines()[0].split(",")
     assert {"number", "state", "proxy", "proxy_16", "proxy_48", "clipping", "top1"} <= set(header)
 
@@ -233,11 +233,11 @@ def test_resume_after_interruption_continues_the_same_study(tmp_path, monkeypatc
     original_prepare = search.SearchContext.prepare
     calls = {"prepare": 0, "analyze": 0}
 
-    def interrupted(self, config, run_dir):
+    def interrupted(self, config, run_dir, **kwargs):
         calls["prepare"] += 1
         if calls["prepare"] == 3:
             raise KeyboardInterrupt
-        return original_prepare(self, config, run_dir)
+        return original_prepare(self, config, run_dir, **kwargs)
 
     monkeypatch.setattr(search.SearchContext, "prepare", interrupted)
     assert main(_search_args(files, out, *fixed, trials=4)) == 130
@@ -299,7 +299,7 @@ def test_curvature_is_cached_per_key(tmp_path, monkeypatch, one_thread):
         ),
         allocation=AllocationConfig(budgets=("avg-bits=4",)),
     )
-    space = SearchSpace().fix({"num_samples": "16", "correction": "16"}, base)
+    space = SearchSpace.default().fix({"num_samples": "16", "correction": "16"}, base)
     context = search.SearchContext(base, tmp_path / "s", space, "kl", (16, 48))
     a = base.with_analysis(num_samples=16)
     b = base.with_analysis(num_samples=24)
@@ -315,6 +315,28 @@ def test_curvature_is_cached_per_key(tmp_path, monkeypatch, one_thread):
     # Another seed is another key.
     again.curvature(a.with_analysis(seed=1))
     assert calls == [16, 24, 16]
+
+
+def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, one_thread):
+    """At 8 average bits every configuration allocates INT8 everywhere: one quantized model, so
+    only the first trial builds it and runs the proxy; the others reuse its sums."""
+    files = _files(tmp_path)
+    out = tmp_path / "s"
+    args = _search_args(files, out, trials=4)
+    args[args.index("avg-bits=4")] = "avg-bits=8"
+    args += ["--fix", "formats=int-pow2", "--fix", "clipping=minmax", "--fix", "symmetric=false"]
+    args += ["--fix", "granularity=channel", "--size-cap", "none"]
+    assert main(args) == 0
+    trials = [t for t in _study(out).trials if "duplicate_of" not in t.user_attrs]
+    assert len(trials) == 4
+    assert len({t.user_attrs["model_key"] for t in trials}) == 1
+    first, others = trials[0], trials[1:]
+    assert "correction_s" in first.user_attrs
+    for trial in others:
+        assert trial.user_attrs["same_model_as"] == first.number
+        assert "correction_s" not in trial.user_attrs and trial.user_attrs["proxy_s"] == 0
+        assert trial.intermediate_values == first.intermediate_values
+        assert trial.value == first.value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +497,7 @@ def test_slices_and_option_parsing():
 
 def test_space_maps_to_pipeline_options():
     base = RunConfig(AnalysisConfig(model="m", checkpoint=None, calib="c"))
-    space = SearchSpace()
+    space = SearchSpace.default()
     default = space.config(base, space.default_params())
     assert default == base  # the enqueued default is lcpaq's default configuration
     params = {
@@ -487,6 +509,7 @@ def test_space_maps_to_pipeline_options():
         "first_last": "keep-8bit",
         "scorer": "diagonal",
         "correction": "off",
+        "estimator": "gauss-newton",
     }
     config = space.config(base, params)
     assert config.analysis.num_samples == 512
@@ -500,6 +523,15 @@ def test_space_maps_to_pipeline_options():
     fixed = space.fix({"correction": "64", "num_samples": "48"}, base)
     assert search.space_head(fixed, base) == 64
     assert fixed.size == space.size // (4 * 4)
+    # Optional dimensions (the Hutchinson estimator) are pinned unless asked for.
+    assert space.dimension("estimator").choices == ("gauss-newton",)
+    wider = SearchSpace.default(also=["estimator"])
+    assert wider.size == 3 * space.size
+    hutchinson = wider.config(base, {**params, "estimator": "hutchinson-64"})
+    assert hutchinson.analysis.estimator == "hutchinson"
+    assert hutchinson.analysis.hutchinson_probes == 64
+    with pytest.raises(InputError, match="--also nosuch"):
+        SearchSpace.default(also=["nosuch"])
 
 
 def test_size_cap_text_round_trip():
