@@ -116,6 +116,36 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         default=0.05,
         help="Hutchinson stops once every layer's standard error is below this x |trace|",
     )
+    group = parser.add_argument_group("inter-layer terms (METHOD §1c; off by default)")
+    group.add_argument(
+        "--pairwise",
+        choices=["none", "hessian", "gauss-newton", "forward"],
+        default="none",
+        help="measure C_ij(f,g) between layer pairs into interactions.npz: Δw_iᵀH_ijΔw_j "
+        "(hessian, gauss-newton) or ΔL(i,j)−ΔL(i)−ΔL(j) by forward passes (forward)",
+    )
+    group.add_argument(
+        "--pair-rule",
+        choices=["window", "block", "all"],
+        default="window",
+        help="which pairs: within --pair-window in execution order, same residual block, or all",
+    )
+    group.add_argument("--pair-window", type=int, default=3, help="window of --pair-rule window")
+    group.add_argument(
+        "--pair-samples", type=int, default=256, help="calibration images for the pair terms"
+    )
+    group.add_argument(
+        "--pair-loss",
+        choices=["kl", "cross_entropy"],
+        default="kl",
+        help="loss of --pairwise forward: label-free KL to the FP32 outputs (default) or task loss",
+    )
+    group.add_argument(
+        "--pair-max-bits",
+        type=int,
+        default=4,
+        help="measure pair terms for formats of at most this many bits; wider ones count as 0",
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument(
         "--correction-samples",
@@ -154,6 +184,30 @@ def _add_allocation_options(parser: argparse.ArgumentParser, *, required: bool) 
     )
     group.add_argument("--first-last", choices=["search", "keep-8bit"], default="search")
     group.add_argument("--scorer", choices=["hawq_v2", "diagonal"], default="hawq_v2")
+    group.add_argument(
+        "--pairwise-weight",
+        type=float,
+        default=AllocationConfig.pairwise_weight,
+        help="λ on the inter-layer terms of interactions.npz, if the analysis stored any (0: ignore)",
+    )
+    group.add_argument(
+        "--pair-z",
+        type=float,
+        default=AllocationConfig.pair_z,
+        help="set a pair term to 0 when |C| < z·SE (default 2; 0 keeps all)",
+    )
+    group.add_argument(
+        "--pair-clip",
+        choices=["none", "negative", "psd"],
+        default="none",
+        help="clip negative pair terms, or project Ω to PSD (CLADO); default none",
+    )
+    group.add_argument(
+        "--pairwise-mode",
+        choices=["ilp", "augmented"],
+        default="ilp",
+        help="exact pair products in the ILP, or separable scores around the incumbent (§1d)",
+    )
 
 
 def _sweep_points(text: str) -> int:
@@ -356,6 +410,16 @@ _CONFIG_OPTIONS = (
     "loss",
     "formats",
     "act_formats",
+    "pairwise",
+    "pair_rule",
+    "pair_window",
+    "pair_samples",
+    "pair_loss",
+    "pair_max_bits",
+    "pairwise_weight",
+    "pair_z",
+    "pair_clip",
+    "pairwise_mode",
     "symmetric",
     "granularity",
     "group_size",
@@ -425,6 +489,12 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             hutchinson_rel_tol=args.hutchinson_rel_tol,
             seed=args.seed,
             allow_unsafe_pickle=args.allow_unsafe_pickle,
+            pairwise=args.pairwise,
+            pair_rule=args.pair_rule,
+            pair_window=args.pair_window,
+            pair_samples=args.pair_samples,
+            pair_loss=args.pair_loss,
+            pair_max_bits=args.pair_max_bits,
         ),
         recovery=RecoveryConfig(
             enabled=not args.no_correction, num_samples=args.correction_samples
@@ -445,6 +515,10 @@ def _allocation_config(args: argparse.Namespace) -> AllocationConfig:
         ties=tuple(parse_tie(text) for text in args.tie or []),
         tie_rule=args.tie_rule,
         latency_table=args.latency_table,
+        pairwise_weight=args.pairwise_weight,
+        pair_z=args.pair_z,
+        pair_clip=args.pair_clip,
+        pairwise_mode=args.pairwise_mode,
     )
 
 

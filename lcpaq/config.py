@@ -48,13 +48,27 @@ class AnalysisConfig:
     hutchinson_rel_tol: float = 0.05
     seed: int = 0
     allow_unsafe_pickle: bool = False
+    # Inter-layer terms (`lcpaq.interactions`, METHOD §1c): off by default, see docs/results.md.
+    pairwise: Literal["none", "hessian", "gauss-newton", "forward"] = "none"
+    pair_rule: Literal["window", "block", "all"] = "window"
+    pair_window: int = 3
+    pair_samples: int = 256
+    pair_loss: Literal["kl", "cross_entropy"] = "kl"
+    pair_max_bits: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "batch_size", "hutchinson_samples"):
+        for name in (
+            "num_samples",
+            "batch_size",
+            "hutchinson_samples",
+            "pair_window",
+            "pair_samples",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(
                     f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
+        _check_pair_options(self)
         if self.hutchinson_probes < 0 or self.hutchinson_probes == 1:
             raise InputError(
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"
@@ -88,6 +102,20 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
         )
 
 
+def _check_pair_options(config: AnalysisConfig) -> None:
+    from lcpaq.interactions import PAIR_RULES, PAIR_SOURCES
+
+    for name, value, known in (
+        ("pairwise", config.pairwise, PAIR_SOURCES),
+        ("pair-rule", config.pair_rule, PAIR_RULES),
+        ("pair-loss", config.pair_loss, ("kl", "cross_entropy")),
+    ):
+        if value not in known:
+            raise InputError(f"{name} must be one of {', '.join(known)}, got {value!r}")
+    if config.pair_max_bits < 2:
+        raise InputError(f"pair-max-bits must be at least 2, got {config.pair_max_bits}")
+
+
 @dataclass(frozen=True)
 class RecoveryConfig:
     """Statistics correction after quantization (see `lcpaq.recovery`)."""
@@ -107,6 +135,10 @@ class AllocationConfig:
     ``budgets``: ``METRIC=VALUE`` texts (`lcpaq.allocate.parse_budget`), all hard limits; empty means
     "given on the command line". ``cost_weights``: λ_k of the objective Σ s + Σ_k λ_k·cost_k/B_k
     (METHOD §4; 0 for every metric by default, so hard budgets alone decide).
+    ``pairwise_weight`` (λ), ``pair_z``, ``pair_clip``, ``pairwise_mode``: how the inter-layer terms
+    of ``interactions.npz`` (if the analysis stored them) enter the objective (`lcpaq.pairwise`):
+    C := 0 where |C| < z·SE, then λ·C, then optional clipping; ``ilp`` (exact pair products) or
+    ``augmented`` (separable scores around the incumbent, METHOD §1d). λ = 0 ignores them.
     """
 
     budgets: tuple[str, ...] = ()
@@ -116,10 +148,27 @@ class AllocationConfig:
     tie_rule: str = "none"
     latency_table: str | None = None
     cost_weights: tuple[tuple[str, float], ...] = ()
+    pairwise_weight: float = 1.0
+    pair_z: float = 2.0
+    pair_clip: Literal["none", "negative", "psd"] = "none"
+    pairwise_mode: Literal["ilp", "augmented"] = "ilp"
 
     def __post_init__(self) -> None:
         if self.first_last not in ("search", "keep-8bit"):
             raise InputError(f"first-last must be 'search' or 'keep-8bit', got {self.first_last!r}")
+        from lcpaq.pairwise import PAIR_CLIPS, PAIRWISE_MODES
+
+        for name, value in (("pairwise-weight", self.pairwise_weight), ("pair-z", self.pair_z)):
+            if not 0 <= value < float("inf"):
+                raise InputError(f"{name} must be a finite number >= 0, got {value}")
+        if self.pair_clip not in PAIR_CLIPS:
+            raise InputError(
+                f"pair-clip must be one of {', '.join(PAIR_CLIPS)}, got {self.pair_clip!r}"
+            )
+        if self.pairwise_mode not in PAIRWISE_MODES:
+            raise InputError(
+                f"pairwise-mode must be one of {', '.join(PAIRWISE_MODES)}, got {self.pairwise_mode!r}"
+            )
         for metric, weight in self.cost_weights:
             if not weight >= 0:
                 raise InputError(f"cost weight of {metric} must be >= 0, got {weight}")
@@ -132,6 +181,10 @@ class AllocationConfig:
             "ties": [list(group) for group in self.ties],
             "tie_rule": self.tie_rule,
             "latency_table": self.latency_table,
+            "pairwise_weight": self.pairwise_weight,
+            "pair_z": self.pair_z,
+            "pair_clip": self.pair_clip,
+            "pairwise_mode": self.pairwise_mode,
         }
         if self.cost_weights:
             options["cost_weights"] = dict(self.cost_weights)

@@ -224,3 +224,46 @@ class AugmentedProblem:
         return dataclasses.replace(
             best[1], predicted_loss_increase=best[0], solve_time_s=total_time
         )
+
+
+def pair_views(
+    terms: InteractionTerms, chosen: Sequence[str] | None = None, z: float = 2.0
+) -> dict[str, np.ndarray]:
+    """Per-pair summaries for plots and the report, in ``terms.pairs`` order.
+
+    ``largest``: the signed entry of largest magnitude over the measured format pairs, with
+    ``largest_significant`` (|C| ≥ z·SE; NaN standard errors count as not significant);
+    ``chosen``/``chosen_significant``: C at the weight formats of ``chosen`` (one per layer;
+    formats that were not measured give 0, not significant); ``ratio``: |largest| over
+    √(d_i·d_j) of the matching diagonal terms (how large a cross term is next to its diagonal).
+    """
+    pairs = terms.pairs
+    largest, largest_sig, ratio = [], [], []
+    at_chosen, chosen_sig = [], []
+    formats = list(terms.format_names)
+    for i, j in pairs:
+        block, error = np.asarray(terms.cross[(i, j)]), np.asarray(terms.stderr[(i, j)])
+        f, g = np.unravel_index(int(np.argmax(np.abs(block))), block.shape)
+        largest.append(block[f, g])
+        largest_sig.append(bool(abs(block[f, g]) >= z * error[f, g]))
+        scale = np.sqrt(abs(terms.diagonal[i, f] * terms.diagonal[j, g]))
+        ratio.append(abs(block[f, g]) / scale if scale > 0 else np.nan)
+        if chosen is not None:
+            fi, gj = chosen[i], chosen[j]
+            if fi in formats and gj in formats:
+                value = block[formats.index(fi), formats.index(gj)]
+                bar = error[formats.index(fi), formats.index(gj)]
+                at_chosen.append(value)
+                chosen_sig.append(bool(abs(value) >= z * bar))
+            else:
+                at_chosen.append(0.0)
+                chosen_sig.append(False)
+    views = {
+        "largest": np.array(largest, dtype=float),
+        "largest_significant": np.array(largest_sig, dtype=bool),
+        "ratio": np.array(ratio, dtype=float),
+    }
+    if chosen is not None:
+        views["chosen"] = np.array(at_chosen, dtype=float)
+        views["chosen_significant"] = np.array(chosen_sig, dtype=bool)
+    return views

@@ -10,6 +10,7 @@ Hessian). File layout (all written atomically):
     hutchinson.npz    Hutchinson cross-check, if requested     (analyze)
     activations.npz   activation curvature × format noise      (analyze, with --act-formats)
     candidates.npz    cost and weight error per layer×format   (analyze)
+    interactions.npz  inter-layer terms C_ij ± SE, if --pairwise (analyze)
     frontiers.npz     scores and Pareto mask                   (allocate)
     allocation.json   chosen format per layer, solver report   (allocate)
     quantized/        model.safetensors + manifest.json        (export)
@@ -53,7 +54,7 @@ from lcpaq.candidates import (
     measure_candidates,
     weight_format_of,
 )
-from lcpaq.config import FirstLastPolicy, RunConfig
+from lcpaq.config import AllocationConfig, FirstLastPolicy, RunConfig
 from lcpaq.costs import CostModel, build_cost_model, load_latency_table
 from lcpaq.curves import (
     BASELINE_FORMATS,
@@ -71,7 +72,22 @@ from lcpaq.formats import get_format
 from lcpaq.frontier import build_frontiers, pareto_mask, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
 from lcpaq.hessian import CurvatureEstimate, hutchinson_traces, single_layer_hutchinson_traces
+from lcpaq.interactions import (
+    compute_interactions,
+    load_interactions,
+    pair_formats,
+    save_interactions,
+    select_pairs,
+)
 from lcpaq.models import build_model, file_sha256, load_model, num_classes_of
+from lcpaq.pairwise import (
+    AugmentedProblem,
+    PairClip,
+    PairwiseMode,
+    align_terms,
+    pair_views,
+    prepare_pairwise,
+)
 from lcpaq.recovery import collect_reference_stats, correct_statistics
 
 logger = logging.getLogger(__name__)
@@ -211,10 +227,16 @@ def measure_sensitivity(
     share = distributed.batch_share()
     start = time.perf_counter()
     if analysis.estimator == "hutchinson":
+        # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
+        exact_part = distributed.gauss_newton_traces_distributed(
+            model, layers, batches, loss=analysis.loss, seed=analysis.seed, keep_diagonal=False
+        )
         curvature = single_layer_hutchinson_traces(
             model,
             layers,
             labelled,
+            # A sampled Fisher (> 64 classes) is no exact control variate: plain Hutchinson then.
+            gauss_newton=exact_part if exact_part.method == "gauss_newton" else None,
             rel_tol=analysis.hutchinson_rel_tol,
             min_probes=_hutchinson_min_probes(analysis.hutchinson_probes, len(layers)),
             max_probes_per_layer=analysis.hutchinson_probes,
@@ -314,6 +336,7 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
             curvature.diagonal,
             activation_formats=analysis.act_formats,
         )
+        interactions_seconds = analyze_interactions(config, model, layers, run_dir, progress)
         checkpoint_sha = file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else None
         artifacts.write_json(run_dir / "run_config.json", config.to_dict())
         artifacts.write_json(
@@ -326,6 +349,7 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
                 "curvature_seconds": curvature_seconds,
                 "hutchinson_seconds": hutchinson_seconds,
                 "activations_seconds": measured.activations_seconds,
+                "interactions_seconds": interactions_seconds,
                 "layers": [layer.to_dict() for layer in layers],
             },
         )
@@ -334,6 +358,77 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
     flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
     if flagged:
         logger.warning("curvature flagged for %d layer(s): %s", len(flagged), ", ".join(flagged))
+
+
+def analyze_interactions(
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    run_dir: Path,
+    progress: bool = True,
+) -> float | None:
+    """Write ``interactions.npz`` (``--pairwise``) or remove a stale one; returns the seconds."""
+    analysis = config.analysis
+    path = run_dir / "interactions.npz"
+    if analysis.pairwise == "none":
+        path.unlink(missing_ok=True)
+        return None
+    formats = pair_formats(analysis.formats, analysis.pair_max_bits)
+    if not formats:
+        raise InputError(
+            f"--pair-max-bits {analysis.pair_max_bits} leaves none of the formats "
+            f"{', '.join(analysis.formats)} for inter-layer terms"
+        )
+    names = [layer.name for layer in layers]
+    pairs = select_pairs(len(layers), analysis.pair_rule, analysis.pair_window, names)
+    _, data = _load_model_and_data(config, analysis.pair_samples)
+    if analysis.pairwise == "hessian" and len(data) <= analysis.batch_size:
+        # Its standard errors are over batches; the significance filter needs them.
+        raise InputError(
+            f"--pairwise hessian needs at least two batches for its standard errors: "
+            f"{len(data)} pair samples with --batch-size {analysis.batch_size}"
+        )
+    start = time.perf_counter()
+    logger.info(
+        "inter-layer terms (%s): %d pairs x %d formats on %d samples",
+        analysis.pairwise,
+        len(pairs),
+        len(formats),
+        len(data),
+    )
+    terms = compute_interactions(
+        model,
+        layers,
+        data.inputs,
+        data.labels if analysis.pairwise == "hessian" or analysis.pair_loss != "kl" else None,
+        formats,
+        source=analysis.pairwise,
+        pairs=pairs,
+        scheme=analysis.scheme,
+        batch_size=analysis.batch_size,
+        curvature_loss=analysis.loss,
+        forward_loss=analysis.pair_loss,
+    )
+    save_interactions(path, terms)
+    return time.perf_counter() - start
+
+
+def load_pairwise(
+    run_dir: Path,
+    table: CandidateTable,
+    scores: np.ndarray,
+    *,
+    weight: float = 1.0,
+    z: float = 2.0,
+    clip: PairClip = "none",
+) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+    """The ILP's scores and pairwise terms from ``interactions.npz`` (none if absent or λ = 0)."""
+    path = run_dir / "interactions.npz"
+    if weight == 0 or not path.is_file():
+        return scores, {}
+    terms = load_interactions(path)
+    cross, stderr = align_terms(terms, table.layer_names, table.weight_formats)
+    return prepare_pairwise(scores, cross, stderr, weight=weight, z=z, clip=clip)
 
 
 # -- stage 2: allocate -------------------------------------------------------------------------
@@ -383,13 +478,21 @@ def build_problem(
     ties: Sequence[Sequence[str]] = (),
     tie_rule: str = "none",
     latency_table: str | None = None,
-) -> tuple[AllocationProblem, CandidateTable, np.ndarray, np.ndarray]:
-    """The ILP for a run folder: scores, Pareto mask, costs, ties and the first/last-layer policy."""
+    pairwise_weight: float = 1.0,
+    pair_z: float = 2.0,
+    pair_clip: PairClip = "none",
+    pairwise_mode: PairwiseMode = "ilp",
+) -> tuple[AllocationProblem | AugmentedProblem, CandidateTable, np.ndarray, np.ndarray]:
+    """The ILP for a run folder: scores, Pareto mask, costs, ties and the first/last-layer policy,
+    plus the inter-layer terms of ``interactions.npz`` if present (`load_pairwise`)."""
     layers, unquantized_bits = read_layers(run_dir)
     table = artifacts.load_candidates(run_dir / "candidates.npz")
     curvature = artifacts.load_curvature(run_dir / "curvature.npz")
     scores = score_candidates(table, curvature.clamped_trace(), scorer)
     scores = scores + activation_term(run_dir, table, scorer)
+    scores, pairwise = load_pairwise(
+        run_dir, table, scores, weight=pairwise_weight, z=pair_z, clip=pair_clip
+    )
     kept = build_frontiers(table, scores)
     fixed: dict[str, str] = {}
     if first_last == "keep-8bit":
@@ -406,10 +509,23 @@ def build_problem(
     allowed = allowed_candidates(table, np.ones_like(kept), fixed)
     costs = candidate_costs(run_dir, table, latency_table)
     groups = [*ties, *tie_rule_groups(table.layer_names, tie_rule)]
-    problem = AllocationProblem(
-        table, scores, allowed, constant_size_bits=unquantized_bits, costs=costs, ties=groups
-    )
-    return problem, table, scores, kept
+
+    def make_problem(
+        values: np.ndarray, pairs: dict[tuple[int, int], np.ndarray] | None = None
+    ) -> AllocationProblem:
+        return AllocationProblem(
+            table,
+            values,
+            allowed,
+            constant_size_bits=unquantized_bits,
+            costs=costs,
+            ties=groups,
+            pairwise=pairs,
+        )
+
+    if pairwise and pairwise_mode == "augmented":
+        return AugmentedProblem(make_problem, scores, pairwise), table, scores, kept
+    return make_problem(scores, pairwise), table, scores, kept
 
 
 def allocate(
@@ -421,13 +537,32 @@ def allocate(
     ties: Sequence[Sequence[str]] = (),
     tie_rule: str = "none",
     latency_table: str | None = None,
+    pairwise_weight: float = 1.0,
+    pair_z: float = 2.0,
+    pair_clip: PairClip = "none",
+    pairwise_mode: PairwiseMode = "ilp",
 ) -> Allocation:
-    """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``."""
+    """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``.
+
+    ``pairwise_*``/``pair_*``: how the inter-layer terms enter (`AllocationConfig`, `load_pairwise`).
+    """
     if not budgets:
         raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
+    pair_options = {
+        "pairwise_weight": pairwise_weight,
+        "pair_z": pair_z,
+        "pair_clip": pair_clip,
+        "pairwise_mode": pairwise_mode,
+    }
     with timed(run_dir, "allocate"):
         problem, table, scores, kept = build_problem(
-            run_dir, first_last, scorer, ties=ties, tie_rule=tie_rule, latency_table=latency_table
+            run_dir,
+            first_last,
+            scorer,
+            ties=ties,
+            tie_rule=tie_rule,
+            latency_table=latency_table,
+            **pair_options,  # type: ignore[arg-type]
         )
         try:
             allocation = problem.solve(budgets)
@@ -450,6 +585,11 @@ def allocate(
                 "ties": [list(group) for group in ties],
                 "tie_rule": tie_rule,
                 "latency_table": latency_table,
+                "pairwise": {
+                    **pair_options,
+                    "pairs_used": len(problem.pairwise),
+                    "terms_used": int(sum(np.count_nonzero(c) for c in problem.pairwise.values())),
+                },
                 **allocation.to_dict(),
                 "budget_table": budget_rows,
             },
@@ -463,6 +603,16 @@ def allocate(
         allocation.solve_time_s,
     )
     return allocation
+
+
+def pair_options_of(allocation_data: dict[str, object]) -> dict[str, object]:
+    """The pairwise options an allocation used (defaults for files written before they existed)."""
+    stored = allocation_data.get("pairwise") or {}
+    defaults = AllocationConfig()
+    return {
+        name: stored.get(name, getattr(defaults, name))  # type: ignore[union-attr]
+        for name in ("pairwise_weight", "pair_z", "pair_clip", "pairwise_mode")
+    }
 
 
 def read_allocation(run_dir: Path) -> tuple[Allocation, dict[str, object]]:
@@ -621,6 +771,7 @@ def sweep(
             ties=allocation_data.get("ties", []),  # type: ignore[arg-type]
             tie_rule=str(allocation_data.get("tie_rule", "none")),
             latency_table=allocation_data.get("latency_table"),  # type: ignore[arg-type]
+            **pair_options_of(allocation_data),
         )
         curves = {
             metric: sweep_metric(
@@ -809,7 +960,36 @@ def plot(run_dir: Path) -> list[Path]:
                         metric=metric,
                     )
                 )
+        if (run_dir / "interactions.npz").is_file():
+            paths.append(_plot_interactions(run_dir, allocation, allocation_data, model_name))
     return paths
+
+
+def _plot_interactions(
+    run_dir: Path, allocation: Allocation, allocation_data: dict[str, object], model_name: str
+) -> Path:
+    """``plots/interactions.png``: the largest term of every pair and the term at the choice."""
+    from lcpaq import plots
+
+    terms = load_interactions(run_dir / "interactions.npz")
+    z = float(pair_options_of(allocation_data)["pair_z"])  # type: ignore[arg-type]
+    chosen = [weight_format_of(name) for name in allocation.formats]
+    views = pair_views(terms, chosen, z)
+    return plots.plot_interaction_heatmap(
+        run_dir / "plots" / "interactions.png",
+        layer_names=terms.layer_names,
+        pairs=terms.pairs,
+        panels=[
+            (
+                "largest |C_ij(f, g)| over the measured formats (signed)",
+                views["largest"],
+                views["largest_significant"],
+            ),
+            ("C_ij at the chosen formats", views["chosen"], views["chosen_significant"]),
+        ],
+        title=f"Inter-layer terms ({terms.method}, {terms.num_samples} samples, "
+        f"dots: |C| ≥ {z:g}·SE): {model_name}",
+    )
 
 
 def report(run_dir: Path) -> Path:

@@ -501,3 +501,71 @@ def plot_candidate_heatmap(
         ax.legend(handles=handles, fontsize=8, ncols=len(handles), **above)
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
+
+
+def plot_interaction_heatmap(
+    path: str | os.PathLike[str],
+    *,
+    layer_names: Sequence[str],
+    pairs: Sequence[tuple[int, int]],
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    title: str,
+) -> Path:
+    """Layer × layer heatmaps of signed inter-layer terms C_ij, one panel per view.
+
+    Args:
+        path: Destination PNG file; parent folders are created.
+        layer_names: Layer names, length ``L``, in execution order.
+        pairs: The measured pairs (i, j), i < j; other cells (and the diagonal) are drawn gray.
+        panels: (label, values [P], significant [P]) per panel: a signed value per pair (e.g. the
+            entry of largest magnitude over format pairs, or C at the chosen formats) and whether
+            it passed the significance test (|C| ≥ z·SE), marked with a dot.
+        title: Figure title; should name the model and the source of the terms.
+
+    Returns:
+        The path of the written PNG.
+    """
+    n_layers = len(layer_names)
+    pairs = [(int(i), int(j)) for i, j in pairs]
+    if any(not 0 <= i < j < n_layers for i, j in pairs):
+        raise ValueError(f"pairs must satisfy 0 <= i < j < {n_layers}")
+    if not panels:
+        raise ValueError("give at least one panel")
+    size = max(4.5, 0.3 * n_layers + 2.5)
+    fig = _new_figure(size * len(panels) + 0.8, size + 0.9)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.88")
+    for ax, (label, values, significant) in zip(axes, panels):
+        values = np.asarray(values, dtype=float)
+        significant = np.asarray(significant, dtype=bool)
+        if values.shape != (len(pairs),) or significant.shape != values.shape:
+            raise ValueError(f"panel {label!r}: values and significant need one entry per pair")
+        matrix = np.full((n_layers, n_layers), np.nan)
+        for (i, j), value in zip(pairs, values):
+            matrix[i, j] = matrix[j, i] = value
+        finite = np.abs(values[np.isfinite(values)])
+        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        # Symmetric limits: white is exactly 0, red raises the loss, blue lowers it.
+        image = ax.imshow(
+            np.ma.masked_invalid(matrix), cmap=cmap, vmin=-limit, vmax=limit, interpolation="none"
+        )
+        marked = [(i, j) for (i, j), keep in zip(pairs, significant) if keep]
+        if marked:
+            rows = np.array([p for i, j in marked for p in (i, j)])
+            cols = np.array([p for i, j in marked for p in (j, i)])
+            ax.plot(cols, rows, "o", color="black", ms=2.5, lw=0)
+        ticks = np.arange(n_layers)
+        names = [_short(name, 22) for name in layer_names]
+        ax.set_xticks(ticks, names, rotation=70, ha="right", fontsize=6)
+        ax.set_yticks(ticks, names, fontsize=6)
+        ax.set_xlabel("layer j (execution order)")
+        ax.set_ylabel("layer i (execution order)")
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="C_ij (nats; > 0 raises the loss)")
+    handles = [
+        _entry("significant (|C| ≥ z·SE)", {"color": "black", "marker": "o", "ms": 3, "lw": 0}),
+        Patch(facecolor="0.88", edgecolor="none", label="pair not measured / diagonal"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

@@ -105,6 +105,50 @@ def build_report(run_dir: Path) -> dict[str, object]:
         "sweep": _optional(run_dir, "sweep.json"),
         "infeasible": _optional(run_dir, "infeasible.json"),
         "timings_s": _optional(run_dir, "timings.json"),
+        "interactions": interaction_summary(run_dir, allocation),
+    }
+
+
+def interaction_summary(
+    run_dir: Path, allocation: dict[str, object] | None, top: int = 5
+) -> dict[str, object] | None:
+    """The inter-layer terms of ``interactions.npz``: source, counts, the largest pairs and
+    whether (and how) the allocation used them; None when the analysis measured none."""
+    if not (run_dir / "interactions.npz").is_file():
+        return None
+    from lcpaq.candidates import weight_format_of
+    from lcpaq.interactions import load_interactions
+    from lcpaq.pairwise import pair_views
+
+    terms = load_interactions(run_dir / "interactions.npz")
+    used = dict(allocation.get("pairwise") or {}) if allocation else {}  # type: ignore[call-overload]
+    z = float(used.get("pair_z", 2.0))
+    chosen = [weight_format_of(str(f)) for f in allocation["formats"]] if allocation else None  # type: ignore[union-attr]
+    views = pair_views(terms, chosen, z)
+    order = np.argsort(-np.abs(views["chosen"] if chosen else views["largest"]))[:top]
+    blocks = np.array([terms.cross[pair] for pair in terms.pairs])
+    errors = np.array([terms.stderr[pair] for pair in terms.pairs])
+    return {
+        "method": terms.method,
+        "num_samples": terms.num_samples,
+        "formats": list(terms.format_names),
+        "num_pairs": len(terms.pairs),
+        "num_terms": int(blocks.size),
+        "num_significant": int((np.abs(blocks) >= z * errors).sum()),
+        "num_negative_significant": int(((blocks < 0) & (np.abs(blocks) >= z * errors)).sum()),
+        "median_ratio_to_diagonal": float(np.nanmedian(views["ratio"])) if len(order) else None,
+        "allocation": used or None,
+        "top_pairs": [
+            {
+                "layers": [
+                    terms.layer_names[terms.pairs[k][0]],
+                    terms.layer_names[terms.pairs[k][1]],
+                ],
+                "largest": float(views["largest"][k]),
+                "at_chosen": float(views["chosen"][k]) if chosen else None,
+            }
+            for k in order
+        ],
     }
 
 
@@ -299,6 +343,34 @@ def render_markdown(report: dict[str, object]) -> str:
     sweep = report["sweep"]
     if sweep:
         lines += sweep_lines(sweep)  # type: ignore[arg-type]
+    pairs = report.get("interactions")
+    if pairs:
+        used = pairs["allocation"]  # type: ignore[index]
+        lines += [
+            "",
+            "## Inter-layer terms",
+            f"- source: {pairs['method']} on {pairs['num_samples']} samples, formats {', '.join(pairs['formats'])}; "  # type: ignore[index]
+            f"{pairs['num_pairs']} pairs, {pairs['num_significant']} of {pairs['num_terms']} terms significant "  # type: ignore[index]
+            f"({pairs['num_negative_significant']} of them negative); median |largest C_ij| / √(d_i·d_j): "  # type: ignore[index]
+            + (
+                f"{pairs['median_ratio_to_diagonal']:.2g}"
+                if pairs["median_ratio_to_diagonal"] is not None
+                else "–"
+            ),  # type: ignore[index]
+            "- used by the allocation: "
+            + (
+                f"λ = {used['pairwise_weight']:g}, z = {used['pair_z']:g}, clip {used['pair_clip']}, "
+                f"{used['pairwise_mode']}; {used['pairs_used']} pairs, {used['terms_used']} nonzero terms"
+                if used and used.get("pairwise_weight")
+                else "no (λ = 0)"
+            ),
+            "",
+            "| pair | largest C_ij | C_ij at the chosen formats |",
+            "|---|---|---|",
+        ]
+        for row in pairs["top_pairs"]:  # type: ignore[index]
+            at_chosen = "–" if row["at_chosen"] is None else f"{row['at_chosen']:.3g}"
+            lines.append(f"| {' × '.join(row['layers'])} | {row['largest']:.3g} | {at_chosen} |")
     timings = report["timings_s"]
     if timings:
         lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
@@ -309,7 +381,8 @@ def render_markdown(report: dict[str, object]) -> str:
         ]  # type: ignore[union-attr]
     lines += [
         "",
-        "Plots: `plots/frontiers.png`, `plots/model_curve.png`, `plots/bit_allocation.png`.",
+        "Plots: `plots/frontiers.png`, `plots/model_curve.png`, `plots/bit_allocation.png`"
+        + (", `plots/interactions.png`." if report.get("interactions") else "."),
         "",
     ]
     return "\n".join(lines)
