@@ -31,6 +31,7 @@ import highspy
 import numpy as np
 from scipy import sparse
 
+from lcpaq.banded import BUDGET_RTOL, ChainSolver, LabelLimit, StateSpaceTooLarge, knapsack_optima
 from lcpaq.costs import BITS_PER_MB, COST_METRICS, CostModel, build_cost_model
 from lcpaq.errors import InputError
 from lcpaq.frontier import safe_pareto_mask
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # candidates imports torch; this stage must not
 
 BUDGET_METRICS = COST_METRICS
 LINEARIZATIONS = ("rlt", "mccormick")
+SOLVERS = ("auto", "dp", "highs")
 TIE_RULES = ("none", "downsample")
 #: Budget rows are scaled so that their largest coefficient is this (HiGHS tolerances are absolute).
 _ROW_SCALE = 1e3
@@ -131,6 +133,12 @@ class Allocation:
     mip_gap: float
     solve_time_s: float
     costs: dict[str, float] = field(default_factory=dict)
+    #: The minimised objective: the predicted loss increase plus Σ_k λ_k·cost_k/B_k (METHOD §4).
+    objective: float | None = None
+    cost_weights: dict[str, float] = field(default_factory=dict)
+    #: Which exact method proved the optimum: ``highs`` (MIP), ``dp`` (dynamic program with
+    #: Lagrangian bounds, `lcpaq.banded`) or ``knapsack`` (multiple-choice knapsack DP).
+    solver: str = "highs"
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -155,7 +163,9 @@ class ParetoPoint:
     costs: dict[str, float]
     predicted_loss_increase: float
     formats: tuple[str, ...]
-    mip_gap: float
+    mip_gap: float  # 0 when a dynamic program proved the optimum exactly
+    objective: float | None = None  # with cost weights: the weighted objective
+    solver: str = "highs"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -218,6 +228,10 @@ class AllocationProblem:
         ties: groups of layer names that must share one format.
         linearization: ``rlt`` (default, tighter) or ``mccormick`` for the pairwise products.
         prune: drop candidates by the safe Pareto rule first (never changes the optimum).
+        solver: ``auto`` (default): an exact dynamic program where it is fastest (pairs in a
+            narrow band of layers; one budget without pairs), HiGHS otherwise; ``dp``: the dynamic
+            program only (an error where the pair graph is too wide); ``highs``: HiGHS only.
+        max_states: the largest dynamic-program table per layer before ``auto`` uses HiGHS.
     """
 
     def __init__(
@@ -234,6 +248,8 @@ class AllocationProblem:
         prune: bool = True,
         time_limit_s: float = 60.0,
         mip_rel_gap: float = 1e-6,
+        solver: str = "auto",
+        max_states: int = 1 << 16,
     ) -> None:
         if scores.shape != allowed.shape or scores.shape != table.error_sq.shape:
             raise ValueError("scores, allowed mask and candidate table must have the same shape")
@@ -244,6 +260,10 @@ class AllocationProblem:
             raise InputError(
                 f"unknown linearization {linearization!r}; known: {', '.join(LINEARIZATIONS)}"
             )
+        if solver not in SOLVERS:
+            raise InputError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+        self.solver = solver
+        self.max_states = max_states
         self.table = table
         self.scores = np.asarray(scores, dtype=float)
         self.constant_size_bits = float(constant_size_bits)
@@ -282,7 +302,9 @@ class AllocationProblem:
         self.unit_allowed = unit_allowed
         self.allowed = unit_allowed[self.unit]
         self._highs: highspy.Highs | None = None
+        self._highs_factors: dict[str, float] = {}  # cost weights the HiGHS objective holds
         self._found: list[np.ndarray] = []  # unit choices of earlier solves, for warm starts
+        self._prepared: dict[tuple[str, ...], _Prepared] = {}
 
     @staticmethod
     def _check_pairs(
@@ -448,14 +470,194 @@ class AllocationProblem:
             total += float(matrix[unit_choice[u], unit_choice[v]])
         return total
 
-    def _run(self, budgets: Sequence[Budget]) -> tuple[np.ndarray | None, str, float, float]:
-        """Solve under ``budgets``: (unit choice or None if infeasible, status, gap, seconds)."""
+    def largest_achievable(self, metric: str) -> float:
+        """The largest value of ``metric`` any allowed assignment (ties respected) reaches."""
+        self.costs.require(metric)
+        coefficients = np.where(self.unit_allowed, self.unit_costs[metric], -np.inf)
+        return float(coefficients.max(axis=1).sum() + self.costs.offsets[metric])
+
+    # -- objective weights (METHOD §4) -------------------------------------------------------
+    def cost_factors(
+        self, budgets: Sequence[Budget], cost_weights: Mapping[str, float] | None
+    ) -> dict[str, float]:
+        """λ_k / B_k per weighted metric: the objective adds Σ_k λ_k·cost_k/B_k. B_k is the budget
+        on metric k when one is given, else the largest value the metric can take (so λ_k reads
+        as "loss per whole range" either way). Weights must be finite and ≥ 0 (a negative weight
+        would reward cost and void the Pareto pruning)."""
+        factors: dict[str, float] = {}
+        limits = {budget.metric: budget.value for budget in budgets}
+        for metric, weight in (cost_weights or {}).items():
+            if metric not in COST_METRICS:
+                raise InputError(
+                    f"cost weight on unknown metric {metric!r}; known: {', '.join(COST_METRICS)}"
+                )
+            self.costs.require(metric)
+            weight = float(weight)
+            if not np.isfinite(weight) or weight < 0:
+                raise InputError(f"cost weight {metric}={weight:g} must be a finite number >= 0")
+            if weight == 0:
+                continue
+            scale = limits.get(metric, self.largest_achievable(metric))
+            if scale <= 0:
+                raise InputError(f"cost weight on {metric}: the metric is 0 for every assignment")
+            factors[metric] = weight / scale
+        return factors
+
+    def weighted_objective(self, choice: np.ndarray, factors: Mapping[str, float]) -> float:
+        """The minimised objective of an assignment: loss increase + Σ_k factor_k·cost_k."""
+        total = self.objective(choice)
+        for metric, factor in factors.items():
+            total += factor * self.metric_value(metric, choice)
+        return total
+
+    def _unit_scores(self, factors: Mapping[str, float]) -> np.ndarray:
+        scores = self.unit_scores.copy()
+        for metric, factor in factors.items():
+            scores = scores + factor * self.unit_costs[metric]
+        return scores
+
+    # -- exact dynamic programs ---------------------------------------------------------------
+    def _prepare(self, metrics: tuple[str, ...]) -> _Prepared:
+        """Options per unit pruned for these cost metrics only (budgets and weights on other
+        metrics are absent, so candidates that differ only there can go) and, when the pair graph
+        allows, the dynamic program over them."""
+        if metrics not in self._prepared:
+            stacked = np.zeros((*self.unit_allowed.shape, len(metrics)))
+            for k, metric in enumerate(metrics):
+                stacked[..., k] = self.unit_costs[metric]
+            options = safe_pareto_mask(
+                stacked, self.unit_scores, self.unit_allowed, self.unit_pairs
+            )
+            columns = [np.flatnonzero(row) for row in options]
+            pairs = {
+                (u, v): matrix[np.ix_(columns[u], columns[v])]
+                for (u, v), matrix in self.unit_pairs.items()
+            }
+            costs = [stacked[u, cols] for u, cols in enumerate(columns)]
+            try:
+                chain: ChainSolver | None = ChainSolver(
+                    [self.unit_scores[u, cols] for u, cols in enumerate(columns)],
+                    costs,
+                    pairs,
+                    max_states=self.max_states,
+                )
+            except StateSpaceTooLarge:
+                chain = None
+            self._prepared[metrics] = _Prepared(metrics, columns, costs, chain)
+        return self._prepared[metrics]
+
+    def _active_metrics(
+        self, budgets: Sequence[Budget], factors: Mapping[str, float]
+    ) -> tuple[str, ...]:
+        named = {budget.metric for budget in budgets} | set(factors)
+        return tuple(metric for metric in self.costs.metrics if metric in named)
+
+    def _limits(self, budgets: Sequence[Budget], metrics: Sequence[str]) -> np.ndarray:
+        given = {
+            budget.metric: budget.value - self.costs.offsets[budget.metric] for budget in budgets
+        }
+        return np.array([given.get(metric, np.inf) for metric in metrics])
+
+    def _exact(
+        self, budgets: Sequence[Budget], factors: Mapping[str, float]
+    ) -> tuple[_Prepared, ChainSolver | None, list[np.ndarray]] | None:
+        """The dynamic program for these budgets and weights, or None where ``auto`` prefers
+        HiGHS: without pairs and with several budgets HiGHS' LP bound is already tight (measured
+        in scripts/bench_allocate.py), and a pair graph too wide for the table limit."""
+        if self.solver == "highs":
+            return None
+        if self.solver == "auto" and not self.unit_pairs and len(budgets) >= 2:
+            return None
+        prepared = self._prepare(self._active_metrics(budgets, factors))
+        if prepared.chain is None and self.unit_pairs:
+            if self.solver == "dp":
+                raise InputError(
+                    "solver 'dp': the pairwise terms link too many layers at once for the dynamic "
+                    f"program (more than {self.max_states} states); use solver 'auto' or 'highs'"
+                )
+            return None
+        scores = self._unit_scores(factors)
+        unit_scores = [scores[u, cols] for u, cols in enumerate(prepared.columns)]
+        chain = prepared.chain
+        if chain is not None and factors:
+            chain = chain.with_scores(unit_scores)
+        return prepared, chain, unit_scores
+
+    def _warm(self, prepared: _Prepared, chain: ChainSolver, limits: np.ndarray) -> tuple | None:
+        """The best earlier optimum that meets these limits, as option positions (a bound)."""
+        best = None
+        for found in self._found:
+            positions = []
+            for u, column in enumerate(found):
+                where = np.flatnonzero(prepared.columns[u] == column)
+                if not len(where):
+                    break
+                positions.append(int(where[0]))
+            else:
+                choice = np.array(positions)
+                if chain.meets(chain.cost(choice), limits):
+                    value = chain.value(choice)
+                    if best is None or value < best[1]:
+                        best = (choice, value)
+        return best
+
+    def _run_exact(
+        self, budgets: Sequence[Budget], factors: Mapping[str, float]
+    ) -> _Outcome | None:
+        exact = self._exact(budgets, factors)
+        if exact is None:
+            return None
+        prepared, chain, unit_scores = exact
+        limits = self._limits(budgets, prepared.metrics)
+        start = time.perf_counter()
+        if not self.unit_pairs and len(budgets) == 1:
+            k = prepared.metrics.index(budgets[0].metric)
+            tolerance = BUDGET_RTOL * max(abs(limits[k]), 1e-300)
+            found = knapsack_optima(
+                unit_scores, [c[:, k] for c in prepared.costs], limits[k : k + 1], tolerance
+            )[0]
+            positions = None if found is None else found[0]
+            solver = "knapsack"
+        else:
+            assert chain is not None
+            try:
+                solution = chain.solve(limits, upper=self._warm(prepared, chain, limits))
+            except LabelLimit:
+                if self.solver == "dp":
+                    raise
+                return None
+            positions = None if solution is None else solution.choice
+            solver = "dp"
+        elapsed = time.perf_counter() - start
+        if positions is None:
+            return _Outcome(None, "Infeasible", 0.0, elapsed, solver)
+        choice = np.array([prepared.columns[u][k] for u, k in enumerate(positions)])
+        self._remember(choice)
+        return _Outcome(choice, "Optimal", 0.0, elapsed, solver)
+
+    # -- HiGHS -------------------------------------------------------------------------------
+    def _set_highs_objective(self, highs: highspy.Highs, factors: Mapping[str, float]) -> None:
+        """Cost weights change the x columns' objective coefficients only."""
+        if dict(factors) == self._highs_factors:
+            return
+        units, columns, _ = self._x
+        cost = self._unit_scores(factors)[units, columns] * self._objective_scale
+        indices = np.arange(len(units), dtype=np.int32)
+        highs.changeColsCost(len(units), indices, cost)
+        self._highs_factors = dict(factors)
+
+    def _remember(self, choice: np.ndarray) -> None:
+        if not any(np.array_equal(choice, found) for found in self._found):
+            self._found.append(choice)
+
+    def _run_highs(self, budgets: Sequence[Budget], factors: Mapping[str, float]) -> _Outcome:
         highs = self._ensure_model()
         for row, upper in self.row_bounds(budgets).items():
             highs.changeRowBounds(row, -highspy.kHighsInf, upper)
+        self._set_highs_objective(highs, factors)
         starts = [c for c in self._found if self._meets(c, budgets)]
         if starts:
-            best = min(starts, key=self._unit_objective)
+            best = min(starts, key=lambda c: self._unit_weighted(c, factors))
             solution = highspy.HighsSolution()
             solution.col_value = self._column_values(best)
             solution.value_valid = True
@@ -467,7 +669,7 @@ class AllocationProblem:
         model_status = highs.getModelStatus()
         status = highs.modelStatusToString(model_status)
         if model_status == highspy.HighsModelStatus.kInfeasible:
-            return None, status, 0.0, elapsed
+            return _Outcome(None, status, 0.0, elapsed, "highs")
         values = np.asarray(highs.getSolution().col_value)
         if values.size == 0:
             raise RuntimeError(f"HiGHS returned no solution (status: {status})")
@@ -477,9 +679,22 @@ class AllocationProblem:
         choice[units[picked]] = columns[picked]
         if (choice < 0).any():
             raise RuntimeError(f"HiGHS solution is not one-hot (status: {status})")
-        if not any(np.array_equal(choice, found) for found in self._found):
-            self._found.append(choice)
-        return choice, status, float(highs.getInfo().mip_gap), elapsed
+        self._remember(choice)
+        return _Outcome(choice, status, float(highs.getInfo().mip_gap), elapsed, "highs")
+
+    def _unit_weighted(self, unit_choice: np.ndarray, factors: Mapping[str, float]) -> float:
+        total = self._unit_objective(unit_choice)
+        for metric, factor in factors.items():
+            total += factor * self._unit_value(metric, unit_choice)
+        return total
+
+    def _run(
+        self, budgets: Sequence[Budget], factors: Mapping[str, float] | None = None
+    ) -> _Outcome:
+        """Solve under ``budgets`` with objective weights ``factors`` (`cost_factors`)."""
+        factors = factors or {}
+        outcome = self._run_exact(budgets, factors)
+        return outcome if outcome is not None else self._run_highs(budgets, factors)
 
     def _check_budgets(self, budgets: Sequence[Budget]) -> None:
         metrics = [budget.metric for budget in budgets]
@@ -504,7 +719,7 @@ class AllocationProblem:
         pairs = [
             f"{a} with {b}"
             for a, b in itertools.combinations(budgets, 2)
-            if self._run([a, b])[0] is None
+            if self._run([a, b]).choice is None
         ]
         conflict = (
             "conflicting pairs: " + "; ".join(pairs)
@@ -522,9 +737,14 @@ class AllocationProblem:
         )
 
     def _allocation(
-        self, unit_choice: np.ndarray, budgets: Sequence[Budget], status: str, gap: float, t: float
+        self,
+        budgets: Sequence[Budget],
+        outcome: _Outcome,
+        factors: Mapping[str, float],
+        cost_weights: Mapping[str, float] | None,
     ) -> Allocation:
-        choice = unit_choice[self.unit]
+        assert outcome.choice is not None
+        choice = outcome.choice[self.unit]
         uses = []
         for budget in budgets:
             used = self.metric_value(budget.metric, choice)
@@ -539,19 +759,96 @@ class AllocationProblem:
             average_bits=self.metric_value("avg-bits", choice),
             size_bytes=self.metric_value("size-mb", choice) * BITS_PER_MB / 8,
             budgets=tuple(uses),
-            status=status,
-            mip_gap=gap,
-            solve_time_s=t,
+            status=outcome.status,
+            mip_gap=outcome.gap,
+            solve_time_s=outcome.seconds,
             costs=self.costs.values(choice),
+            objective=self.weighted_objective(choice, factors),
+            cost_weights={k: float(v) for k, v in (cost_weights or {}).items()},
+            solver=outcome.solver,
         )
 
-    def solve(self, budgets: Sequence[Budget]) -> Allocation:
-        """Minimise the predicted loss increase under all budgets (each a hard constraint)."""
+    def solve(
+        self, budgets: Sequence[Budget], *, cost_weights: Mapping[str, float] | None = None
+    ) -> Allocation:
+        """Minimise the predicted loss increase under all budgets (each a hard constraint).
+
+        ``cost_weights`` {metric: λ_k ≥ 0} add Σ_k λ_k·cost_k/B_k to the objective (METHOD §4;
+        B_k: the budget on metric k, or its largest achievable value when none is given): a
+        soft preference for cheaper assignments on top of the hard budgets."""
         self._check_budgets(budgets)
-        unit_choice, status, gap, elapsed = self._run(budgets)
-        if unit_choice is None:
+        factors = self.cost_factors(budgets, cost_weights)
+        outcome = self._run(budgets, factors)
+        if outcome.choice is None:
             raise self._explain_conflict(budgets)
-        return self._allocation(unit_choice, budgets, status, gap, elapsed)
+        return self._allocation(budgets, outcome, factors, cost_weights)
+
+    def _sweep_highs(
+        self,
+        metric: str,
+        values: np.ndarray,
+        others: Sequence[Budget],
+        factors: Mapping[str, float],
+    ) -> list[_Outcome | None]:
+        """HiGHS over the sweep, largest budget first. An optimum whose ``metric`` already meets
+        the next (smaller) budget stays optimal there (the feasible set only shrank), so it is
+        reused without a solve; otherwise HiGHS re-solves with new row bounds, warm-started."""
+        results: list[_Outcome | None] = []
+        previous: _Outcome | None = None
+        for value in values:
+            if previous is not None and self._unit_value(metric, previous.choice) <= value:
+                results.append(previous)
+                continue
+            outcome = self._run_highs([*others, Budget(metric, float(value))], factors)
+            results.append(outcome if outcome.choice is not None else None)
+            previous = outcome if outcome.choice is not None else previous
+        return results
+
+    def _sweep(
+        self,
+        metric: str,
+        values: np.ndarray,
+        others: Sequence[Budget],
+        factors: Mapping[str, float],
+    ) -> list[_Outcome | None]:
+        """Optima over ``values`` (descending) on ``metric``: one exact multiple-choice-knapsack
+        pass for every value when there are no pairs and no other budget; the batched dynamic
+        program (`ChainSolver.sweep`) when the pairs allow; HiGHS otherwise."""
+        budgets = [*others, Budget(metric, float(values[0]))]
+        exact = self._exact(budgets, factors)
+        if exact is None:
+            return self._sweep_highs(metric, values, others, factors)
+        prepared, chain, unit_scores = exact
+        limits = self._limits(budgets, prepared.metrics)
+        k = prepared.metrics.index(metric)
+        swept = values - self.costs.offsets[metric]
+        start = time.perf_counter()
+        if not self.unit_pairs and not others:
+            tolerance = BUDGET_RTOL * max(float(np.abs(swept).max()), 1e-300)
+            found = knapsack_optima(
+                unit_scores, [c[:, k] for c in prepared.costs], swept, tolerance
+            )
+            positions = [None if item is None else item[0] for item in found]
+            solver = "knapsack"
+        else:
+            assert chain is not None
+            try:
+                solutions = chain.sweep(k, swept, limits)
+            except LabelLimit:
+                if self.solver == "dp":
+                    raise
+                return self._sweep_highs(metric, values, others, factors)
+            positions = [None if item is None else item.choice for item in solutions]
+            solver = "dp"
+        each = (time.perf_counter() - start) / max(len(values), 1)
+        results: list[_Outcome | None] = []
+        for item in positions:
+            if item is None:
+                results.append(None)
+                continue
+            choice = np.array([prepared.columns[u][j] for u, j in enumerate(item)])
+            results.append(_Outcome(choice, "Optimal", 0.0, each, solver))
+        return results
 
     def pareto_curve(
         self,
@@ -561,53 +858,79 @@ class AllocationProblem:
         budgets: Sequence[Budget] = (),
         low: float | None = None,
         high: float | None = None,
+        cost_weights: Mapping[str, float] | None = None,
     ) -> list[ParetoPoint]:
-        """The model-level Pareto curve: optima over ``num_points`` budgets on ``metric``.
+        """The model-level Pareto curve: every distinct optimum over ``num_points`` budgets on
+        ``metric``, evenly spaced from ``high`` down to ``low``.
 
-        The sweep runs from the largest budget down. An optimum whose ``metric`` already meets the
-        next (smaller) budget stays optimal there (the feasible set only shrank), so it is reused
-        without a solve; otherwise HiGHS re-solves with new row bounds from the best earlier
-        solution that fits. ``budgets`` are other hard limits held fixed. Default range: the
-        smallest achievable value to the value of the optimum without a limit on ``metric``.
-        Returns the distinct assignments, by increasing ``metric``.
+        ``budgets`` are other hard limits held fixed; ``cost_weights`` as in `solve` (not on the
+        swept metric, whose B_k changes along the sweep). Default range: the smallest achievable
+        value to the value of the optimum without a limit on ``metric``. Every point is proven
+        optimal: exactly by a dynamic program (``mip_gap`` 0) or by HiGHS to ``mip_rel_gap``.
+        Returns the distinct assignments, by increasing ``metric``, each with the swept values it
+        is optimal for.
         """
         if num_points < 1:
             raise InputError(f"a Pareto sweep needs at least one point, got {num_points}")
+        self.costs.require(metric)
+        if cost_weights and cost_weights.get(metric, 0):
+            raise InputError(
+                f"a cost weight on the swept metric {metric} would change the objective along the "
+                "sweep; weight another metric or sweep without it"
+            )
         others = [b for b in budgets if b.metric != metric]
         self._check_budgets(others)
+        factors = self.cost_factors(others, cost_weights)
         if low is None:
             low = self.smallest_achievable(metric)
         if high is None:
-            top, _, _, _ = self._run(others)
-            if top is None:
+            top = self._run(others, factors)
+            if top.choice is None:
                 raise self._explain_conflict(others)
-            high = self._unit_value(metric, top)
-        points: dict[tuple[int, ...], dict[str, object]] = {}
-        previous: np.ndarray | None = None
-        for value in np.linspace(high, low, num_points) if num_points > 1 else [high]:
-            sweep = [*others, Budget(metric, float(value))]
-            if previous is not None and self._unit_value(metric, previous) <= value:
-                choice, gap = previous, points[tuple(previous)]["gap"]
-            else:
-                choice, _, gap, _ = self._run(sweep)
-                if choice is None:
-                    continue
-            previous = choice
-            entry = points.setdefault(tuple(choice), {"gap": gap, "budgets": []})
-            entry["budgets"].append(float(value))  # type: ignore[union-attr]
+            high = self._unit_value(metric, top.choice)
+        values = np.linspace(high, low, num_points) if num_points > 1 else np.array([high])
+        points: dict[tuple[int, ...], tuple[_Outcome, list[float]]] = {}
+        for value, outcome in zip(values, self._sweep(metric, values, others, factors)):
+            if outcome is None:
+                continue
+            entry = points.setdefault(tuple(outcome.choice), (outcome, []))
+            entry[1].append(float(value))
         result = []
-        for key, entry in points.items():
+        for key, (outcome, swept) in points.items():
             choice = np.asarray(key)[self.unit]
             result.append(
                 ParetoPoint(
-                    budgets=tuple(sorted(entry["budgets"])),  # type: ignore[arg-type]
+                    budgets=tuple(sorted(swept)),
                     costs=self.costs.values(choice),
                     predicted_loss_increase=self.objective(choice),
                     formats=tuple(self.table.format_names[index] for index in choice),
-                    mip_gap=float(entry["gap"]),  # type: ignore[arg-type]
+                    mip_gap=outcome.gap,
+                    objective=self.weighted_objective(choice, factors) if factors else None,
+                    solver=outcome.solver,
                 )
             )
         return sorted(result, key=lambda point: point.costs[metric])
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One solve: the format column per unit (None if infeasible), status, gap, time, method."""
+
+    choice: np.ndarray | None
+    status: str
+    gap: float
+    seconds: float
+    solver: str
+
+
+@dataclass
+class _Prepared:
+    """The options per unit for one set of active metrics, and their dynamic program."""
+
+    metrics: tuple[str, ...]
+    columns: list[np.ndarray]  # option position -> format column, per unit
+    costs: list[np.ndarray]  # [n_u, len(metrics)] per unit
+    chain: ChainSolver | None
 
 
 def allowed_candidates(

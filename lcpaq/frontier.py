@@ -118,10 +118,13 @@ def safe_pareto_mask(
 ) -> np.ndarray:
     """Candidates that may appear in an optimum, for every budget on every cost dimension.
 
-    METHOD §3 safe rule: drop f of unit i when an allowed g costs no more in every dimension and
-    s_i(g) + Σ_j max_h C_ij(g, h) ≤ s_i(f) + Σ_j min_h C_ij(f, h); swapping f for g then never raises
-    the objective nor any cost, whatever the other units hold. Of candidates equal in everything the
-    first is kept. Without pairs this is `pareto_mask` per unit.
+    Drop f of unit i when an allowed g costs no more in every dimension and switching i from f to g
+    never raises the objective, whatever the other units hold:
+    s_i(g) − s_i(f) + Σ_{j∈P(i)} max_h [C_ij(g, h) − C_ij(f, h)] ≤ 0, h over j's allowed formats.
+    This is METHOD §3's safe rule made tighter: the rule there compares s_i(g) + Σ_j max_h C_ij(g, h)
+    with s_i(f) + Σ_j min_h C_ij(f, h), which bounds the same difference from above. Pruning a
+    unit shrinks its partners' h ranges, so the rule is applied until nothing changes. Of
+    candidates equal in everything the first is kept. Without pairs this is `pareto_mask` per unit.
 
     Args:
         costs: [U, F, K] cost of every candidate in K dimensions (lower is better).
@@ -131,23 +134,37 @@ def safe_pareto_mask(
     Returns:
         bool [U, F], a subset of ``allowed`` with at least one candidate per unit that has one.
     """
-    low, high = pairwise_score_bounds(scores, allowed, pairwise)
     kept = allowed.copy()
-    num_formats = scores.shape[1]
-    for unit in range(scores.shape[0]):
-        candidates = np.flatnonzero(allowed[unit])
-        for f in candidates:
-            for g in candidates:
-                if g == f:
-                    continue
-                no_worse = (
-                    np.all(costs[unit, g] <= costs[unit, f]) and high[unit, g] <= low[unit, f]
-                )
-                strictly = (
-                    np.any(costs[unit, g] < costs[unit, f]) or high[unit, g] < low[unit, f] or g < f
-                )
-                if no_worse and strictly:
-                    kept[unit, f] = False
-                    break
+    num_units, num_formats = scores.shape
+    partners: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num_units)]
+    for (i, j), matrix in (pairwise or {}).items():
+        matrix = np.asarray(matrix, dtype=float)
+        partners[i].append((j, matrix))  # rows: i's formats
+        partners[j].append((i, matrix.T))
+    # No worse in every cost: cheaper[u, g, f] is True when g costs at most f everywhere.
+    cheaper = np.all(costs[:, :, None, :] <= costs[:, None, :, :], axis=-1)
+    strictly = np.any(costs[:, :, None, :] < costs[:, None, :, :], axis=-1)
+    lower_index = np.arange(num_formats)[:, None] < np.arange(num_formats)[None, :]
+    changed = True
+    while changed:
+        changed = False
+        for unit in range(num_units):
+            # worst[g, f]: the most the objective can rise when unit switches from f to g.
+            worst = scores[unit][:, None] - scores[unit][None, :]
+            for other, matrix in partners[unit]:
+                options = matrix[:, kept[other]]  # [F, H]
+                worst = worst + (options[:, None, :] - options[None, :, :]).max(axis=-1)
+            no_worse = cheaper[unit] & (worst <= 0)
+            strict = strictly[unit] | (worst < 0) | lower_index
+            beats = no_worse & strict & kept[unit][:, None] & kept[unit][None, :]
+            np.fill_diagonal(beats, False)
+            drop = beats.any(axis=0)
+            if drop.any():
+                # Dropping all beaten candidates at once is safe: "beats" is transitive (the max
+                # of a sum is at most the sum of the maxima) and has no cycle (two candidates beat
+                # each other only when equal in everything, and then only the lower index wins),
+                # so every dropped candidate is beaten by one that stays.
+                kept[unit] &= ~drop
+                changed = True
     assert num_formats == 0 or (kept.any(axis=1) == allowed.any(axis=1)).all()
     return kept
