@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,10 +541,13 @@ def allocate(
     pair_z: float = 2.0,
     pair_clip: PairClip = "none",
     pairwise_mode: PairwiseMode = "ilp",
+    cost_weights: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``.
 
     ``pairwise_*``/``pair_*``: how the inter-layer terms enter (`AllocationConfig`, `load_pairwise`).
+    ``cost_weights``: {metric: λ ≥ 0}, the objective adds Σ λ·cost/budget
+    (`AllocationProblem.solve`; recorded in ``allocation.json``).
     """
     if not budgets:
         raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
@@ -564,8 +567,14 @@ def allocate(
             latency_table=latency_table,
             **pair_options,  # type: ignore[arg-type]
         )
+        if cost_weights and isinstance(problem, AugmentedProblem):
+            raise InputError("cost weights are not supported with pairwise_mode 'augmented'")
         try:
-            allocation = problem.solve(budgets)
+            allocation = (
+                problem.solve(budgets, cost_weights=cost_weights)
+                if cost_weights
+                else problem.solve(budgets)
+            )
         except InputError as error:
             # Keep the reason next to the run: the report explains which budgets conflict.
             with contextlib.suppress(InputError):
