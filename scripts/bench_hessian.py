@@ -6,10 +6,17 @@ of ``--calib``), for each checkpoint:
 * lcpaq's default: exact per-layer Gauss–Newton traces (`gauss_newton_traces`), SE over samples;
 * PyHessian's ``hessian(...).trace()`` on the quantized layers' weights only (other parameters are
   frozen so its one number is Σ_l tr(H_ll), the sum lcpaq reports per layer);
-* single-layer Hutchinson (`single_layer_hutchinson_traces`): probes zero outside one layer,
-  budgets by per-layer variance, stopped at ``--rel-tol`` or the probe caps. It is also the
-  Hessian reference that lcpaq's per-layer traces are rank-correlated against (raise
-  ``--hutchinson-probes-per-layer``/``--hutchinson-max-per-layer`` for a longer reference).
+* two references for the exact Hessian traces tr(H_ll) of the mean cross-entropy (true labels):
+  - the long single-layer Hutchinson run (`single_layer_hutchinson_traces`): probes zero outside one
+    layer, budgets by per-layer variance, stopped at ``--rel-tol`` or the probe caps
+    (``--hutchinson-probes-per-layer`` × layers in all, ``--hutchinson-max-per-layer`` per layer);
+    its achieved relative errors are reported per layer, and the probes it would need for 5 %
+    are extrapolated from its measured variance;
+  - the same estimator with the exact Gauss–Newton trace as control variate (each probe reads
+    v(H − G)v only): unbiased for tr(H_ll) whatever G is, and precise when H_ll ≈ G_ll.
+  Spearman of the Gauss–Newton traces against both, plus the Spearman one would expect against the
+  long reference if its only difference from the Gauss–Newton traces were its own probe noise
+  (parametric bootstrap): this says whether a Spearman below 1 is the reference's noise.
 
 Times are also given in HVP-equivalents: one Hessian-vector product of the whole-weight Hessian on
 the same batch, timed in the same run (median of ``--hvp-repeats``; the gradient graph is built
@@ -17,13 +24,15 @@ once, as PyHessian does, and its build time is reported separately). This machin
 several-fold between runs, so only ratios within one run are meaningful.
 
 Scaling: Gauss–Newton time and peak memory vs calibration samples (ResNet20 checkpoint) and vs
-depth (CIFAR ResNets with random weights), each configuration in a fresh child process. Peak memory
-is the child's peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs after the
-model and data are loaded, so it measures the estimator; ``resource.getrusage`` maxrss deltas where
-that reset is unavailable — the JSON says which), plus CUDA's max_memory_allocated on a GPU.
+depth (CIFAR ResNets 20/32/44/56 with random weights; there also one whole-weight HVP on the same
+images, so the time is given in HVP-equivalents), each configuration in a fresh child process.
+Peak memory is the child's peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs
+after the model and data are loaded, so it measures the estimator; ``resource.getrusage`` maxrss
+deltas where that reset is unavailable — the JSON says which), plus CUDA's max_memory_allocated
+on a GPU.
 
-    python scripts/bench_hessian.py --out results/bench_hessian.json          # ~15 min, 2 CPU cores
-    python scripts/bench_hessian.py --hutchinson-probes-per-layer 40 --pyhessian-iters 100  # longer
+    nice python scripts/bench_hessian.py --out results/bench_hessian.json     # ~1-2 h, 2 CPU cores
+    python scripts/bench_hessian.py --models resnet20 --skip-scaling --hutchinson-probes-per-layer 5
 """
 
 from __future__ import annotations
@@ -174,16 +183,47 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     pyh = run_pyhessian(model, weights, inputs, labels, args.pyhessian_iters, args.seed)
     logger.info("%s: PyHessian %.1f s, %d probes", name, pyh["seconds"], pyh["num_probes"])
 
+    labelled = [
+        (inputs[i : i + args.batch_size], labels[i : i + args.batch_size])
+        for i in range(0, len(inputs), args.batch_size)
+    ]
+    start = time.perf_counter()
+    controlled = single_layer_hutchinson_traces(
+        model,
+        layers,
+        labelled,
+        rel_tol=args.rel_tol,
+        min_probes=args.control_min_probes,
+        max_probes_per_layer=args.control_max_per_layer,
+        gauss_newton=gn,
+        seed=args.seed,
+    )
+    _sync(device)
+    controlled_seconds = time.perf_counter() - start
+    logger.info(
+        "%s: Hutchinson with GN control variate %.1f s, %d probes",
+        name,
+        controlled_seconds,
+        controlled.num_probes,
+    )
+
+    # The long plain reference may run on the first --reference-samples images only (its cost is
+    # linear in them); the Spearman then compares with Gauss-Newton traces of those same images.
+    count = min(args.reference_samples or len(inputs), len(inputs))
+    gn_ref = gn if count == len(inputs) else gauss_newton_traces(model, layers, [inputs[:count]])
     start = time.perf_counter()
     hutch = single_layer_hutchinson_traces(
         model,
         layers,
-        [(inputs, labels)],
+        [
+            (inputs[i : i + args.batch_size], labels[i : i + args.batch_size])
+            for i in range(0, count, args.batch_size)
+        ],
         rel_tol=args.rel_tol,
         min_probes=args.hutchinson_min_probes,
         max_probes_per_layer=args.hutchinson_max_per_layer,
         max_total_probes=args.hutchinson_probes_per_layer * len(layers),
-        seed=args.seed,
+        seed=args.seed + 1,  # other probes than the control-variate run
     )
     _sync(device)
     hutch_seconds = time.perf_counter() - start
@@ -194,9 +234,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     taken = hutch.probes_per_layer
     variance = hutch.trace_stderr**2 * taken
     needed = probes_for_tolerance(hutch.trace, variance, 0.05)
-    seconds_per_probe = hutch_seconds / hutch.num_probes
+    # Per probe on all --num-samples images: cost is linear in the images.
+    seconds_per_probe = hutch_seconds / hutch.num_probes * len(inputs) / count
     gn_rel = gn.trace_stderr / np.abs(gn.trace)
-    spearman_gn = float(spearmanr(gn.trace, hutch.trace).statistic)
+    hutch_rel = hutch.trace_stderr / np.abs(hutch.trace)
+    residual = controlled.trace - gn.trace
     hutch_total_se = float(np.sqrt((hutch.trace_stderr**2).sum()))
     hutch_5pct_hvp = float(needed.sum() * seconds_per_probe / unit)
     return {
@@ -211,10 +253,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
                 "num_params": info.num_params,
                 "gauss_newton": float(gn.trace[i]),
                 "gauss_newton_stderr": float(gn.trace_stderr[i]),
+                "gauss_newton_on_reference_samples": float(gn_ref.trace[i]),
                 "hutchinson": float(hutch.trace[i]),
                 "hutchinson_stderr": float(hutch.trace_stderr[i]),
+                "hutchinson_relative_stderr": float(hutch_rel[i]),
                 "hutchinson_probes": int(taken[i]),
                 "hutchinson_probes_for_5pct": float(needed[i]),
+                "hessian_gn_control": float(controlled.trace[i]),
+                "hessian_gn_control_stderr": float(controlled.trace_stderr[i]),
             }
             for i, (layer, info) in enumerate(zip(names, layers))
         ],
@@ -232,22 +278,62 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
             "seconds": hutch_seconds,
             "hvp_equivalents": hutch_seconds / unit,
             "num_probes": hutch.num_probes,
+            "probe_caps": {
+                "total": args.hutchinson_probes_per_layer * len(layers),
+                "per_layer": args.hutchinson_max_per_layer,
+                "rel_tol": args.rel_tol,
+            },
             "sum": float(hutch.trace.sum()),
             "sum_stderr": hutch_total_se,
-            "layers_at_5pct": int((hutch.trace_stderr <= 0.05 * np.abs(hutch.trace)).sum()),
+            "relative_stderr_median": float(np.median(hutch_rel)),
+            "relative_stderr_max": float(hutch_rel.max()),
+            "layers_at_5pct": int((hutch_rel <= 0.05).sum()),
             "median_probes_for_5pct": float(np.median(needed)),
             "max_probes_for_5pct": float(needed.max()),
             "total_probes_for_5pct": float(needed.sum()),
             "hvp_equivalents_for_5pct": hutch_5pct_hvp,
-            "note": "probes for 5% extrapolated from the measured per-layer variance; HVP-equivalents"
-            " for 5% use this run's mean seconds per single-layer probe",
+            "num_samples": count,
+            "note": "on the first num_samples images; probes for 5% extrapolated from the measured "
+            "per-layer variance; HVP-equivalents for 5% use this run's mean seconds per "
+            "single-layer probe, scaled linearly to all the model's images",
+        },
+        "hutchinson_gn_control_variate": {
+            "seconds": controlled_seconds,
+            "hvp_equivalents": controlled_seconds / unit,
+            "num_probes": controlled.num_probes,
+            "relative_stderr_max": float(
+                np.max(controlled.trace_stderr / np.abs(controlled.trace))
+            ),
+            "max_relative_residual_trace": float(np.max(np.abs(residual) / np.abs(gn.trace))),
+            "note": "tr(H_ll) = tr(G_ll) (exact) + mean of v(H_ll - G_ll)v over single-layer probes",
         },
         "comparison": {
-            "spearman_gauss_newton_vs_hutchinson": spearman_gn,
+            "spearman_gauss_newton_vs_hutchinson": float(
+                spearmanr(gn_ref.trace, hutch.trace).statistic
+            ),
+            "spearman_expected_from_reference_noise": spearman_under_noise(
+                gn_ref.trace, hutch.trace_stderr, args.seed
+            ),
+            "reference_samples": count,
+            "spearman_gauss_newton_vs_gn_controlled_hessian": float(
+                spearmanr(gn.trace, controlled.trace).statistic
+            ),
             "hutchinson_5pct_over_gauss_newton_cost": hutch_5pct_hvp / (gn_seconds / unit),
             "pyhessian_5pct_over_gauss_newton_cost": pyh["probes_for_5pct"] / (gn_seconds / unit),
             "pyhessian_run_over_gauss_newton_cost": pyh["seconds"] / gn_seconds,
         },
+    }
+
+
+def spearman_under_noise(traces: np.ndarray, stderr: np.ndarray, seed: int) -> dict[str, float]:
+    """Spearman between ``traces`` and ``traces`` + N(0, stderr²) noise, over 2000 draws: what a
+    reference with these standard errors gives even if it measures exactly ``traces``."""
+    rng = np.random.default_rng(seed)
+    values = [spearmanr(traces, traces + rng.normal(0.0, stderr)).statistic for _ in range(2000)]
+    return {
+        "median": float(np.median(values)),
+        "p05": float(np.percentile(values, 5)),
+        "p95": float(np.percentile(values, 95)),
     }
 
 
@@ -298,6 +384,19 @@ def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> Non
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_delta = peak - maxrss_before
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    hvp = None
+    if spec.get("hvp"):  # one whole-weight HVP on the same images, after the memory was read
+        labels = calib.labels.to(device)
+        weights = [get_module(model, layer.name).weight for layer in layers]
+        timings = [  # per batch, so the graph's memory is the one of a batch, as for GN
+            time_hvp(model, weights, inputs[i : i + batch], labels[i : i + batch], 1, i)
+            for i in range(0, len(inputs), batch)
+        ]
+        hvp = {
+            "hvp_seconds": sum(t["hvp_seconds"] for t in timings),
+            "graph_seconds": sum(t["graph_seconds"] for t in timings),
+        }
     queue.put(
         {
             **{key: spec[key] for key in ("depth", "num_samples", "batch_size")},
@@ -308,9 +407,10 @@ def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> Non
             "peak_rss_mib": peak / 1024,
             "peak_over_before_mib": peak_delta / 1024,
             "memory_method": method,
-            "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20
-            if device.type == "cuda"
-            else None,
+            "cuda_peak_mib": cuda_peak,
+            "hvp_seconds": hvp["hvp_seconds"] if hvp else None,
+            "hvp_graph_seconds": hvp["graph_seconds"] if hvp else None,
+            "hvp_equivalents": seconds / hvp["hvp_seconds"] if hvp else None,
         }
     )
 
@@ -352,7 +452,15 @@ def scaling(args: argparse.Namespace, device: torch.device) -> dict[str, object]
         for count in args.scaling_samples
     ]
     by_depth = [
-        run_child({**base, "checkpoint": None, "depth": depth, "num_samples": args.depth_samples})
+        run_child(
+            {
+                **base,
+                "checkpoint": None,
+                "depth": depth,
+                "num_samples": args.depth_samples,
+                "hvp": True,
+            }
+        )
         for depth in args.scaling_depths
     ]
     return {
@@ -364,6 +472,12 @@ def scaling(args: argparse.Namespace, device: torch.device) -> dict[str, object]
         "vs_depth": by_depth,
         "vs_depth_time": _fit_slope(
             [r["num_layers"] for r in by_depth], [r["seconds"] for r in by_depth]
+        ),
+        "vs_depth_peak_memory": _fit_slope(
+            [r["num_layers"] for r in by_depth], [r["peak_over_before_mib"] for r in by_depth]
+        ),
+        "vs_samples_peak_memory": _fit_slope(
+            [r["num_samples"] for r in by_samples], [r["peak_over_before_mib"] for r in by_samples]
         ),
     }
 
@@ -380,14 +494,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hvp-repeats", type=int, default=3)
     parser.add_argument("--pyhessian-iters", type=int, default=20, help="PyHessian maxIter")
     parser.add_argument("--rel-tol", type=float, default=0.05)
-    parser.add_argument("--hutchinson-min-probes", type=int, default=3)
+    parser.add_argument("--hutchinson-min-probes", type=int, default=4)
     parser.add_argument(
         "--hutchinson-probes-per-layer",
         type=int,
-        default=5,
-        help="total single-layer probe cap = this x layers",
+        default=30,
+        help="long reference: total single-layer probe cap = this x layers",
     )
-    parser.add_argument("--hutchinson-max-per-layer", type=int, default=40)
+    parser.add_argument("--hutchinson-max-per-layer", type=int, default=120)
+    parser.add_argument(
+        "--reference-samples",
+        type=int,
+        default=64,
+        help="images of the long plain Hutchinson reference (0: all --num-samples)",
+    )
+    parser.add_argument("--control-min-probes", type=int, default=2)
+    parser.add_argument("--control-max-per-layer", type=int, default=20)
     parser.add_argument("--scaling-samples", default="256,512,1024,2048")
     parser.add_argument("--scaling-depths", default="20,32,44,56")
     parser.add_argument("--depth-samples", type=int, default=256)
