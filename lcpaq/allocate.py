@@ -294,6 +294,7 @@ class AllocationProblem:
                 continue
             key, block = ((u, v), matrix) if u < v else ((v, u), matrix.T)
             self.unit_pairs[key] = self.unit_pairs.get(key, 0.0) + block
+        self._unpruned = unit_allowed  # the largest achievable costs need the pruned ones too
         if prune:
             stacked = np.stack([self.unit_costs[m] for m in self.costs.metrics], axis=-1)
             unit_allowed = safe_pareto_mask(
@@ -473,7 +474,7 @@ class AllocationProblem:
     def largest_achievable(self, metric: str) -> float:
         """The largest value of ``metric`` any allowed assignment (ties respected) reaches."""
         self.costs.require(metric)
-        coefficients = np.where(self.unit_allowed, self.unit_costs[metric], -np.inf)
+        coefficients = np.where(self._unpruned, self.unit_costs[metric], -np.inf)
         return float(coefficients.max(axis=1).sum() + self.costs.offsets[metric])
 
     # -- objective weights (METHOD §4) -------------------------------------------------------

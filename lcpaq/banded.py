@@ -633,6 +633,23 @@ class ChainSolver:
         towards the best known value; with none known, until the enumeration is complete.
         """
         budgets = np.atleast_2d(np.asarray(budgets, dtype=float))
+        # Rows where one budget alone is below its cheapest assignment have no solution.
+        tolerance = np.array([self.budget_tolerance(row) for row in budgets])
+        possible = np.all(budgets + tolerance >= self._rest_cost[0], axis=1)
+        if not possible.all():
+            results: list[Solution | None] = [None] * len(budgets)
+            if possible.any():
+                rows = np.flatnonzero(possible)
+                solved = self.solve_many(
+                    budgets[rows],
+                    uppers=None if uppers is None else [uppers[row] for row in rows],
+                    hull=hull,
+                    first_gap=first_gap,
+                    local_search=local_search,
+                )
+                for row, solution in zip(rows, solved):
+                    results[row] = solution
+            return results
         count = len(budgets)
         lams, bounds, rests = [], np.zeros(count), []
         best: list[tuple[np.ndarray, float] | None] = [None] * count

@@ -392,11 +392,24 @@ def test_pairs_ties_and_several_budgets_equal_brute_force(seed: int) -> None:
     num_layers, num_formats = int(rng.integers(2, 7)), int(rng.integers(2, 4))
     table, scores, allowed, costs, pairs, ties = rich_instance(rng, num_layers, num_formats)
     brute = RichBruteForce(table, scores, allowed, costs, pairs, ties)
+    # Both linearisations in HiGHS, and the dynamic program (auto and forced).
     problems = {
-        form: AllocationProblem(
-            table, scores, allowed, costs=costs, pairwise=pairs, ties=ties, linearization=form
+        (solver, form): AllocationProblem(
+            table,
+            scores,
+            allowed,
+            costs=costs,
+            pairwise=pairs,
+            ties=ties,
+            linearization=form,
+            solver=solver,
         )
-        for form in ("rlt", "mccormick")
+        for solver, form in (
+            ("highs", "rlt"),
+            ("highs", "mccormick"),
+            ("auto", "rlt"),
+            ("dp", "rlt"),
+        )
     }
     metrics = list(costs.metrics)
     for _ in range(4):
@@ -415,7 +428,11 @@ def test_pairs_ties_and_several_budgets_equal_brute_force(seed: int) -> None:
                 continue
             allocation = problem.solve(budgets)
             assert allocation.status == "Optimal"
+            assert allocation.mip_gap <= 1e-6
+            methods = {"highs": ("highs",), "dp": ("dp", "knapsack")}.get(problem.solver)
+            assert methods is None or allocation.solver in methods
             assert allocation.predicted_loss_increase == pytest.approx(expected, rel=1e-6, abs=1e-9)
+            assert allocation.objective == pytest.approx(allocation.predicted_loss_increase)
             choice = np.array([table.format_names.index(name) for name in allocation.formats])
             assert allowed[np.arange(num_layers), choice].all()
             for group in ties:
@@ -426,24 +443,39 @@ def test_pairs_ties_and_several_budgets_equal_brute_force(seed: int) -> None:
             assert allocation.costs == pytest.approx(costs.values(choice))
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_pareto_curve_points_are_optimal_and_distinct(seed: int) -> None:
+@pytest.mark.parametrize("solver", ["auto", "dp", "highs"])
+@pytest.mark.parametrize("seed", range(12))
+def test_pareto_curve_points_are_optimal_and_distinct(seed: int, solver: str) -> None:
     rng = np.random.default_rng(2000 + seed)
     table, scores, allowed, costs, pairs, ties = rich_instance(rng, 5, 3)
-    if seed % 2:
+    if seed % 3 == 0:
         pairs = {}
+    elif seed % 3 == 1:  # all C > 0 (McCormick's lower bounds bind) or all C < 0 (upper ones)
+        sign = 1.0 if seed % 2 else -1.0
+        pairs = {key: sign * np.abs(block) for key, block in pairs.items()}
     brute = RichBruteForce(table, scores, allowed, costs, pairs, ties)
-    problem = AllocationProblem(table, scores, allowed, costs=costs, pairwise=pairs, ties=ties)
-    metric = ("size-mb", "bitops-g", "latency-ms")[seed % 3]
-    points = problem.pareto_curve(metric, num_points=30)
+    problem = AllocationProblem(
+        table, scores, allowed, costs=costs, pairwise=pairs, ties=ties, solver=solver
+    )
+    metric = ("size-mb", "bitops-g", "latency-ms", "avg-bits")[seed % 4]
+    fixed = [brute.random_budget(rng, "ebops-g")] if seed % 5 == 0 else []
+    if fixed and brute.best(fixed) is None:
+        fixed = []
+    points = problem.pareto_curve(metric, num_points=30, budgets=fixed)
     assert points and len({point.formats for point in points}) == len(points)
     swept = sorted(value for point in points for value in point.budgets)
-    assert len(swept) == 30
-    assert swept[0] == pytest.approx(problem.smallest_achievable(metric))
+    assert len(swept) <= 30
+    if not fixed:
+        assert len(swept) == 30
+        assert swept[0] == pytest.approx(problem.smallest_achievable(metric))
     for point in points:
+        assert point.mip_gap <= 1e-6
+        assert point.solver in (("highs",) if solver == "highs" else ("highs", "dp", "knapsack"))
+        choice = np.array([table.format_names.index(name) for name in point.formats])
+        assert point.costs == pytest.approx(costs.values(choice))
         for value in point.budgets:
             assert point.costs[metric] <= value * (1 + 1e-9)
-            expected = brute.best([Budget(metric, value * (1 + 1e-12))])
+            expected = brute.best([*fixed, Budget(metric, value * (1 + 1e-12))])
             assert point.predicted_loss_increase == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert [p.costs[metric] for p in points] == sorted(p.costs[metric] for p in points)
 
@@ -527,3 +559,101 @@ def test_pairwise_input_errors_and_tied_pairs_fold_into_scores() -> None:
     )
     assert allocation.predicted_loss_increase == pytest.approx(brute.best([]))
     assert allocation.formats[0] == allocation.formats[1] == table.format_names[0]
+
+
+# -- objective weights (METHOD §4) ---------------------------------------------------------------
+
+
+def weighted_brute_force(
+    brute: RichBruteForce, budgets: list[Budget], weights: dict[str, float], scale: dict[str, float]
+) -> np.ndarray:
+    """The weighted objective of every assignment, inf where a budget is broken."""
+    objective = brute.score.copy()
+    for metric, weight in weights.items():
+        objective = objective + weight * brute.values[metric] / scale[metric]
+    for budget in budgets:
+        objective = np.where(brute.values[budget.metric] <= budget.value, objective, np.inf)
+    return objective
+
+
+@pytest.mark.parametrize("solver", ["auto", "dp", "highs"])
+@pytest.mark.parametrize("seed", range(12))
+def test_cost_weights_equal_brute_force(seed: int, solver: str) -> None:
+    rng = np.random.default_rng(3000 + seed)
+    table, scores, allowed, costs, pairs, ties = rich_instance(rng, 5, 3)
+    if seed % 2:
+        pairs = {}
+    brute = RichBruteForce(table, scores, allowed, costs, pairs, ties)
+    problem = AllocationProblem(
+        table, scores, allowed, costs=costs, pairwise=pairs, ties=ties, solver=solver
+    )
+    budgeted, unbudgeted = rng.choice(list(costs.metrics), size=2, replace=False)
+    budgets = [brute.random_budget(rng, str(budgeted))]
+    if brute.best(budgets) is None or budgets[0].value < problem.smallest_achievable(budgeted):
+        budgets = []
+    # λ in units of the score: large enough to move the optimum away from the loss-only one.
+    level = float(np.abs(scores).sum())
+    weights = {str(budgeted): rng.uniform(0, 2) * level, str(unbudgeted): rng.uniform(0, 2) * level}
+    # B_k: the budget where one is given, else the largest achievable value of the metric.
+    scale = {metric: float(brute.values[metric].max()) for metric in weights}
+    scale.update({budget.metric: budget.value for budget in budgets})
+    objective = weighted_brute_force(brute, budgets, weights, scale)
+    allocation = problem.solve(budgets, cost_weights=weights)
+    assert allocation.objective == pytest.approx(float(objective.min()), rel=1e-6, abs=1e-9)
+    choice = np.array([table.format_names.index(name) for name in allocation.formats])
+    index = np.flatnonzero(np.all(brute.choices == choice, axis=1))[0]
+    assert objective[index] == pytest.approx(allocation.objective, rel=1e-9)
+    assert allocation.predicted_loss_increase == pytest.approx(brute.score[index], rel=1e-9)
+    assert allocation.cost_weights == pytest.approx(weights)
+    # Without weights the loss alone is minimised: never a larger loss than with them.
+    plain = problem.solve(budgets)
+    assert plain.predicted_loss_increase <= allocation.predicted_loss_increase * (1 + 1e-9) + 1e-12
+    assert plain.objective == pytest.approx(plain.predicted_loss_increase)
+    # A Pareto curve with a weight on another metric: every point minimises the weighted objective.
+    metric = next(m for m in costs.metrics if m not in weights)
+    for point in problem.pareto_curve(metric, 8, cost_weights=weights):
+        for value in point.budgets:
+            cut = [Budget(metric, value * (1 + 1e-12))]
+            expected = weighted_brute_force(
+                brute, cut, weights, {m: float(brute.values[m].max()) for m in weights}
+            )
+            assert point.objective == pytest.approx(float(expected.min()), rel=1e-6, abs=1e-9)
+
+
+def test_cost_weight_errors_and_zero_weights() -> None:
+    rng = np.random.default_rng(11)
+    table, scores, allowed, costs, pairs, ties = rich_instance(rng, 4, 3)
+    problem = AllocationProblem(table, scores, allowed, costs=costs, pairwise=pairs, ties=ties)
+    budget = Budget("size-mb", problem.largest_achievable("size-mb"))
+    with pytest.raises(InputError, match="bitops-g=-1 must be a finite number >= 0"):
+        problem.solve([budget], cost_weights={"bitops-g": -1.0})
+    with pytest.raises(InputError, match="unknown metric 'flops'"):
+        problem.solve([budget], cost_weights={"flops": 1.0})
+    with pytest.raises(InputError, match="swept metric size-mb"):
+        problem.pareto_curve("size-mb", 5, cost_weights={"size-mb": 1.0})
+    plain = problem.solve([budget])
+    zero = problem.solve([budget], cost_weights={"bitops-g": 0.0})
+    assert zero.formats == plain.formats and zero.objective == plain.objective
+    with pytest.raises(InputError, match="unknown solver 'cbc'"):
+        AllocationProblem(table, scores, allowed, costs=costs, solver="cbc")
+
+
+def test_wide_pair_graphs_fall_back_to_highs() -> None:
+    """Pairs linking every layer to the last keep all layers in the DP state: too wide."""
+    rng = np.random.default_rng(12)
+    table, scores, constant = random_instance(rng, 6, 3, monotone=True)
+    allowed = np.ones_like(scores, dtype=bool)
+    pairs = {(i, 5): rng.normal(0.0, 0.01, (3, 3)) for i in range(5)}
+    budget = [Budget("avg-bits", 4.0)]
+    kwargs = {"constant_size_bits": constant, "pairwise": pairs, "max_states": 30}
+    auto = AllocationProblem(table, scores, allowed, solver="auto", **kwargs).solve(budget)
+    highs = AllocationProblem(table, scores, allowed, solver="highs", **kwargs).solve(budget)
+    assert auto.solver == "highs" and auto.formats == highs.formats
+    with pytest.raises(InputError, match="solver 'dp'"):
+        AllocationProblem(table, scores, allowed, solver="dp", **kwargs).solve(budget)
+    wide = AllocationProblem(
+        table, scores, allowed, solver="dp", **{**kwargs, "max_states": 1 << 12}
+    )
+    allocation = wide.solve(budget)
+    assert allocation.solver == "dp"
+    assert allocation.predicted_loss_increase == pytest.approx(highs.predicted_loss_increase)

@@ -213,3 +213,18 @@ def test_pairwise_score_bounds_example() -> None:
     # Format 1 of unit 0 costs the same and scores 3 < 6 whatever unit 1 holds: format 0 goes.
     kept = safe_pareto_mask(costs, scores, allowed, {(0, 1): pair})
     np.testing.assert_array_equal(kept, [[False, True], [True, False]])
+
+
+def test_safe_pruning_compares_pair_terms_format_by_format() -> None:
+    """Switching unit 0 from format 0 to 1 changes its pair term by C(1, h) − C(0, h) = 0 for every
+    h, so format 0 (higher score, same cost) can go, although METHOD §3's coarser test, which
+    compares s(1) + max_h C(1, h) = 10.5 with s(0) + min_h C(0, h) = 1, would keep it. Pruning
+    unit 1 then narrows unit 0's range too (the rule is applied until nothing changes)."""
+    scores = np.array([[1.0, 0.5], [0.0, 0.2]])
+    pair = np.array([[0.0, 10.0], [0.0, 10.0]])
+    costs = np.zeros((2, 2, 1))
+    allowed = np.ones((2, 2), dtype=bool)
+    kept = safe_pareto_mask(costs, scores, allowed, {(0, 1): pair})
+    np.testing.assert_array_equal(kept, [[False, True], [True, False]])
+    low, high = pairwise_score_bounds(scores, allowed, {(0, 1): pair})
+    assert not high[0, 1] <= low[0, 0]  # the coarser rule alone would keep format 0
