@@ -47,6 +47,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -179,6 +180,26 @@ def _parse_correction(text: str) -> str:
     return "off" if text == "off" else str(_positive_int(text))
 
 
+def _apply_cost_weight(config: RunConfig, value: float) -> RunConfig:
+    """λ on the first budget's metric (METHOD §4): the objective adds λ·cost/budget, trading
+    predicted loss against staying below the budget."""
+    budgets = config.allocation.budgets
+    if not value or not budgets:
+        return config.with_allocation(cost_weights=())
+    metric = parse_budget(budgets[0]).metric
+    return config.with_allocation(cost_weights=((metric, float(value)),))
+
+
+def _parse_weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise InputError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _apply_estimator(config: RunConfig, value: str) -> RunConfig:
     if value == "gauss-newton":
         return config.with_analysis(estimator="gauss-newton", hutchinson_probes=0)
@@ -268,6 +289,15 @@ def default_dimensions() -> tuple[Dimension, ...]:
             _apply_correction,
             _parse_correction,
             "BN statistics and bias correction, and its calibration images",
+        ),
+        Dimension(
+            "cost_weight",
+            (0.0, 0.003, 0.01, 0.03),
+            0.0,
+            "allocation.cost_weights (λ on the first --budget's metric)",
+            _apply_cost_weight,
+            _parse_weight,
+            "METHOD §4 trade-off weight, in nats per whole budget; predicted losses are ~0.01-0.1",
         ),
         Dimension(
             "estimator",
@@ -703,11 +733,17 @@ class SearchContext:
             return self._weights[key]
         path = self.cache_dir / "weights" / slug / f"{format_name}.safetensors"
         names = [layer.name for layer in self.layers]
+        metadata = {
+            "scheme": key[0],
+            "format": format_name,
+            "checkpoint": self.identity["checkpoint"],
+        }
         weights = None
         if path.is_file():
-            stored = load_file(str(path))
-            if sorted(stored) == sorted(names):
-                weights = stored
+            with safe_open(str(path), "pt") as handle:
+                same = handle.metadata() == metadata and sorted(handle.keys()) == sorted(names)
+            if same:  # else another scheme or checkpoint wrote it: recompute
+                weights = load_file(str(path))
         if weights is None:
             fmt = get_format(format_name)
             weights = {
@@ -715,7 +751,7 @@ class SearchContext:
                 for name in names
             }
             with artifacts.atomic_path(path) as temp:
-                save_file(weights, str(temp), metadata={"scheme": key[0], "format": format_name})
+                save_file(weights, str(temp), metadata=metadata)
         self._weights[key] = weights
         while len(self._weights) > self._max_cached_weights:
             self._weights.popitem(last=False)

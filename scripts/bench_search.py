@@ -166,6 +166,7 @@ def phase_search(
     folder = args.out / f"{model}-{bits:g}"
     if folder.exists():
         shutil.rmtree(folder)
+    seeded = _seed_caches(args.out, model, folder) if args.share_caches else None
     base = _base(args.shared, model, bits)
     options = SearchOptions(
         base=base,
@@ -176,9 +177,9 @@ def phase_search(
         seed=args.seed,
     )
     load_before = os.getloadavg()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = run_search(options, progress=False)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     load_after = os.getloadavg()
     # Test accuracy of the chosen, the default and the proxy-best configuration (test images are
     # used here only, after the choice).
@@ -203,6 +204,8 @@ def phase_search(
         "model": model,
         "budget": f"avg-bits={bits:g}",
         "wall_s": wall,
+        "cpu_s": cpu,
+        "caches_seeded_from": seeded,
         "loadavg_1min_before_after": [load_before[0], load_after[0]],
         "summary": summary,
         "test": {
@@ -221,6 +224,20 @@ def phase_search(
         },
         "test_images": accuracy["chosen"].num_samples,
     }
+
+
+def _seed_caches(out: Path, model: str, folder: Path) -> str | None:
+    """Copy the curvature and quantized-weight caches of an earlier search of the same model (they
+    do not depend on the budget) into ``folder``: later searches skip the curvature passes."""
+    for earlier in sorted(out.glob(f"{model}-*")):
+        if earlier != folder and (earlier / "search_report.json").is_file():
+            cache = folder / "cache"
+            cache.mkdir(parents=True)
+            for item in (earlier / "cache").iterdir():
+                if item.name.startswith("curvature-") or item.name == "weights":
+                    shutil.copytree(item, cache / item.name)
+            return earlier.name
+    return None
 
 
 def _random_configurations(space: SearchSpace, count: int, seed: int) -> list[dict[str, object]]:
@@ -366,15 +383,34 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--rank-configs", type=int, default=40)
-    parser.add_argument("--naive-configs", type=int, default=12)
+    parser.add_argument("--naive-configs", type=int, default=6)
+    parser.add_argument(
+        "--share-caches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="seed a search's curvature/weight caches from an earlier search of the same model",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--merge-from",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSON files of other runs of this script (other phases) to merge into --json",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     selection = _selection_file(args.shared, args.out)
     test = load_dataset(str(args.shared / TEST), num_classes=10)
     result = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    for other in args.merge_from:
+        for key, value in json.loads(other.read_text()).items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = {**result[key], **value}
+            else:
+                result.setdefault(key, value)
     result.update(
         {
             "git_sha": _git_sha(),
@@ -384,8 +420,8 @@ def main() -> None:
             "test": str(args.shared / TEST),
         }
     )
-    for phase in args.phases.split(","):
-        start = time.perf_counter()
+    for phase in [name for name in args.phases.split(",") if name]:
+        start, cpu = time.perf_counter(), time.process_time()
         if phase.startswith("search:"):
             _, model, bits = phase.split(":")
             entry = phase_search(args, model, float(bits), test, selection)
@@ -397,7 +433,16 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown phase {phase!r}")
         result.setdefault("phase_seconds", {})[phase] = time.perf_counter() - start
+        result.setdefault("phase_cpu_seconds", {})[phase] = time.process_time() - cpu
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        # Another process may have written other phases meanwhile: merge, ours win.
+        merged = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        for key, value in result.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        result = merged
         args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
         print(f"phase {phase} done in {time.perf_counter() - start:.0f} s", flush=True)
 

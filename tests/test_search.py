@@ -315,6 +315,22 @@ def test_curvature_is_cached_per_key(tmp_path, monkeypatch, one_thread):
     # Another seed is another key.
     again.curvature(a.with_analysis(seed=1))
     assert calls == [16, 24, 16]
+    # Quantized weights: computed once per (scheme, format), reloaded from disk by a new process.
+    quantized = []
+    original_quantize = search.fake_quantize
+
+    def counting_quantize(*args, **kwargs):
+        quantized.append(1)
+        return original_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(search, "fake_quantize", counting_quantize)
+    first = context.quantized_weights(QuantScheme(), "int3")
+    assert len(quantized) == len(first) == 5  # one per layer of DigitsNet
+    second = again.quantized_weights(QuantScheme(), "int3")
+    assert len(quantized) == 5
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    again.quantized_weights(QuantScheme(symmetric=True), "int3")
+    assert len(quantized) == 10
 
 
 def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, one_thread):
@@ -325,7 +341,7 @@ def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, 
     args = _search_args(files, out, trials=4)
     args[args.index("avg-bits=4")] = "avg-bits=8"
     args += ["--fix", "formats=int-pow2", "--fix", "clipping=minmax", "--fix", "symmetric=false"]
-    args += ["--fix", "granularity=channel", "--size-cap", "none"]
+    args += ["--fix", "granularity=channel", "--fix", "cost_weight=0", "--size-cap", "none"]
     assert main(args) == 0
     trials = [t for t in _study(out).trials if "duplicate_of" not in t.user_attrs]
     assert len(trials) == 4
@@ -496,7 +512,10 @@ def test_slices_and_option_parsing():
 
 
 def test_space_maps_to_pipeline_options():
-    base = RunConfig(AnalysisConfig(model="m", checkpoint=None, calib="c"))
+    base = RunConfig(
+        AnalysisConfig(model="m", checkpoint=None, calib="c"),
+        allocation=AllocationConfig(budgets=("avg-bits=3", "size-mb=0.2")),
+    )
     space = SearchSpace.default()
     default = space.config(base, space.default_params())
     assert default == base  # the enqueued default is lcpaq's default configuration
@@ -509,6 +528,7 @@ def test_space_maps_to_pipeline_options():
         "first_last": "keep-8bit",
         "scorer": "diagonal",
         "correction": "off",
+        "cost_weight": 0.01,
         "estimator": "gauss-newton",
     }
     config = space.config(base, params)
@@ -519,6 +539,8 @@ def test_space_maps_to_pipeline_options():
     assert "fp4_e2m1" in config.analysis.formats
     assert config.allocation.first_last == "keep-8bit" and config.allocation.scorer == "diagonal"
     assert not config.recovery.enabled
+    assert config.allocation.cost_weights == (("avg-bits", 0.01),)  # λ on the first budget
+    assert config.allocation.budgets == base.allocation.budgets
     assert search.space_head(space, base) == 1024
     fixed = space.fix({"correction": "64", "num_samples": "48"}, base)
     assert search.space_head(fixed, base) == 64
