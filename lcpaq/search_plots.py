@@ -110,7 +110,7 @@ def plot_proxy_per_trial(
         ax.set_yscale("log")
     ax.set_xlabel("trial number")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
@@ -131,8 +131,14 @@ def plot_importances(
     else:
         ax.text(0.5, 0.5, "too few scored trials for importances", ha="center", va="center")
     ax.set_xlabel("importance (fraction of the proxy's variance explained, fANOVA)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title), fontsize=9)
     return _save(fig, path)
+
+
+def _wrap(title: str) -> str:
+    """Break a long title after its colon (the model and budget go on the second line)."""
+    head, sep, tail = title.partition(": ")
+    return f"{head}:\n{tail}" if sep and len(title) > 70 else title
 
 
 def plot_proxy_vs_accuracy(
@@ -148,7 +154,9 @@ def plot_proxy_vs_accuracy(
     """Top-1 (%) against the proxy for the configurations that got a full evaluation."""
     fig = _figure(6.5, 4.5)
     ax = fig.add_subplot()
-    for number, proxy, top1 in points:
+    labels: dict[tuple[float, float], list[str]] = {}
+    # The chosen point last, so it stays on top of configurations with the same model.
+    for number, proxy, top1 in sorted(points, key=lambda point: point[0] == best):
         marker, color = (
             ("*", "red")
             if number == best
@@ -157,8 +165,16 @@ def plot_proxy_vs_accuracy(
             else ("o", "tab:blue")
         )
         ax.plot([proxy], [top1], marker, color=color, ms=12 if marker == "*" else 7)
+        labels.setdefault((proxy, top1), []).append(str(number))
+    # Neighbouring labels alternate above and below their points.
+    for index, ((proxy, top1), numbers) in enumerate(sorted(labels.items())):
         ax.annotate(
-            f"{number}", (proxy, top1), xytext=(5, 4), textcoords="offset points", fontsize=8
+            " / ".join(sorted(numbers, key=int)),
+            (proxy, top1),
+            xytext=(5, 5 if index % 2 == 0 else -11),
+            textcoords="offset points",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7},
         )
     ax.plot([], [], "*", color="red", ms=12, label="chosen")
     ax.plot([], [], "s", color="black", ms=7, label="default configuration")
@@ -167,7 +183,7 @@ def plot_proxy_vs_accuracy(
         ax.set_xscale("log")
     ax.set_xlabel(xlabel + " (trial numbers annotated)")
     ax.set_ylabel("top-1 accuracy, %")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -371,6 +371,61 @@ def phase_cost(args: argparse.Namespace, test) -> dict[str, object]:
     }
 
 
+def markdown(result: dict) -> str:
+    """The tables of docs/results.md from the JSON (``--phases markdown``)."""
+    lines = []
+    searches = result.get("searches", {})
+    if searches:
+        lines += [
+            "| model, budget | search wall s (CPU s) | trials: complete / pruned (infeasible) / repeats | full evals | default top-1 % | chosen top-1 % | chosen − default (paired) | proxy-best top-1 % | proxy-best − default |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, entry in searches.items():
+            summary, test, paired = entry["summary"], entry["test"], entry["test_paired"]
+            trials = summary["trials"]
+            infeasible = 0  # from the trials table, when the search folder is present
+            folder = Path(result.get("out", "results/bench_search")) / name
+            if (folder / "trials.json").is_file():
+                rows = json.loads((folder / "trials.json").read_text())["trials"]
+                infeasible = sum(1 for row in rows if row["error"])
+            lines.append(
+                f"| {entry['model']}, {entry['budget']} | {entry['wall_s']:.0f} ({entry.get('cpu_s', float('nan')):.0f}) | "
+                f"{trials['complete']} / {trials['pruned']} ({infeasible}) / {trials['duplicates']} | "
+                f"{summary['full_evaluations']} | {test['default']['top1_pct']:.2f} | "
+                f"{test['chosen']['top1_pct']:.2f} | "
+                f"{paired['chosen_vs_default']['difference_pct']:+.2f} ± {paired['chosen_vs_default']['stderr_pct']:.2f} | "
+                f"{test['proxy_best']['top1_pct']:.2f} | "
+                f"{paired['proxy_best_vs_default']['difference_pct']:+.2f} ± {paired['proxy_best_vs_default']['stderr_pct']:.2f} |"
+            )
+    for key, label in (("rank_random", "random configurations"),):
+        if key in result:
+            rank = result[key]
+            lines += [
+                "",
+                f"Rank agreement over {rank['configurations']} {label}: Spearman {rank.get('spearman', float('nan')):.3f}, "
+                f"Kendall {rank.get('kendall', float('nan')):.3f}; better half by top-1: "
+                f"{rank.get('spearman_better_half', float('nan')):.3f}; with correction on "
+                f"({rank.get('configurations_with_correction', 0)}): {rank.get('spearman_with_correction', float('nan')):.3f}.",
+            ]
+    if "cost" in result:
+        cost = result["cost"]
+        rank = cost["rank_over_search_configurations"]
+        lines += [
+            "",
+            f"Cost over the {cost['configurations']} configurations of the search: proxy search "
+            f"{cost['proxy_search_wall_s']:.0f} s; cached pipeline with full evaluation "
+            f"{cost['cached_full_eval']['total_s']:.0f} s "
+            f"({cost['cached_full_eval']['ratio_vs_proxy_search']:.2f}×); naive pipeline per "
+            f"configuration {cost['naive']['per_configuration_mean_s']:.0f} s "
+            f"(mean of {cost['naive']['sampled_configurations']}), "
+            f"{cost['naive']['extrapolated_total_s']:.0f} s for all "
+            f"({cost['naive']['ratio_vs_proxy_search']:.1f}×). Rank agreement over these "
+            f"configurations: Spearman {rank.get('spearman', float('nan')):.3f} "
+            f"(better half {rank.get('spearman_better_half', float('nan')):.3f}).",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
@@ -430,6 +485,9 @@ def main() -> None:
             result["rank_random"] = phase_rank(args, test)
         elif phase == "cost":
             result["cost"] = phase_cost(args, test)
+        elif phase == "markdown":
+            print(markdown({**result, "out": str(args.out)}))
+            continue
         else:
             raise SystemExit(f"unknown phase {phase!r}")
         result.setdefault("phase_seconds", {})[phase] = time.perf_counter() - start
