@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from lcpaq.allocate import Allocation, AllocationProblem, Budget
+from lcpaq.allocate import Allocation, AllocationProblem, Budget, ParetoPoint
 from lcpaq.errors import InputError
 
 if TYPE_CHECKING:  # interactions imports torch; this module must not
@@ -224,6 +224,43 @@ class AugmentedProblem:
         return dataclasses.replace(
             best[1], predicted_loss_increase=best[0], solve_time_s=total_time
         )
+
+    def pareto_curve(
+        self,
+        metric: str,
+        num_points: int = 50,
+        *,
+        budgets: Sequence[Budget] = (),
+        low: float | None = None,
+        high: float | None = None,
+    ) -> list[ParetoPoint]:
+        """`AllocationProblem.pareto_curve` with the augmented `solve` at every budget (from
+        ``high`` down to ``low``, ``budgets`` held); distinct assignments by increasing ``metric``."""
+        if num_points < 1:
+            raise InputError(f"a Pareto sweep needs at least one point, got {num_points}")
+        others = [budget for budget in budgets if budget.metric != metric]
+        if low is None:
+            low = self.base.smallest_achievable(metric)
+        if high is None:
+            high = self.solve(others).costs[metric]
+        found: dict[tuple[str, ...], tuple[Allocation, list[float]]] = {}
+        for value in np.linspace(high, low, num_points) if num_points > 1 else [high]:
+            try:
+                allocation = self.solve([*others, Budget(metric, float(value))])
+            except InputError:  # this value is infeasible together with the other budgets
+                continue
+            found.setdefault(allocation.formats, (allocation, []))[1].append(float(value))
+        points = [
+            ParetoPoint(
+                budgets=tuple(sorted(values)),
+                costs=allocation.costs,
+                predicted_loss_increase=allocation.predicted_loss_increase,
+                formats=allocation.formats,
+                mip_gap=allocation.mip_gap,
+            )
+            for allocation, values in found.values()
+        ]
+        return sorted(points, key=lambda point: point.costs[metric])
 
 
 def pair_views(

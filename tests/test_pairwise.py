@@ -334,6 +334,15 @@ def test_augmented_mode_never_worse_than_diagonal_under_the_full_objective(forwa
     assert value <= diagonal_full + 1e-15
     exact, _ = _brute_force(forward_run, scores, pairs, 3.0)
     assert value >= exact - 1e-12 * abs(exact)  # a heuristic: never below the exact optimum
+    # The sweep re-solves with the same options; every point is scored by the full objective.
+    sweep = pipeline.sweep(forward_run, None, num_points=3, progress=False)
+    points = [point for curve in sweep["curves"].values() for point in curve]
+    assert points
+    for point in points:
+        choice = np.array([index[f] for f in point["formats"]])
+        assert point["predicted_loss_increase"] == pytest.approx(
+            pairwise_objective(scores, pairs, choice), rel=1e-9
+        )
 
 
 def test_augmented_problem_on_a_toy_table() -> None:
@@ -366,6 +375,17 @@ def test_augmented_problem_on_a_toy_table() -> None:
     assert problem.metric_value("avg-bits", np.array([1, 0])) == pytest.approx(3.0)
     exact = AllocationProblem(table, scores, allowed, pairwise=pairs).solve(budget)
     assert exact.formats == allocation.formats
+    # Its Pareto curve solves the augmented problem at every budget, not the diagonal one.
+    curve = problem.pareto_curve("avg-bits", 5)
+    assert [point.formats for point in curve] == [
+        ("int2", "int2"),
+        ("int4", "int2"),
+        ("int4", "int4"),
+    ]
+    for point in curve:
+        again = problem.solve([Budget("avg-bits", point.budgets[0])])
+        assert again.formats == point.formats
+        assert point.predicted_loss_increase == pytest.approx(again.predicted_loss_increase)
 
 
 def test_plot_and_report_show_the_terms(forward_run) -> None:
