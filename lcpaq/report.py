@@ -381,7 +381,8 @@ def render_markdown(report: dict[str, object]) -> str:
         ]  # type: ignore[union-attr]
     lines += [
         "",
-        "Plots: `plots/frontiers.png`, `plots/model_curve.png`, `plots/bit_allocation.png`"
+        "Plots: `plots/frontiers.png`, `plots/candidate_heatmap.png`, `plots/bit_allocation.png`"
+        + (", `plots/model_curve*.png` (one per swept metric)" if report.get("sweep") else "")
         + (", `plots/interactions.png`." if report.get("interactions") else "."),
         "",
     ]
