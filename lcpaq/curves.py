@@ -51,13 +51,15 @@ def sweep_metric(
     fixed: Sequence[Budget] = (),
     low: float | None = None,
     high: float | None = None,
+    cost_weights: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Distinct optima over ``num_points`` budgets on ``metric`` (increasing ``metric``).
 
     Each point: ``metric``, ``budgets`` (the swept values it is optimal for), ``costs`` (every
     metric), ``avg_bits``, ``size_bytes``, ``predicted_loss_increase`` (pairwise terms included),
     ``formats`` (candidate per layer), ``mip_gap`` and ``top1`` (None until measured).
-    ``fixed`` budgets on other metrics are held as hard limits.
+    ``fixed`` budgets on other metrics are held as hard limits; ``cost_weights`` (the run's λ) are
+    kept on the other metrics (a weight on the swept metric would change along the sweep).
     """
     if num_points < 2:
         raise InputError(f"a model-level curve needs at least 2 points, got {num_points}")
@@ -65,8 +67,11 @@ def sweep_metric(
     others = [budget for budget in fixed if budget.metric != metric]
     if low is not None:
         low = max(low, problem.smallest_achievable(metric))
+    weights = {k: v for k, v in (cost_weights or {}).items() if k != metric and v}
+    extra = {"cost_weights": weights} if weights else {}
     points = []
-    for point in problem.pareto_curve(metric, num_points, budgets=others, low=low, high=high):
+    curve = problem.pareto_curve(metric, num_points, budgets=others, low=low, high=high, **extra)
+    for point in curve:
         choice = np.array([problem.table.format_index(name) for name in point.formats])
         entry = _point(point.costs, problem.objective(choice))
         entry.update(
@@ -129,7 +134,10 @@ def extra_uniform_points(
 
 
 def budget_table(
-    problem: Any, budgets: Sequence[Budget], allocation: Allocation
+    problem: Any,
+    budgets: Sequence[Budget],
+    allocation: Allocation,
+    cost_weights: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Limit, used value, slack and binding/limiting status of every budget.
 
@@ -137,14 +145,22 @@ def budget_table(
     used ≥ limit·(1 − 0.1 %). ``limiting``: re-solving without this budget (the others kept)
     lowers the predicted loss increase by more than 10⁻⁹ relative, i.e. the budget decides the
     allocation; a binding budget need not be limiting (another budget may force the same choice).
+    With ``cost_weights`` (λ) the re-solve keeps them and the minimised objective is compared.
     """
+    weights = {k: v for k, v in (cost_weights or {}).items() if v}
+    extra = {"cost_weights": weights} if weights else {}
+
+    def value(result: Allocation) -> float:
+        objective = getattr(result, "objective", None)
+        return result.predicted_loss_increase if objective is None or not weights else objective
+
     rows = []
     for budget in budgets:
         choice = np.array([problem.table.format_index(name) for name in allocation.formats])
         used = problem.costs.value(budget.metric, choice)
-        without = problem.solve([other for other in budgets if other is not budget])
-        gain = allocation.predicted_loss_increase - without.predicted_loss_increase
-        scale = max(abs(allocation.predicted_loss_increase), 1e-300)
+        without = problem.solve([other for other in budgets if other is not budget], **extra)
+        gain = value(allocation) - value(without)
+        scale = max(abs(value(allocation)), 1e-300)
         rows.append(
             {
                 "metric": budget.metric,

@@ -582,7 +582,7 @@ def allocate(
                 artifacts.write_json(run_dir / "infeasible.json", explanation)
             raise
         (run_dir / "infeasible.json").unlink(missing_ok=True)
-        budget_rows = budget_table(problem, budgets, allocation)
+        budget_rows = budget_table(problem, budgets, allocation, cost_weights)
         artifacts.write_npz(
             run_dir / "frontiers.npz", {"scores": scores, "kept": kept, "allowed": problem.allowed}
         )
@@ -790,6 +790,7 @@ def sweep(
                 fixed=fixed,
                 low=min_bits if metric == "avg-bits" else None,
                 high=max_bits if metric == "avg-bits" else None,
+                cost_weights=allocation.cost_weights,
             )
             for metric in metrics
         }

@@ -146,3 +146,19 @@ def test_infeasible_budgets_are_explained() -> None:
     # avg-bits ≤ 3.9 keeps both layers below 8 bits; latency ≤ 3 needs one int8 layer.
     assert explanation["conflicting_pairs"] == [["avg-bits=3.9", "latency-ms=3"]]
     assert explanation["budgets"] == ["avg-bits=3.9", "latency-ms=3", "size-mb=1e-06"]
+
+
+def test_cost_weights_carry_into_the_curve_and_the_budget_table() -> None:
+    problem = problem_for(table())
+    weights = {"bitops-g": 0.05, "avg-bits": 1.0}  # the avg-bits weight is dropped when swept
+    points = sweep_metric(problem, "avg-bits", 6, cost_weights=weights)
+    for point in points:
+        for budget in point["budgets"]:
+            expected = problem.solve([Budget("avg-bits", budget)], cost_weights={"bitops-g": 0.05})
+            assert point["formats"] == list(expected.formats)
+    budgets = [Budget("avg-bits", 5.0)]
+    allocation = problem.solve(budgets, cost_weights=weights)
+    (row,) = budget_table(problem, budgets, allocation, weights)
+    without = problem.solve([], cost_weights=weights)
+    assert row["predicted_loss_without"] == pytest.approx(without.predicted_loss_increase)
+    assert row["limiting"] == (without.objective < allocation.objective * (1 - 1e-9))
