@@ -18,12 +18,9 @@ only, and each solve starts from the best earlier solution that meets the new bu
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,7 +28,14 @@ import highspy
 import numpy as np
 from scipy import sparse
 
-from lcpaq.banded import BUDGET_RTOL, ChainSolver, LabelLimit, StateSpaceTooLarge, knapsack_optima
+from lcpaq.banded import (
+    BUDGET_RTOL,
+    ChainSolver,
+    LabelLimit,
+    StateSpaceTooLarge,
+    knapsack_optima,
+)
+from lcpaq.banded import quiet_stdout as _quiet_stdout
 from lcpaq.costs import BITS_PER_MB, COST_METRICS, CostModel, build_cost_model
 from lcpaq.errors import InputError
 from lcpaq.frontier import safe_pareto_mask
@@ -42,6 +46,9 @@ if TYPE_CHECKING:  # candidates imports torch; this stage must not
 BUDGET_METRICS = COST_METRICS
 LINEARIZATIONS = ("rlt", "mccormick")
 SOLVERS = ("auto", "dp", "highs")
+#: Past this many Pareto points in half of the layers the knapsack DP hands over to HiGHS (54
+#: ResNet-50 layers × 8 formats need about 3,000; 200 layers about 85,000, which takes seconds).
+KNAPSACK_MAX_LABELS = 100_000
 TIE_RULES = ("none", "downsample")
 #: Budget rows are scaled so that their largest coefficient is this (HiGHS tolerances are absolute).
 _ROW_SCALE = 1e3
@@ -169,25 +176,6 @@ class ParetoPoint:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """HiGHS' MIP solver can print a line on the C-level stdout even with output off; keep ours clean."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
 
 
 def _tie_units(layer_names: Sequence[str], ties: Sequence[Sequence[str]]) -> np.ndarray:
@@ -450,6 +438,30 @@ class AllocationProblem:
             bounds[self._metric_rows[budget.metric]] = limit * scale
         return bounds
 
+    def milp_arrays(self, budgets: Sequence[Budget]) -> dict[str, np.ndarray]:
+        """The HiGHS model as arrays, with these budgets' row bounds, for other MIP solvers (the
+        benchmark): minimise cost·x s.t. row_lower ≤ matrix·x ≤ row_upper, 0 ≤ x ≤ 1, x binary
+        where ``integrality`` is 1. ``cost`` is the objective times ``objective_scale``."""
+        self._ensure_model()
+        arrays = dict(self.model_arrays)
+        upper = arrays["row_upper"].copy()
+        for row, bound in self.row_bounds(budgets).items():
+            upper[row] = bound
+        arrays["row_upper"] = upper
+        arrays["objective_scale"] = np.array(self._objective_scale)
+        return arrays
+
+    def decode(self, column_values: np.ndarray) -> np.ndarray:
+        """Format index per layer from a solution of `model_arrays` (any MIP solver's)."""
+        self._ensure_model()
+        units, columns, _ = self._x
+        picked = np.asarray(column_values)[: len(units)] > 0.5
+        choice = np.full(self.unit_allowed.shape[0], -1)
+        choice[units[picked]] = columns[picked]
+        if (choice < 0).any():
+            raise ValueError("the solution is not one-hot")
+        return choice[self.unit]
+
     def _column_values(self, unit_choice: np.ndarray) -> np.ndarray:
         units, columns, x_index = self._x
         values = np.zeros(len(units) + len(self._y))
@@ -614,9 +626,18 @@ class AllocationProblem:
         if not self.unit_pairs and len(budgets) == 1:
             k = prepared.metrics.index(budgets[0].metric)
             tolerance = BUDGET_RTOL * max(abs(limits[k]), 1e-300)
-            found = knapsack_optima(
-                unit_scores, [c[:, k] for c in prepared.costs], limits[k : k + 1], tolerance
-            )[0]
+            try:
+                found = knapsack_optima(
+                    unit_scores,
+                    [c[:, k] for c in prepared.costs],
+                    limits[k : k + 1],
+                    tolerance,
+                    KNAPSACK_MAX_LABELS,
+                )[0]
+            except LabelLimit:
+                if self.solver == "dp":
+                    raise
+                return None
             positions = None if found is None else found[0]
             solver = "knapsack"
         else:
@@ -826,9 +847,18 @@ class AllocationProblem:
         start = time.perf_counter()
         if not self.unit_pairs and not others:
             tolerance = BUDGET_RTOL * max(float(np.abs(swept).max()), 1e-300)
-            found = knapsack_optima(
-                unit_scores, [c[:, k] for c in prepared.costs], swept, tolerance
-            )
+            try:
+                found = knapsack_optima(
+                    unit_scores,
+                    [c[:, k] for c in prepared.costs],
+                    swept,
+                    tolerance,
+                    KNAPSACK_MAX_LABELS,
+                )
+            except LabelLimit:
+                if self.solver == "dp":
+                    raise
+                return self._sweep_highs(metric, values, others, factors)
             positions = [None if item is None else item[0] for item in found]
             solver = "knapsack"
         else:

@@ -22,15 +22,20 @@ middle: every budget of a sweep at once, on the exact float costs (nothing is ro
 
 Inputs are per *unit* (a layer, or tied layers sharing one format) and per *option* (the unit's
 allowed formats): ``scores[u]`` [n_u], ``costs[u]`` [n_u, M] and ``pairs[(u, v)]`` [n_u, n_v] with
-u < v. Choices are option positions per unit.
+u < v. Choices are option positions per unit. Numpy, and highspy for the few-variable LPs of the
+multiplier search.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import highspy
 import numpy as np
 
 #: Relative tolerance of budget rows (HiGHS' default primal tolerance is about as loose).
@@ -334,38 +339,31 @@ class ChainSolver:
         budgets: np.ndarray,
         found: list[tuple[float, np.ndarray, np.ndarray]],
         iterations: int = 40,
+        stop: float = 1e-4,
     ) -> tuple[np.ndarray, float, list[np.ndarray]]:
         """Several budgets: maximise the Lagrangian over all λ by Kelley's cutting planes (the
         dual of Dantzig–Wolfe): a small LP over the minimisers found so far proposes λ, one
-        dynamic program adds its minimiser, until the LP's value meets the bound."""
-        from scipy.optimize import linprog  # only here: small LPs over K multipliers
-
+        dynamic program adds its minimiser, until the LP's value is within ``stop`` (relative) of
+        the best bound. The bound need not be the best possible: the enumeration is exact for
+        any λ ≥ 0, a better λ only keeps fewer partial assignments."""
         active = np.flatnonzero(np.isfinite(budgets))
         scale_c = self._cost_scale[active]
         scale_v = self._objective_scale
         best = (lam.copy(), bound, rest)
-        box = 1e6  # λ in units of objective scale per cost scale
+        box = 1e6  # μ = λ·scale_c/scale_v: λ in units of objective scale per cost scale
         for _ in range(iterations):
             values = np.array([item[0] for item in found]) / scale_v
             slopes = (np.array([item[1][active] for item in found]) - budgets[active]) / scale_c
-            # max z s.t. z ≤ value_i + μ·slope_i, 0 ≤ μ ≤ box (μ = λ·scale_c / scale_v)
-            a_ub = np.column_stack([-slopes, np.ones(len(values))])
-            result = linprog(
-                np.r_[np.zeros(len(active)), -1.0],
-                A_ub=a_ub,
-                b_ub=values,
-                bounds=[(0, box)] * len(active) + [(None, None)],
-                method="highs",
-            )
-            if result.status != 0:
+            solved = _max_min_lp(values, slopes, box)
+            if solved is None:
                 break
-            model = -result.fun * scale_v
+            model, mu = solved[0] * scale_v, solved[1]
             trial = np.zeros(self.num_metrics)
-            trial[active] = result.x[:-1] * scale_v / scale_c
+            trial[active] = mu * scale_v / scale_c
             _, _, trial_bound, trial_rest = self._probe(trial, budgets, found)
             if trial_bound > best[1]:
                 best = (trial, trial_bound, trial_rest)
-            if model - best[1] <= self._tolerance(best[1]) * 10:
+            if model - best[1] <= max(stop * abs(best[1]), self._tolerance(best[1]) * 10):
                 break
         return best
 
@@ -616,7 +614,7 @@ class ChainSolver:
         *,
         uppers: Sequence[tuple[np.ndarray, float] | None] | None = None,
         hull: list[tuple[float, float]] | None = None,
-        first_gap: float = 1e-3,
+        first_gap: float = 1e-4,
         local_search: bool = True,
     ) -> list[Solution | None]:
         """The optimum under each row of ``budgets`` [P, M] (inf where absent; the same metrics
@@ -751,6 +749,55 @@ class ChainSolver:
         return self.solve_many(rows, hull=hull, local_search=False)
 
 
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """HiGHS prints a banner when the first solver object is created, and its MIP solver can print
+    a line on the C-level stdout even with output off; keep ours clean."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _max_min_lp(
+    values: np.ndarray, slopes: np.ndarray, box: float
+) -> tuple[float, np.ndarray] | None:
+    """max_{0 ≤ μ ≤ box} min_i values_i + slopes_i·μ, as the LP max z s.t. z − slopes_i·μ ≤ values_i
+    (HiGHS; a few columns, one row per cut). Returns (max, μ) or None if HiGHS fails."""
+    cuts, dims = slopes.shape
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = dims + 1, cuts
+    lp.col_cost_ = np.r_[np.zeros(dims), -1.0]
+    lp.col_lower_ = np.r_[np.zeros(dims), -highspy.kHighsInf]
+    lp.col_upper_ = np.r_[np.full(dims, box), highspy.kHighsInf]
+    lp.row_lower_ = np.full(cuts, -highspy.kHighsInf)
+    lp.row_upper_ = values
+    matrix = np.column_stack([-slopes, np.ones(cuts)])
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = np.arange(0, cuts * (dims + 1) + 1, dims + 1)
+    lp.a_matrix_.index_ = np.tile(np.arange(dims + 1), cuts)
+    lp.a_matrix_.value_ = matrix.ravel()
+    with quiet_stdout():
+        highs = highspy.Highs()
+        highs.setOptionValue("output_flag", False)
+        highs.passModel(lp)
+        highs.run()
+    if highs.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    solution = np.asarray(highs.getSolution().col_value)
+    return float(solution[-1]), solution[:-1]
+
+
 def _dominance(groups: np.ndarray, costs: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Which labels to keep: drop a label when another of the same group is no worse in every
     cost and the value (of identical labels the first stays). Exact for one cost; for several,
@@ -825,9 +872,11 @@ class _Half:
         return choice
 
 
-def _pareto_list(scores: Sequence[np.ndarray], costs: Sequence[np.ndarray]) -> _Half:
+def _pareto_list(
+    scores: Sequence[np.ndarray], costs: Sequence[np.ndarray], max_labels: int | None = None
+) -> _Half:
     """All (cost, value) pairs no other assignment of these units beats in both, cost ascending.
-    Of equal pairs the first is kept."""
+    Of equal pairs the first is kept. Raises `LabelLimit` past ``max_labels`` pairs."""
     cost, value = np.zeros(1), np.zeros(1)
     parents, options = [], []
     for unit_scores, unit_costs in zip(scores, costs):
@@ -841,6 +890,8 @@ def _pareto_list(scores: Sequence[np.ndarray], costs: Sequence[np.ndarray]) -> _
         before = np.minimum.accumulate(np.r_[np.inf, new_value[:-1]])
         kept = new_value < before
         cost, value = new_cost[kept], new_value[kept]
+        if max_labels is not None and len(cost) > max_labels:
+            raise LabelLimit(f"{len(cost)} Pareto points after {len(parents) + 1} units")
         parents.append(parent[order][kept])
         options.append(option[order][kept])
     return _Half(cost, value, parents, options)
@@ -861,13 +912,15 @@ def knapsack_optima(
     costs: Sequence[np.ndarray],
     budgets: np.ndarray,
     tolerance: float = 0.0,
+    max_labels: int | None = None,
 ) -> list[tuple[np.ndarray, float] | None]:
     """Exact optima of min Σ scores s.t. Σ costs ≤ B for every B in ``budgets`` (no pairs, one
     metric): Pareto lists of the first and second half of the units, then for each B the best
-    pair (a, b) with cost_a + cost_b ≤ B. Returns (choice, value) or None (infeasible) per B."""
+    pair (a, b) with cost_a + cost_b ≤ B. Returns (choice, value) or None (infeasible) per B.
+    The lists grow with the number of distinct sums; past ``max_labels`` points, `LabelLimit`."""
     middle = len(scores) // 2
-    first = _pareto_list(scores[:middle], costs[:middle])
-    second = _pareto_list(scores[middle:], costs[middle:])
+    first = _pareto_list(scores[:middle], costs[:middle], max_labels)
+    second = _pareto_list(scores[middle:], costs[middle:], max_labels)
     results: list[tuple[np.ndarray, float] | None] = []
     for budget in np.asarray(budgets, dtype=float):
         room = budget + tolerance - first.costs
