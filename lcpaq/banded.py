@@ -65,14 +65,21 @@ class Solution:
 
 def _undominated(values: np.ndarray, new_group: np.ndarray) -> np.ndarray:
     """Positions whose value is below every earlier value of the same group (groups are runs
-    flagged by ``new_group``). Exact: works on ranks, so no float offsets mix groups."""
-    rank = np.empty(len(values), dtype=np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(len(values))
-    group = np.cumsum(new_group) - 1
-    key = rank - group * (len(values) + 1)  # later groups lie entirely below earlier ones
-    running = np.minimum.accumulate(key)
-    before = np.concatenate([[np.iinfo(np.int64).max], running[:-1]])
-    return new_group | (key < before)
+    flagged by ``new_group``). Exact: a segmented prefix minimum by doubling steps (min and
+    comparisons only, no arithmetic on the values), log2(largest group) vector passes."""
+    count = len(values)
+    positions = np.arange(count)
+    start = np.maximum.accumulate(np.where(new_group, positions, 0))  # first index of the group
+    longest = int((positions - start).max()) + 1 if count else 0
+    running = values.copy()
+    step = 1
+    while step < longest:
+        inside = positions[step:] - step >= start[step:]
+        shifted = np.minimum(running[step:], running[:-step])
+        running[step:] = np.where(inside, shifted, running[step:])
+        step *= 2
+    before = np.concatenate([[np.inf], running[:-1]])
+    return new_group | (values < before)
 
 
 class ChainSolver:
@@ -532,12 +539,13 @@ class ChainSolver:
     def _enumerate(
         self,
         multipliers: np.ndarray,
-        rests: Sequence[list[np.ndarray]],
+        rests: Sequence[np.ndarray],
         budgets: np.ndarray,
         thresholds: np.ndarray,
     ) -> tuple[list[tuple[np.ndarray, float] | None], int]:
-        """For P budget points at once (rows of ``multipliers`` [P, M] and ``budgets`` [P, M], the
-        same metrics finite in every row): every partial assignment that can still complete to a
+        """For P budget points at once (rows of ``multipliers`` [P, M], ``budgets`` [P, M] with the
+        same metrics finite in every row, and of the rest tables ``rests[u]`` [P, states after u]):
+        every partial assignment that can still complete to a
         solution with Lagrangian value ≤ the point's threshold within its budgets, up to dominance
         within a state (see `solve`). Points share the unit loop, so the per-unit overhead of
         numpy calls is paid once for the whole sweep. Returns the best complete survivor per
@@ -565,7 +573,7 @@ class ChainSolver:
             unit_costs = self._costs[u, :n]
             states_after = len(self._next_base[u + 1]) if u + 1 < self.num_units else 1
             # One flat table per unit: rest minimum by (point, state after u).
-            rest_flat = np.concatenate([r[u].ravel() for r in rests])
+            rest_flat = rests[u].ravel()
             grid = self._scores[u, :n] + self._pair_rows[u][flat]  # [labels, n]
             next_flat = self._next_base[u][flat][:, None] + self._own_stride[u]
             bound = grid + unit_reduced[:, u, :n][point]
@@ -682,6 +690,10 @@ class ChainSolver:
         gaps = np.maximum(first_gap * np.abs(bounds), [self._tolerance(b) for b in bounds])
         labels = np.ones(count, dtype=np.int64)
         pending = [row for row in range(count) if np.isfinite(budgets[row]).any()]
+        # Rest tables per unit for all points at once: [points, states after the unit].
+        stacked = [
+            np.stack([np.asarray(rest[u]).ravel() for rest in rests]) for u in range(self.num_units)
+        ]
         infeasible: set[int] = set()
         while pending:
             thresholds = bounds[pending] + gaps[pending]
@@ -692,7 +704,7 @@ class ChainSolver:
                     thresholds[position] = best[row][1]
             found_best, most = self._enumerate(
                 np.array([lams[row] for row in pending]),
-                [rests[row] for row in pending],
+                [table[pending] for table in stacked],
                 budgets[pending],
                 thresholds,
             )
