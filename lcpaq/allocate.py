@@ -1,4 +1,4 @@
-"""Stage 3: choose one format per layer with an integer linear program solved by HiGHS (METHOD §4).
+"""Stage 3: choose one format per layer by an integer linear program (METHOD §4), proven optimal.
 
 Input: a `CandidateTable`, scores [L, F], an ``allowed`` mask [L, F], a `CostModel`, budgets, tied
 layer groups and optional pairwise terms. Output: an `Allocation` (``allocation.json``): the format of
@@ -11,9 +11,18 @@ is the tie constraint with fewer rows. Binary x[u, f] for every kept candidate o
 minimise Σ s[u, f]·x[u, f] + Σ_{(u,v)} Σ_{f,g} C_uv(f, g)·y[uv, fg] with y ∈ [0, 1] continuous and the
 product y = x[u, f]·x[v, g] linearised exactly: RLT (default) Σ_g y[uv, fg] = x[u, f],
 Σ_f y[uv, fg] = x[v, g]; or McCormick y ≤ x[u, f], y ≤ x[v, g], y ≥ x[u, f] + x[v, g] − 1.
+Objective weights (METHOD §4): ``cost_weights`` {metric: λ_k ≥ 0} add Σ_k λ_k·cost_k/B_k, B_k the
+budget on metric k or, without one, its largest achievable value; hard budgets stay hard.
 Candidates are pruned first with the safe rule of METHOD §3 over every cost dimension
-(`lcpaq.frontier.safe_pareto_mask`). The HiGHS model is built once; a new budget changes row bounds
-only, and each solve starts from the best earlier solution that meets the new budgets.
+(`lcpaq.frontier.safe_pareto_mask`), and again per solve over the metrics that are budgeted or
+weighted. The HiGHS model is built once; a new budget changes row bounds only (weights change column
+costs), and each solve starts from the best earlier solution that meets the new budgets.
+
+Solvers (``solver=``): ``auto`` proves each optimum with the fastest exact method measured in
+``scripts/bench_allocate.py``: the dynamic program of `lcpaq.banded` when there are pairwise terms
+in a narrow band of layers, the multiple-choice knapsack DP for one budget without pairs, HiGHS
+otherwise (several budgets without pairs, where its LP bound is tight; pair graphs too wide for the
+dynamic program). ``dp`` and ``highs`` force one method.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact allocation by dynamic programming over the layer order (METHOD §3–§4). Numpy only.
+"""Exact allocation by dynamic programming over the layer order (METHOD §3–§4).
 
 Why this exists: HiGHS solves the pairwise ILP by branch and bound on an LP relaxation. With pairs in
 a window of three layers the pair graph has cycles, the relaxation is weak, and one solve of a
@@ -8,13 +8,18 @@ state is the formats of the layers still linked to a later one minimises any obj
 Σ_l r_l(f_l) + Σ_pairs C exactly, in time linear in the number of layers. That gives
 
 * a Lagrangian lower bound for any budget vector: move the budget rows into the objective with
-  multipliers λ ≥ 0 (r = s + Σ_k λ_k·c_k) and minimise by the dynamic program; the best λ is found by
-  walking the lower convex hull of (cost, objective) one coordinate at a time; and
+  multipliers λ ≥ 0 (r = s + Σ_k λ_k·c_k) and minimise by the dynamic program; the best λ is found
+  by walking the lower convex hull of (cost, objective) for one budget, by cutting planes for
+  several; and
 * an exact solve: extend partial assignments unit by unit and drop one when (a) its Lagrangian
-  value plus the exact Lagrangian minimum of the remaining units exceeds a known upper bound, (b)
-  its cost plus the cheapest rest breaks a budget, or (c) another partial assignment with the same
-  state is no worse in objective and every budgeted cost. Every optimum survives (a)–(c) or is
-  matched by one that does (see `ChainSolver.solve`), so the best complete survivor is optimal.
+  value plus the exact Lagrangian minimum of the remaining units exceeds a threshold, (b) its cost
+  plus the cheapest rest breaks a budget, or (c) another partial assignment with the same state is
+  no worse in objective and every budgeted cost. Every optimum survives (a)–(c) or is matched by
+  one that does (see `ChainSolver.solve_many`), so once a feasible solution within the threshold is
+  known the best complete survivor is optimal: a proof, not a gap.
+
+All points of a Pareto sweep go through one loop over the units together, so numpy's per-call cost
+is paid once per unit for the whole sweep, not once per point.
 
 Without pairs and with one budget, `knapsack_optima` is the exact multiple-choice-knapsack dynamic
 program over (cost, score) Pareto lists (Nemhauser–Ullmann), split in two halves that meet in the
@@ -23,7 +28,7 @@ middle: every budget of a sweep at once, on the exact float costs (nothing is ro
 Inputs are per *unit* (a layer, or tied layers sharing one format) and per *option* (the unit's
 allowed formats): ``scores[u]`` [n_u], ``costs[u]`` [n_u, M] and ``pairs[(u, v)]`` [n_u, n_v] with
 u < v. Choices are option positions per unit. Numpy, and highspy for the few-variable LPs of the
-multiplier search.
+multiplier search; no torch.
 """
 
 from __future__ import annotations
@@ -136,7 +141,6 @@ class ChainSolver:
         # leading axis about ten times faster than a short trailing one).
         self.active = [tuple(p for p in range(u, -1, -1) if last[p] > u) for u in range(units)]
         self.separable = not pairs
-        self._full_shape: list[tuple[int, ...]] = []
         self._expand: list[tuple[int, ...]] = []
         self._pair_term: list[np.ndarray] = []
         self._pair_rows: list[np.ndarray] = []
@@ -151,7 +155,6 @@ class ChainSolver:
                     f"the dynamic program needs {int(np.prod(shape))} states at unit {u} "
                     f"(limit {max_states})"
                 )
-            self._full_shape.append(shape)
             self._expand.append(tuple(self.sizes[p] if p in self.active[u] else 1 for p in axes))
             # Pair terms materialised on the full table, so every table has its full shape.
             term = np.zeros(shape)
