@@ -805,6 +805,9 @@ def _max_min_lp(
     with quiet_stdout():
         highs = highspy.Highs()
         highs.setOptionValue("output_flag", False)
+        # HiGHS keeps one thread scheduler per process, fixed by the first solve: use the same
+        # single thread as the allocation MIP (lcpaq.allocate), or that one fails later.
+        highs.setOptionValue("threads", 1)
         highs.passModel(lp)
         highs.run()
     if highs.getModelStatus() != highspy.HighsModelStatus.kOptimal:

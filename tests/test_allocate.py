@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from lcpaq.errors import InputError
 from lcpaq.frontier import build_frontiers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_instance(
@@ -657,3 +661,34 @@ def test_wide_pair_graphs_fall_back_to_highs() -> None:
     allocation = wide.solve(budget)
     assert allocation.solver == "dp"
     assert allocation.predicted_loss_increase == pytest.approx(highs.predicted_loss_increase)
+
+
+def test_dynamic_program_then_highs_in_a_fresh_process() -> None:
+    """HiGHS fixes one thread scheduler per process at the first solve; the multiplier LPs of the
+    dynamic program must use the MIP's single thread, or a later HiGHS solve fails."""
+    script = """
+import numpy as np
+from lcpaq.allocate import AllocationProblem, Budget
+from lcpaq.candidates import CandidateTable
+from lcpaq.costs import build_cost_model
+rng = np.random.default_rng(0)
+bits = np.array([2, 4, 8])
+params = rng.integers(100, 1000, 4)
+weight = params[:, None] * bits[None, :].astype(float)
+table = CandidateTable(tuple(f"l{k}" for k in range(4)), ("int2", "int4", "int8"), params,
+    bits, weight, weight + 64.0, rng.random((4, 3)), np.full((4, 3), np.nan))
+costs = build_cost_model(table, macs_per_sample=rng.integers(100, 1000, 4).astype(float))
+scores = 2.0 ** -bits[None, :] * rng.uniform(0.5, 2.0, (4, 3))
+pairs = {(0, 1): rng.normal(0, 0.01, (3, 3))}
+budgets = [Budget("avg-bits", 5.0), Budget("bitops-g", float(costs.value("bitops-g", np.ones(4, int))))]
+allowed = np.ones((4, 3), bool)
+dp = AllocationProblem(table, scores, allowed, costs=costs, pairwise=pairs, solver="dp").solve(budgets)
+hs = AllocationProblem(table, scores, allowed, costs=costs, pairwise=pairs, solver="highs").solve(budgets)
+assert dp.formats == hs.formats, (dp.formats, hs.formats)
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"  # nothing else: HiGHS' banner and MIP lines stay off stdout
