@@ -115,6 +115,11 @@ def main() -> None:
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--pair-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a run folder under --work whose analysis has the same configuration",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -133,7 +138,14 @@ def main() -> None:
     run_dirs, analysis = {}, {}
     for source in sources:
         run_dir = args.work / f"run-{source}"
-        pipeline.analyze(base.with_analysis(pairwise=source), run_dir, progress=False)
+        config = base.with_analysis(pairwise=source)
+        reusable = (
+            args.reuse
+            and (run_dir / "interactions.npz").is_file()
+            and pipeline.read_config(run_dir) == config
+        )
+        if not reusable:
+            pipeline.analyze(config, run_dir, progress=False)
         layer_data = artifacts.read_json(run_dir / "layers.json", "layer list")
         analysis[source] = {
             "interactions_s": layer_data["interactions_seconds"],
