@@ -669,14 +669,15 @@ def test_dynamic_program_then_highs_in_a_fresh_process() -> None:
     script = """
 import numpy as np
 from lcpaq.allocate import AllocationProblem, Budget
-from lcpaq.candidates import CandidateTable
+from types import SimpleNamespace  # a CandidateTable without importing torch
 from lcpaq.costs import build_cost_model
 rng = np.random.default_rng(0)
 bits = np.array([2, 4, 8])
 params = rng.integers(100, 1000, 4)
 weight = params[:, None] * bits[None, :].astype(float)
-table = CandidateTable(tuple(f"l{k}" for k in range(4)), ("int2", "int4", "int8"), params,
-    bits, weight, weight + 64.0, rng.random((4, 3)), np.full((4, 3), np.nan))
+table = SimpleNamespace(layer_names=tuple(f"l{k}" for k in range(4)),
+    format_names=("int2", "int4", "int8"), num_params=params, bits=bits, weight_bits=weight,
+    size_bits=weight + 64.0, error_sq=rng.random((4, 3)))
 costs = build_cost_model(table, macs_per_sample=rng.integers(100, 1000, 4).astype(float))
 scores = 2.0 ** -bits[None, :] * rng.uniform(0.5, 2.0, (4, 3))
 pairs = {(0, 1): rng.normal(0, 0.01, (3, 3))}
