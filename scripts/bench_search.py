@@ -109,14 +109,19 @@ def _trial_base(base: RunConfig, folder: Path) -> RunConfig:
 def _measure(
     context: SearchContext, config: RunConfig, work: Path, test, *, proxy: bool = True
 ) -> dict[str, object]:
-    """Prepare (cached), full-slice proxy, top-1 on the test set; each part timed."""
-    start = time.perf_counter()
+    """Prepare (cached), full-slice proxy, top-1 on the test set; each part timed (wall and, for
+    prepare and evaluation, CPU seconds)."""
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         prepared = context.prepare(config, work)
         quantized = context.build(prepared)
     except Infeasible as error:
         return {"infeasible": str(error), "prepare_s": time.perf_counter() - start}
-    row: dict[str, object] = {"prepare_s": time.perf_counter() - start, **prepared.timings}
+    row: dict[str, object] = {
+        "prepare_s": time.perf_counter() - start,
+        "prepare_cpu_s": time.process_time() - cpu,
+        **prepared.timings,
+    }
     row["avg_bits"] = prepared.allocation.average_bits
     row["size_bytes"] = prepared.allocation.size_bytes
     if proxy:
@@ -124,9 +129,10 @@ def _measure(
         count = context.slices.rungs[-1]
         row["proxy"] = context.scorer.value(context.scorer.sums(quantized, 0, count), count)
         row["proxy_full_s"] = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     accuracy = evaluate_accuracy(quantized, test)
     row["eval_s"] = time.perf_counter() - start
+    row["eval_cpu_s"] = time.process_time() - cpu
     row["top1"] = accuracy.top1
     row["_accuracy"] = accuracy
     return row
@@ -275,6 +281,7 @@ def _naive(config: RunConfig, work: Path, test_path: str) -> dict[str, object]:
     if work.exists():
         shutil.rmtree(work)
     timings = {}
+    cpu = time.process_time()
     start = time.perf_counter()
     pipeline.analyze(config, work, progress=False)
     timings["analyze_s"] = time.perf_counter() - start
@@ -292,19 +299,34 @@ def _naive(config: RunConfig, work: Path, test_path: str) -> dict[str, object]:
     start = time.perf_counter()
     evaluation = pipeline.evaluate(work, test_path)
     timings["evaluate_s"] = time.perf_counter() - start
-    return {**timings, "top1": evaluation["quantized"]["top1"]}  # type: ignore[index]
+    return {
+        **timings,
+        "cpu": time.process_time() - cpu,
+        "top1": evaluation["quantized"]["top1"],  # type: ignore[index]
+    }
 
 
 def phase_cost(args: argparse.Namespace, test) -> dict[str, object]:
+    """Full evaluation of a seeded sample of the search's configurations, cached and naive; the
+    totals for all of them are the sample means times the number of configurations."""
     folder = args.out / "resnet20-3"
     base = _base(args.shared, "resnet20", 3.0)
     context, space = _context(base, folder)
     trial_base = _trial_base(base, folder)
     report = json.loads((folder / "search_report.json").read_text())
     trials = json.loads((folder / "trials.json").read_text())["trials"]
-    distinct = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED") and not t["duplicate_of"]]
+    distinct = [
+        t
+        for t in trials
+        if t["state"] in ("COMPLETE", "PRUNED") and not t["duplicate_of"] and not t["error"]
+    ]
+    rng = np.random.default_rng(args.seed)
+    picked = sorted(
+        rng.choice(len(distinct), size=min(args.cost_configs, len(distinct)), replace=False)
+    )
     cached = []
-    for trial in distinct:
+    for index in picked:
+        trial = distinct[int(index)]
         params = {name: trial[name] for name in space.names}
         row = _measure(
             context,
@@ -316,58 +338,58 @@ def phase_cost(args: argparse.Namespace, test) -> dict[str, object]:
         row["trial"] = trial["number"]
         cached.append(row)
         print(f"cost {trial['number']}: {row.get('top1')}", flush=True)
-    split = report["wall_time_split_s"]
-    one_time = split["setup_s"] + split["hessian_s"] + split["candidates_s"]
-    cached_total = (
-        one_time
-        + sum(float(row["prepare_s"]) + float(row.get("eval_s", 0.0)) for row in cached)
-        + split.get("best_run_s", 0.0)
-    )
-    # Naive: the ordinary stages per configuration, on a seeded sample.
-    rng = np.random.default_rng(args.seed)
-    sample = sorted(
-        rng.choice(len(cached), size=min(args.naive_configs, len(cached)), replace=False)
-    )
     naive = []
-    for index in sample:
-        row = cached[int(index)]
+    for row in cached[: args.naive_configs]:
         config = space.config(trial_base, row["params"])  # type: ignore[arg-type]
         result = _naive(config, folder / "naive" / f"{row['trial']:05d}", str(args.shared / TEST))
         result["trial"] = row["trial"]
         result["cached_top1"] = row.get("top1")
         naive.append(result)
         print(f"naive {row['trial']}: {result}", flush=True)
-    naive_seconds = [
-        sum(float(v) for k, v in result.items() if k.endswith("_s")) for result in naive
-    ]
-    naive_total = float(np.mean(naive_seconds)) * len(cached)
+    count = len(distinct)
+    split = report["wall_time_split_s"]
+    one_time = split["setup_s"] + split["hessian_s"] + split["candidates_s"]
+    cached_wall = [float(r["prepare_s"]) + float(r["eval_s"]) for r in cached]
+    cached_cpu = [float(r["prepare_cpu_s"]) + float(r["eval_cpu_s"]) for r in cached]
+    naive_wall = [sum(float(v) for k, v in r.items() if k.endswith("_s")) for r in naive]
+    naive_cpu = [float(r["cpu"]) for r in naive]
     search_wall = float(report["this_process_wall_s"])
+    search_cpu = float(report["this_process_cpu_s"])
+    cached_total = one_time + count * float(np.mean(cached_wall)) + split.get("best_run_s", 0.0)
     return {
-        "configurations": len(cached),
-        "proxy_search_wall_s": search_wall,
-        "proxy_search_split_s": split,
+        "configurations": count,
+        "sampled_configurations": len(cached),
+        "proxy_search": {
+            "wall_s": search_wall,
+            "cpu_s": search_cpu,
+            "cpu_per_configuration_s": search_cpu / count,
+            "split_s": split,
+        },
         "cached_full_eval": {
             "one_time_s": one_time,
-            "per_configuration_mean_s": float(
-                np.mean([float(r["prepare_s"]) + float(r.get("eval_s", 0.0)) for r in cached])
-            ),
-            "total_s": cached_total,
-            "ratio_vs_proxy_search": cached_total / search_wall,
+            "per_configuration_wall_s": float(np.mean(cached_wall)),
+            "per_configuration_cpu_s": float(np.mean(cached_cpu)),
+            "total_wall_s": cached_total,
+            "wall_ratio_vs_proxy_search": cached_total / search_wall,
+            "cpu_ratio_per_configuration": float(np.mean(cached_cpu)) / (search_cpu / count),
         },
         "naive": {
             "sampled_configurations": len(naive),
-            "per_configuration_mean_s": float(np.mean(naive_seconds)),
-            "per_configuration_s": naive_seconds,
-            "extrapolated_total_s": naive_total,
-            "ratio_vs_proxy_search": naive_total / search_wall,
+            "per_configuration_wall_s": float(np.mean(naive_wall)),
+            "per_configuration_cpu_s": float(np.mean(naive_cpu)),
+            "per_configuration_wall": naive_wall,
+            "total_wall_s": count * float(np.mean(naive_wall)),
+            "wall_ratio_vs_proxy_search": count * float(np.mean(naive_wall)) / search_wall,
+            "cpu_ratio_per_configuration": float(np.mean(naive_cpu)) / (search_cpu / count),
             "rows": naive,
             "top1_equal_to_cached": all(
                 r.get("top1") is None or abs(float(r["top1"]) - float(r["cached_top1"])) < 1e-9
                 for r in naive
             ),
         },
-        "rank_over_search_configurations": _spearman(cached),
+        "rank_over_sampled_search_configurations": _spearman(cached),
         "rows": _clean(cached),
+        "loadavg_1min_end": os.getloadavg()[0],
     }
 
 
@@ -409,19 +431,19 @@ def markdown(result: dict) -> str:
             ]
     if "cost" in result:
         cost = result["cost"]
-        rank = cost["rank_over_search_configurations"]
+        search, cached, naive = cost["proxy_search"], cost["cached_full_eval"], cost["naive"]
         lines += [
             "",
-            f"Cost over the {cost['configurations']} configurations of the search: proxy search "
-            f"{cost['proxy_search_wall_s']:.0f} s; cached pipeline with full evaluation "
-            f"{cost['cached_full_eval']['total_s']:.0f} s "
-            f"({cost['cached_full_eval']['ratio_vs_proxy_search']:.2f}×); naive pipeline per "
-            f"configuration {cost['naive']['per_configuration_mean_s']:.0f} s "
-            f"(mean of {cost['naive']['sampled_configurations']}), "
-            f"{cost['naive']['extrapolated_total_s']:.0f} s for all "
-            f"({cost['naive']['ratio_vs_proxy_search']:.1f}×). Rank agreement over these "
-            f"configurations: Spearman {rank.get('spearman', float('nan')):.3f} "
-            f"(better half {rank.get('spearman_better_half', float('nan')):.3f}).",
+            f"Cost, {cost['configurations']} configurations (full evaluation measured on "
+            f"{cost['sampled_configurations']} of them, naive on {naive['sampled_configurations']}): "
+            f"proxy search {search['wall_s']:.0f} s wall, {search['cpu_s']:.0f} CPU s "
+            f"({search['cpu_per_configuration_s']:.0f} CPU s per configuration); cached pipeline "
+            f"+ full evaluation {cached['per_configuration_cpu_s']:.0f} CPU s per configuration "
+            f"({cached['cpu_ratio_per_configuration']:.2f}×), total {cached['total_wall_s']:.0f} s "
+            f"wall ({cached['wall_ratio_vs_proxy_search']:.2f}×); naive pipeline "
+            f"{naive['per_configuration_cpu_s']:.0f} CPU s per configuration "
+            f"({naive['cpu_ratio_per_configuration']:.1f}×), total {naive['total_wall_s']:.0f} s "
+            f"wall ({naive['wall_ratio_vs_proxy_search']:.1f}×).",
         ]
     return "\n".join(lines)
 
@@ -438,7 +460,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--rank-configs", type=int, default=40)
-    parser.add_argument("--naive-configs", type=int, default=6)
+    parser.add_argument("--cost-configs", type=int, default=12)
+    parser.add_argument("--naive-configs", type=int, default=4)
     parser.add_argument(
         "--share-caches",
         action=argparse.BooleanOptionalAction,
