@@ -205,8 +205,9 @@ def _add_allocation_options(parser: argparse.ArgumentParser, *, required: bool) 
     group.add_argument(
         "--pairwise-mode",
         choices=["ilp", "augmented"],
-        default="ilp",
-        help="exact pair products in the ILP, or separable scores around the incumbent (§1d)",
+        default=AllocationConfig.pairwise_mode,
+        help="separable scores around the incumbent (METHOD §1d; default: best mean and smallest "
+        "worst case on ResNet20, docs/results.md) or exact pair products in the ILP",
     )
 
 

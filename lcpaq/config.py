@@ -137,8 +137,9 @@ class AllocationConfig:
     (METHOD §4; 0 for every metric by default, so hard budgets alone decide).
     ``pairwise_weight`` (λ), ``pair_z``, ``pair_clip``, ``pairwise_mode``: how the inter-layer terms
     of ``interactions.npz`` (if the analysis stored them) enter the objective (`lcpaq.pairwise`):
-    C := 0 where |C| < z·SE, then λ·C, then optional clipping; ``ilp`` (exact pair products) or
-    ``augmented`` (separable scores around the incumbent, METHOD §1d). λ = 0 ignores them.
+    C := 0 where |C| < z·SE, then λ·C, then optional clipping; ``augmented`` (separable scores
+    around the incumbent, METHOD §1d; the default: best mean and smallest worst case on ResNet20,
+    docs/results.md) or ``ilp`` (exact pair products). λ = 0 ignores them.
     """
 
     budgets: tuple[str, ...] = ()
@@ -151,7 +152,7 @@ class AllocationConfig:
     pairwise_weight: float = 1.0
     pair_z: float = 2.0
     pair_clip: Literal["none", "negative", "psd"] = "none"
-    pairwise_mode: Literal["ilp", "augmented"] = "ilp"
+    pairwise_mode: Literal["ilp", "augmented"] = "augmented"
 
     def __post_init__(self) -> None:
         if self.first_last not in ("search", "keep-8bit"):

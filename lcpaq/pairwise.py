@@ -233,9 +233,12 @@ class AugmentedProblem:
         budgets: Sequence[Budget] = (),
         low: float | None = None,
         high: float | None = None,
+        cost_weights: Mapping[str, float] | None = None,
     ) -> list[ParetoPoint]:
         """`AllocationProblem.pareto_curve` with the augmented `solve` at every budget (from
         ``high`` down to ``low``, ``budgets`` held); distinct assignments by increasing ``metric``."""
+        if cost_weights and any(cost_weights.values()):
+            raise InputError("cost weights are not supported with pairwise_mode 'augmented'")
         if num_points < 1:
             raise InputError(f"a Pareto sweep needs at least one point, got {num_points}")
         others = [budget for budget in budgets if budget.metric != metric]

@@ -481,7 +481,7 @@ def build_problem(
     pairwise_weight: float = 1.0,
     pair_z: float = 2.0,
     pair_clip: PairClip = "none",
-    pairwise_mode: PairwiseMode = "ilp",
+    pairwise_mode: PairwiseMode = "augmented",
 ) -> tuple[AllocationProblem | AugmentedProblem, CandidateTable, np.ndarray, np.ndarray]:
     """The ILP for a run folder: scores, Pareto mask, costs, ties and the first/last-layer policy,
     plus the inter-layer terms of ``interactions.npz`` if present (`load_pairwise`)."""
@@ -540,7 +540,7 @@ def allocate(
     pairwise_weight: float = 1.0,
     pair_z: float = 2.0,
     pair_clip: PairClip = "none",
-    pairwise_mode: PairwiseMode = "ilp",
+    pairwise_mode: PairwiseMode = "augmented",
     cost_weights: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``.
@@ -568,7 +568,10 @@ def allocate(
             **pair_options,  # type: ignore[arg-type]
         )
         if cost_weights and isinstance(problem, AugmentedProblem):
-            raise InputError("cost weights are not supported with pairwise_mode 'augmented'")
+            raise InputError(
+                "cost weights are not supported with pairwise_mode 'augmented' (the default when "
+                "interactions.npz exists); use --pairwise-mode ilp or --pairwise-weight 0"
+            )
         try:
             allocation = (
                 problem.solve(budgets, cost_weights=cost_weights)

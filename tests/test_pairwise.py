@@ -298,7 +298,11 @@ def _brute_force(run_dir: Path, scores, pairs, bits: float) -> tuple[float, tupl
 def test_allocation_with_pairs_equals_brute_force(forward_run, weight: float, z: float) -> None:
     scores, pairs = _expected_objective(forward_run, weight, z)
     allocation = pipeline.allocate(
-        forward_run, [Budget("avg-bits", 3.0)], pairwise_weight=weight, pair_z=z
+        forward_run,
+        [Budget("avg-bits", 3.0)],
+        pairwise_weight=weight,
+        pair_z=z,
+        pairwise_mode="ilp",
     )
     value, choice = _brute_force(forward_run, scores, pairs, 3.0)
     assert allocation.predicted_loss_increase == pytest.approx(value, rel=1e-6, abs=1e-15)
@@ -414,7 +418,7 @@ def test_new_analysis_without_pairs_removes_stale_terms(digits_files) -> None:
         "pairwise_weight": AllocationConfig().pairwise_weight,
         "pair_z": 2.0,
         "pair_clip": "none",
-        "pairwise_mode": "ilp",
+        "pairwise_mode": "augmented",
     }
 
 
@@ -497,12 +501,12 @@ def test_cli_flags_reach_the_run_folder(digits_files, capsys) -> None:
         "--pair-clip",
         "negative",
         "--pairwise-mode",
-        "augmented",
+        "ilp",
     ]
     assert main(allocate) == 0
     stored = json.loads((out / "allocation.json").read_text())["pairwise"]
     assert stored["pairwise_weight"] == 0.5 and stored["pair_z"] == 0.0
-    assert stored["pair_clip"] == "negative" and stored["pairwise_mode"] == "augmented"
+    assert stored["pair_clip"] == "negative" and stored["pairwise_mode"] == "ilp"
     # A run from the stored configuration measures the same terms.
     rerun = digits_files["dir"] / "cli-rerun"
     config_args = ["-q", "run", "--config", str(out / "run_config.json"), "--budget"]
