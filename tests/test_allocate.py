@@ -693,3 +693,24 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"  # nothing else: HiGHS' banner and MIP lines stay off stdout
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_highs_is_exact_when_the_optimum_is_far_below_the_largest_coefficient(seed: int) -> None:
+    """One unused candidate scores 1 (the objective is scaled to it) and the optimum is ~1e-6:
+    without the rescaled re-run HiGHS reported "Optimal" for worse assignments here (5 of these 8
+    seeds), because its tolerances are absolute."""
+    rng = np.random.default_rng(seed)
+    table, scores, constant = random_instance(rng, 6, 3, monotone=True)
+    scores = scores * 1e-6 / scores.max()
+    scores[0, 0] = 1.0
+    pairs = {(i, i + 1): 1e-7 * rng.normal(size=(3, 3)) for i in range(5)}
+    allowed = np.ones_like(scores, dtype=bool)
+    brute = RichBruteForce(table, scores, allowed, build_cost_model(table), pairs, [])
+    budget = [brute.random_budget(rng, "avg-bits")]
+    expected = brute.best(budget)
+    assert expected is not None
+    allocation = AllocationProblem(
+        table, scores, allowed, pairwise=pairs, solver="highs", constant_size_bits=constant
+    ).solve(budget)
+    assert allocation.predicted_loss_increase == pytest.approx(expected, rel=1e-6, abs=1e-15)
