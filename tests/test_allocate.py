@@ -21,6 +21,7 @@ from lcpaq.allocate import (
     tie_rule_groups,
     uniform_choice,
 )
+from lcpaq.banded import knapsack_frontier
 from lcpaq.candidates import CandidateTable
 from lcpaq.costs import CostModel, build_cost_model
 from lcpaq.errors import InputError
@@ -714,3 +715,25 @@ def test_highs_is_exact_when_the_optimum_is_far_below_the_largest_coefficient(se
         table, scores, allowed, pairwise=pairs, solver="highs", constant_size_bits=constant
     ).solve(budget)
     assert allocation.predicted_loss_increase == pytest.approx(expected, rel=1e-6, abs=1e-15)
+
+
+def test_knapsack_frontier_is_an_oracle_for_highs_sweeps_too_large_to_enumerate() -> None:
+    """18 layers x 4 formats (4^18 assignments): HiGHS' Pareto curve against the exact
+    multiple-choice-knapsack frontier (`lcpaq.banded.knapsack_frontier`) at every swept value."""
+    rng = np.random.default_rng(21)
+    table, scores, constant = random_instance(rng, 18, 4, monotone=True, format_overhead=True)
+    allowed = np.ones_like(scores, dtype=bool)
+    problem = AllocationProblem(
+        table, scores, allowed, constant_size_bits=constant, solver="highs", prune=False
+    )
+    coefficients = problem.costs.coefficients["size-mb"]
+    frontier_costs, frontier_values, _ = knapsack_frontier(list(scores), list(coefficients))
+    offset = problem.costs.offsets["size-mb"]
+    points = problem.pareto_curve("size-mb", num_points=15)
+    assert sum(len(point.budgets) for point in points) == 15
+    for point in points:
+        for value in point.budgets:
+            fits = frontier_costs <= value - offset + 1e-12 * value
+            assert point.predicted_loss_increase == pytest.approx(
+                frontier_values[fits].min(), rel=1e-6
+            )
