@@ -16,8 +16,9 @@ Three estimators (all for the losses of `LossName`: cross-entropy, MSE, KL to th
 * ``hutchinson``: E[vᵀHv] with Rademacher v drawn jointly over all layers and read per layer
   (unbiased for tr(H_ll)); the cross-check, stopped at a relative-error tolerance or a probe cap.
 * ``hutchinson_single_layer``: Rademacher v that is zero outside one layer l, so v_lᵀH_ll v_l carries
-  no cross-block noise; probe budgets follow each layer's measured variance (below). The pipeline's
-  ``estimator="hutchinson"`` uses this one.
+  no cross-block noise; probe budgets follow each layer's measured variance, and the exact
+  Gauss–Newton trace can serve as control variate (each probe then reads only v(H − G)v, which
+  vanishes for ReLU networks and for ``kl``). The pipeline's ``estimator="hutchinson"`` uses this.
 """
 
 from __future__ import annotations

@@ -592,6 +592,32 @@ def levers(args: argparse.Namespace) -> dict:
     return out
 
 
+def budget_grid(args: argparse.Namespace) -> dict:
+    """lcpaq alone (auto) on the 200-layer window-3 instance over several (size, BitOps) budget
+    pairs: how much the dynamic program's time varies with the budgets."""
+    inst = make_instance(args.big_layers, 3, seed=args.seed)
+    costs = inst[2]
+    rows = []
+    pairs = ((0.1, 0.2), (0.2, 0.3), (0.25, 0.35), (0.3, 0.3), (0.4, 0.5), (0.6, 0.5), (0.8, 0.7))
+    for size, bitops in pairs:
+        budgets = [
+            relative_budget(costs, "size-mb", size),
+            relative_budget(costs, "bitops-g", bitops),
+        ]
+        allocation, seconds = timed(problem_for(inst, True, "auto").solve, budgets)
+        rows.append(
+            {
+                "size_fraction": size,
+                "bitops_fraction": bitops,
+                "solve_s": seconds,
+                "method": allocation.solver,
+                "objective": allocation.predicted_loss_increase,
+            }
+        )
+        print(f"grid {size},{bitops}: {seconds:.2f}s {allocation.solver}", flush=True)
+    return {"instance": f"{args.big_layers} layers, window 3", "points": rows}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_allocate.json"))
@@ -610,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--quick", action="store_true", help="2 reference points per curve, CBC only to window 1"
+    )
+    parser.add_argument(
+        "--grid-only", action="store_true", help="only the 200-layer budget grid (its own JSON)"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -633,6 +662,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "curve_100_points_without_pairs_s": "< 0.5",
         },
     }
+    if args.grid_only:
+        report["budget_grid_200"] = budget_grid(args)
+        report["load_average_at_end"] = os.getloadavg()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=float))
+        print(f"wrote {out}")
+        return
     report["curves_54"] = {
         f"window_{w}": curve(make_instance(args.layers, max(w, 1), seed=args.seed), w, args)
         for w in (0, 1, 2, 3)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
+from lcpaq.activations import activation_scores, activation_sensitivity, quantize_activation
 from lcpaq.data import load_dataset
 from lcpaq.graph import discover_layers, get_module
 from lcpaq.hessian import (
@@ -110,17 +111,23 @@ def time_hvp(
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     _sync(device)
     graph_seconds = time.perf_counter() - start
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         probe = [
             (torch.randint(0, 2, w.shape, generator=generator, device=device) * 2 - 1).to(w.dtype)
             for w in weights
         ]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         torch.autograd.grad(grads, weights, grad_outputs=probe, retain_graph=True)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return {"hvp_seconds": float(np.median(times)), "graph_seconds": graph_seconds, "all": times}
+        cpu_times.append(time.process_time() - cpu_start)
+    return {
+        "hvp_seconds": float(np.median(times)),
+        "hvp_cpu_seconds": float(np.median(cpu_times)),
+        "graph_seconds": graph_seconds,
+        "all": times,
+    }
 
 
 def run_pyhessian(
@@ -174,10 +181,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
 
     batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     gn = gauss_newton_traces(model, layers, batches, seed=args.seed)
     _sync(device)
     gn_seconds = time.perf_counter() - start
+    gn_cpu_seconds = time.process_time() - cpu_start
     logger.info("%s: Gauss-Newton %.1f s = %.1f HVP", name, gn_seconds, gn_seconds / unit)
 
     pyh = run_pyhessian(model, weights, inputs, labels, args.pyhessian_iters, args.seed)
@@ -267,6 +275,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "gauss_newton": {
             "seconds": gn_seconds,
             "hvp_equivalents": gn_seconds / unit,
+            "cpu_seconds": gn_cpu_seconds,
+            "hvp_equivalents_cpu": gn_cpu_seconds / hvp["hvp_cpu_seconds"],
             "sum": float(gn.trace.sum()),
             "sum_stderr": float(np.std(gn.sample_traces.sum(1), ddof=1) / np.sqrt(len(inputs))),
             "probe_noise": "none (exact per sample); stderr is over calibration samples",
@@ -374,10 +384,13 @@ def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> Non
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     gauss_newton_traces(model, layers, batches, seed=int(spec["seed"]))
     _sync(device)
     seconds = time.perf_counter() - start
+    # CPU seconds of this process (all threads): on a machine shared with other jobs wall time
+    # swings several-fold, CPU time much less, so the growth is judged on it.
+    cpu_seconds = time.process_time() - cpu_start
     if method.startswith("VmHWM"):
         peak = _rss_kib("VmHWM") or 0
         peak_delta = peak - (rss_before or 0)
@@ -395,6 +408,7 @@ def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> Non
         ]
         hvp = {
             "hvp_seconds": sum(t["hvp_seconds"] for t in timings),
+            "hvp_cpu_seconds": sum(t["hvp_cpu_seconds"] for t in timings),
             "graph_seconds": sum(t["graph_seconds"] for t in timings),
         }
     queue.put(
@@ -403,6 +417,7 @@ def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> Non
             "num_layers": len(layers),
             "num_params": sum(layer.num_params for layer in layers),
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "rss_before_mib": (rss_before or 0) / 1024,
             "peak_rss_mib": peak / 1024,
             "peak_over_before_mib": peak_delta / 1024,
@@ -411,6 +426,8 @@ def _scaling_child(spec: dict[str, object], queue: multiprocessing.Queue) -> Non
             "hvp_seconds": hvp["hvp_seconds"] if hvp else None,
             "hvp_graph_seconds": hvp["graph_seconds"] if hvp else None,
             "hvp_equivalents": seconds / hvp["hvp_seconds"] if hvp else None,
+            "hvp_cpu_seconds": hvp["hvp_cpu_seconds"] if hvp else None,
+            "hvp_equivalents_cpu": cpu_seconds / hvp["hvp_cpu_seconds"] if hvp else None,
         }
     )
 
@@ -473,12 +490,96 @@ def scaling(args: argparse.Namespace, device: torch.device) -> dict[str, object]
         "vs_depth_time": _fit_slope(
             [r["num_layers"] for r in by_depth], [r["seconds"] for r in by_depth]
         ),
+        "vs_depth_cpu_time": _fit_slope(
+            [r["num_layers"] for r in by_depth], [r["cpu_seconds"] for r in by_depth]
+        ),
+        "vs_samples_cpu_time": _fit_slope(
+            [r["num_samples"] for r in by_samples], [r["cpu_seconds"] for r in by_samples]
+        ),
         "vs_depth_peak_memory": _fit_slope(
             [r["num_layers"] for r in by_depth], [r["peak_over_before_mib"] for r in by_depth]
         ),
         "vs_samples_peak_memory": _fit_slope(
             [r["num_samples"] for r in by_samples], [r["peak_over_before_mib"] for r in by_samples]
         ),
+    }
+
+
+# -- activation sensitivity: cost, and predicted vs measured loss increase ------------------------
+
+
+def bench_activations(
+    name: str, args: argparse.Namespace, device: torch.device
+) -> dict[str, object]:
+    """`activation_sensitivity` on a checkpoint: its time next to Gauss-Newton's (same batches), and
+    how well ½·T_l·σ²_l(f) (and the diagonal form) predicts the measured KL(p_FP ‖ p_Q) when only
+    layer l's input is quantized with format f (forward passes on the same images)."""
+    model = load_model("cifar-resnet", SHARED / CHECKPOINTS[name]).to(device)
+    calib = load_dataset(args.calib, num_classes=10).subset(0, args.num_samples)
+    inputs = calib.inputs.to(device)
+    layers = discover_layers(model, inputs)
+    batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    formats = tuple(args.activation_formats.split(","))
+    _sync(device)
+    start = time.perf_counter()
+    gauss_newton_traces(model, layers, batches, keep_diagonal=False)
+    _sync(device)
+    gn_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    sensitivity = activation_sensitivity(model, layers, batches, formats, loss="kl")
+    _sync(device)
+    act_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        reference = torch.cat([torch.log_softmax(model(batch), -1) for batch in batches])
+    measured = np.zeros((len(layers), len(formats)))
+    for row, layer in enumerate(layers):
+        module = get_module(model, layer.name)
+        for column, format_name in enumerate(formats):
+            low, high = float(sensitivity.low[row]), float(sensitivity.high[row])
+            handle = module.register_forward_pre_hook(
+                lambda _m, a, f=format_name, lo=low, hi=high: (
+                    quantize_activation(a[0], f, lo, hi),
+                    *a[1:],
+                )
+            )
+            try:
+                with torch.no_grad():
+                    log_q = torch.cat([torch.log_softmax(model(batch), -1) for batch in batches])
+            finally:
+                handle.remove()
+            kl = (reference.exp() * (reference - log_q)).sum(-1).mean()
+            measured[row, column] = float(kl)
+    predicted = {scorer: activation_scores(sensitivity, scorer) for scorer in ("trace", "diagonal")}
+    return {
+        "model": name,
+        "num_samples": len(inputs),
+        "formats": list(formats),
+        "layers": [layer.name for layer in layers],
+        "gauss_newton_seconds": gn_seconds,
+        "activation_seconds": act_seconds,
+        "activation_over_gauss_newton_time": act_seconds / gn_seconds,
+        "activation_trace": sensitivity.trace.tolist(),
+        "activation_trace_relative_stderr": (sensitivity.trace_stderr / sensitivity.trace).tolist(),
+        "noise_per_element": sensitivity.noise.tolist(),
+        "measured_kl": measured.tolist(),
+        **{f"predicted_{scorer}": values.tolist() for scorer, values in predicted.items()},
+        "spearman_predicted_vs_measured": {
+            scorer: {
+                "all": float(spearmanr(values.ravel(), measured.ravel()).statistic),
+                **{
+                    fmt: float(spearmanr(values[:, i], measured[:, i]).statistic)
+                    for i, fmt in enumerate(formats)
+                },
+            }
+            for scorer, values in predicted.items()
+        },
+        "median_measured_over_predicted": {
+            scorer: {
+                fmt: float(np.median(measured[:, i] / values[:, i]))
+                for i, fmt in enumerate(formats)
+            }
+            for scorer, values in predicted.items()
+        },
     }
 
 
@@ -514,6 +615,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling-depths", default="20,32,44,56")
     parser.add_argument("--depth-samples", type=int, default=256)
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--sections",
+        default="models,scaling,activations",
+        help="what to run: models (estimators), scaling, activations (activation sensitivity)",
+    )
+    parser.add_argument("--activation-formats", default="int8,int6,int4,fp8_e4m3")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other sections of an existing --out file"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench_hessian.json"))
     args = parser.parse_args(argv)
     args.scaling_samples = [int(v) for v in args.scaling_samples.split(",") if v]
@@ -522,17 +632,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sections = {name for name in args.sections.split(",") if name}
+    if args.skip_scaling:
+        sections.discard("scaling")
+    models = [name for name in args.models.split(",") if name]
     started = time.perf_counter()
-    result: dict[str, object] = {
+    result: dict[str, object] = (
+        json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
+    )
+    run = {
         "git_sha": _git_sha(),
         "machine": _machine(device),
         "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "models": [bench_model(name, args, device) for name in args.models.split(",") if name],
     }
-    if not args.skip_scaling:
+    if "models" in sections:
+        result["models"] = [bench_model(name, args, device) for name in models]
+    if "scaling" in sections:
         result["scaling"] = scaling(args, device)
-    result["total_seconds"] = time.perf_counter() - started
+    if "activations" in sections:
+        result["activations"] = [bench_activations(name, args, device) for name in models]
+    run["seconds"] = time.perf_counter() - started
+    result.setdefault("runs", []).append({**run, "sections": sorted(sections)})  # type: ignore[union-attr]
+    result.update({key: run[key] for key in ("git_sha", "machine", "seed", "args")})
+    result["total_seconds"] = run["seconds"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     logger.info("wrote %s in %.0f s", args.out, result["total_seconds"])
