@@ -583,6 +583,14 @@ def bench_activations(
     }
 
 
+def _merge_by_model(
+    earlier: list[dict[str, object]], new: list[dict[str, object]]
+) -> list[dict[str, object]]:
+    """Entries of an earlier run (``--merge``) for other models, then this run's."""
+    names = {entry["model"] for entry in new}
+    return [entry for entry in earlier if entry["model"] not in names] + new
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet20,resnet32")
@@ -647,11 +655,16 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     if "models" in sections:
-        result["models"] = [bench_model(name, args, device) for name in models]
+        result["models"] = _merge_by_model(
+            result.get("models", []), [bench_model(name, args, device) for name in models]
+        )
     if "scaling" in sections:
         result["scaling"] = scaling(args, device)
     if "activations" in sections:
-        result["activations"] = [bench_activations(name, args, device) for name in models]
+        result["activations"] = _merge_by_model(
+            result.get("activations", []),
+            [bench_activations(name, args, device) for name in models],
+        )
     run["seconds"] = time.perf_counter() - started
     result.setdefault("runs", []).append({**run, "sections": sorted(sections)})  # type: ignore[union-attr]
     result.update({key: run[key] for key in ("git_sha", "machine", "seed", "args")})
