@@ -581,14 +581,16 @@ class AllocationProblem:
         return np.array([given.get(metric, np.inf) for metric in metrics])
 
     def _exact(
-        self, budgets: Sequence[Budget], factors: Mapping[str, float]
+        self, budgets: Sequence[Budget], factors: Mapping[str, float], *, sweep: bool = False
     ) -> tuple[_Prepared, ChainSolver | None, list[np.ndarray]] | None:
         """The dynamic program for these budgets and weights, or None where ``auto`` prefers
-        HiGHS: without pairs and with several budgets HiGHS' LP bound is already tight (measured
-        in scripts/bench_allocate.py), and a pair graph too wide for the table limit."""
+        HiGHS: a single solve without pairs under several budgets (HiGHS' LP bound is tight there;
+        a sweep still goes to the batched program, which shares its passes over the layers between
+        the points: 2.4× faster than HiGHS on the 54-layer size+BitOps curve of
+        scripts/bench_allocate.py), and a pair graph too wide for the table limit."""
         if self.solver == "highs":
             return None
-        if self.solver == "auto" and not self.unit_pairs and len(budgets) >= 2:
+        if self.solver == "auto" and not self.unit_pairs and len(budgets) >= 2 and not sweep:
             return None
         prepared = self._prepare(self._active_metrics(budgets, factors))
         if prepared.chain is None and self.unit_pairs:
@@ -876,7 +878,7 @@ class AllocationProblem:
         pass for every value when there are no pairs and no other budget; the batched dynamic
         program (`ChainSolver.sweep`) when the pairs allow; HiGHS otherwise."""
         budgets = [*others, Budget(metric, float(values[0]))]
-        exact = self._exact(budgets, factors)
+        exact = self._exact(budgets, factors, sweep=True)
         if exact is None:
             return self._sweep_highs(metric, values, others, factors)
         prepared, chain, unit_scores = exact
