@@ -344,7 +344,8 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         "--also",
         action="append",
         metavar="NAME",
-        help="search an optional dimension too (estimator: costly Hutchinson traces)",
+        help="search an optional dimension too (estimator: Hutchinson traces; pairwise: "
+        "inter-layer terms and their window; both costly)",
     )
     group.add_argument(
         "--size-cap",

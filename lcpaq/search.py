@@ -215,6 +215,24 @@ def _parse_estimator(text: str) -> str:
     return text
 
 
+#: ``--pairwise`` / ``--pair-window`` (Gauss-Newton cross terms, the cheapest exact source).
+PAIRWISE_CHOICES: dict[str, int] = {"none": 0, "gn-w1": 1, "gn-w2": 2, "gn-w3": 3}
+
+
+def _apply_pairwise(config: RunConfig, value: str) -> RunConfig:
+    """Inter-layer terms on or off, and their window. The default augmented score takes no cost
+    weights, so with a cost weight the terms enter the ILP exactly, negative ones clipped (the
+    exact form that lost least in the ResNet20 ablation of docs/results.md)."""
+    if value == "none":
+        return config.with_analysis(pairwise="none")
+    config = config.with_analysis(
+        pairwise="gauss-newton", pair_rule="window", pair_window=PAIRWISE_CHOICES[value]
+    )
+    if config.allocation.cost_weights:
+        config = config.with_allocation(pairwise_mode="ilp", pair_clip="negative")
+    return config
+
+
 def default_dimensions() -> tuple[Dimension, ...]:
     """The searched options, in the order Optuna suggests them (docs/05-search.md says why)."""
     return (
@@ -309,6 +327,17 @@ def default_dimensions() -> tuple[Dimension, ...]:
             "exact Gauss-Newton traces, or Hutchinson with a probe cap (costly: opt-in)",
             optional=True,
         ),
+        Dimension(
+            "pairwise",
+            tuple(PAIRWISE_CHOICES),
+            "none",
+            "analysis.pairwise/pair_window (--pairwise gauss-newton --pair-window K)",
+            _apply_pairwise,
+            _choice_text(PAIRWISE_CHOICES),
+            "inter-layer terms within K layers (one computation per scheme and candidate set: "
+            "costly, opt-in)",
+            optional=True,
+        ),
     )
 
 
@@ -355,8 +384,10 @@ class SearchSpace:
         return {dimension.name: dimension.default for dimension in self.dimensions}
 
     def config(self, base: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+        """``params`` without a dimension (a trial of a study made before it existed) leave it
+        at its default."""
         for dimension in self.dimensions:
-            base = dimension.apply(base, params[dimension.name])
+            base = dimension.apply(base, params.get(dimension.name, dimension.default))
         return base
 
     def fix(self, values: Mapping[str, str], base: RunConfig) -> SearchSpace:
@@ -556,6 +587,19 @@ def _cache_analysis_config(config: RunConfig) -> RunConfig:
     return config.with_analysis(**changes)
 
 
+def interactions_key(config: RunConfig, identity: Mapping[str, str]) -> str:
+    """The curvature key plus what the inter-layer terms also depend on: the quantized weights
+    (scheme, formats) and the pair options."""
+    analysis = config.analysis
+    data = {
+        "curvature": curvature_key(config, identity),
+        "scheme": analysis.scheme.to_dict(),
+        "formats": list(analysis.formats),
+        **{name: value for name, value in asdict(analysis).items() if name.startswith("pair")},
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def scheme_slug(scheme: QuantScheme) -> str:
     """A readable cache folder name for a scheme, e.g. ``asym-channel-mse100``."""
     parts = ["sym" if scheme.symmetric else "asym"]
@@ -722,6 +766,20 @@ class SearchContext:
         self._curvature[key] = (folder, estimate)
         return folder, estimate, seconds
 
+    def interactions(self, config: RunConfig) -> tuple[Path, float]:
+        """``interactions.npz`` for this configuration's pair options, scheme and formats:
+        computed once per distinct key by the ordinary ``analyze`` code (seconds spent now)."""
+        assert self.layers is not None, "curvature() loads the layer list first"
+        folder = self.cache_dir / f"pairs-{interactions_key(config, self.identity)}"
+        path = folder / "interactions.npz"
+        if path.is_file():
+            return path, 0.0
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with _quiet("lcpaq.pipeline"):
+            pipeline.analyze_interactions(config, self.model, self.layers, folder, progress=False)
+        return path, time.perf_counter() - start
+
     # -- quantized weights -----------------------------------------------------------------
     def quantized_weights(self, scheme: QuantScheme, format_name: str) -> dict[str, torch.Tensor]:
         """Fake-quantized weight of every layer (what export stores, decoded), cached."""
@@ -803,6 +861,10 @@ class SearchContext:
         timings["candidates_s"] = time.perf_counter() - start
         start = time.perf_counter()
         self.write_analysis(run_dir, config, folder, table)
+        if config.analysis.pairwise != "none":
+            pairs_path, seconds = self.interactions(config)
+            timings["hessian_s"] += seconds  # curvature work, in the report's Hessian share
+            _link_or_copy(pairs_path, run_dir / "interactions.npz")
         budgets = [parse_budget(text) for text in config.allocation.budgets]
         try:
             with _quiet("lcpaq.pipeline"):

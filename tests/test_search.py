@@ -554,6 +554,62 @@ def test_space_maps_to_pipeline_options():
     assert hutchinson.analysis.hutchinson_probes == 64
     with pytest.raises(InputError, match="--also nosuch"):
         SearchSpace.default(also=["nosuch"])
+    # Pairwise terms: opt-in; with a cost weight they enter the ILP exactly (no augmented score).
+    assert space.dimension("pairwise").choices == ("none",)
+    paired = SearchSpace.default(also=["pairwise"])
+    windowed = paired.config(base, {**params, "cost_weight": 0.0, "pairwise": "gn-w2"})
+    assert windowed.analysis.pairwise == "gauss-newton" and windowed.analysis.pair_window == 2
+    assert windowed.allocation.pairwise_mode == "augmented"
+    weighted = paired.config(base, {**params, "pairwise": "gn-w1"})
+    assert weighted.allocation.pairwise_mode == "ilp"
+    assert weighted.allocation.pair_clip == "negative"
+    assert paired.config(base, {**params, "pairwise": "none"}).analysis.pairwise == "none"
+
+
+def test_pairwise_terms_are_cached_per_scheme_and_reach_the_trial_folder(
+    tmp_path, monkeypatch, one_thread
+):
+    files = _files(tmp_path)
+    calls = []
+    original = pipeline.analyze_interactions
+
+    def counting(config, *args, **kwargs):
+        if config.analysis.pairwise != "none":  # ``analyze`` of the curvature cache calls it too
+            calls.append(config.analysis.pair_window)
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "analyze_interactions", counting)
+    base = RunConfig(
+        AnalysisConfig(
+            model="demo-digits",
+            checkpoint=str(files["checkpoint"]),
+            calib=str(files["calib"]),
+            normalize="none",
+            num_samples=16,
+            pair_samples=16,
+            batch_size=8,
+        ),
+        recovery=search.RecoveryConfig(enabled=False),
+        allocation=AllocationConfig(budgets=("avg-bits=4",)),
+    )
+    space = SearchSpace.default(also=["pairwise"]).fix({"num_samples": "16"}, base)
+    space = space.fix({"correction": "off"}, base)
+    context = search.SearchContext(base, tmp_path / "s", space, "kl", (16, 48))
+    w1 = space.config(base, {**space.default_params(), "pairwise": "gn-w1"})
+    first = context.prepare(w1, tmp_path / "t1", build=False)
+    again = context.prepare(w1, tmp_path / "t2", build=False)
+    assert calls == [1]  # the second trial reuses the cached terms
+    assert first.timings["hessian_s"] > 0 and again.timings["hessian_s"] == 0
+    for folder in ("t1", "t2"):
+        terms = pipeline.load_interactions(tmp_path / folder / "interactions.npz")
+        assert terms.pairs == tuple((i, i + 1) for i in range(4))
+    context.prepare(w1.with_analysis(pair_window=2), tmp_path / "t3", build=False)
+    other_scheme = w1.with_analysis(scheme=QuantScheme(symmetric=True))
+    context.prepare(other_scheme, tmp_path / "t4", build=False)
+    assert calls == [1, 2, 1]
+    none = context.prepare(base, tmp_path / "t5", build=False)
+    assert not (tmp_path / "t5" / "interactions.npz").exists()
+    assert none.allocation.formats
 
 
 def test_size_cap_text_round_trip():
