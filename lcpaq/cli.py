@@ -116,6 +116,14 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         default=0.05,
         help="Hutchinson stops once every layer's standard error is below this x |trace|",
     )
+    group.add_argument(
+        "--pyhessian-iters",
+        type=int,
+        default=0,
+        help="run the PyHessian cross-check (whole-model trace and top eigenvalue, "
+        "cross-entropy, on the --hutchinson-samples images) with at most this many iterations "
+        "(0: off) into pyhessian.json",
+    )
     group = parser.add_argument_group("inter-layer terms (METHOD §1c; off by default)")
     group.add_argument(
         "--pairwise",
@@ -431,6 +439,7 @@ _CONFIG_OPTIONS = (
     "hutchinson_samples",
     "estimator",
     "hutchinson_rel_tol",
+    "pyhessian_iters",
     "seed",
     "correction_samples",
     "no_correction",
@@ -489,6 +498,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             hutchinson_samples=args.hutchinson_samples,
             estimator=args.estimator,
             hutchinson_rel_tol=args.hutchinson_rel_tol,
+            pyhessian_iters=args.pyhessian_iters,
             seed=args.seed,
             allow_unsafe_pickle=args.allow_unsafe_pickle,
             pairwise=args.pairwise,
@@ -565,6 +575,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 num_samples=512,
                 hutchinson_probes=64,
                 hutchinson_samples=256,
+                pyhessian_iters=64,
             )
         )
         pipeline.analyze(config, args.out, progress=progress)

@@ -29,6 +29,8 @@ class AnalysisConfig:
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
     candidates (`lcpaq.candidates`); empty: one candidate per weight format, 8-bit activations
     assumed by the cost models.
+    ``pyhessian_iters``: 0 (off) or the iteration cap of the PyHessian cross-check (whole-model
+    trace and top eigenvalue over the layers' weights, on the Hutchinson samples, cross-entropy).
     """
 
     model: str
@@ -46,6 +48,7 @@ class AnalysisConfig:
     hutchinson_samples: int = 128
     estimator: Literal["gauss-newton", "hutchinson"] = "gauss-newton"
     hutchinson_rel_tol: float = 0.05
+    pyhessian_iters: int = 0
     seed: int = 0
     allow_unsafe_pickle: bool = False
     # Inter-layer terms (`lcpaq.interactions`, METHOD §1c): off by default, see docs/results.md.
@@ -95,6 +98,15 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
         raise InputError(
             "estimator hutchinson needs a probe cap: give --hutchinson-probes (at least 2 per "
             f"layer), got {config.hutchinson_probes}"
+        )
+    if config.pyhessian_iters < 0 or config.pyhessian_iters == 1:
+        raise InputError(
+            f"pyhessian-iters must be 0 (off) or at least 2, got {config.pyhessian_iters}"
+        )
+    if config.pyhessian_iters and config.loss != "cross_entropy":
+        raise InputError(
+            f"the PyHessian cross-check (--pyhessian-iters) measures cross-entropy; it cannot "
+            f"check loss {config.loss!r}"
         )
     if not 0 <= config.hutchinson_rel_tol < float("inf"):
         raise InputError(

@@ -8,6 +8,7 @@ Hessian). File layout (all written atomically):
     layers.json       quantizable layers, unquantized size     (analyze)
     curvature.npz     per-layer traces ± standard errors       (analyze)
     hutchinson.npz    Hutchinson cross-check, if requested     (analyze)
+    pyhessian.json    PyHessian cross-check, if requested      (analyze)
     activations.npz   activation curvature × format noise      (analyze, with --act-formats)
     candidates.npz    cost and weight error per layer×format   (analyze)
     interactions.npz  inter-layer terms C_ij ± SE, if --pairwise (analyze)
@@ -71,7 +72,13 @@ from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpo
 from lcpaq.formats import get_format
 from lcpaq.frontier import build_frontiers, pareto_mask, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
-from lcpaq.hessian import CurvatureEstimate, hutchinson_traces, single_layer_hutchinson_traces
+from lcpaq.hessian import (
+    CurvatureEstimate,
+    PyHessianCheck,
+    hutchinson_traces,
+    pyhessian_check,
+    single_layer_hutchinson_traces,
+)
 from lcpaq.interactions import (
     compute_interactions,
     load_interactions,
@@ -184,6 +191,7 @@ class Measurements:
     hutchinson_seconds: float | None = None
     activations: ActivationSensitivity | None = None
     activations_seconds: float | None = None
+    pyhessian: PyHessianCheck | None = None
 
 
 def _labelled_batches(data: Dataset, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -270,6 +278,16 @@ def measure_sensitivity(
             progress=progress,
         )
         measured["hutchinson_seconds"] = time.perf_counter() - start
+    if analysis.pyhessian_iters and distributed.is_main_process():
+        # A cross-check, not split over processes: PyHessian runs on rank 0 alone.
+        subset = calib.subset(0, min(analysis.hutchinson_samples, len(calib)))
+        measured["pyhessian"] = pyhessian_check(
+            model,
+            layers,
+            _labelled_batches(subset, analysis.batch_size),
+            max_iter=analysis.pyhessian_iters,
+            seed=analysis.seed,
+        )
     if analysis.act_formats:
         start = time.perf_counter()
         measured["activations"] = distributed.activation_sensitivity_distributed(
@@ -324,6 +342,10 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
             artifacts.save_curvature(run_dir / "hutchinson.npz", measured.hutchinson)
         else:
             (run_dir / "hutchinson.npz").unlink(missing_ok=True)
+        if measured.pyhessian is not None:
+            artifacts.write_json(run_dir / "pyhessian.json", measured.pyhessian.to_dict())
+        else:
+            (run_dir / "pyhessian.json").unlink(missing_ok=True)
         if measured.activations is not None:
             save_activation_sensitivity(run_dir / "activations.npz", measured.activations)
         else:

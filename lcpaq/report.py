@@ -93,6 +93,17 @@ def build_report(run_dir: Path) -> dict[str, object]:
             "trace_sum": float(hutchinson.trace.sum()),
             "trace_sum_stderr": float(np.sqrt((hutchinson.trace_stderr**2).sum())),
         }
+    pyhessian = _optional(run_dir, "pyhessian.json")
+    if pyhessian is not None:
+        # PyHessian's trace is over the whole weight block-diagonal: Σ_l tr(H_ll).
+        difference = float(curvature.trace.sum()) - float(pyhessian["trace"])  # type: ignore[arg-type]
+        curvature_summary["pyhessian"] = {
+            **pyhessian,
+            "layer_sum_minus_pyhessian": difference,
+            "difference_in_pyhessian_stderr": difference / float(pyhessian["trace_stderr"])  # type: ignore[arg-type]
+            if pyhessian["trace_stderr"]
+            else None,
+        }
     return {
         "model": layer_data["model"],
         "config": {key: value for key, value in config.items() if key != "schema_version"},
@@ -313,6 +324,13 @@ def render_markdown(report: dict[str, object]) -> str:
         lines.append(
             f"- Hutchinson check ({check['num_probes']} probes, {check['num_samples']} samples): sum {check['trace_sum']:.4g} ± {check['trace_sum_stderr']:.2g}; "
             f"Spearman vs Gauss–Newton {check['spearman_vs_gauss_newton']:.3f}"
+        )
+    if curvature.get("pyhessian"):  # type: ignore[union-attr]
+        check = curvature["pyhessian"]  # type: ignore[index]
+        eigenvalues = ", ".join(f"{value:.4g}" for value in check["top_eigenvalues"])
+        lines.append(
+            f"- PyHessian check ({check['num_probes']} probes, {check['num_samples']} samples): whole-weight trace {check['trace']:.4g} ± {check['trace_stderr']:.2g} "
+            f"(Σ layer traces − PyHessian = {check['layer_sum_minus_pyhessian']:+.3g}); top eigenvalue {eigenvalues}"
         )
     flagged = curvature["flagged_layers"]  # type: ignore[index]
     lines.append(

@@ -144,6 +144,19 @@ def test_bad_budget(digits_files, tmp_path, capsys, budget, needle):
     assert not (out / "allocation.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--pyhessian-iters", "1"], "pyhessian-iters must be 0 (off) or at least 2"),
+        (["--pyhessian-iters", "8", "--loss", "mse"], "cannot check loss 'mse'"),
+    ],
+)
+def test_bad_pyhessian_options(digits_files, tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    _assert_clean_error(capsys, main([*_run(digits_files, out), *extra]), needle)
+    assert not (out / "layers.json").exists()
+
+
 def test_missing_checkpoint(digits_files, tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     _assert_clean_error(
@@ -272,6 +285,10 @@ def test_demo_runs_offline(tmp_path, capsys):
     traces = [row["trace"] for row in report["layers"]]
     assert max(traces) / min(traces) > 3  # layers really differ in sensitivity
     assert report["curvature"]["hutchinson"]["spearman_vs_gauss_newton"] > 0.8
+    # The PyHessian cross-check: its whole-weight trace matches the sum of the layers' traces.
+    check = report["curvature"]["pyhessian"]
+    assert abs(check["difference_in_pyhessian_stderr"]) < 4 and check["top_eigenvalues"][0] > 0
+    assert "PyHessian check" in (out / "report.md").read_text()
     for name in ("frontiers.png", "model_curve.png", "bit_allocation.png"):
         assert (out / "plots" / name).stat().st_size > 10_000
 

@@ -793,3 +793,46 @@ def test_analyze_with_the_hutchinson_estimator(tmp_path, capsys) -> None:
     assert "below 2 probes per layer" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "bad")]) == 2
     assert "needs a probe cap" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_pyhessian_backend_trace_and_top_eigenvalue_against_the_explicit_hessian() -> None:
+    """`pyhessian_check` over two batches: the trace and top eigenvalue of the Hessian of the mean
+    cross-entropy over the layers' weights (biases frozen), against the explicit matrix."""
+    pytest.importorskip("pyhessian")
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    generator = torch.Generator().manual_seed(32)
+    inputs = torch.randn(16, 4, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (16,), generator=generator)
+    layers = _layers(model, inputs)
+    shapes = [model[0].weight.shape, model[2].weight.shape]
+    sizes = [int(np.prod(shape)) for shape in shapes]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        first, second = flat.split(sizes)
+        params = {
+            "0.weight": first.view(shapes[0]),
+            "0.bias": model[0].bias.detach(),
+            "2.weight": second.view(shapes[1]),
+            "2.bias": model[2].bias.detach(),
+        }
+        logits = torch.func.functional_call(model, params, (inputs,))
+        return F.cross_entropy(logits, labels)
+
+    flat = torch.cat([model[0].weight.detach().ravel(), model[2].weight.detach().ravel()])
+    matrix = torch.autograd.functional.hessian(loss_of, flat)
+    exact_trace = float(torch.trace(matrix))
+    exact_top = float(torch.linalg.eigvalsh(matrix).max())
+
+    state = torch.random.get_rng_state()
+    batches = [(inputs[:8], labels[:8]), (inputs[8:], labels[8:])]
+    check = hessian.pyhessian_check(model, layers, batches, max_iter=400, tol=-1.0, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert check.num_samples == 16 and check.num_probes == 400
+    assert abs(check.trace - exact_trace) <= 4 * check.trace_stderr
+    assert check.trace_stderr < 0.2 * abs(exact_trace)
+    assert check.top_eigenvalues[0] == pytest.approx(exact_top, rel=1e-3)
+    with pytest.raises(InputError, match="pyhessian-iters"):
+        hessian.pyhessian_check(model, layers, batches, max_iter=1)
