@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,20 @@ def _search_args(files: dict[str, Path], out: Path, *extra: str, trials: int = 5
         f"correction={HEAD}",
         *extra,
     ]
+
+
+def _digits_config(files: dict[str, Path], **analysis: object) -> RunConfig:
+    """The digits model on the test calibration file at 4 average bits."""
+    return RunConfig(
+        AnalysisConfig(
+            model="demo-digits",
+            checkpoint=str(files["checkpoint"]),
+            calib=str(files["calib"]),
+            normalize="none",
+            **analysis,  # type: ignore[arg-type]
+        ),
+        allocation=AllocationConfig(budgets=("avg-bits=4",)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -290,15 +305,7 @@ def test_curvature_is_cached_per_key(tmp_path, monkeypatch, one_thread):
         return original(config, run_dir, **kwargs)
 
     monkeypatch.setattr(pipeline, "analyze", counting)
-    base = RunConfig(
-        AnalysisConfig(
-            model="demo-digits",
-            checkpoint=str(files["checkpoint"]),
-            calib=str(files["calib"]),
-            normalize="none",
-        ),
-        allocation=AllocationConfig(budgets=("avg-bits=4",)),
-    )
+    base = _digits_config(files)
     space = SearchSpace.default().fix({"num_samples": "16", "correction": "16"}, base)
     context = search.SearchContext(base, tmp_path / "s", space, "kl", (16, 48))
     a = base.with_analysis(num_samples=16)
@@ -579,19 +586,8 @@ def test_pairwise_terms_are_cached_per_scheme_and_reach_the_trial_folder(
         return original(config, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "analyze_interactions", counting)
-    base = RunConfig(
-        AnalysisConfig(
-            model="demo-digits",
-            checkpoint=str(files["checkpoint"]),
-            calib=str(files["calib"]),
-            normalize="none",
-            num_samples=16,
-            pair_samples=16,
-            batch_size=8,
-        ),
-        recovery=search.RecoveryConfig(enabled=False),
-        allocation=AllocationConfig(budgets=("avg-bits=4",)),
-    )
+    base = _digits_config(files, num_samples=16, pair_samples=16, batch_size=8)
+    base = replace(base, recovery=search.RecoveryConfig(enabled=False))
     space = SearchSpace.default(also=["pairwise"]).fix({"num_samples": "16"}, base)
     space = space.fix({"correction": "off"}, base)
     context = search.SearchContext(base, tmp_path / "s", space, "kl", (16, 48))
