@@ -336,6 +336,13 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--trials", type=int, default=60, help="finished trials (default 60)")
     group.add_argument("--eval", help="labelled data for the full evaluation of the top-k")
     group.add_argument("--top-k", type=int, default=3, help="configurations fully evaluated")
+    group.add_argument(
+        "--min-gain-se",
+        type=float,
+        default=1.0,
+        help="the best of the full evaluation replaces the default configuration only when it "
+        "beats it by more than this many paired standard errors (default 1)",
+    )
     group.add_argument("--proxy", choices=["kl", "loss", "sqnr"], default="kl")
     group.add_argument(
         "--proxy-samples",
@@ -399,6 +406,7 @@ def _search_options(args: argparse.Namespace) -> object:
         study_name=args.study_name,
         resume=args.resume,
         top_k=args.top_k,
+        min_gain_se=args.min_gain_se,
         proxy=args.proxy,
         rungs=parse_rungs(args.proxy_samples),
         fixed=parse_fix(args.fix or []),

@@ -948,8 +948,13 @@ class SearchOptions:
     also: tuple[str, ...] = ()
     size_cap: bool = True
     seed: int = 0
+    #: The best of the full evaluation replaces lcpaq's default only when its paired gain over
+    #: the default on the evaluation data exceeds this many standard errors.
+    min_gain_se: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_gain_se < math.inf:
+            raise InputError(f"--min-gain-se must be a finite number >= 0, got {self.min_gain_se}")
         if self.trials < 1:
             raise InputError(f"--trials must be at least 1, got {self.trials}")
         if self.top_k < 1:
@@ -1342,11 +1347,20 @@ class Search:
                     trial.number,
                     100 * evaluations[trial.number].top1,
                 )
-            best = max(
+            top_scoring = max(
                 evaluate_trials, key=lambda t: (evaluations[t.number].top1, -t.value, -t.number)
             )
+            best = self._unless_within_noise(top_scoring, default_trial, evaluations)
+            self.selection = {
+                "rule": f"the best top-1 replaces the default if its paired gain > "
+                f"{options.min_gain_se:g} SE",
+                "min_gain_se": options.min_gain_se,
+                "best_top1_trial": top_scoring.number,
+                "kept_default": best is not top_scoring,
+            }
         else:
             best = ranked[0]
+            self.selection = {"rule": "lowest proxy (no --eval data)"}
         best_config = self.space.config(trial_base, best.params)
         artifacts.write_json(options.out / "best_config.json", best_config.to_dict())
         start = time.perf_counter()
@@ -1361,6 +1375,30 @@ class Search:
         artifacts.write_json(options.out / "search_report.json", summary)
         artifacts.write_text(options.out / "search_report.md", _report_markdown(summary))
         return summary
+
+    def _unless_within_noise(
+        self,
+        best: optuna.trial.FrozenTrial,
+        default: optuna.trial.FrozenTrial | None,
+        evaluations: Mapping[int, Accuracy],
+    ) -> optuna.trial.FrozenTrial:
+        """Keep lcpaq's default unless ``best`` beats it by more than ``min_gain_se`` paired
+        standard errors: the maximum of k noisy accuracies is biased upwards, and a gain within
+        the noise of the evaluation data is as likely a loss on other data."""
+        if default is None or best.number == default.number:
+            return best
+        gain, stderr = paired_difference(evaluations[best.number], evaluations[default.number])
+        if gain > self.options.min_gain_se * stderr:
+            return best
+        logger.info(
+            "the best configuration (trial %d) beats the default by %+.2f ± %.2f points on the "
+            "evaluation data, within %.1f SE: keeping the default",
+            best.number,
+            100 * gain,
+            100 * stderr,
+            self.options.min_gain_se,
+        )
+        return default
 
     def _run_best(self, best: optuna.trial.FrozenTrial, config: RunConfig) -> dict[str, object]:
         """The ordinary stages on ``best/``: allocate, export, evaluate, plot, report."""
@@ -1512,6 +1550,7 @@ class Search:
                 "size_bytes": default_trial.user_attrs.get("size_bytes"),
             },
             "best_vs_default": comparison,
+            "selection": getattr(self, "selection", None),
             "top_k": [t.number for t in top],
             "full_evaluations": len(evaluations),
             "eval_data": options.eval_path,
@@ -1666,6 +1705,13 @@ def _report_markdown(summary: Mapping[str, Any]) -> str:
             f"Best vs default, paired on {comparison['eval_images']} images: "
             f"{100 * comparison['paired_difference']:+.2f} ± "
             f"{100 * comparison['paired_difference_stderr']:.2f} points.",
+        ]
+    selection = summary.get("selection") or {}
+    if selection.get("kept_default"):
+        lines += [
+            "",
+            f"Trial {selection['best_top1_trial']} had the best top-1, but its gain over the "
+            f"default was within {selection['min_gain_se']:g} paired SE: the default is kept.",
         ]
     lines += ["", "Best configuration (differences from the default in bold):", ""]
     for name, value in best["params"].items():

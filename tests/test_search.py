@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -25,6 +26,7 @@ from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.demo import DigitsNet
 from lcpaq.errors import InputError
+from lcpaq.evaluate import Accuracy
 from lcpaq.formats import QuantScheme, fake_quantize, get_format
 from lcpaq.graph import discover_layers, get_module
 from lcpaq.models import load_model
@@ -613,3 +615,29 @@ def test_size_cap_text_round_trip():
         cap = search._ceil_budget_mb(size)
         assert cap * 1e6 >= size
         assert float(f"{cap:g}") == cap
+
+
+def test_default_is_kept_unless_the_best_beats_it_beyond_the_noise():
+    """The selection rule: a gain within min_gain_se paired SE keeps the default."""
+
+    def accuracy(correct: list[int]) -> Accuracy:
+        values = np.array(correct, dtype=bool)
+        return Accuracy(float(values.mean()), 0.0, len(values), values)
+
+    trial = SimpleNamespace  # the rule reads only .number
+    default, best = trial(number=0), trial(number=7)
+    base = np.array([1, 0] * 50)
+    better = base.copy()
+    better[[1, 3]] = 1  # +2 points on 100 images: 1.4 paired SE
+    evaluations = {0: accuracy(list(base)), 7: accuracy(list(better))}
+    rule = search.Search._unless_within_noise
+    strict = SimpleNamespace(options=SimpleNamespace(min_gain_se=2.0))
+    lenient = SimpleNamespace(options=SimpleNamespace(min_gain_se=1.0))
+    assert rule(strict, best, default, evaluations) is default
+    assert rule(lenient, best, default, evaluations) is best
+    assert rule(strict, best, None, evaluations) is best  # no default evaluated: nothing to keep
+    assert rule(strict, default, default, evaluations) is default
+    with pytest.raises(InputError, match="min-gain-se"):
+        search.SearchOptions(
+            base=RunConfig(AnalysisConfig("m", None, "c")), out=Path("o"), min_gain_se=-1
+        )
