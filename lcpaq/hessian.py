@@ -787,7 +787,8 @@ def pyhessian_check(
 ) -> PyHessianCheck:
     """The PyHessian backend (cross-entropy, the only loss it takes here), kept as an independent
     check of lcpaq's estimators: its trace should match the sum of the per-layer traces within
-    its standard error. Only the layers' weights are differentiated (other parameters are frozen
+    its standard error (``top_n`` 0 skips the eigenvalues). Only the layers' weights are
+    differentiated (other parameters are frozen
     for the call), so the numbers refer to the same block-diagonal the layers' traces sum over.
     Batches of equal size give the mean loss over all samples; PyHessian draws probes from
     torch's global generator, forked here so the caller's random state is untouched."""
@@ -814,7 +815,9 @@ def pyhessian_check(
             source = {"data": batches[0]} if len(batches) == 1 else {"dataloader": list(batches)}
             computer = PyHessian(model, nn.CrossEntropyLoss(), cuda=device.type == "cuda", **source)
             samples = np.array(computer.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
-            eigenvalues, _ = computer.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
+            eigenvalues = (
+                computer.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)[0] if top_n else []
+            )
     finally:
         for parameter, flag in zip(frozen, flags):
             parameter.requires_grad_(flag)

@@ -60,6 +60,7 @@ from lcpaq.graph import discover_layers, get_module
 from lcpaq.hessian import (
     gauss_newton_traces,
     probes_for_tolerance,
+    pyhessian_check,
     single_layer_hutchinson_traces,
 )
 from lcpaq.models import build_model, load_model
@@ -131,38 +132,23 @@ def time_hvp(
 
 
 def run_pyhessian(
-    model: nn.Module, weights: list[torch.Tensor], inputs, labels, iters: int, seed: int
+    model: nn.Module, layers: list, inputs, labels, iters: int, seed: int
 ) -> dict[str, object]:
-    """PyHessian's whole-model trace over the measured weights only (other params frozen)."""
-    from pyhessian import hessian
-
-    frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
-    flags = [p.requires_grad for p in frozen]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    torch.manual_seed(seed)  # PyHessian draws its probes from torch's global RNG
-    try:
-        start = time.perf_counter()
-        computer = hessian(
-            model, nn.CrossEntropyLoss(), data=(inputs, labels), cuda=inputs.device.type == "cuda"
-        )
-        samples = np.array(computer.trace(maxIter=iters, tol=1e-3), dtype=np.float64)
-        _sync(inputs.device)
-        seconds = time.perf_counter() - start
-    finally:
-        for parameter, flag in zip(frozen, flags):
-            parameter.requires_grad_(flag)
-        for parameter in model.parameters():
-            parameter.grad = None  # PyHessian leaves create_graph gradients behind
-    mean = float(samples.mean())
-    variance = float(samples.var(ddof=1)) if len(samples) > 1 else float("nan")
+    """PyHessian's whole-model trace over the measured weights only (lcpaq's reference backend,
+    `pyhessian_check`, without the eigenvalues so only ``trace()`` is timed)."""
+    check = pyhessian_check(
+        model, layers, [(inputs, labels)], max_iter=iters, tol=1e-3, top_n=0, seed=seed
+    )
+    variance = check.trace_stderr**2 * check.num_probes
     return {
-        "trace": mean,
-        "stderr": float(np.sqrt(variance / len(samples))),
-        "num_probes": len(samples),
+        "trace": check.trace,
+        "stderr": check.trace_stderr,
+        "num_probes": check.num_probes,
         "stopping_rule": f"maxIter={iters}, tol=1e-3 (PyHessian's running-mean rule)",
-        "probes_for_5pct": float(probes_for_tolerance(np.array(mean), np.array(variance), 0.05)),
-        "seconds": seconds,
+        "probes_for_5pct": float(
+            probes_for_tolerance(np.array(check.trace), np.array(variance), 0.05)
+        ),
+        "seconds": check.seconds,
     }
 
 
@@ -188,7 +174,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     gn_cpu_seconds = time.process_time() - cpu_start
     logger.info("%s: Gauss-Newton %.1f s = %.1f HVP", name, gn_seconds, gn_seconds / unit)
 
-    pyh = run_pyhessian(model, weights, inputs, labels, args.pyhessian_iters, args.seed)
+    pyh = run_pyhessian(model, layers, inputs, labels, args.pyhessian_iters, args.seed)
     logger.info("%s: PyHessian %.1f s, %d probes", name, pyh["seconds"], pyh["num_probes"])
 
     labelled = [
