@@ -27,7 +27,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -765,14 +765,7 @@ class PyHessianCheck:
     seconds: float
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "trace": self.trace,
-            "trace_stderr": self.trace_stderr,
-            "num_probes": self.num_probes,
-            "top_eigenvalues": list(self.top_eigenvalues),
-            "num_samples": self.num_samples,
-            "seconds": self.seconds,
-        }
+        return asdict(self)
 
 
 def pyhessian_check(
@@ -788,8 +781,7 @@ def pyhessian_check(
     """The PyHessian backend (cross-entropy, the only loss it takes here), kept as an independent
     check of lcpaq's estimators: its trace should match the sum of the per-layer traces within
     its standard error (``top_n`` 0 skips the eigenvalues). Only the layers' weights are
-    differentiated (other parameters are frozen
-    for the call), so the numbers refer to the same block-diagonal the layers' traces sum over.
+    differentiated (other parameters are frozen for the call), so the numbers refer to the same block-diagonal the layers' traces sum over.
     Batches of equal size give the mean loss over all samples; PyHessian draws probes from
     torch's global generator, forked here so the caller's random state is untouched."""
     from pyhessian import hessian as PyHessian  # the reference backend is imported on demand
