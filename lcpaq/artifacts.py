@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lcpaq.candidates import CandidateTable
 from lcpaq.errors import InputError
@@ -92,6 +95,22 @@ def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise InputError(f"{path} is missing: run the stage that writes the {what} first")
     with np.load(path, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Named tensors as safetensors (contiguous CPU copies), written atomically."""
+    with atomic_path(path) as temp:
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(temp))
+    return path
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"{path} is missing: run the stage that writes the {what} first")
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as error:
+        raise InputError(f"cannot read the {what} from {path}: {error}") from None
 
 
 # -- typed artifacts ---------------------------------------------------------------------------

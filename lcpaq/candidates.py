@@ -296,9 +296,11 @@ def measure_candidates(
     scheme: QuantScheme,
     diagonal: dict[str, np.ndarray] | None = None,
     activation_formats: Sequence[str] = (),
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> CandidateTable:
     """Quantize every layer to every weight format once and record cost and weight error; with
-    ``activation_formats``, pair each weight format with each of them (`pair_candidates`)."""
+    ``activation_formats``, pair each weight format with each of them (`pair_candidates`).
+    ``input_hessians``: per-layer input second moments, for ``scheme.rounding == "gptq"``."""
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
@@ -307,6 +309,7 @@ def measure_candidates(
     weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
     for row, layer in enumerate(layers):
         weight = get_module(model, layer.name).weight.detach()
+        hessian = input_hessians.get(layer.name) if input_hessians else None
         curvature = (
             torch.as_tensor(diagonal[layer.name], device=weight.device)
             if diagonal and layer.name in diagonal
@@ -314,7 +317,7 @@ def measure_candidates(
         )
         for column, fmt in enumerate(formats):
             overhead = scale_overhead_bits(layer.weight_shape, scheme, fmt)
-            delta = (fake_quantize(weight, fmt, scheme) - weight).double()
+            delta = (fake_quantize(weight, fmt, scheme, hessian) - weight).double()
             error_sq[row, column] = float(delta.pow(2).sum())
             if curvature is not None:
                 weighted_error[row, column] = float((curvature.double() * delta.pow(2)).sum())

@@ -96,6 +96,19 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         help="p of --clipping percentile: cut each scale group's range at the p-th percentile",
     )
     group.add_argument(
+        "--rounding",
+        choices=["nearest", "gptq"],
+        default="nearest",
+        help="round to nearest, or GPTQ: error-compensating rounding against each layer's input "
+        "second moments on the calibration images (same scales; needs one extra forward pass)",
+    )
+    group.add_argument(
+        "--gptq-damp",
+        type=float,
+        default=0.01,
+        help="GPTQ dampening: this fraction of the mean diagonal of E[x x^T] is added to it",
+    )
+    group.add_argument(
         "--hutchinson-probes",
         type=int,
         default=0,
@@ -443,6 +456,8 @@ _CONFIG_OPTIONS = (
     "group_size",
     "clipping",
     "percentile",
+    "rounding",
+    "gptq_damp",
     "hutchinson_probes",
     "hutchinson_samples",
     "estimator",
@@ -501,6 +516,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
                 clipping=args.clipping,
                 percentile=args.percentile,
                 group_size=args.group_size,
+                rounding=args.rounding,
+                gptq_damp=args.gptq_damp,
             ),
             hutchinson_probes=args.hutchinson_probes,
             hutchinson_samples=args.hutchinson_samples,

@@ -50,8 +50,10 @@ def quantize_model(
     layers: Sequence[LayerInfo],
     assignment: Mapping[str, str],
     scheme: QuantScheme,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
-    """A copy of ``model`` whose assigned layers hold dequantized weights, and the codes of each."""
+    """A copy of ``model`` whose assigned layers hold dequantized weights, and the codes of each
+    (``input_hessians``: per-layer input second moments, for ``scheme.rounding == "gptq"``)."""
     quantized_model = copy.deepcopy(model).eval()
     codes: dict[str, QuantizedWeight] = {}
     with torch.no_grad():
@@ -59,7 +61,10 @@ def quantize_model(
             if layer.name not in assignment:
                 continue
             module = get_module(quantized_model, layer.name)
-            quantized = quantize_weight(module.weight, get_format(assignment[layer.name]), scheme)
+            hessian = input_hessians.get(layer.name) if input_hessians else None
+            quantized = quantize_weight(
+                module.weight, get_format(assignment[layer.name]), scheme, hessian
+            )
             module.weight.copy_(dequantize_weight(quantized, module.weight.dtype))
             codes[layer.name] = quantized
     return quantized_model, codes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -21,7 +22,9 @@ from lcpaq.errors import InputError
 
 Granularity = Literal["tensor", "channel", "group", "mx"]
 Clipping = Literal["minmax", "mse", "percentile"]
+Rounding = Literal["nearest", "gptq"]
 CLIPPINGS = ("minmax", "mse", "percentile")
+ROUNDINGS = ("nearest", "gptq")
 GRANULARITIES = ("tensor", "channel", "group", "mx")
 GROUP_SIZES = (32, 64, 128)
 
@@ -203,6 +206,10 @@ class QuantScheme:
     ``percentile`` is p of ``clipping="percentile"``: the range of each scale group is cut at the
     p-th percentile of |w| (symmetric INT, FP) or at the (100−p)-th and p-th percentiles of w
     (asymmetric INT), linear interpolation between order statistics; p = 100 is min-max.
+    ``rounding="gptq"`` keeps the clipping's scales but chooses the codes by GPTQ's
+    error-compensating rounding against the layer's input second moments (`gptq_round`); it needs
+    them (`lcpaq.recovery.collect_input_hessians`). ``gptq_damp`` is GPTQ's dampening: this fraction
+    of the mean diagonal of H is added to its diagonal.
     """
 
     symmetric: bool = False
@@ -213,6 +220,8 @@ class QuantScheme:
     group_size: int = 128
     #: p of percentile clipping, in (50, 100]; ignored by the other clipping methods.
     percentile: float = 99.9
+    rounding: Rounding = "nearest"
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -223,6 +232,12 @@ class QuantScheme:
             raise InputError(
                 f"clipping must be one of {', '.join(CLIPPINGS)}, got {self.clipping!r}"
             )
+        if self.rounding not in ROUNDINGS:
+            raise InputError(
+                f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"
+            )
+        if not 0.0 < self.gptq_damp <= 1.0:
+            raise InputError(f"gptq damping must be in (0, 1], got {self.gptq_damp!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise InputError(f"clipping percentile must be in (50, 100], got {self.percentile!r}")
         if self.mse_grid_points < 1:
@@ -491,40 +506,183 @@ def _ungroup(grouped: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
 
 
 def quantize_weight(
-    weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
+    weight: torch.Tensor,
+    fmt: NumberFormat,
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Quantize a conv/linear weight (output channels on axis 0) to codes plus scales."""
+    """Quantize a conv/linear weight (output channels on axis 0) to codes plus scales.
+
+    With ``scheme.rounding == "gptq"`` the codes come from `gptq_round` against ``input_hessian``:
+    E[x xᵀ] of the layer's input patches, [fan_in, fan_in], or [groups, fan_in, fan_in] for a
+    grouped convolution (`lcpaq.recovery.collect_input_hessians`). It is ignored otherwise.
+    """
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values; cannot quantize")
     grouped = _grouped(weight, scheme)
     shape = _scale_shape(tuple(weight.shape), scheme)
-    group_size = scheme.block_size
     if scheme.granularity == "mx":
         codes, exponents = _mx_codes(grouped, fmt)
-        return QuantizedWeight(
-            codes=_ungroup(codes, weight.shape).to(_code_dtype(fmt, scheme)),
-            scale=exponents.reshape(shape).to(torch.uint8),
-            zero_point=None,
-            format_name=fmt.name,
-            granularity=scheme.granularity,
-            group_size=group_size,
-        )
-    if scheme.clipping == "mse":
-        low, high = _mse_ranges(grouped, fmt, scheme)
-    elif scheme.clipping == "percentile":
-        low, high = _percentile_ranges(weight, grouped, fmt, scheme)
+        scale = exponents.reshape(shape).to(torch.uint8)
+        zero_point = None
+        group_scale, group_zero = _powers_of_two(exponents - E8M0_BIAS), torch.zeros(len(grouped))
     else:
-        low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
-    scale, zero = _scale_and_zero(low, high, fmt, scheme)
-    codes, _ = _round_trip(grouped, scale[:, None], zero[:, None], fmt, scheme)
+        if scheme.clipping == "mse":
+            low, high = _mse_ranges(grouped, fmt, scheme)
+        elif scheme.clipping == "percentile":
+            low, high = _percentile_ranges(weight, grouped, fmt, scheme)
+        else:
+            low, high = grouped.min(dim=1).values, grouped.max(dim=1).values
+        group_scale, group_zero = _scale_and_zero(low, high, fmt, scheme)
+        codes, _ = _round_trip(grouped, group_scale[:, None], group_zero[:, None], fmt, scheme)
+        scale = group_scale.reshape(shape)
+        zero_point = (
+            group_zero.to(torch.int16).reshape(shape) if has_zero_point(fmt, scheme) else None
+        )
+    if scheme.rounding == "gptq":
+        if input_hessian is None:
+            raise InputError(
+                "rounding 'gptq' needs the layer's input Hessian from calibration inputs; none given"
+            )
+        element_codes = _gptq_codes(
+            weight, fmt, scheme, group_scale, group_zero.to(group_scale.device), input_hessian
+        )
+    else:
+        element_codes = _ungroup(codes, weight.shape)
     return QuantizedWeight(
-        codes=_ungroup(codes, weight.shape).to(_code_dtype(fmt, scheme)),
-        scale=scale.reshape(shape),
-        zero_point=zero.to(torch.int16).reshape(shape) if has_zero_point(fmt, scheme) else None,
+        codes=element_codes.reshape(weight.shape).to(_code_dtype(fmt, scheme)),
+        scale=scale,
+        zero_point=zero_point,
         format_name=fmt.name,
         granularity=scheme.granularity,
-        group_size=group_size,
+        group_size=scheme.block_size,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ rounding.
+
+
+def _round_elements(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    fmt: NumberFormat,
+    scheme: QuantScheme,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and decoded values of elements that each carry their own scale (and zero point)."""
+    if scheme.granularity != "mx":
+        return _round_trip(values, scale, zero, fmt, scheme)
+    if fmt.kind == "fp":
+        codes = fp_round_codes(values / scale, fmt)
+        return codes, fp_decode(codes, fmt) * scale
+    unit = scale * 2.0 ** -(fmt.bits - 2)
+    limit = 2 ** (fmt.bits - 1) - 1
+    codes = torch.clamp(torch.round(values / unit), -limit, limit)
+    return codes, codes * unit
+
+
+def _per_element(
+    per_group: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme
+) -> torch.Tensor:
+    """A per-scale-group value spread over the elements: [C_out, fan_in]."""
+    grouped = _grouped(weight, scheme)
+    spread = per_group.reshape(-1, 1).expand(grouped.shape)
+    return _ungroup(spread, weight.shape).reshape(weight.shape[0], -1)
+
+
+def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + δ·mean(diag H)·I)⁻¹; δ grows tenfold until H is positive
+    definite (collinear inputs, few calibration samples)."""
+    identity = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    mean_diagonal = float(hessian.diagonal().mean())
+    for attempt in range(6):
+        damped = hessian + damp * 10**attempt * mean_diagonal * identity
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0:
+                return upper
+    raise InputError(f"input Hessian is not positive definite even with damping {damp * 1e5:g}")
+
+
+def gptq_round(
+    matrix: torch.Tensor,
+    hessian: torch.Tensor,
+    round_column: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    damp: float = 0.01,
+    block: int = 128,
+) -> torch.Tensor:
+    """GPTQ (Frantar et al., ICLR 2023): codes [rows, cols] for ``matrix`` that keep the output
+    error ‖(W − Q) X‖² small for inputs with second moments ``hessian`` = E[x xᵀ] [cols, cols].
+
+    Columns are rounded one at a time (``round_column(values, column)`` → codes, decoded values),
+    in order of decreasing H_ii ("act-order": the columns whose inputs are largest go first, while
+    the most columns are left to absorb their error); each column's rounding error is spread over
+    the columns not yet rounded through the Cholesky factor of H⁻¹, lazily in blocks of ``block``
+    columns. Columns whose input is always 0 (H_ii = 0) are rounded to nearest.
+    """
+    cols = matrix.shape[1]
+    hessian = hessian.double().clone()
+    dead = hessian.diagonal() <= 0
+    hessian.diagonal()[dead] = 1.0
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+    hessian = hessian[order][:, order]
+    work = matrix.double()[:, order].clone()
+    upper = _upper_inverse_cholesky(hessian, damp)
+    codes = torch.empty_like(work)
+    for start in range(0, cols, block):
+        stop = min(start + block, cols)
+        part = work[:, start:stop]
+        errors = torch.empty_like(part)
+        for offset in range(stop - start):
+            column = start + offset
+            column_codes, decoded = round_column(part[:, offset], int(order[column]))
+            codes[:, column] = column_codes.double()
+            error = (part[:, offset] - decoded.double()) / upper[column, column]
+            part[:, offset:] -= error[:, None] * upper[column, column:stop][None, :]
+            errors[:, offset] = error
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
+    restored = torch.empty_like(codes)
+    restored[:, order] = codes
+    return restored
+
+
+def _gptq_codes(
+    weight: torch.Tensor,
+    fmt: NumberFormat,
+    scheme: QuantScheme,
+    group_scale: torch.Tensor,
+    group_zero: torch.Tensor,
+    input_hessian: torch.Tensor,
+) -> torch.Tensor:
+    """GPTQ codes [C_out, fan_in] on the grid fixed by the clipping's scales and zero points."""
+    matrix = weight.detach().float().reshape(weight.shape[0], -1)
+    rows, fan_in = matrix.shape
+    hessian = input_hessian.to(matrix.device)
+    hessian = hessian[None] if hessian.dim() == 2 else hessian
+    if hessian.dim() != 3 or hessian.shape[1:] != (fan_in, fan_in) or rows % len(hessian):
+        raise InputError(
+            f"input Hessian of shape {tuple(input_hessian.shape)} does not fit a weight of shape "
+            f"{tuple(weight.shape)} (expected [{fan_in}, {fan_in}] or [groups, {fan_in}, {fan_in}])"
+        )
+    scale = _per_element(group_scale, weight, scheme)
+    zero = _per_element(group_zero, weight, scheme)
+    rows_per_group = rows // len(hessian)
+    parts = []
+    for group, group_hessian in enumerate(hessian):
+        chosen = slice(group * rows_per_group, (group + 1) * rows_per_group)
+        scale_part, zero_part = scale[chosen], zero[chosen]
+
+        def round_column(
+            values: torch.Tensor, column: int, scale_part=scale_part, zero_part=zero_part
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return _round_elements(
+                values.float(), scale_part[:, column], zero_part[:, column], fmt, scheme
+            )
+
+        parts.append(gptq_round(matrix[chosen], group_hessian, round_column, scheme.gptq_damp))
+    return torch.cat(parts)
 
 
 def decoded_scale(quantized: QuantizedWeight) -> torch.Tensor:
@@ -562,9 +720,14 @@ def dequantize_weight(
     return _ungroup(elements * scale, shape).to(dtype)
 
 
-def fake_quantize(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> torch.Tensor:
+def fake_quantize(
+    weight: torch.Tensor,
+    fmt: NumberFormat,
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Quantize then dequantize, keeping the weight's dtype and device."""
-    return dequantize_weight(quantize_weight(weight, fmt, scheme), weight.dtype)
+    return dequantize_weight(quantize_weight(weight, fmt, scheme, input_hessian), weight.dtype)
 
 
 def fake_quantize_activation(

@@ -18,7 +18,7 @@ Pairs (i < j, indices in the execution order of `lcpaq.graph.discover_layers`) c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,14 +116,23 @@ def select_pairs(
 
 
 def weight_perturbations(
-    model: nn.Module, layers: Sequence[LayerInfo], format_names: Sequence[str], scheme: QuantScheme
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    format_names: Sequence[str],
+    scheme: QuantScheme,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
-    """Δw[l][f] = Q_f(W_l) − W_l, on the weight's device and dtype."""
+    """Δw[l][f] = Q_f(W_l) − W_l, on the weight's device and dtype (``input_hessians``: what GPTQ
+    rounding needs, see `lcpaq.formats.quantize_weight`)."""
     result = []
     for layer in layers:
         weight = get_module(model, layer.name).weight.detach()
+        hessian = input_hessians.get(layer.name) if input_hessians else None
         result.append(
-            [fake_quantize(weight, get_format(name), scheme) - weight for name in format_names]
+            [
+                fake_quantize(weight, get_format(name), scheme, hessian) - weight
+                for name in format_names
+            ]
         )
     return result
 
@@ -159,6 +168,7 @@ def hessian_cross_terms(
     pairs: Sequence[Pair] | None = None,
     curvature: Literal["hessian", "gauss_newton"] = "hessian",
     loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> InteractionTerms:
     """C_ij(f, g) = Δw_i(f)ᵀ M_ij Δw_j(g) with M the Hessian or Gauss–Newton matrix of the mean loss.
 
@@ -173,13 +183,14 @@ def hessian_cross_terms(
         curvature: ``hessian`` (SE over batches, NaN with one batch) or ``gauss_newton`` (SE over
             samples).
         loss: ``cross_entropy`` or, for ``gauss_newton`` only, ``mse`` (mean over outputs).
+        input_hessians: per-layer input second moments, for ``scheme.rounding == "gptq"``.
     Returns:
         `InteractionTerms` with ``diagonal[l, f] = Δw_l(f)ᵀ M_ll Δw_l(f)``.
     """
     model.eval()
     scheme = scheme or QuantScheme()
     pairs = _check_pairs(pairs if pairs is not None else select_pairs(len(layers)), len(layers))
-    deltas = weight_perturbations(model, layers, format_names, scheme)
+    deltas = weight_perturbations(model, layers, format_names, scheme, input_hessians)
     if curvature == "hessian":
         if loss != "cross_entropy":
             raise ValueError("the exact Hessian cross terms support loss='cross_entropy' only")
@@ -356,6 +367,7 @@ def measured_interactions(
     pairs: Sequence[Pair] | None = None,
     loss: Literal["cross_entropy", "kl"] | PerSampleLoss = "cross_entropy",
     batch_size: int = 256,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> InteractionTerms:
     """C_ij(f, g) = δ_ij(f, g) − δ_i(f) − δ_j(g) measured by forward passes on one fixed sample.
 
@@ -378,7 +390,9 @@ def measured_interactions(
     labels = labels.to(device) if labels is not None else None
     quantized = [
         [delta + modules[k].weight.detach() for delta in per_layer]
-        for k, per_layer in enumerate(weight_perturbations(model, layers, format_names, scheme))
+        for k, per_layer in enumerate(
+            weight_perturbations(model, layers, format_names, scheme, input_hessians)
+        )
     ]
 
     def forward() -> torch.Tensor:
@@ -459,6 +473,7 @@ def compute_interactions(
     batch_size: int = 64,
     curvature_loss: Literal["cross_entropy", "mse"] = "cross_entropy",
     forward_loss: Literal["cross_entropy", "kl"] = "kl",
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> InteractionTerms:
     """Inter-layer terms from ``source`` (``hessian``, ``gauss-newton`` or ``forward``).
 
@@ -477,6 +492,7 @@ def compute_interactions(
             pairs=pairs,
             loss=forward_loss,
             batch_size=max(batch_size, 256),
+            input_hessians=input_hessians,
         )
     if source not in ("hessian", "gauss-newton"):
         raise ValueError(
@@ -500,6 +516,7 @@ def compute_interactions(
         pairs=pairs,
         curvature="hessian" if source == "hessian" else "gauss_newton",
         loss=curvature_loss,
+        input_hessians=input_hessians,
     )
 
 

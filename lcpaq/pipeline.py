@@ -95,11 +95,17 @@ from lcpaq.pairwise import (
     pair_views,
     prepare_pairwise,
 )
-from lcpaq.recovery import collect_reference_stats, correct_statistics
+from lcpaq.recovery import (
+    collect_input_hessians,
+    collect_reference_stats,
+    correct_statistics,
+)
 
 logger = logging.getLogger(__name__)
 
 HIGH_FORMAT = "int8"
+#: Per-layer input second moments E[x xᵀ] that GPTQ rounding needs (written by ``analyze``).
+INPUT_HESSIANS_FILE = "input_hessians.safetensors"
 
 
 # -- run folder helpers ------------------------------------------------------------------------
@@ -350,6 +356,13 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
             save_activation_sensitivity(run_dir / "activations.npz", measured.activations)
         else:
             (run_dir / "activations.npz").unlink(missing_ok=True)
+        start = time.perf_counter()
+        input_hessians = layer_input_hessians(config, model, layers, calib.inputs)
+        input_hessians_seconds = time.perf_counter() - start if input_hessians else None
+        if input_hessians is not None:
+            artifacts.save_tensors(run_dir / INPUT_HESSIANS_FILE, input_hessians)
+        else:
+            (run_dir / INPUT_HESSIANS_FILE).unlink(missing_ok=True)
         table = measure_candidates(
             model,
             layers,
@@ -357,8 +370,11 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
             analysis.scheme,
             curvature.diagonal,
             activation_formats=analysis.act_formats,
+            input_hessians=input_hessians,
         )
-        interactions_seconds = analyze_interactions(config, model, layers, run_dir, progress)
+        interactions_seconds = analyze_interactions(
+            config, model, layers, run_dir, progress, input_hessians
+        )
         checkpoint_sha = file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else None
         artifacts.write_json(run_dir / "run_config.json", config.to_dict())
         artifacts.write_json(
@@ -372,6 +388,7 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
                 "hutchinson_seconds": hutchinson_seconds,
                 "activations_seconds": measured.activations_seconds,
                 "interactions_seconds": interactions_seconds,
+                "input_hessians_seconds": input_hessians_seconds,
                 "layers": [layer.to_dict() for layer in layers],
             },
         )
@@ -388,8 +405,10 @@ def analyze_interactions(
     layers: Sequence[LayerInfo],
     run_dir: Path,
     progress: bool = True,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> float | None:
-    """Write ``interactions.npz`` (``--pairwise``) or remove a stale one; returns the seconds."""
+    """Write ``interactions.npz`` (``--pairwise``) or remove a stale one; returns the seconds.
+    ``input_hessians``: what ``--rounding gptq`` needs (`layer_input_hessians`)."""
     analysis = config.analysis
     path = run_dir / "interactions.npz"
     if analysis.pairwise == "none":
@@ -430,6 +449,7 @@ def analyze_interactions(
         batch_size=analysis.batch_size,
         curvature_loss=analysis.loss,
         forward_loss=analysis.pair_loss,
+        input_hessians=input_hessians,
     )
     save_interactions(path, terms)
     return time.perf_counter() - start
@@ -662,6 +682,24 @@ def weight_assignment(layer_names: Sequence[str], candidates: Sequence[str]) -> 
     return {name: weight_format_of(candidate) for name, candidate in zip(layer_names, candidates)}
 
 
+def layer_input_hessians(
+    config: RunConfig, model: nn.Module, layers: Sequence[LayerInfo], inputs: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """Input second moments of every layer on ``inputs`` (the curvature's calibration images)
+    when the scheme rounds with GPTQ; None for round-to-nearest, which needs no data."""
+    if config.analysis.scheme.rounding != "gptq":
+        return None
+    names = [layer.name for layer in layers]
+    return collect_input_hessians(model, names, inputs, batch_size=config.analysis.batch_size)
+
+
+def read_input_hessians(run_dir: Path, config: RunConfig) -> dict[str, torch.Tensor] | None:
+    """``input_hessians.safetensors`` of an analysed run with ``--rounding gptq``, else None."""
+    if config.analysis.scheme.rounding != "gptq":
+        return None
+    return artifacts.load_tensors(run_dir / INPUT_HESSIANS_FILE, "input Hessians (analyze)")
+
+
 def quantize_and_recover(
     model: nn.Module,
     layers: Sequence[LayerInfo],
@@ -669,8 +707,11 @@ def quantize_and_recover(
     config: RunConfig,
     correction_inputs: torch.Tensor | None,
     reference: object | None = None,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict]:
-    quantized_model, codes = quantize_model(model, layers, assignment, config.analysis.scheme)
+    quantized_model, codes = quantize_model(
+        model, layers, assignment, config.analysis.scheme, input_hessians
+    )
     if config.recovery.enabled and correction_inputs is not None:
         correct_statistics(
             model, quantized_model, correction_inputs, list(assignment), reference=reference
@@ -688,7 +729,12 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
         model, calib = _load_model_and_data(config, config.recovery.num_samples)
         assignment = weight_assignment(allocation.layer_names, allocation.formats)
         quantized_model, codes = quantize_and_recover(
-            model, layers, assignment, config, calib.inputs
+            model,
+            layers,
+            assignment,
+            config,
+            calib.inputs,
+            input_hessians=read_input_hessians(run_dir, config),
         )
         layer_data = artifacts.read_json(run_dir / "layers.json", "layer list")
         manifest_extra = {
@@ -841,10 +887,11 @@ def sweep(
                 if config.recovery.enabled
                 else None
             )
+            input_hessians = read_input_hessians(run_dir, config)
 
             def measure(assignment: dict[str, str]) -> float:
                 quantized_model, _ = quantize_and_recover(
-                    model, layers, assignment, config, calib.inputs, reference
+                    model, layers, assignment, config, calib.inputs, reference, input_hessians
                 )
                 return evaluate_accuracy(quantized_model, dataset).top1
 
@@ -884,8 +931,14 @@ def baseline_points(
     activation format is the weight format itself (W8A8, W4A4, FP8/FP8)."""
     layers, _ = read_layers(run_dir)
     curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+    config = read_config(run_dir)
     extra = measure_candidates(
-        model, layers, formats, read_config(run_dir).analysis.scheme, curvature.diagonal
+        model,
+        layers,
+        formats,
+        config.analysis.scheme,
+        curvature.diagonal,
+        input_hessians=read_input_hessians(run_dir, config),
     )
     if table.paired:
         extra = assign_activations(extra, formats)

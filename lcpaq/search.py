@@ -103,6 +103,12 @@ CLIPPING_CHOICES: dict[str, tuple[str, float]] = {
     "p99.9": ("percentile", 99.9),
     "p99.99": ("percentile", 99.99),
 }
+#: Rounding choices: (rounding, GPTQ dampening).
+ROUNDING_CHOICES: dict[str, tuple[str, float]] = {
+    "nearest": ("nearest", 0.01),
+    "gptq": ("gptq", 0.01),
+    "gptq-damp0.1": ("gptq", 0.1),
+}
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,11 @@ def _apply_granularity(config: RunConfig, value: str) -> RunConfig:
 def _apply_clipping(config: RunConfig, value: str) -> RunConfig:
     clipping, percentile = CLIPPING_CHOICES[value]
     return _scheme(config, clipping=clipping, percentile=percentile)
+
+
+def _apply_rounding(config: RunConfig, value: str) -> RunConfig:
+    rounding, damp = ROUNDING_CHOICES[value]
+    return _scheme(config, rounding=rounding, gptq_damp=damp)
 
 
 def _apply_formats(config: RunConfig, value: str) -> RunConfig:
@@ -271,6 +282,15 @@ def default_dimensions() -> tuple[Dimension, ...]:
             _apply_granularity,
             _choice_text(GRANULARITY_CHOICES),
             "finer scales cut the error but cost scale bits",
+        ),
+        Dimension(
+            "rounding",
+            tuple(ROUNDING_CHOICES),
+            "nearest",
+            "analysis.scheme.rounding/gptq_damp (--rounding, --gptq-damp)",
+            _apply_rounding,
+            _choice_text(ROUNDING_CHOICES),
+            "round to nearest, or GPTQ's error-compensating rounding on the curvature images",
         ),
         Dimension(
             "formats",
@@ -612,6 +632,8 @@ def scheme_slug(scheme: QuantScheme) -> str:
         parts.append(f"p{scheme.percentile:g}")
     else:
         parts.append(scheme.clipping)
+    if scheme.rounding == "gptq":
+        parts.append(f"gptq{scheme.gptq_damp:g}")
     return "-".join(parts)
 
 
@@ -689,9 +711,12 @@ class Prepared:
 def model_key(config: RunConfig, allocation: Allocation) -> str:
     """What fixes the quantized model: scheme, correction and the chosen formats. Configurations
     that differ elsewhere (curvature samples, scorer, first/last policy, format set) often
-    allocate the same formats; they share this key and so their proxy values."""
+    allocate the same formats; they share this key and so their proxy values. GPTQ codes also
+    depend on the curvature images, whose input second moments they are rounded against."""
+    scheme = config.analysis.scheme
     data = {
-        "scheme": config.analysis.scheme.to_dict(),
+        "scheme": scheme.to_dict(),
+        "gptq_samples": config.analysis.num_samples if scheme.rounding == "gptq" else None,
         "recovery": asdict(config.recovery),
         "assignment": list(allocation.formats),
     }
@@ -736,6 +761,7 @@ class SearchContext:
         self._weights: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
         self._max_cached_weights = max_cached_weights
         self._reference: dict[int, ReferenceStats] = {}
+        self._input_hessians: dict[int, dict[str, torch.Tensor]] = {}
         self.layers: tuple[LayerInfo, ...] | None = None
         self.fp_weights: dict[str, torch.Tensor] = {}
         self.analyze_calls = 0
@@ -777,15 +803,55 @@ class SearchContext:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with _quiet("lcpaq.pipeline"):
-            pipeline.analyze_interactions(config, self.model, self.layers, folder, progress=False)
+            pipeline.analyze_interactions(
+                config,
+                self.model,
+                self.layers,
+                folder,
+                progress=False,
+                input_hessians=self.input_hessians(config),
+            )
         return path, time.perf_counter() - start
 
     # -- quantized weights -----------------------------------------------------------------
-    def quantized_weights(self, scheme: QuantScheme, format_name: str) -> dict[str, torch.Tensor]:
-        """Fake-quantized weight of every layer (what export stores, decoded), cached."""
+    def input_hessians(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
+        """GPTQ's per-layer input second moments on the configuration's curvature images (as
+        ``analyze`` computes them), once per image count; None for round-to-nearest."""
+        if config.analysis.scheme.rounding != "gptq":
+            return None
+        assert self.layers is not None, "curvature() loads the layer list first"
+        count = min(config.analysis.num_samples, len(self.calib))
+        if count not in self._input_hessians:
+            path = self._input_hessians_path(count)
+            if path.is_file():
+                hessians = artifacts.load_tensors(path, "input Hessians")
+            else:
+                hessians = pipeline.layer_input_hessians(
+                    config, self.model, self.layers, self.calib.inputs[:count]
+                )
+                assert hessians is not None
+                artifacts.save_tensors(path, hessians)
+            self._input_hessians[count] = hessians
+        return self._input_hessians[count]
+
+    def _input_hessians_path(self, count: int) -> Path:
+        tag = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+        return self.cache_dir / f"input-hessians-n{count}-{tag[:12]}.safetensors"
+
+    def quantized_weights(
+        self, scheme: QuantScheme, format_name: str, samples: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Fake-quantized weight of every layer (what export stores, decoded), cached. GPTQ
+        rounding reads the input second moments of the first ``samples`` calibration images."""
         assert self.layers is not None, "curvature() loads the layer list first"
         slug = scheme_slug(scheme)
-        key = (json.dumps(scheme.to_dict(), sort_keys=True), format_name)
+        hessians = None
+        if scheme.rounding == "gptq":
+            samples = min(samples, len(self.calib))
+            slug += f"-n{samples}"
+            config = self.base.with_analysis(scheme=scheme, num_samples=samples)
+            hessians = self.input_hessians(config)
+        key = (json.dumps(scheme.to_dict(), sort_keys=True) + slug, format_name)
         if key in self._weights:
             self._weights.move_to_end(key)
             return self._weights[key]
@@ -805,7 +871,9 @@ class SearchContext:
         if weights is None:
             fmt = get_format(format_name)
             weights = {
-                name: fake_quantize(self.fp_weights[name], fmt, scheme).contiguous()
+                name: fake_quantize(
+                    self.fp_weights[name], fmt, scheme, hessians[name] if hessians else None
+                ).contiguous()
                 for name in names
             }
             with artifacts.atomic_path(path) as temp:
@@ -819,7 +887,8 @@ class SearchContext:
         assert self.layers is not None
         analysis = config.analysis
         quantized = {
-            name: self.quantized_weights(analysis.scheme, name) for name in analysis.formats
+            name: self.quantized_weights(analysis.scheme, name, analysis.num_samples)
+            for name in analysis.formats
         }
         return candidate_table(
             self.layers,
@@ -848,6 +917,13 @@ class SearchContext:
         for name in ("layers.json", "curvature.npz", "hutchinson.npz"):
             if (cache_folder / name).is_file():
                 _link_or_copy(cache_folder / name, run_dir / name, copy_only=copy_files)
+        if self.input_hessians(config) is not None:  # export (of best/) reads them from here
+            count = min(config.analysis.num_samples, len(self.calib))
+            _link_or_copy(
+                self._input_hessians_path(count),
+                run_dir / pipeline.INPUT_HESSIANS_FILE,
+                copy_only=copy_files,
+            )
         artifacts.save_candidates(run_dir / "candidates.npz", table)
         artifacts.write_json(run_dir / "run_config.json", config.to_dict())
 
@@ -899,7 +975,9 @@ class SearchContext:
         assignment = pipeline.weight_assignment(allocation.layer_names, allocation.formats)
         quantized = copy.deepcopy(self.model).eval()
         for name, format_name in assignment.items():
-            weights = self.quantized_weights(config.analysis.scheme, format_name)
+            weights = self.quantized_weights(
+                config.analysis.scheme, format_name, config.analysis.num_samples
+            )
             get_module(quantized, name).weight.copy_(weights[name])
         if config.recovery.enabled:
             count = min(config.recovery.num_samples, len(self.calib))

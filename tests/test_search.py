@@ -351,6 +351,7 @@ def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, 
     args[args.index("avg-bits=4")] = "avg-bits=8"
     args += ["--fix", "formats=int-pow2", "--fix", "clipping=minmax", "--fix", "symmetric=false"]
     args += ["--fix", "granularity=channel", "--fix", "cost_weight=0", "--size-cap", "none"]
+    args += ["--fix", "rounding=nearest"]
     assert main(args) == 0
     trials = [t for t in _study(out).trials if "duplicate_of" not in t.user_attrs]
     assert len(trials) == 4
