@@ -97,10 +97,11 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
     )
     group.add_argument(
         "--rounding",
-        choices=["nearest", "gptq"],
-        default="nearest",
-        help="round to nearest, or GPTQ: error-compensating rounding against each layer's input "
-        "second moments on the calibration images (same scales; needs one extra forward pass)",
+        choices=["gptq", "nearest"],
+        default="gptq",
+        help="GPTQ (default): error-compensating rounding against each layer's input second "
+        "moments on the calibration images (one extra forward pass), or round to nearest; same "
+        "scales and size either way",
     )
     group.add_argument(
         "--gptq-damp",

@@ -594,6 +594,8 @@ def _per_element(
 def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + δ·mean(diag H)·I)⁻¹; δ grows tenfold until H is positive
     definite (collinear inputs, few calibration samples)."""
+    if not torch.isfinite(hessian).all():
+        raise InputError("input Hessian contains NaN or Inf values")
     identity = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
     mean_diagonal = float(hessian.diagonal().mean())
     for attempt in range(6):

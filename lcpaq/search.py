@@ -286,7 +286,7 @@ def default_dimensions() -> tuple[Dimension, ...]:
         Dimension(
             "rounding",
             tuple(ROUNDING_CHOICES),
-            "nearest",
+            "gptq",
             "analysis.scheme.rounding/gptq_damp (--rounding, --gptq-damp)",
             _apply_rounding,
             _choice_text(ROUNDING_CHOICES),
@@ -834,9 +834,20 @@ class SearchContext:
             self._input_hessians[count] = hessians
         return self._input_hessians[count]
 
+    def _input_hessians_key(self, count: int) -> str:
+        """Everything the input second moments depend on: model, images and their count."""
+        analysis = self.base.analysis
+        data = {
+            **self.identity,
+            "count": count,
+            "normalize": analysis.normalize,
+            "image_size": analysis.image_size,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
     def _input_hessians_path(self, count: int) -> Path:
-        tag = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
-        return self.cache_dir / f"input-hessians-n{count}-{tag[:12]}.safetensors"
+        key = self._input_hessians_key(count)
+        return self.cache_dir / f"input-hessians-n{count}-{key}.safetensors"
 
     def quantized_weights(
         self, scheme: QuantScheme, format_name: str, samples: int = 0
@@ -848,7 +859,7 @@ class SearchContext:
         hessians = None
         if scheme.rounding == "gptq":
             samples = min(samples, len(self.calib))
-            slug += f"-n{samples}"
+            slug += f"-n{samples}-{self._input_hessians_key(samples)}"
             config = self.base.with_analysis(scheme=scheme, num_samples=samples)
             hessians = self.input_hessians(config)
         key = (json.dumps(scheme.to_dict(), sort_keys=True) + slug, format_name)

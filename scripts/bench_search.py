@@ -200,6 +200,8 @@ def phase_search(
         "chosen": summary["best"]["params"],  # type: ignore[index]
         "default": summary["default"]["params"],  # type: ignore[index]
         "proxy_best": {name: proxy_best[name] for name in space.names},
+        # The default with round-to-nearest weights (lcpaq's default before GPTQ rounding).
+        "default_nearest": {**summary["default"]["params"], "rounding": "nearest"},  # type: ignore[index]
     }
     measured = {
         name: _measure(context, space.config(trial_base, params), folder / "bench" / name, test)
@@ -227,6 +229,8 @@ def phase_search(
         "test_paired": {
             "chosen_vs_default": _paired(accuracy["chosen"], accuracy["default"]),
             "proxy_best_vs_default": _paired(accuracy["proxy_best"], accuracy["default"]),
+            "chosen_vs_default_nearest": _paired(accuracy["chosen"], accuracy["default_nearest"]),
+            "default_vs_default_nearest": _paired(accuracy["default"], accuracy["default_nearest"]),
         },
         "test_images": accuracy["chosen"].num_samples,
     }
@@ -399,8 +403,8 @@ def markdown(result: dict) -> str:
     searches = result.get("searches", {})
     if searches:
         lines += [
-            "| model, budget | search wall s (CPU s) | trials: complete / pruned (infeasible) / repeats | full evals | default top-1 % | chosen top-1 % | chosen − default (paired) | proxy-best top-1 % | proxy-best − default |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model, budget | search wall s (CPU s) | trials: complete / pruned (infeasible) / repeats | full evals | default top-1 % | chosen top-1 % | chosen − default (paired) | proxy-best top-1 % | proxy-best − default | default, nearest rounding, top-1 % | chosen − nearest default |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in searches.items():
             summary, test, paired = entry["summary"], entry["test"], entry["test_paired"]
@@ -417,7 +421,13 @@ def markdown(result: dict) -> str:
                 f"{test['chosen']['top1_pct']:.2f} | "
                 f"{paired['chosen_vs_default']['difference_pct']:+.2f} ± {paired['chosen_vs_default']['stderr_pct']:.2f} | "
                 f"{test['proxy_best']['top1_pct']:.2f} | "
-                f"{paired['proxy_best_vs_default']['difference_pct']:+.2f} ± {paired['proxy_best_vs_default']['stderr_pct']:.2f} |"
+                f"{paired['proxy_best_vs_default']['difference_pct']:+.2f} ± {paired['proxy_best_vs_default']['stderr_pct']:.2f} | "
+                + (
+                    f"{test['default_nearest']['top1_pct']:.2f} | "
+                    f"{paired['chosen_vs_default_nearest']['difference_pct']:+.2f} ± {paired['chosen_vs_default_nearest']['stderr_pct']:.2f} |"
+                    if "default_nearest" in test
+                    else "– | – |"
+                )
             )
     for key, label in (("rank_random", "random configurations"),):
         if key in result:

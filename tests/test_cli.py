@@ -157,6 +157,14 @@ def test_bad_pyhessian_options(digits_files, tmp_path, capsys, extra, needle):
     assert not (out / "layers.json").exists()
 
 
+@pytest.mark.parametrize("damp", ["0", "-0.5", "2"])
+def test_bad_gptq_damp(digits_files, tmp_path, capsys, damp):
+    out = tmp_path / "run"
+    args = [*_run(digits_files, out), "--rounding", "gptq", "--gptq-damp", damp]
+    _assert_clean_error(capsys, main(args), "gptq damping must be in (0, 1]", damp)
+    assert not (out / "layers.json").exists()
+
+
 def test_missing_checkpoint(digits_files, tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     _assert_clean_error(
@@ -409,3 +417,66 @@ def test_run_config_conflicts_and_bad_files(digits_files, tmp_path, capsys):
     _assert_clean_error(capsys, code, "--num-samples", "--config")
     code = main(["-q", "run", "--budget", "avg-bits=3", "--out", str(tmp_path / "o")])
     _assert_clean_error(capsys, code, "--model")
+
+
+@pytest.mark.usefixtures("single_thread")  # tiny ops; much slower on a shared CPU otherwise
+def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
+    """`--rounding gptq`: analyze writes every layer's input second moments (E[x xᵀ] on the
+    calibration images), export rounds against them (the checkpoint decodes to exactly the GPTQ
+    weights, not the nearest ones); without the file, export fails with one clear line."""
+    from safetensors.torch import load_file
+
+    from lcpaq.data import load_dataset
+    from lcpaq.formats import QuantScheme, dequantize_weight, get_format, quantize_weight
+    from lcpaq.recovery import collect_input_hessians
+
+    out = tmp_path / "run"
+    args = ["-q", "analyze", "--model", "demo-digits", "--checkpoint"]
+    args += [str(digits_files["checkpoint"]), "--calib", str(digits_files["data"])]
+    args += ["--normalize", "none", "--num-samples", "16", "--batch-size", "8"]
+    args += ["--correction-samples", "16"]
+    args += ["--formats", "int2,int3,int4", "--rounding", "gptq", "--gptq-damp", "0.05"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main(["-q", "allocate", str(out), "--budget", "avg-bits=3"]) == 0
+    assert main(["-q", "export", str(out)]) == 0
+    names = ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    hessians = load_file(str(out / "input_hessians.safetensors"))
+    assert sorted(hessians) == sorted(names)
+    assert hessians["conv2"].shape == (144, 144) and hessians["fc1"].shape == (512, 512)
+    model = DigitsNet()
+    model.load_state_dict(load_file(str(digits_files["checkpoint"])))
+    model.eval()
+    calib = load_dataset(digits_files["data"], normalization="none").inputs[:16]
+    expected = collect_input_hessians(model, names, calib, batch_size=8)
+    for name in names:
+        assert torch.equal(hessians[name], expected[name]), name
+
+    manifest = json.loads((out / "quantized" / "manifest.json").read_text())
+    assert manifest["scheme"]["rounding"] == "gptq" and manifest["scheme"]["gptq_damp"] == 0.05
+    scheme = QuantScheme.from_dict(manifest["scheme"])
+    assignment = json.loads((out / "allocation.json").read_text())["assignment"]
+    stored = load_file(str(out / "quantized" / "model.safetensors"))
+    decoded = load_quantized(out / "quantized")
+    differs = 0
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        fmt = get_format(assignment[name])
+        gptq = quantize_weight(weight, fmt, scheme, hessians[name])
+        assert torch.equal(stored[f"{name}.weight.qcodes"], gptq.codes), name
+        assert torch.equal(decoded[f"{name}.weight"], dequantize_weight(gptq)), name
+        nearest = quantize_weight(
+            weight, fmt, QuantScheme(**{**scheme.to_dict(), "rounding": "nearest"})
+        )
+        differs += not torch.equal(nearest.codes, gptq.codes)
+    assert differs == len(names)  # every layer's codes were changed by the compensation
+    reloaded = load_quantized(out / "quantized", DigitsNet())
+    for name in names:
+        assert torch.equal(reloaded.get_submodule(name).weight, decoded[f"{name}.weight"])
+    # sweep measures the uniform baselines outside the candidates (int8) with the same Hessians.
+    sweep = ["-q", "sweep", str(out), "--sweep-points", "2", "--eval", str(digits_files["data"])]
+    assert main(sweep) == 0
+
+    (out / "input_hessians.safetensors").unlink()
+    capsys.readouterr()
+    for stage in (["-q", "export", str(out)], sweep):
+        _assert_clean_error(capsys, main(stage), "input_hessians.safetensors", "missing")

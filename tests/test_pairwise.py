@@ -250,6 +250,7 @@ def test_analysis_stores_terms_that_reload_exactly(forward_run, digits_files) ->
         source="forward",
         pairs=terms.pairs,
         scheme=config.analysis.scheme,
+        input_hessians=pipeline.read_input_hessians(forward_run, config),
     )
     for pair in terms.pairs:
         np.testing.assert_array_equal(terms.cross[pair], direct.cross[pair])

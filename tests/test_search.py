@@ -30,6 +30,7 @@ from lcpaq.evaluate import Accuracy
 from lcpaq.formats import QuantScheme, fake_quantize, get_format
 from lcpaq.graph import discover_layers, get_module
 from lcpaq.models import load_model
+from lcpaq.recovery import collect_input_hessians
 from lcpaq.search import (
     ProxyScorer,
     SearchSpace,
@@ -540,12 +541,21 @@ def test_space_maps_to_pipeline_options():
         "correction": "off",
         "cost_weight": 0.01,
         "estimator": "gauss-newton",
+        "rounding": "gptq-damp0.1",
     }
     config = space.config(base, params)
     assert config.analysis.num_samples == 512
     assert config.analysis.scheme == QuantScheme(
-        symmetric=True, granularity="group", group_size=64, clipping="percentile", percentile=99.9
+        symmetric=True,
+        granularity="group",
+        group_size=64,
+        clipping="percentile",
+        percentile=99.9,
+        rounding="gptq",
+        gptq_damp=0.1,
     )
+    nearest = space.config(base, {**params, "rounding": "nearest"}).analysis.scheme
+    assert nearest.rounding == "nearest"
     assert "fp4_e2m1" in config.analysis.formats
     assert config.allocation.first_last == "keep-8bit" and config.allocation.scorer == "diagonal"
     assert not config.recovery.enabled
@@ -642,3 +652,39 @@ def test_default_is_kept_unless_the_best_beats_it_beyond_the_noise():
         search.SearchOptions(
             base=RunConfig(AnalysisConfig("m", None, "c")), out=Path("o"), min_gain_se=-1
         )
+
+
+@pytest.mark.parametrize("change", ["calib", "normalize"])
+def test_gptq_caches_follow_the_calibration_images(tmp_path, one_thread, change):
+    """GPTQ weights depend on the input second moments, hence on the calibration images and
+    their normalisation: a second search in the same folder on other images must recompute."""
+    files = _files(tmp_path)
+    other = tmp_path / "calib2.npz"
+    rng = np.random.default_rng(5)
+    np.savez(
+        other,
+        x=rng.integers(0, 255, (NUM_IMAGES, 1, 8, 8), dtype=np.uint8),
+        y=rng.integers(0, 10, NUM_IMAGES),
+    )
+    variants = (
+        [_digits_config(files), _digits_config({**files, "calib": other})]
+        if change == "calib"
+        else [_digits_config(files), _digits_config(files).with_analysis(normalize="0.5/0.25")]
+    )
+    scheme = QuantScheme(rounding="gptq")
+    for base in variants:
+        space = SearchSpace.default().fix({"num_samples": "16", "correction": "16"}, base)
+        context = search.SearchContext(base, tmp_path / "s", space, "kl", (16, 48))
+        context.curvature(base.with_analysis(num_samples=16))
+        weights = context.quantized_weights(scheme, "int3", 16)
+        hessians = context.input_hessians(base.with_analysis(scheme=scheme, num_samples=16))
+        names = list(weights)
+        expected = collect_input_hessians(
+            context.model, names, context.calib.inputs[:16], batch_size=base.analysis.batch_size
+        )
+        for name in names:
+            torch.testing.assert_close(hessians[name], expected[name])
+            fresh = fake_quantize(
+                context.fp_weights[name], get_format("int3"), scheme, expected[name]
+            )
+            assert torch.equal(weights[name], fresh)

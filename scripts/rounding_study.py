@@ -1,0 +1,160 @@
+"""Round-to-nearest vs GPTQ rounding (``--rounding``) on the shared checkpoints → JSON.
+
+For each checkpoint and average-bit budget, the ordinary stages run twice on the same calibration
+images, once per rounding (analyze: curvature, input second moments for GPTQ, candidate errors;
+allocate: HiGHS on the HAWQ-V2 score; export's quantization with statistics correction on 1024
+images), and a third model puts GPTQ codes on the *nearest* run's allocation, which separates
+the effect of the rounding from that of the allocation it leads to. All are evaluated on the same
+test images, paired against round-to-nearest.
+
+    python scripts/rounding_study.py --shared ../shared --out results/rounding_study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lcpaq import pipeline
+from lcpaq.allocate import parse_budget
+from lcpaq.config import AnalysisConfig, RunConfig
+from lcpaq.data import load_dataset
+from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.models import load_model
+
+MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
+BUDGETS = (2.0, 2.5, 3.0, 4.0)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _paired(first: Accuracy, second: Accuracy) -> dict[str, float]:
+    difference, stderr = paired_difference(first, second)
+    return {"difference_pct": 100 * difference, "stderr_pct": 100 * stderr}
+
+
+def _quantized_accuracy(
+    run_dir: Path, config: RunConfig, formats: list[str], calib, test
+) -> tuple[Accuracy, float]:
+    """Quantize ``formats`` (one per layer) the way export does, correct, evaluate (seconds)."""
+    start = time.perf_counter()
+    model = load_model(config.analysis.model, config.analysis.checkpoint)
+    layers, _ = pipeline.read_layers(run_dir)
+    assignment = pipeline.weight_assignment([layer.name for layer in layers], formats)
+    quantized, _ = pipeline.quantize_and_recover(
+        model,
+        layers,
+        assignment,
+        config,
+        calib.inputs[: config.recovery.num_samples],
+        input_hessians=pipeline.read_input_hessians(run_dir, config),
+    )
+    seconds = time.perf_counter() - start
+    return evaluate_accuracy(quantized, test), seconds
+
+
+def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dict[str, object]:
+    base = RunConfig(
+        analysis=AnalysisConfig(
+            model="cifar-resnet",
+            checkpoint=str(shared / "checkpoints" / MODELS[model]),
+            calib=str(shared / "data" / "cifar10_train_subset.npz"),
+        )
+    )
+    rows: dict[str, dict[str, object]] = {}
+    accuracy: dict[str, Accuracy] = {}
+    allocations: dict[str, list[str]] = {}
+    for rounding in ("nearest", "gptq"):
+        scheme = replace(base.analysis.scheme, rounding=rounding)
+        config = base.with_analysis(scheme=scheme)
+        run_dir = work / f"{model}-{bits:g}-{rounding}"
+        start = time.perf_counter()
+        pipeline.analyze(config, run_dir, progress=False)
+        analyze_s = time.perf_counter() - start
+        allocation = pipeline.allocate(run_dir, [parse_budget(f"avg-bits={bits:g}")])
+        allocations[rounding] = list(allocation.formats)
+        accuracy[rounding], quantize_s = _quantized_accuracy(
+            run_dir, config, list(allocation.formats), calib, test
+        )
+        layers_json = json.loads((run_dir / "layers.json").read_text())
+        rows[rounding] = {
+            "top1_pct": 100 * accuracy[rounding].top1,
+            "average_bits": allocation.average_bits,
+            "size_bytes": allocation.size_bytes,
+            "formats": list(allocation.formats),
+            "analyze_s": analyze_s,
+            "input_hessians_s": layers_json.get("input_hessians_seconds"),
+            "quantize_and_correct_s": quantize_s,
+        }
+    gptq_dir = work / f"{model}-{bits:g}-gptq"
+    gptq_config = pipeline.read_config(gptq_dir)
+    accuracy["gptq_on_nearest_allocation"], _ = _quantized_accuracy(
+        gptq_dir, gptq_config, allocations["nearest"], calib, test
+    )
+    rows["gptq_on_nearest_allocation"] = {
+        "top1_pct": 100 * accuracy["gptq_on_nearest_allocation"].top1
+    }
+    return {
+        "model": model,
+        "budget": f"avg-bits={bits:g}",
+        "rows": rows,
+        "paired_vs_nearest": {
+            name: _paired(accuracy[name], accuracy["nearest"])
+            for name in ("gptq", "gptq_on_nearest_allocation")
+        },
+        "test_images": accuracy["nearest"].num_samples,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--out", type=Path, default=Path("results/rounding_study.json"))
+    parser.add_argument("--work", type=Path, default=Path("results/rounding_study"))
+    parser.add_argument("--models", default="resnet20,resnet32")
+    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    calib = load_dataset(str(args.shared / "data" / "cifar10_train_subset.npz"), num_classes=10)
+    test = load_dataset(str(args.shared / "data" / "cifar10_test.npz"), num_classes=10)
+    result: dict[str, object] = {
+        "git_sha": _git_sha(),
+        "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+        "studies": [],
+    }
+    for model in args.models.split(","):
+        for bits in (float(text) for text in args.budgets.split(",")):
+            entry = study(args.shared, model, bits, args.work, calib, test)
+            result["studies"].append(entry)  # type: ignore[union-attr]
+            paired = entry["paired_vs_nearest"]
+            print(
+                f"{model} {bits:g} bits: nearest {entry['rows']['nearest']['top1_pct']:.2f} %, "
+                f"gptq {entry['rows']['gptq']['top1_pct']:.2f} % "
+                f"({paired['gptq']['difference_pct']:+.2f} ± {paired['gptq']['stderr_pct']:.2f}), "
+                f"gptq on nearest's allocation "
+                f"{paired['gptq_on_nearest_allocation']['difference_pct']:+.2f}",
+                flush=True,
+            )
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
