@@ -246,6 +246,8 @@ def _seed_caches(out: Path, model: str, folder: Path) -> str | None:
             for item in (earlier / "cache").iterdir():
                 if item.name.startswith("curvature-") or item.name == "weights":
                     shutil.copytree(item, cache / item.name)
+                elif item.name.startswith("input-hessians-"):
+                    shutil.copy2(item, cache / item.name)
             return earlier.name
     return None
 
