@@ -4,7 +4,8 @@ All rows are measured in this one process on the same calibration and test image
 
 * FP32;
 * uniform INT8…INT2 with the reference quantizer (per-channel symmetric min-max, no correction) and with
-  lcpaq's default quantizer (asymmetric, MSE clipping, BN statistics / bias correction);
+  lcpaq's default quantizer (asymmetric, MSE clipping, GPTQ rounding since git 0c7aca4, BN
+  statistics / bias correction);
 * lcpaq mixed precision at 4 / 3.5 / 3 / 2.5 average bits (HiGHS on the HAWQ-V2 score with exact
   Gauss–Newton traces), and the same allocation procedure with the reference quantizer and no
   correction, as the HAWQ-V2-style baseline;
@@ -102,7 +103,12 @@ def main() -> None:
 
     def accuracy_of(assignment: dict[str, str], run_config: RunConfig) -> Accuracy:
         quantized, _ = pipeline.quantize_and_recover(
-            model, layers, assignment, run_config, calib.inputs
+            model,
+            layers,
+            assignment,
+            run_config,
+            calib.inputs,
+            input_hessians=pipeline.read_input_hessians(run_dir, run_config),
         )
         return evaluate_accuracy(quantized, test)
 

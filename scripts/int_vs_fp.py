@@ -140,6 +140,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, object]:
                 config,
                 calib.inputs,
                 reference,
+                pipeline.read_input_hessians(run_dir, config),
             )
             cache[formats] = evaluate_accuracy(quantized, test)
         return cache[formats]

@@ -160,12 +160,13 @@ def main() -> None:
     calib = load_dataset(args.calib, num_classes=10).subset(0, RecoveryConfig().num_samples)
     test = load_dataset(args.eval, num_classes=10)
     cache: dict[tuple[str, ...], Accuracy] = {}
+    input_hessians = pipeline.read_input_hessians(run_dirs[sources[0]], base)  # GPTQ rounding
 
     def accuracy_of(formats: tuple[str, ...]) -> Accuracy:
         if formats not in cache:
             assignment = pipeline.weight_assignment([layer.name for layer in layers], formats)
             quantized, _ = pipeline.quantize_and_recover(
-                model, layers, assignment, base, calib.inputs
+                model, layers, assignment, base, calib.inputs, input_hessians=input_hessians
             )
             cache[formats] = evaluate_accuracy(quantized, test)
         return cache[formats]
