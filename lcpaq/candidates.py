@@ -27,7 +27,7 @@ from lcpaq.errors import InputError
 from lcpaq.formats import (
     FORMATS,
     QuantScheme,
-    fake_quantize,
+    fake_quantize_formats,
     get_format,
     scale_overhead_bits,
 )
@@ -315,9 +315,10 @@ def measure_candidates(
             if diagonal and layer.name in diagonal
             else None
         )
+        quantized = fake_quantize_formats(weight, formats, scheme, hessian)
         for column, fmt in enumerate(formats):
             overhead = scale_overhead_bits(layer.weight_shape, scheme, fmt)
-            delta = (fake_quantize(weight, fmt, scheme, hessian) - weight).double()
+            delta = (quantized[column] - weight).double()
             error_sq[row, column] = float(delta.pow(2).sum())
             if curvature is not None:
                 weighted_error[row, column] = float((curvature.double() * delta.pow(2)).sum())

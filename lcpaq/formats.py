@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -517,15 +517,52 @@ def quantize_weight(
     E[x xᵀ] of the layer's input patches, [fan_in, fan_in], or [groups, fan_in, fan_in] for a
     grouped convolution (`lcpaq.recovery.collect_input_hessians`). It is ignored otherwise.
     """
+    return quantize_weight_formats(weight, (fmt,), scheme, input_hessian)[0]
+
+
+def quantize_weight_formats(
+    weight: torch.Tensor,
+    fmts: Sequence[NumberFormat],
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
+) -> list[QuantizedWeight]:
+    """`quantize_weight` for each of ``fmts``. Under GPTQ rounding the INT formats (outside MX)
+    are rounded together: one column loop over their stacked rows instead of one per format."""
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values; cannot quantize")
+    grids = [_nearest_grid(weight, fmt, scheme) for fmt in fmts]
+    if scheme.rounding != "gptq":
+        return [grid.quantized for grid in grids]
+    if input_hessian is None:
+        raise InputError(
+            "rounding 'gptq' needs the layer's input Hessian from calibration inputs; none given"
+        )
+    codes = _gptq_codes(weight, list(fmts), scheme, grids, input_hessian)
+    return [
+        replace(grid.quantized, codes=code.reshape(weight.shape).to(grid.quantized.codes.dtype))
+        for grid, code in zip(grids, codes)
+    ]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Round-to-nearest result of one format, with its per-scale-group scale and zero point
+    (float, MX exponents decoded) that GPTQ rounds onto."""
+
+    quantized: QuantizedWeight
+    group_scale: torch.Tensor
+    group_zero: torch.Tensor
+
+
+def _nearest_grid(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> _Grid:
     grouped = _grouped(weight, scheme)
     shape = _scale_shape(tuple(weight.shape), scheme)
     if scheme.granularity == "mx":
         codes, exponents = _mx_codes(grouped, fmt)
         scale = exponents.reshape(shape).to(torch.uint8)
         zero_point = None
-        group_scale, group_zero = _powers_of_two(exponents - E8M0_BIAS), torch.zeros(len(grouped))
+        group_scale = _powers_of_two(exponents - E8M0_BIAS)
+        group_zero = torch.zeros_like(group_scale)
     else:
         if scheme.clipping == "mse":
             low, high = _mse_ranges(grouped, fmt, scheme)
@@ -539,24 +576,15 @@ def quantize_weight(
         zero_point = (
             group_zero.to(torch.int16).reshape(shape) if has_zero_point(fmt, scheme) else None
         )
-    if scheme.rounding == "gptq":
-        if input_hessian is None:
-            raise InputError(
-                "rounding 'gptq' needs the layer's input Hessian from calibration inputs; none given"
-            )
-        element_codes = _gptq_codes(
-            weight, fmt, scheme, group_scale, group_zero.to(group_scale.device), input_hessian
-        )
-    else:
-        element_codes = _ungroup(codes, weight.shape)
-    return QuantizedWeight(
-        codes=element_codes.reshape(weight.shape).to(_code_dtype(fmt, scheme)),
+    quantized = QuantizedWeight(
+        codes=_ungroup(codes, weight.shape).to(_code_dtype(fmt, scheme)),
         scale=scale,
         zero_point=zero_point,
         format_name=fmt.name,
         granularity=scheme.granularity,
         group_size=scheme.block_size,
     )
+    return _Grid(quantized, group_scale, group_zero)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,13 +680,14 @@ def gptq_round(
 
 def _gptq_codes(
     weight: torch.Tensor,
-    fmt: NumberFormat,
+    fmts: list[NumberFormat],
     scheme: QuantScheme,
-    group_scale: torch.Tensor,
-    group_zero: torch.Tensor,
+    grids: list[_Grid],
     input_hessian: torch.Tensor,
-) -> torch.Tensor:
-    """GPTQ codes [C_out, fan_in] on the grid fixed by the clipping's scales and zero points."""
+) -> list[torch.Tensor]:
+    """GPTQ codes [C_out, fan_in] per format, on the grids the clipping fixed. The INT formats
+    (outside MX) share one `gptq_round` over their stacked rows, each row clamped to its own code
+    range; a minifloat or MX format is rounded alone."""
     matrix = weight.detach().float().reshape(weight.shape[0], -1)
     rows, fan_in = matrix.shape
     hessian = input_hessian.to(matrix.device)
@@ -668,23 +697,53 @@ def _gptq_codes(
             f"input Hessian of shape {tuple(input_hessian.shape)} does not fit a weight of shape "
             f"{tuple(weight.shape)} (expected [{fan_in}, {fan_in}] or [groups, {fan_in}, {fan_in}])"
         )
-    scale = _per_element(group_scale, weight, scheme)
-    zero = _per_element(group_zero, weight, scheme)
+    integer = [i for i, fmt in enumerate(fmts) if fmt.kind == "int" and scheme.granularity != "mx"]
+    batches = ([integer] if integer else []) + [[i] for i in range(len(fmts)) if i not in integer]
+    scales = [_per_element(grid.group_scale, weight, scheme) for grid in grids]
+    zeros = [_per_element(grid.group_zero.to(matrix.device), weight, scheme) for grid in grids]
+    codes = [torch.empty_like(matrix) for _ in fmts]
     rows_per_group = rows // len(hessian)
-    parts = []
     for group, group_hessian in enumerate(hessian):
         chosen = slice(group * rows_per_group, (group + 1) * rows_per_group)
-        scale_part, zero_part = scale[chosen], zero[chosen]
+        for batch in batches:
+            scale = torch.cat([scales[i][chosen] for i in batch])
+            zero = torch.cat([zeros[i][chosen] for i in batch])
+            if batch is integer:
+                ranges = [code_range(fmts[i], scheme.symmetric) for i in batch]
+                bounds = torch.tensor(ranges, dtype=torch.float32, device=matrix.device)
+                low, high = bounds.repeat_interleave(rows_per_group, dim=0).unbind(1)
+                round_column = _integer_rounder(scale, zero, low, high)
+            else:
+                round_column = _format_rounder(scale, zero, fmts[batch[0]], scheme)
+            stacked = matrix[chosen].repeat(len(batch), 1)
+            result = gptq_round(stacked, group_hessian, round_column, scheme.gptq_damp)
+            for position, i in enumerate(batch):
+                codes[i][chosen] = result[
+                    position * rows_per_group : (position + 1) * rows_per_group
+                ]
+    return codes
 
-        def round_column(
-            values: torch.Tensor, column: int, scale_part=scale_part, zero_part=zero_part
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return _round_elements(
-                values.float(), scale_part[:, column], zero_part[:, column], fmt, scheme
-            )
 
-        parts.append(gptq_round(matrix[chosen], group_hessian, round_column, scheme.gptq_damp))
-    return torch.cat(parts)
+def _integer_rounder(
+    scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Round column ``column`` of stacked INT rows, each row with its own code range."""
+
+    def round_column(values: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, offset = scale[:, column], zero[:, column]
+        codes = torch.clamp(torch.round(values.float() / step) + offset, low, high)
+        return codes, (codes - offset) * step
+
+    return round_column
+
+
+def _format_rounder(
+    scale: torch.Tensor, zero: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme
+) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+    def round_column(values: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _round_elements(values.float(), scale[:, column], zero[:, column], fmt, scheme)
+
+    return round_column
 
 
 def decoded_scale(quantized: QuantizedWeight) -> torch.Tensor:
@@ -730,6 +789,19 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize then dequantize, keeping the weight's dtype and device."""
     return dequantize_weight(quantize_weight(weight, fmt, scheme, input_hessian), weight.dtype)
+
+
+def fake_quantize_formats(
+    weight: torch.Tensor,
+    fmts: Sequence[NumberFormat],
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """`fake_quantize` for each of ``fmts`` (GPTQ: INT formats rounded together)."""
+    return [
+        dequantize_weight(quantized, weight.dtype)
+        for quantized in quantize_weight_formats(weight, fmts, scheme, input_hessian)
+    ]
 
 
 def fake_quantize_activation(

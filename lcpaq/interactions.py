@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcpaq.formats import QuantScheme, fake_quantize, get_format
+from lcpaq.formats import QuantScheme, fake_quantize_formats, get_format
 from lcpaq.graph import LayerInfo, get_module
 
 Pair = tuple[int, int]
@@ -130,8 +130,10 @@ def weight_perturbations(
         hessian = input_hessians.get(layer.name) if input_hessians else None
         result.append(
             [
-                fake_quantize(weight, get_format(name), scheme, hessian) - weight
-                for name in format_names
+                quantized - weight
+                for quantized in fake_quantize_formats(
+                    weight, [get_format(name) for name in format_names], scheme, hessian
+                )
             ]
         )
     return result

@@ -58,7 +58,7 @@ from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
-from lcpaq.formats import QuantScheme, fake_quantize, get_format, parse_format_list
+from lcpaq.formats import QuantScheme, fake_quantize_formats, get_format, parse_format_list
 from lcpaq.formats import scale_overhead_bits as _scale_overhead_bits
 from lcpaq.graph import LayerInfo, get_module
 from lcpaq.hessian import CurvatureEstimate
@@ -854,6 +854,13 @@ class SearchContext:
     ) -> dict[str, torch.Tensor]:
         """Fake-quantized weight of every layer (what export stores, decoded), cached. GPTQ
         rounding reads the input second moments of the first ``samples`` calibration images."""
+        return self.quantized_weight_sets(scheme, (format_name,), samples)[format_name]
+
+    def quantized_weight_sets(
+        self, scheme: QuantScheme, format_names: Sequence[str], samples: int = 0
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """`quantized_weights` of several formats; the ones not cached yet are computed together
+        (GPTQ rounds the INT formats of a layer in one pass)."""
         assert self.layers is not None, "curvature() loads the layer list first"
         slug = scheme_slug(scheme)
         hessians = None
@@ -862,45 +869,59 @@ class SearchContext:
             slug += f"-n{samples}-{self._input_hessians_key(samples)}"
             config = self.base.with_analysis(scheme=scheme, num_samples=samples)
             hessians = self.input_hessians(config)
-        key = (json.dumps(scheme.to_dict(), sort_keys=True) + slug, format_name)
-        if key in self._weights:
-            self._weights.move_to_end(key)
-            return self._weights[key]
-        path = self.cache_dir / "weights" / slug / f"{format_name}.safetensors"
+        scheme_key = json.dumps(scheme.to_dict(), sort_keys=True) + slug
         names = [layer.name for layer in self.layers]
-        metadata = {
-            "scheme": key[0],
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for format_name in format_names:
+            key = (scheme_key, format_name)
+            if key in self._weights:
+                self._weights.move_to_end(key)
+                found[format_name] = self._weights[key]
+                continue
+            path = self.cache_dir / "weights" / slug / f"{format_name}.safetensors"
+            if path.is_file():
+                with safe_open(str(path), "pt") as handle:
+                    same = handle.metadata() == self._weights_metadata(
+                        scheme_key, format_name
+                    ) and sorted(handle.keys()) == sorted(names)
+                if same:  # else another scheme or checkpoint wrote it: recompute
+                    found[format_name] = load_file(str(path))
+        missing = [name for name in format_names if name not in found]
+        if missing:
+            fmts = [get_format(name) for name in missing]
+            per_layer = {
+                layer: fake_quantize_formats(
+                    self.fp_weights[layer], fmts, scheme, hessians[layer] if hessians else None
+                )
+                for layer in names
+            }
+            for position, format_name in enumerate(missing):
+                weights = {layer: per_layer[layer][position].contiguous() for layer in names}
+                path = self.cache_dir / "weights" / slug / f"{format_name}.safetensors"
+                with artifacts.atomic_path(path) as temp:
+                    metadata = self._weights_metadata(scheme_key, format_name)
+                    save_file(weights, str(temp), metadata=metadata)
+                found[format_name] = weights
+        for format_name in format_names:
+            self._weights[(scheme_key, format_name)] = found[format_name]
+            self._weights.move_to_end((scheme_key, format_name))
+        while len(self._weights) > self._max_cached_weights:
+            self._weights.popitem(last=False)
+        return {name: found[name] for name in format_names}
+
+    def _weights_metadata(self, scheme_key: str, format_name: str) -> dict[str, str]:
+        return {
+            "scheme": scheme_key,
             "format": format_name,
             "checkpoint": self.identity["checkpoint"],
         }
-        weights = None
-        if path.is_file():
-            with safe_open(str(path), "pt") as handle:
-                same = handle.metadata() == metadata and sorted(handle.keys()) == sorted(names)
-            if same:  # else another scheme or checkpoint wrote it: recompute
-                weights = load_file(str(path))
-        if weights is None:
-            fmt = get_format(format_name)
-            weights = {
-                name: fake_quantize(
-                    self.fp_weights[name], fmt, scheme, hessians[name] if hessians else None
-                ).contiguous()
-                for name in names
-            }
-            with artifacts.atomic_path(path) as temp:
-                save_file(weights, str(temp), metadata=metadata)
-        self._weights[key] = weights
-        while len(self._weights) > self._max_cached_weights:
-            self._weights.popitem(last=False)
-        return weights
 
     def table(self, config: RunConfig, estimate: CurvatureEstimate) -> CandidateTable:
         assert self.layers is not None
         analysis = config.analysis
-        quantized = {
-            name: self.quantized_weights(analysis.scheme, name, analysis.num_samples)
-            for name in analysis.formats
-        }
+        quantized = self.quantized_weight_sets(
+            analysis.scheme, analysis.formats, analysis.num_samples
+        )
         return candidate_table(
             self.layers,
             self.fp_weights,

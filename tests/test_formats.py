@@ -15,6 +15,7 @@ from lcpaq.formats import (
     decoded_scale,
     dequantize_weight,
     fake_quantize,
+    fake_quantize_formats,
     fp_decode,
     fp_grid,
     fp_round_codes,
@@ -25,6 +26,7 @@ from lcpaq.formats import (
     num_scale_groups,
     parse_format_list,
     quantize_weight,
+    quantize_weight_formats,
     round_to_grid,
     scale_overhead_bits,
 )
@@ -922,3 +924,33 @@ def test_gptq_keeps_dtype_and_shape() -> None:
     assert torch.equal(
         restored, fake_quantize(weight.float(), get_format("int4"), scheme, hessian).double()
     )
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        QuantScheme(rounding="gptq"),
+        QuantScheme(rounding="gptq", symmetric=True, clipping="minmax"),
+        QuantScheme(rounding="gptq", granularity="group", group_size=32),
+        QuantScheme(rounding="gptq", granularity="mx"),
+    ],
+    ids=["asym-channel", "sym-channel", "group32", "mx"],
+)
+def test_gptq_formats_together_equal_one_at_a_time(scheme):
+    """INT formats share one GPTQ pass over their stacked rows; rows never interact, so every
+    format gets the codes it gets alone."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    mixing = torch.randn(36, 36, generator=generator)
+    inputs = torch.randn(400, 36, generator=generator) @ mixing
+    hessian = inputs.T @ inputs / len(inputs)
+    fmts = [get_format(name) for name in ("int2", "int3", "fp4_e2m1", "int8", "int5")]
+    together = quantize_weight_formats(weight, fmts, scheme, hessian)
+    for fmt, batched in zip(fmts, together):
+        alone = quantize_weight(weight, fmt, scheme, hessian)
+        assert batched.format_name == fmt.name
+        assert torch.equal(batched.codes, alone.codes)
+        assert torch.equal(batched.scale, alone.scale)
+    fake = fake_quantize_formats(weight, fmts, scheme, hessian)
+    for fmt, decoded in zip(fmts, fake):
+        assert torch.equal(decoded, fake_quantize(weight, fmt, scheme, hessian))

@@ -327,13 +327,13 @@ def test_curvature_is_cached_per_key(tmp_path, monkeypatch, one_thread):
     assert calls == [16, 24, 16]
     # Quantized weights: computed once per (scheme, format), reloaded from disk by a new process.
     quantized = []
-    original_quantize = search.fake_quantize
+    original_quantize = search.fake_quantize_formats
 
-    def counting_quantize(*args, **kwargs):
-        quantized.append(1)
-        return original_quantize(*args, **kwargs)
+    def counting_quantize(weight, fmts, *args, **kwargs):
+        quantized.extend(fmt.name for fmt in fmts)
+        return original_quantize(weight, fmts, *args, **kwargs)
 
-    monkeypatch.setattr(search, "fake_quantize", counting_quantize)
+    monkeypatch.setattr(search, "fake_quantize_formats", counting_quantize)
     first = context.quantized_weights(QuantScheme(), "int3")
     assert len(quantized) == len(first) == 5  # one per layer of DigitsNet
     second = again.quantized_weights(QuantScheme(), "int3")
@@ -341,6 +341,15 @@ def test_curvature_is_cached_per_key(tmp_path, monkeypatch, one_thread):
     assert all(torch.equal(first[name], second[name]) for name in first)
     again.quantized_weights(QuantScheme(symmetric=True), "int3")
     assert len(quantized) == 10
+    # Several formats at once: only the missing ones are computed, each layer's in one call.
+    sets = again.quantized_weight_sets(QuantScheme(), ("int2", "int3", "int4"))
+    assert quantized[10:] == ["int2", "int4"] * 5
+    assert all(torch.equal(sets["int3"][name], first[name]) for name in first)
+    assert all(
+        torch.equal(sets["int4"][name], again.quantized_weights(QuantScheme(), "int4")[name])
+        for name in first
+    )
+    assert len(quantized) == 20
 
 
 def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, one_thread):
