@@ -278,6 +278,36 @@ def sweep_lines(sweep: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def quantizer_line(config: Mapping[str, Any]) -> str:
+    """One line saying how weights were mapped to codes, from the run configuration."""
+    analysis = config.get("analysis", {})
+    scheme = analysis.get("scheme", {})
+    granularity = scheme.get("granularity", "channel")
+    if granularity == "group":
+        granularity = f"group of {scheme.get('group_size')}"
+    clipping = scheme.get("clipping", "mse")
+    if clipping == "percentile":
+        clipping = f"p{scheme.get('percentile'):g} clipping"
+    else:
+        clipping = f"{clipping} clipping"
+    rounding = scheme.get("rounding", "nearest")
+    if rounding == "gptq":
+        rounding = (
+            f"GPTQ rounding (δ {scheme.get('gptq_damp'):g}, input second moments on "
+            f"{analysis.get('num_samples')} calibration samples)"
+        )
+    else:
+        rounding = "round to nearest"
+    recovery = config.get("recovery", {})
+    correction = (
+        f"statistics correction on {recovery.get('num_samples')} samples"
+        if recovery.get("enabled", True)
+        else "no statistics correction"
+    )
+    codes = "symmetric" if scheme.get("symmetric") else "asymmetric"
+    return f"- quantizer: {codes}, per {granularity}, {clipping}, {rounding}; {correction}"
+
+
 def render_markdown(report: dict[str, object]) -> str:
     lines = [f"# lcpaq report — {report['model']}", ""]
     allocation = report["allocation"]
@@ -291,6 +321,7 @@ def render_markdown(report: dict[str, object]) -> str:
             f"(FP32 {report['fp32_size_bytes'] / 1e6:.4f} MB, {report['fp32_size_bytes'] / allocation['size_bytes']:.1f}× smaller)",  # type: ignore[index, operator]
             f"- predicted loss increase: {allocation['predicted_loss_increase']:.4g} nats",  # type: ignore[index]
             f"- solver: HiGHS {allocation['status']}, MIP gap {allocation['mip_gap']:.2g}, {allocation['solve_time_s'] * 1000:.1f} ms",  # type: ignore[index]
+            quantizer_line(report["config"]),  # type: ignore[arg-type]
         ]
         lines += budget_lines(allocation)  # type: ignore[arg-type]
         lines.append("")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from lcpaq.artifacts import load_candidates
 from lcpaq.cli import main
 from lcpaq.demo import DigitsNet
-from lcpaq.report import budget_lines, infeasible_lines, sweep_lines
+from lcpaq.report import budget_lines, infeasible_lines, quantizer_line, sweep_lines
 
 
 def test_budget_table_rows() -> None:
@@ -167,3 +167,40 @@ def test_run_with_activation_pairs_and_a_bitops_budget(digits_run_files, tmp_pat
     assert "## Infeasible request" in (out / "report.md").read_text()
     assert main(["-q", "allocate", str(out), "--budget", "bitops-g=0.006"]) == 0
     assert not (out / "infeasible.json").exists()
+
+
+def test_quantizer_line_names_every_choice() -> None:
+    gptq = {
+        "analysis": {
+            "num_samples": 256,
+            "scheme": {
+                "symmetric": False,
+                "granularity": "channel",
+                "clipping": "mse",
+                "rounding": "gptq",
+                "gptq_damp": 0.01,
+            },
+        },
+        "recovery": {"enabled": True, "num_samples": 1024},
+    }
+    assert quantizer_line(gptq) == (
+        "- quantizer: asymmetric, per channel, mse clipping, GPTQ rounding (δ 0.01, input second "
+        "moments on 256 calibration samples); statistics correction on 1024 samples"
+    )
+    nearest = {
+        "analysis": {
+            "scheme": {
+                "symmetric": True,
+                "granularity": "group",
+                "group_size": 64,
+                "clipping": "percentile",
+                "percentile": 99.9,
+            }
+        },
+        "recovery": {"enabled": False, "num_samples": 1024},
+    }
+    # Older run configurations have no rounding field: they rounded to nearest.
+    assert quantizer_line(nearest) == (
+        "- quantizer: symmetric, per group of 64, p99.9 clipping, round to nearest; "
+        "no statistics correction"
+    )
