@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _provenance import git_sha  # noqa: E402
 
 from lcpaq.allocate import AllocationProblem, Budget, _quiet_stdout  # noqa: E402
 from lcpaq.candidates import CandidateTable  # noqa: E402
@@ -649,9 +650,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report: dict[str, object] = {
         "command": "python scripts/bench_allocate.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "git": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "git": git_sha(short=True),
         "machine": f"{platform.machine()} {platform.processor()}, {os.cpu_count()} cores (shared)",
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),

@@ -44,13 +44,13 @@ import multiprocessing
 import os
 import platform
 import resource
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _provenance import git_sha
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -72,15 +72,6 @@ CHECKPOINTS = {
     "resnet20": "checkpoints/resnet20-12fca82f.th",
     "resnet32": "checkpoints/resnet32-d509ac18.th",
 }
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _machine(device: torch.device) -> dict[str, object]:
@@ -635,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
     )
     run = {
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "machine": _machine(device),
         "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -26,12 +26,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _provenance import git_sha
 from scipy.stats import kendalltau, spearmanr
 
 from lcpaq import pipeline
@@ -58,15 +58,6 @@ TEST = "data/cifar10_test.npz"
 #: (1024 images) and before the proxy tail (the last 1152 images).
 SELECTION = (1024, 5085 - DEFAULT_RUNGS[-1])
 SEARCHES = (("resnet20", 3.0), ("resnet20", 2.5), ("resnet32", 3.0), ("resnet32", 2.5))
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _base(shared: Path, model: str, bits: float) -> RunConfig:
@@ -503,7 +494,7 @@ def main() -> None:
                 result.setdefault(key, value)
     result.update(
         {
-            "git_sha": _git_sha(),
+            "git_sha": git_sha(),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{args.threads} threads; shared with other jobs (load averages recorded)",
             "selection_slice": list(SELECTION),

@@ -23,13 +23,13 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from _provenance import git_sha
 
 from lcpaq import pipeline
 from lcpaq.allocate import Budget
@@ -42,15 +42,6 @@ from lcpaq.models import load_model
 REFERENCE_SCHEME = QuantScheme(symmetric=True, granularity="channel", clipping="minmax")
 MIXED_BUDGETS = (4.0, 3.5, 3.0, 2.5)
 UNIFORM_FORMATS = ("int8", "int6", "int5", "int4", "int3", "int2")
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _row(name: str, accuracy: Accuracy, reference: Accuracy | None, **extra: object) -> dict:
@@ -190,7 +181,7 @@ def main() -> None:
         "checkpoint": args.checkpoint,
         "eval": args.eval,
         "num_eval_samples": len(test),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, {args.threads} threads",
         "device": "cpu",
         "analyze_s": analyze_s,

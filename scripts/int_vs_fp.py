@@ -22,13 +22,13 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from _provenance import git_sha
 
 from lcpaq import artifacts, pipeline
 from lcpaq.allocate import AllocationProblem, Budget
@@ -44,15 +44,6 @@ from lcpaq.recovery import collect_reference_stats
 FORMATS = "int2,int3,int4,int5,int6,int8,fp4_e2m1,fp6_e2m3,fp6_e3m2,fp8_e4m3,fp8_e5m2"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 EQUIVALENT_BITS = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0)
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def problem_for(run_dir: Path, table: CandidateTable, columns: list[int]) -> AllocationProblem:
@@ -337,7 +328,7 @@ def main() -> None:
     result = {
         "formats": FORMATS,
         "budget": "size-mb at INT-equivalent bits " + ", ".join(map(str, EQUIVALENT_BITS)),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "machine": f"{platform.machine()} torch {torch.__version__}, {args.threads} threads",
         "total_s": time.perf_counter() - started,
         "models": models,

@@ -21,12 +21,12 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _provenance import git_sha
 from scipy.stats import spearmanr
 
 from lcpaq import artifacts, pipeline
@@ -39,15 +39,6 @@ from lcpaq.interactions import load_interactions
 from lcpaq.models import load_model
 
 SOURCES = ("hessian", "gauss-newton", "forward")
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _variants(weights: list[float]) -> list[dict[str, object]]:
@@ -236,7 +227,7 @@ def main() -> None:
         "eval": args.eval,
         "num_eval_samples": len(test),
         "fp32_top1_pct": 100 * fp32.top1,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "machine": f"{platform.machine()} torch {torch.__version__}, {args.threads} threads, cpu",
         "pair_samples": args.pair_samples,
         "analysis": analysis,

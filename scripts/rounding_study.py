@@ -16,12 +16,12 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _provenance import git_sha
 
 from lcpaq import pipeline
 from lcpaq.allocate import parse_budget
@@ -32,15 +32,6 @@ from lcpaq.models import load_model
 
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 BUDGETS = (2.0, 2.5, 3.0, 4.0)
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _paired(first: Accuracy, second: Accuracy) -> dict[str, float]:
@@ -135,7 +126,7 @@ def main() -> None:
     calib = load_dataset(str(args.shared / "data" / "cifar10_train_subset.npz"), num_classes=10)
     test = load_dataset(str(args.shared / "data" / "cifar10_test.npz"), num_classes=10)
     result: dict[str, object] = {
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
         "studies": [],
     }
