@@ -378,7 +378,19 @@ def _round_trip(
         codes = fp_round_codes(values / scale, fmt)
         return codes, fp_decode(codes, fmt) * scale
     qmin, qmax = code_range(fmt, scheme.symmetric)
-    codes = torch.clamp(torch.round(values / scale) + zero, qmin, qmax)
+    return _integer_codes(values, scale, zero, qmin, qmax)
+
+
+def _integer_codes(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    low: float | torch.Tensor,
+    high: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT codes clamped to [low, high] (numbers, or tensors broadcast like ``values``) and their
+    decoded values."""
+    codes = torch.clamp(torch.round(values / scale) + zero, low, high)
     return codes, (codes - zero) * scale
 
 
@@ -599,15 +611,10 @@ def _round_elements(
     scheme: QuantScheme,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and decoded values of elements that each carry their own scale (and zero point)."""
-    if scheme.granularity != "mx":
-        return _round_trip(values, scale, zero, fmt, scheme)
-    if fmt.kind == "fp":
-        codes = fp_round_codes(values / scale, fmt)
-        return codes, fp_decode(codes, fmt) * scale
-    unit = scale * 2.0 ** -(fmt.bits - 2)
-    limit = 2 ** (fmt.bits - 1) - 1
-    codes = torch.clamp(torch.round(values / unit), -limit, limit)
-    return codes, codes * unit
+    if scheme.granularity == "mx" and fmt.kind == "int":  # code · 2^-(b−2) · X, no zero point
+        limit = 2 ** (fmt.bits - 1) - 1
+        return _integer_codes(values, scale * 2.0 ** -(fmt.bits - 2), zero, -limit, limit)
+    return _round_trip(values, scale, zero, fmt, scheme)
 
 
 def _per_element(
@@ -730,9 +737,7 @@ def _integer_rounder(
     """Round column ``column`` of stacked INT rows, each row with its own code range."""
 
     def round_column(values: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        step, offset = scale[:, column], zero[:, column]
-        codes = torch.clamp(torch.round(values.float() / step) + offset, low, high)
-        return codes, (codes - offset) * step
+        return _integer_codes(values.float(), scale[:, column], zero[:, column], low, high)
 
     return round_column
 
