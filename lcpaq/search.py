@@ -63,7 +63,12 @@ from lcpaq.formats import scale_overhead_bits as _scale_overhead_bits
 from lcpaq.graph import LayerInfo, get_module
 from lcpaq.hessian import CurvatureEstimate
 from lcpaq.models import file_sha256, load_model, num_classes_of
-from lcpaq.recovery import ReferenceStats, collect_reference_stats, correct_statistics
+from lcpaq.recovery import (
+    ReferenceStats,
+    collect_input_hessians,
+    collect_reference_stats,
+    correct_statistics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -819,23 +824,32 @@ class SearchContext:
         ``analyze`` computes them), once per image count; None for round-to-nearest."""
         if config.analysis.scheme.rounding != "gptq":
             return None
+        return self._hessians_of_first(config.analysis.num_samples)
+
+    def _hessians_of_first(self, samples: int) -> dict[str, torch.Tensor]:
+        """The input second moments on the first ``samples`` calibration images (as many as
+        there are, if fewer), from memory, the cache folder, or computed and cached."""
         assert self.layers is not None, "curvature() loads the layer list first"
-        count = min(config.analysis.num_samples, len(self.calib))
+        count = min(samples, len(self.calib))
         if count not in self._input_hessians:
             path = self._input_hessians_path(count)
             if path.is_file():
                 hessians = artifacts.load_tensors(path, "input Hessians")
             else:
-                hessians = pipeline.layer_input_hessians(
-                    config, self.model, self.layers, self.calib.inputs[:count]
+                hessians = collect_input_hessians(
+                    self.model,
+                    [layer.name for layer in self.layers],
+                    self.calib.inputs[:count],
+                    batch_size=self.base.analysis.batch_size,
                 )
-                assert hessians is not None
                 artifacts.save_tensors(path, hessians)
             self._input_hessians[count] = hessians
         return self._input_hessians[count]
 
-    def _input_hessians_key(self, count: int) -> str:
-        """Everything the input second moments depend on: model, images and their count."""
+    def _input_hessians_tag(self, samples: int) -> str:
+        """``n<count>-<hash>`` of everything the input second moments of the first ``samples``
+        images depend on: model, images, their normalisation and count."""
+        count = min(samples, len(self.calib))
         analysis = self.base.analysis
         data = {
             **self.identity,
@@ -843,11 +857,11 @@ class SearchContext:
             "normalize": analysis.normalize,
             "image_size": analysis.image_size,
         }
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        return f"n{count}-{key}"
 
-    def _input_hessians_path(self, count: int) -> Path:
-        key = self._input_hessians_key(count)
-        return self.cache_dir / f"input-hessians-n{count}-{key}.safetensors"
+    def _input_hessians_path(self, samples: int) -> Path:
+        return self.cache_dir / f"input-hessians-{self._input_hessians_tag(samples)}.safetensors"
 
     def quantized_weights(
         self, scheme: QuantScheme, format_name: str, samples: int = 0
@@ -865,10 +879,8 @@ class SearchContext:
         slug = scheme_slug(scheme)
         hessians = None
         if scheme.rounding == "gptq":
-            samples = min(samples, len(self.calib))
-            slug += f"-n{samples}-{self._input_hessians_key(samples)}"
-            config = self.base.with_analysis(scheme=scheme, num_samples=samples)
-            hessians = self.input_hessians(config)
+            hessians = self._hessians_of_first(samples)
+            slug += f"-{self._input_hessians_tag(samples)}"
         scheme_key = json.dumps(scheme.to_dict(), sort_keys=True) + slug
         names = [layer.name for layer in self.layers]
         found: dict[str, dict[str, torch.Tensor]] = {}
@@ -950,9 +962,8 @@ class SearchContext:
             if (cache_folder / name).is_file():
                 _link_or_copy(cache_folder / name, run_dir / name, copy_only=copy_files)
         if self.input_hessians(config) is not None:  # export (of best/) reads them from here
-            count = min(config.analysis.num_samples, len(self.calib))
             _link_or_copy(
-                self._input_hessians_path(count),
+                self._input_hessians_path(config.analysis.num_samples),
                 run_dir / pipeline.INPUT_HESSIANS_FILE,
                 copy_only=copy_files,
             )
