@@ -29,7 +29,8 @@ against `torch.autograd.functional.hessian`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,103 @@ def quantize_activation(
     if format_name in FLOAT_ACTIVATIONS:
         return values.to(FLOAT_ACTIVATIONS[format_name]).to(values.dtype)
     return fake_quantize_activation(values, get_format(format_name), low, high, symmetric=symmetric)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static activation quantization at inference.
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """Static quantization of one layer's input: every call maps the input onto the grid fixed by
+    the calibration range [``low``, ``high``] (values outside saturate), the same Q(a) whose noise
+    `activation_sensitivity` measured, so the predicted and the applied perturbation agree."""
+
+    format_name: str
+    low: float
+    high: float
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        check_activation_formats([self.format_name])
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+            raise InputError(
+                f"activation range [{self.low}, {self.high}] of format {self.format_name} is not "
+                "a finite interval"
+            )
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(
+            values, self.format_name, self.low, self.high, symmetric=self.symmetric
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "format": self.format_name,
+            "low": self.low,
+            "high": self.high,
+            "symmetric": self.symmetric,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], where: str) -> ActivationQuantizer:
+        """Read `to_dict`'s output; ``where`` names the file and layer in the error."""
+        try:
+            return cls(
+                format_name=str(data["format"]),
+                low=float(data["low"]),  # type: ignore[arg-type]
+                high=float(data["high"]),  # type: ignore[arg-type]
+                symmetric=bool(data.get("symmetric", False)),
+            )
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(
+                f"{where}: bad activation quantizer {data!r} ({error})"
+            ) from None
+
+
+def activation_quantizers(
+    sensitivity: ActivationSensitivity, formats_by_layer: Mapping[str, str]
+) -> dict[str, ActivationQuantizer]:
+    """The quantizer of every layer whose activation format is not fp32, with the calibration
+    range ``analyze --act-formats`` measured for that layer."""
+    rows = {name: row for row, name in enumerate(sensitivity.layer_names)}
+    quantizers = {}
+    for name, format_name in formats_by_layer.items():
+        if format_name == "fp32":
+            continue
+        if name not in rows:
+            raise InputError(
+                f"layer {name!r} has no activation range in activations.npz (analysed layers: "
+                f"{', '.join(sensitivity.layer_names)})"
+            )
+        row = rows[name]
+        quantizers[name] = ActivationQuantizer(
+            format_name,
+            float(sensitivity.low[row]),
+            float(sensitivity.high[row]),
+            sensitivity.symmetric,
+        )
+    return quantizers
+
+
+def attach_activation_quantizers(
+    model: nn.Module, quantizers: Mapping[str, ActivationQuantizer]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Quantize each named layer's input on every forward pass (a forward pre-hook, so the state
+    dict and the module tree stay those of the FP32 model). Returns the handles that undo it."""
+
+    def hook_for(quantizer: ActivationQuantizer):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (quantizer(args[0]), *args[1:])
+
+        return hook
+
+    return [
+        get_module(model, name).register_forward_pre_hook(hook_for(quantizer))
+        for name, quantizer in quantizers.items()
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ leaves a partial checkpoint):
   [C_out, blocks] for MX) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
   every other tensor of the state dict as it is (including BatchNorm statistics after correction).
 * ``manifest.json``: every quantized layer with its state-dict name, weight format, activation
-  format (what the cost models assumed; activations are not quantized yet), kind (int/fp), bits,
-  granularity and group size; totals (average bits, size in bytes), the budget, the source
-  checkpoint's sha256, the lcpaq version. `lcpaq.formats.dequantize_weight` decodes every case.
+  format (the activation half of its candidate, what the cost models counted), activation
+  quantizer (format and calibration range of the layer's input, or null where activations stay
+  FP32: runs without ``--act-formats``, whose cost models assume 8 bits, and fp32 candidates), kind
+  (int/fp), bits, granularity and group size; totals (average bits, size in bytes), the budget, the
+  source checkpoint's sha256, the lcpaq version. `lcpaq.formats.dequantize_weight` decodes every
+  weight; `load_quantized` puts the activation quantizers back as forward pre-hooks.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcpaq import __version__
+from lcpaq.activations import ActivationQuantizer, attach_activation_quantizers
 from lcpaq.errors import InputError
 from lcpaq.formats import (
     QuantizedWeight,
@@ -94,12 +98,13 @@ def write_quantized_checkpoint(
     manifest_extra: Mapping[str, object],
     scheme: QuantScheme,
     activation_formats: Mapping[str, str] | None = None,
+    activation_quantizers: Mapping[str, ActivationQuantizer] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` and ``manifest.json`` into ``out_dir`` atomically.
 
     ``activation_formats`` names each layer's activation format (the activation half of its
-    candidate); activations are not quantized by the checkpoint, the name records what the
-    allocation's BitOps/EBOPs/latency assumed.
+    candidate, what the allocation's BitOps/EBOPs/latency counted); ``activation_quantizers``
+    holds the layers whose inputs are quantized at inference, with their calibration ranges.
     """
     out_dir = Path(out_dir)
     try:
@@ -128,6 +133,11 @@ def write_quantized_checkpoint(
                     "weight_key": key,
                     "format": fmt.name,
                     "activation_format": (activation_formats or {}).get(name),
+                    "activation_quantizer": (
+                        activation_quantizers[name].to_dict()
+                        if activation_quantizers and name in activation_quantizers
+                        else None
+                    ),
                     "kind": fmt.kind,
                     "bits": fmt.bits,
                     "granularity": quantized.granularity,
@@ -183,13 +193,29 @@ def read_manifest(path: str | Path) -> dict[str, object]:
     return manifest
 
 
+def manifest_activation_quantizers(
+    manifest: Mapping[str, object], where: str | Path
+) -> dict[str, ActivationQuantizer]:
+    """Layer → activation quantizer, for the layers whose manifest entry has one (checkpoints
+    written before activations were quantized have none: their activations stay FP32)."""
+    quantizers = {}
+    for entry in manifest["layers"]:  # type: ignore[union-attr]
+        stored = entry.get("activation_quantizer")
+        if stored is not None:
+            quantizers[entry["name"]] = ActivationQuantizer.from_dict(
+                stored, f"{where}, layer {entry['name']!r}"
+            )
+    return quantizers
+
+
 def load_quantized(
     path: str | Path, model: nn.Module | None = None
 ) -> dict[str, torch.Tensor] | nn.Module:
     """Decode a quantized checkpoint folder.
 
     Returns the dequantized float state dict with the original key names, or, given ``model``, that
-    model with the state dict loaded (strictly) and in eval mode.
+    model with the state dict loaded (strictly), the manifest's activation quantizers attached
+    (`manifest_activation_quantizers`; a state dict cannot carry them) and in eval mode.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -218,5 +244,7 @@ def load_quantized(
         return state_dict
     from lcpaq.models import load_state_dict_strict
 
+    quantizers = manifest_activation_quantizers(manifest, path / "manifest.json")
     load_state_dict_strict(model, state_dict, f"quantized checkpoint {path}")
+    attach_activation_quantizers(model, quantizers)
     return model.eval()

@@ -39,7 +39,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq import artifacts, distributed
-from lcpaq.activations import ActivationSensitivity, save_activation_sensitivity
+from lcpaq.activations import (
+    ActivationQuantizer,
+    ActivationSensitivity,
+    activation_quantizers,
+    activation_scores,
+    attach_activation_quantizers,
+    load_activation_sensitivity,
+    save_activation_sensitivity,
+)
 from lcpaq.allocate import (
     Allocation,
     AllocationProblem,
@@ -48,6 +56,7 @@ from lcpaq.allocate import (
     tie_rule_groups,
 )
 from lcpaq.candidates import (
+    PAIR_SEPARATOR,
     CandidateTable,
     activation_format_of,
     activation_score_matrix,
@@ -481,8 +490,6 @@ def activation_term(run_dir: Path, table: CandidateTable, scorer: str) -> np.nda
     ``analyze --act-formats``) through `lcpaq.activations.activation_scores` (``diagonal`` for the
     diagonal weight scorer, ``trace`` otherwise). Zero for an unpaired table (its 8-bit activations
     are only a cost assumption), without the file, and for formats it did not measure."""
-    from lcpaq.activations import activation_scores, load_activation_sensitivity
-
     path = run_dir / "activations.npz"
     if not table.paired or not path.is_file():
         return np.zeros(table.error_sq.shape)
@@ -700,6 +707,23 @@ def read_input_hessians(run_dir: Path, config: RunConfig) -> dict[str, torch.Ten
     return artifacts.load_tensors(run_dir / INPUT_HESSIANS_FILE, "input Hessians (analyze)")
 
 
+def activation_quantizers_of(
+    run_dir: Path, layer_names: Sequence[str], candidates: Sequence[str]
+) -> dict[str, ActivationQuantizer]:
+    """The input quantizer of every layer whose candidate pairs it with a quantized activation
+    format, with the range ``analyze --act-formats`` calibrated (``activations.npz``). Unpaired
+    candidates (no ``--act-formats``) leave activations in FP32."""
+    formats = {
+        name: activation_format_of(candidate)
+        for name, candidate in zip(layer_names, candidates)
+        if PAIR_SEPARATOR in candidate
+    }
+    if all(format_name == "fp32" for format_name in formats.values()):
+        return {}
+    sensitivity = load_activation_sensitivity(run_dir / "activations.npz")
+    return activation_quantizers(sensitivity, formats)
+
+
 def quantize_and_recover(
     model: nn.Module,
     layers: Sequence[LayerInfo],
@@ -708,10 +732,15 @@ def quantize_and_recover(
     correction_inputs: torch.Tensor | None,
     reference: object | None = None,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
+    activation_quantizers: Mapping[str, ActivationQuantizer] | None = None,
 ) -> tuple[nn.Module, dict]:
+    """The quantized model (weights to ``assignment``, inputs through ``activation_quantizers``)
+    with its BN statistics corrected on ``correction_inputs``: the correction sees the
+    quantized activations, so it also removes the mean shift their rounding causes."""
     quantized_model, codes = quantize_model(
         model, layers, assignment, config.analysis.scheme, input_hessians
     )
+    attach_activation_quantizers(quantized_model, activation_quantizers or {})
     if config.recovery.enabled and correction_inputs is not None:
         correct_statistics(
             model, quantized_model, correction_inputs, list(assignment), reference=reference
@@ -728,6 +757,9 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
     with timed(run_dir, "export"):
         model, calib = _load_model_and_data(config, config.recovery.num_samples)
         assignment = weight_assignment(allocation.layer_names, allocation.formats)
+        input_quantizers = activation_quantizers_of(
+            run_dir, allocation.layer_names, allocation.formats
+        )
         quantized_model, codes = quantize_and_recover(
             model,
             layers,
@@ -735,6 +767,7 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
             config,
             calib.inputs,
             input_hessians=read_input_hessians(run_dir, config),
+            activation_quantizers=input_quantizers,
         )
         layer_data = artifacts.read_json(run_dir / "layers.json", "layer list")
         manifest_extra = {
@@ -766,6 +799,7 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
                 name: activation_format_of(candidate)
                 for name, candidate in zip(allocation.layer_names, allocation.formats)
             },
+            activation_quantizers=input_quantizers,
         )
     logger.info("wrote quantized checkpoint %s", path)
     return path
@@ -889,21 +923,26 @@ def sweep(
             )
             input_hessians = read_input_hessians(run_dir, config)
 
-            def measure(assignment: dict[str, str]) -> float:
+            def measure(candidates: Sequence[str]) -> float:
                 quantized_model, _ = quantize_and_recover(
-                    model, layers, assignment, config, calib.inputs, reference, input_hessians
+                    model,
+                    layers,
+                    weight_assignment(table.layer_names, candidates),
+                    config,
+                    calib.inputs,
+                    reference,
+                    input_hessians,
+                    activation_quantizers_of(run_dir, table.layer_names, candidates),
                 )
                 return evaluate_accuracy(quantized_model, dataset).top1
 
-            # Activations are not quantized at inference: accuracy depends on the weights only.
             everything = [point for curve in curves.values() for point in curve] + uniform
             seen: dict[tuple[str, ...], float] = {}
             for point in tqdm(everything, desc="measuring", disable=not progress, unit="point"):
-                candidates = point.get("formats") or [point["weight_format"]] * len(layers)
-                assignment = weight_assignment(table.layer_names, candidates)
-                key = tuple(assignment.values())
+                candidates = point.get("formats") or [point["format"]] * len(layers)
+                key = tuple(candidates)
                 if key not in seen:
-                    seen[key] = measure(assignment)
+                    seen[key] = measure(candidates)
                 point["top1"] = seen[key]
         result = {
             "first_last": first_last,

@@ -17,10 +17,13 @@ from conftest import make_tiny_conv_net
 from torch import nn
 
 from lcpaq.activations import (
+    ActivationQuantizer,
     ActivationState,
+    activation_quantizers,
     activation_ranges,
     activation_scores,
     activation_sensitivity,
+    attach_activation_quantizers,
     load_activation_sensitivity,
     quantize_activation,
     save_activation_sensitivity,
@@ -255,3 +258,71 @@ def test_bad_input() -> None:
     result = activation_sensitivity(model, layers, [inputs], ("int8",))
     with pytest.raises(InputError, match="unknown activation scorer"):
         activation_scores(result, "hessian")
+
+
+# ---------------------------------------------------------------------------------------------
+# Static activation quantization at inference.
+
+
+def _received(model: nn.Module, name: str, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """What layer ``name`` receives on each call, after any quantizer hook registered earlier."""
+    return _calls(model, name, inputs)
+
+
+@pytest.mark.parametrize("format_name", ["int8", "int4", "fp8_e4m3", "fp4_e2m1", "bf16"])
+def test_inference_quantizer_applies_the_noise_the_analysis_measured(format_name: str) -> None:
+    """One layer at a time: the input a hooked layer receives is Q(a) of its FP input, and its
+    mean squared error per element is `ActivationSensitivity.noise` of that layer and format."""
+    model, inputs = _problem("tiny_conv")
+    layers = discover_layers(model, inputs)
+    result = activation_sensitivity(model, layers, [inputs], (format_name,))
+    for row, layer in enumerate(layers):
+        (fp_input,) = _calls(model, layer.name, inputs)
+        quantizers = activation_quantizers(result, {layer.name: format_name})
+        handles = attach_activation_quantizers(model, quantizers)
+        (received,) = _received(model, layer.name, inputs)
+        for handle in handles:
+            handle.remove()
+        expected = quantize_activation(
+            fp_input, format_name, float(result.low[row]), float(result.high[row])
+        )
+        torch.testing.assert_close(received, expected, rtol=0, atol=0)
+        noise = float((received - fp_input).pow(2).mean())
+        assert noise == pytest.approx(float(result.noise[row, 0]), rel=1e-9)
+        # The handles undo it: the layer sees its FP32 input again.
+        (after,) = _calls(model, layer.name, inputs)
+        torch.testing.assert_close(after, fp_input, rtol=0, atol=0)
+
+
+def test_inference_quantizer_covers_every_call_and_every_consumer() -> None:
+    """A layer that runs twice is quantized on both calls; a tensor feeding two layers is
+    quantized separately for each (with each layer's own range), and only where asked."""
+    model, inputs = _problem("two_branch")
+    layers = discover_layers(model, inputs)
+    result = activation_sensitivity(model, layers, [inputs], ("int4",))
+    quantizers = activation_quantizers(result, {"shared": "int4", "left": "int4", "right": "fp32"})
+    assert set(quantizers) == {"shared", "left"}  # fp32 needs no quantizer
+    attach_activation_quantizers(model, quantizers)
+    for call in _received(model, "shared", inputs):
+        assert torch.equal(call, quantizers["shared"](call))  # already on the grid: idempotent
+    (left,) = _received(model, "left", inputs)
+    (right,) = _received(model, "right", inputs)
+    torch.testing.assert_close(left, quantizers["left"](inputs), rtol=0, atol=0)
+    torch.testing.assert_close(right, inputs, rtol=0, atol=0)
+
+
+def test_activation_quantizer_round_trip_and_bad_input() -> None:
+    quantizer = ActivationQuantizer("int4", -0.5, 2.0, symmetric=True)
+    assert ActivationQuantizer.from_dict(quantizer.to_dict(), "m.json") == quantizer
+    with pytest.raises(InputError, match="m.json, layer 'fc': unknown activation format 'int9'"):
+        ActivationQuantizer.from_dict({"format": "int9", "low": 0, "high": 1}, "m.json, layer 'fc'")
+    with pytest.raises(InputError, match="m.json: bad activation quantizer"):
+        ActivationQuantizer.from_dict({"format": "int8", "low": 0}, "m.json")
+    with pytest.raises(InputError, match="not a finite interval"):
+        ActivationQuantizer("int8", 2.0, 1.0)
+    with pytest.raises(InputError, match="not a finite interval"):
+        ActivationQuantizer("int8", 0.0, float("nan"))
+    model, inputs = _problem("tiny_conv")
+    result = activation_sensitivity(model, discover_layers(model, inputs), [inputs], ("int8",))
+    with pytest.raises(InputError, match="layer 'conv9' has no activation range"):
+        activation_quantizers(result, {"conv9": "int8"})

@@ -12,6 +12,11 @@ from safetensors.torch import load_file
 
 import lcpaq
 from lcpaq import export
+from lcpaq.activations import (
+    activation_quantizers,
+    activation_sensitivity,
+    attach_activation_quantizers,
+)
 from lcpaq.errors import InputError
 from lcpaq.export import (
     CHECKPOINT_FORMAT,
@@ -125,6 +130,7 @@ def test_manifest_contents(tmp_path: Path) -> None:
         assert entry["weight_key"] == f"{name}.weight"
         assert entry["num_params"] == by_name[name].num_params
         assert entry["shape"] == list(by_name[name].weight_shape)
+        assert entry["activation_quantizer"] is None  # weights only: activations stay FP32
 
 
 def test_partial_assignment_keeps_other_weights_in_float(tmp_path: Path) -> None:
@@ -193,6 +199,39 @@ def test_load_errors(tmp_path: Path) -> None:
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         load_quantized(path)
+
+
+def test_activation_quantizers_travel_with_the_checkpoint(tmp_path: Path) -> None:
+    """The manifest keeps each layer's input quantizer; the loaded model applies it, so it gives
+    the in-memory W+A quantized model's outputs bit for bit; a bad entry names file and layer."""
+    model = make_tiny_conv_net()
+    inputs = conv_inputs(6)
+    layers = discover_layers(model, inputs)
+    sensitivity = activation_sensitivity(model, layers, [inputs], ("int4", "fp8_e4m3"))
+    formats = {"conv1": "fp8_e4m3", "conv2": "int4", "fc": "fp32"}
+    quantizers = activation_quantizers(sensitivity, formats)
+    scheme = QuantScheme()
+    quantized, codes = quantize_model(model, layers, ASSIGNMENT, scheme)
+    with torch.no_grad():
+        weights_only = quantized(inputs)
+    attach_activation_quantizers(quantized, quantizers)
+    path = write_quantized_checkpoint(
+        tmp_path / "ckpt", quantized.state_dict(), layers, codes, EXTRA, scheme, formats, quantizers
+    )
+    entries = {entry["name"]: entry for entry in read_manifest(path)["layers"]}
+    assert entries["conv2"]["activation_quantizer"] == quantizers["conv2"].to_dict()
+    assert entries["fc"]["activation_format"] == "fp32"
+    assert entries["fc"]["activation_quantizer"] is None
+    loaded = load_quantized(path, TinyConvNet())
+    with torch.no_grad():
+        expected, got = quantized(inputs), loaded(inputs)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, weights_only)  # the activations were quantized
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["layers"][1]["activation_quantizer"]["high"] = "wide"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"manifest.json, layer 'conv2': bad activation quantizer"):
+        load_quantized(path, TinyConvNet())
 
 
 def test_quantize_model_leaves_the_original_alone() -> None:

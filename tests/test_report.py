@@ -146,6 +146,16 @@ def test_run_with_activation_pairs_and_a_bitops_budget(digits_run_files, tmp_pat
     for entry in manifest["layers"]:
         candidate = allocation["assignment"][entry["name"]]
         assert candidate == f"{entry['format']}/{entry['activation_format']}"
+        # Activations are quantized at inference, with the range analyze calibrated.
+        with np.load(out / "activations.npz") as archive:
+            row = list(archive["layer_names"]).index(entry["name"])
+            low, high = float(archive["low"][row]), float(archive["high"][row])
+        assert entry["activation_quantizer"] == {
+            "format": entry["activation_format"],
+            "low": low,
+            "high": high,
+            "symmetric": False,
+        }
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["metrics"] == ["bitops-g"] and sweep["points"] == sweep["curves"]["bitops-g"]
     baselines = {point["format"]: point for point in sweep["uniform"]}
