@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from lcpaq import artifacts
 from lcpaq.errors import InputError
-from lcpaq.formats import FORMATS, fake_quantize_activation, get_format
+from lcpaq.formats import FORMATS, activation_mse_range, fake_quantize_activation, get_format
 from lcpaq.graph import LayerInfo, get_module
 from lcpaq.hessian import (
     LossName,
@@ -53,6 +53,10 @@ from lcpaq.hessian import (
 #: Activation "formats" that stay floating point: their noise is that of a dtype cast (0 for fp32).
 FLOAT_ACTIVATIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ACTIVATION_SCORERS = ("trace", "diagonal")
+#: How a layer's input range is calibrated: observed min/max, or the MSE-optimal clipping.
+ACTIVATION_CLIPPINGS = ("minmax", "mse")
+#: Values of each layer's input kept per calibration batch for the MSE range search.
+RANGE_SAMPLE_PER_BATCH = 16384
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class ActivationSensitivity:
     standard error over samples, ``num_elements[l]`` = n_a per sample (summed over calls of a layer
     that runs several times). ``noise[l, f]`` = mean squared quantization error per element,
     ``weighted[l, f]`` = mean_n Σ_k (H_n)_kk e_nk² (``weighted_stderr`` over samples).
-    ``low``/``high`` are the calibration ranges that fix each layer's activation scale.
+    ``low``/``high`` are the observed min/max of each layer's input; ``clip_low``/``clip_high``
+    [L, F] the range each format quantizes with (`range_of`), equal to them for ``minmax``.
     """
 
     layer_names: tuple[str, ...]
@@ -82,6 +87,20 @@ class ActivationSensitivity:
     symmetric: bool = False
     #: Per-sample tr(H_n) [N, L]: stability of the ranking, as for the weight traces.
     sample_traces: np.ndarray | None = None
+    #: How each format's range was calibrated (`ACTIVATION_CLIPPINGS`) and the ranges [L, F]
+    #: (None: every format uses the observed ``low``/``high``, as files from before clipping).
+    clipping: str = "minmax"
+    clip_low: np.ndarray | None = None
+    clip_high: np.ndarray | None = None
+
+    def range_of(self, row: int, format_name: str) -> tuple[float, float]:
+        """The calibrated range of layer ``row``'s input for ``format_name``; a format the analysis
+        did not measure gets the observed min-max range (its score has no activation term either)."""
+        calibrated = self.clip_low is not None and self.clip_high is not None
+        if calibrated and format_name in self.format_names:
+            column = self.format_names.index(format_name)
+            return float(self.clip_low[row, column]), float(self.clip_high[row, column])  # type: ignore[index]
+        return float(self.low[row]), float(self.high[row])
 
 
 def activation_scores(sensitivity: ActivationSensitivity, scorer: str = "trace") -> np.ndarray:
@@ -166,9 +185,7 @@ class ActivationQuantizer:
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
         except (KeyError, TypeError, ValueError) as error:
-            raise InputError(
-                f"{where}: bad activation quantizer {data!r} ({error})"
-            ) from None
+            raise InputError(f"{where}: bad activation quantizer {data!r} ({error})") from None
 
 
 def activation_quantizers(
@@ -186,13 +203,8 @@ def activation_quantizers(
                 f"layer {name!r} has no activation range in activations.npz (analysed layers: "
                 f"{', '.join(sensitivity.layer_names)})"
             )
-        row = rows[name]
-        quantizers[name] = ActivationQuantizer(
-            format_name,
-            float(sensitivity.low[row]),
-            float(sensitivity.high[row]),
-            sensitivity.symmetric,
-        )
+        low, high = sensitivity.range_of(rows[name], format_name)
+        quantizers[name] = ActivationQuantizer(format_name, low, high, sensitivity.symmetric)
     return quantizers
 
 
@@ -231,9 +243,16 @@ def _input_hooks(
 
 
 def batch_ranges(
-    model: nn.Module, layers: Sequence[LayerInfo], inputs: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each layer's input over one batch (all calls), float64 [L] each."""
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    inputs: torch.Tensor,
+    *,
+    keep: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Min and max of each layer's input over one batch (all calls), float64 [L] each, and
+    ``keep`` values of each layer's input drawn uniformly (with replacement; a CPU generator
+    seeded with ``seed``, so any process draws the same values for the same batch)."""
     model.eval()
     modules = {layer.name: get_module(model, layer.name) for layer in layers}
     record: dict[str, list[torch.Tensor]] = {}
@@ -249,21 +268,77 @@ def batch_ranges(
         raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
     low = np.array([min(float(t.min()) for t in record[name]) for name in modules])
     high = np.array([max(float(t.max()) for t in record[name]) for name in modules])
-    return low, high
+    samples = []
+    if keep:
+        generator = torch.Generator().manual_seed(seed)
+        for name in modules:
+            values = torch.cat([t.flatten() for t in record[name]])
+            index = torch.randint(len(values), (keep,), generator=generator)
+            samples.append(values[index.to(values.device)].double().cpu().numpy())
+    return low, high, samples
 
 
 def activation_ranges(
     model: nn.Module, layers: Sequence[LayerInfo], batches: Sequence[torch.Tensor]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Min and max of each layer's input over all calibration batches (forward passes only)."""
-    low = np.full(len(layers), np.inf)
-    high = np.full(len(layers), -np.inf)
-    for inputs in batches:
-        batch_low, batch_high = batch_ranges(model, layers, inputs)
-        low, high = np.minimum(low, batch_low), np.maximum(high, batch_high)
     if not batches:
         raise ValueError("no calibration samples were given")
+    low, high, _ = range_statistics(model, layers, list(enumerate(batches)))
     return low, high
+
+
+def range_statistics(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    indexed_batches: Sequence[tuple[int, torch.Tensor]],
+    *,
+    keep: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
+    """Min, max and (``keep`` > 0) per-batch value samples [batch][layer] of every layer's input
+    over (batch index, batch) pairs; batch ``i`` draws its sample with seed ``seed + i``."""
+    low = np.full(len(layers), np.inf)
+    high = np.full(len(layers), -np.inf)
+    samples = []
+    for index, inputs in indexed_batches:
+        batch_low, batch_high, batch_samples = batch_ranges(
+            model, layers, inputs, keep=keep, seed=seed + index
+        )
+        low, high = np.minimum(low, batch_low), np.maximum(high, batch_high)
+        samples.append(batch_samples)
+    return low, high, samples
+
+
+def clipped_ranges(
+    low: np.ndarray,
+    high: np.ndarray,
+    samples: Sequence[Sequence[np.ndarray]],
+    format_names: Sequence[str],
+    clipping: str,
+    *,
+    symmetric: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """[L, F] range of each layer's input for each format: the observed [low, high]
+    (``minmax``) or the range minimising the squared quantization error over the sampled values
+    (``mse``, `lcpaq.formats.activation_mse_range`; floating-point casts need no range)."""
+    if clipping not in ACTIVATION_CLIPPINGS:
+        raise InputError(
+            f"unknown activation clipping {clipping!r}; known: {', '.join(ACTIVATION_CLIPPINGS)}"
+        )
+    clip_low = np.repeat(np.asarray(low, dtype=np.float64)[:, None], len(format_names), axis=1)
+    clip_high = np.repeat(np.asarray(high, dtype=np.float64)[:, None], len(format_names), axis=1)
+    if clipping == "minmax":
+        return clip_low, clip_high
+    for row in range(len(low)):
+        sample = torch.from_numpy(np.concatenate([batch[row] for batch in samples]))
+        for column, format_name in enumerate(format_names):
+            if format_name in FLOAT_ACTIVATIONS:
+                continue
+            clip_low[row, column], clip_high[row, column] = activation_mse_range(
+                sample, get_format(format_name), low[row], high[row], symmetric=symmetric
+            )
+    return clip_low, clip_high
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +386,9 @@ class ActivationState:
     format_names: tuple[str, ...]
     low: np.ndarray
     high: np.ndarray
+    clip_low: np.ndarray
+    clip_high: np.ndarray
+    clipping: str
     symmetric: bool
     generator: torch.Generator
     rows: list[dict[str, np.ndarray]]
@@ -326,17 +404,28 @@ class ActivationState:
         low: np.ndarray,
         high: np.ndarray,
         *,
+        clip: tuple[np.ndarray, np.ndarray] | None = None,
+        clipping: str = "minmax",
         symmetric: bool = False,
         seed: int = 0,
     ) -> ActivationState:
+        """``low``/``high`` [L]: observed ranges; ``clip``: the [L, F] ranges the formats quantize
+        with (`clipped_ranges` with ``clipping``; default the observed ones)."""
         model.eval()
         modules = {layer.name: get_module(model, layer.name) for layer in layers}
+        format_names = check_activation_formats(format_names)
+        low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+        if clip is None:
+            clip = clipped_ranges(low, high, [], format_names, "minmax")
         return cls(
             names=tuple(modules),
             modules=modules,
-            format_names=check_activation_formats(format_names),
-            low=np.asarray(low, dtype=np.float64),
-            high=np.asarray(high, dtype=np.float64),
+            format_names=format_names,
+            low=low,
+            high=high,
+            clip_low=np.asarray(clip[0], dtype=np.float64),
+            clip_high=np.asarray(clip[1], dtype=np.float64),
+            clipping=clipping,
             symmetric=symmetric,
             generator=torch.Generator(device=_device(model)).manual_seed(seed),
             rows=[],
@@ -383,8 +472,8 @@ class ActivationState:
                         quantize_activation(
                             values,
                             format_name,
-                            float(self.low[index]),
-                            float(self.high[index]),
+                            float(self.clip_low[index, column]),
+                            float(self.clip_high[index, column]),
                             symmetric=self.symmetric,
                         ).double()
                         - values.double()
@@ -417,6 +506,9 @@ class ActivationState:
             method="fisher_sampled" if self.sampled else "gauss_newton",
             symmetric=self.symmetric,
             sample_traces=trace.astype(np.float32),
+            clipping=self.clipping,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
         )
 
 
@@ -437,6 +529,7 @@ def activation_sensitivity(
     format_names: Sequence[str],
     *,
     loss: LossName = "cross_entropy",
+    clipping: str = "minmax",
     symmetric: bool = False,
     seed: int = 0,
     progress: bool = False,
@@ -448,14 +541,29 @@ def activation_sensitivity(
         model: the FP32 model (put in eval mode); batches: input tensors [B, ...], labels not needed.
         format_names: activation formats (`lcpaq.formats` names, or fp32/fp16/bf16).
         loss: as `lcpaq.hessian.gauss_newton_traces` (cross_entropy, mse, kl).
+        clipping: how each format's range is calibrated (`clipped_ranges`: minmax or mse).
         symmetric: symmetric INT activation codes (default asymmetric, METHOD §0).
     Returns:
         an `ActivationSensitivity`; `activation_scores` turns it into [L, A] scores.
     """
     batches = list(batches)
-    low, high = activation_ranges(model, layers, batches)
+    if not batches:
+        raise ValueError("no calibration samples were given")
+    keep = RANGE_SAMPLE_PER_BATCH if clipping == "mse" else 0
+    low, high, samples = range_statistics(
+        model, layers, list(enumerate(batches)), keep=keep, seed=seed
+    )
+    clip = clipped_ranges(low, high, samples, format_names, clipping, symmetric=symmetric)
     state = ActivationState.start(
-        model, layers, format_names, low, high, symmetric=symmetric, seed=seed
+        model,
+        layers,
+        format_names,
+        low,
+        high,
+        clip=clip,
+        clipping=clipping,
+        symmetric=symmetric,
+        seed=seed,
     )
     for inputs in tqdm(batches, desc="activation curvature", disable=not progress, unit="batch"):
         state.add_batch(model, inputs, loss)
@@ -486,12 +594,14 @@ def save_activation_sensitivity(path: Path, sensitivity: ActivationSensitivity) 
                     "num_samples": sensitivity.num_samples,
                     "method": sensitivity.method,
                     "symmetric": sensitivity.symmetric,
+                    "clipping": sensitivity.clipping,
                 }
             )
         ),
     }
-    if sensitivity.sample_traces is not None:
-        arrays["sample_traces"] = sensitivity.sample_traces
+    for name in ("sample_traces", "clip_low", "clip_high"):
+        if getattr(sensitivity, name) is not None:
+            arrays[name] = getattr(sensitivity, name)
     return artifacts.write_npz(path, arrays)
 
 
@@ -513,4 +623,7 @@ def load_activation_sensitivity(path: Path) -> ActivationSensitivity:
         method=str(meta["method"]),
         symmetric=bool(meta["symmetric"]),
         sample_traces=arrays.get("sample_traces"),
+        clipping=str(meta.get("clipping", "minmax")),
+        clip_low=arrays.get("clip_low"),
+        clip_high=arrays.get("clip_high"),
     )

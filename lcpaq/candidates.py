@@ -10,8 +10,8 @@ is one column per weight format, named after it (``int4``), and the cost models 
 activations (`DEFAULT_ACTIVATION_FORMAT`), as lcpaq always did. With activation formats every weight
 format is paired with every activation format and the column is named ``weight/activation``
 (``int4/fp8_e4m3``). Activation formats feed BitOps, EBOPs and the roofline latency, and the
-activation sensitivity score when the analysis measured one; activations are not quantized at
-inference yet.
+activation sensitivity score when the analysis measured one; export quantizes each layer's input
+to the activation half of its candidate (`lcpaq.activations.ActivationQuantizer`).
 """
 
 from __future__ import annotations

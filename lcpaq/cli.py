@@ -73,8 +73,16 @@ def _add_analysis_options(parser: argparse.ArgumentParser, *, required: bool = T
         "--act-formats",
         help="activation formats paired with every weight format into (weight, activation) "
         "candidates, e.g. int8,int4,fp8_e4m3 (also fp16, fp32: unquantized); they set the "
-        "activation bits of BitOps/EBOPs/latency. Default: weight formats only, 8-bit activations "
-        "assumed by the cost models",
+        "activation bits of BitOps/EBOPs/latency, and each layer's input is quantized at "
+        "inference. Default: weight formats only, activations stay FP32 (the cost models assume "
+        "8 bits)",
+    )
+    group.add_argument(
+        "--act-clipping",
+        choices=["mse", "minmax"],
+        default="mse",
+        help="static range of each layer's input per activation format: the MSE-optimal clipping "
+        "of the calibration activations (default) or their observed min/max",
     )
     group.add_argument(
         "--symmetric", action="store_true", help="symmetric codes (default asymmetric)"
@@ -442,6 +450,7 @@ _CONFIG_OPTIONS = (
     "loss",
     "formats",
     "act_formats",
+    "act_clipping",
     "pairwise",
     "pair_rule",
     "pair_window",
@@ -511,6 +520,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             loss=args.loss,
             formats=parse_format_list(args.formats),
             act_formats=parse_activation_formats(args.act_formats) if args.act_formats else (),
+            act_clipping=args.act_clipping,
             scheme=QuantScheme(
                 symmetric=args.symmetric,
                 granularity=args.granularity,

@@ -33,7 +33,10 @@ class AnalysisConfig:
     label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.hessian`).
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
     candidates (`lcpaq.candidates`); empty: one candidate per weight format, 8-bit activations
-    assumed by the cost models.
+    assumed by the cost models. Activations of a paired candidate are quantized at inference with
+    one static range per layer input, calibrated by ``act_clipping``: ``mse`` (the range that
+    minimises each format's squared error on the calibration activations, the default) or
+    ``minmax`` (the observed range, what run configurations from before the option used).
     ``pyhessian_iters``: 0 (off) or the iteration cap of the PyHessian cross-check (whole-model
     trace and top eigenvalue over the layers' weights, on the Hutchinson samples, cross-entropy).
     """
@@ -48,6 +51,7 @@ class AnalysisConfig:
     loss: Literal["cross_entropy", "mse", "kl"] = "cross_entropy"
     formats: tuple[str, ...] = parse_format_list(DEFAULT_FORMATS)
     act_formats: tuple[str, ...] = ()
+    act_clipping: Literal["minmax", "mse"] = "mse"
     scheme: QuantScheme = DEFAULT_SCHEME
     hutchinson_probes: int = 0
     hutchinson_samples: int = 128
@@ -86,6 +90,8 @@ class AnalysisConfig:
 
         for name in self.act_formats:
             activation_bits(name)  # an unknown activation format fails before any analysis
+        if self.act_clipping not in ("minmax", "mse"):
+            raise InputError(f"act-clipping must be minmax or mse, got {self.act_clipping!r}")
 
 
 ESTIMATORS = ("gauss-newton", "hutchinson")
@@ -242,6 +248,7 @@ class RunConfig:
             analysis["scheme"] = QuantScheme.from_dict(analysis["scheme"])
             analysis["formats"] = tuple(analysis["formats"])
             analysis["act_formats"] = tuple(analysis.get("act_formats", ()))
+            analysis.setdefault("act_clipping", "minmax")  # what older configurations did
             return cls(
                 analysis=AnalysisConfig(**analysis),
                 recovery=RecoveryConfig(**data.get("recovery", {})),

@@ -21,7 +21,8 @@ Metrics (`COST_METRICS`):
 
 Activation bits: one value per candidate, the width of its activation format
 (``CandidateTable.activation_bits``; 8 when no activation formats were chosen, as before).
-Activations are not quantized at inference yet; this feeds BitOps, EBOPs and the roofline.
+With activation formats they are also what the exported model quantizes each layer's input to;
+without, activations stay FP32 at inference and the 8 bits are an assumption of the costs only.
 """
 
 from __future__ import annotations

@@ -31,7 +31,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from lcpaq.activations import ActivationSensitivity, ActivationState, batch_ranges
+from lcpaq.activations import (
+    RANGE_SAMPLE_PER_BATCH,
+    ActivationSensitivity,
+    ActivationState,
+    clipped_ranges,
+    range_statistics,
+)
 from lcpaq.graph import LayerInfo
 from lcpaq.hessian import BatchShare, CurvatureEstimate, GaussNewtonState, LossName
 
@@ -159,6 +165,7 @@ def activation_sensitivity_distributed(
     format_names: Sequence[str],
     *,
     loss: LossName = "cross_entropy",
+    clipping: str = "minmax",
     symmetric: bool = False,
     seed: int = 0,
     group: dist.ProcessGroup | None = None,
@@ -166,7 +173,8 @@ def activation_sensitivity_distributed(
 ) -> ActivationSensitivity:
     """`lcpaq.activations.activation_sensitivity` with the batches split across the process group.
 
-    The activation ranges are min/max-reduced (exact), the per-sample rows gathered in batch order,
+    The activation ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and
+    the per-sample rows gathered in batch order,
     so the result equals the single-process one (the sampled Fisher past 64 classes: in
     distribution only, as for `gauss_newton_traces_distributed`).
     """
@@ -175,16 +183,25 @@ def activation_sensitivity_distributed(
         raise ValueError("no calibration samples were given")
     rank, world = rank_and_world(group)
     mine = list(range(rank, len(batches), world))
-    low = np.full(len(layers), np.inf)
-    high = np.full(len(layers), -np.inf)
-    for index in mine:
-        batch_low, batch_high = batch_ranges(model, layers, batches[index])
-        low, high = np.minimum(low, batch_low), np.maximum(high, batch_high)
+    keep = RANGE_SAMPLE_PER_BATCH if clipping == "mse" else 0
+    low, high, samples = range_statistics(
+        model, layers, [(index, batches[index]) for index in mine], keep=keep, seed=seed
+    )
     if world > 1:
         low = _all_reduce(low, dist.ReduceOp.MIN, group)
         high = _all_reduce(high, dist.ReduceOp.MAX, group)
+        samples = _in_batch_order(mine, samples, len(batches), group)  # type: ignore[assignment]
+    clip = clipped_ranges(low, high, samples, format_names, clipping, symmetric=symmetric)
     state = ActivationState.start(
-        model, layers, format_names, low, high, symmetric=symmetric, seed=seed + rank
+        model,
+        layers,
+        format_names,
+        low,
+        high,
+        clip=clip,
+        clipping=clipping,
+        symmetric=symmetric,
+        seed=seed + rank,
     )
     for index in tqdm(mine, desc="activation curvature", disable=not progress, unit="batch"):
         state.add_batch(model, batches[index], loss)

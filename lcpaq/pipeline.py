@@ -311,6 +311,7 @@ def measure_sensitivity(
             batches,
             analysis.act_formats,
             loss=analysis.loss,
+            clipping=analysis.act_clipping,
             seed=analysis.seed,
             progress=progress,
         )

@@ -29,6 +29,7 @@ from lcpaq.activations import (
     save_activation_sensitivity,
 )
 from lcpaq.errors import InputError
+from lcpaq.formats import activation_mse_range, get_format
 from lcpaq.graph import discover_layers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -269,13 +270,16 @@ def _received(model: nn.Module, name: str, inputs: torch.Tensor) -> list[torch.T
     return _calls(model, name, inputs)
 
 
+@pytest.mark.parametrize("clipping", ["minmax", "mse"])
 @pytest.mark.parametrize("format_name", ["int8", "int4", "fp8_e4m3", "fp4_e2m1", "bf16"])
-def test_inference_quantizer_applies_the_noise_the_analysis_measured(format_name: str) -> None:
+def test_inference_quantizer_applies_the_noise_the_analysis_measured(
+    format_name: str, clipping: str
+) -> None:
     """One layer at a time: the input a hooked layer receives is Q(a) of its FP input, and its
     mean squared error per element is `ActivationSensitivity.noise` of that layer and format."""
     model, inputs = _problem("tiny_conv")
     layers = discover_layers(model, inputs)
-    result = activation_sensitivity(model, layers, [inputs], (format_name,))
+    result = activation_sensitivity(model, layers, [inputs], (format_name,), clipping=clipping)
     for row, layer in enumerate(layers):
         (fp_input,) = _calls(model, layer.name, inputs)
         quantizers = activation_quantizers(result, {layer.name: format_name})
@@ -283,9 +287,7 @@ def test_inference_quantizer_applies_the_noise_the_analysis_measured(format_name
         (received,) = _received(model, layer.name, inputs)
         for handle in handles:
             handle.remove()
-        expected = quantize_activation(
-            fp_input, format_name, float(result.low[row]), float(result.high[row])
-        )
+        expected = quantize_activation(fp_input, format_name, *result.range_of(row, format_name))
         torch.testing.assert_close(received, expected, rtol=0, atol=0)
         noise = float((received - fp_input).pow(2).mean())
         assert noise == pytest.approx(float(result.noise[row, 0]), rel=1e-9)
@@ -326,3 +328,62 @@ def test_activation_quantizer_round_trip_and_bad_input() -> None:
     result = activation_sensitivity(model, discover_layers(model, inputs), [inputs], ("int8",))
     with pytest.raises(InputError, match="layer 'conv9' has no activation range"):
         activation_quantizers(result, {"conv9": "int8"})
+
+
+def _brute_force_range_error(sample: torch.Tensor, format_name: str, points: int = 400) -> float:
+    """The least squared error of Q over ratios t/points of the min-max range (a finer grid than
+    the coarse-to-fine search walks)."""
+    low, high = float(sample.min()), float(sample.max())
+    low, high = min(low, 0.0), max(high, 0.0)
+    return min(
+        float((quantize_activation(sample, format_name, low * t, high * t) - sample).pow(2).sum())
+        for t in np.arange(1, points + 1) / points
+    )
+
+
+@pytest.mark.parametrize("format_name", ["int4", "int8", "fp4_e2m1", "fp8_e4m3"])
+def test_mse_range_is_near_the_brute_force_optimum(format_name: str) -> None:
+    """A post-ReLU-like sample with a few outliers: the MSE range clips them (4-bit formats
+    hard), cuts the error below min-max's and comes within 1 % of a 400-point brute force."""
+    generator = torch.Generator().manual_seed(5)
+    sample = torch.relu(torch.randn(4000, generator=generator, dtype=torch.float64))
+    sample[:4] = torch.tensor([9.0, 11.0, 12.5, 14.0], dtype=torch.float64)
+    low, high = float(sample.min()), float(sample.max())
+    clip_low, clip_high = activation_mse_range(sample, get_format(format_name), low, high)
+    assert clip_low == 0.0 and clip_high < (0.8 if get_format(format_name).bits == 4 else 1) * high
+    error = float(
+        (quantize_activation(sample, format_name, clip_low, clip_high) - sample).pow(2).sum()
+    )
+    minmax = float((quantize_activation(sample, format_name, low, high) - sample).pow(2).sum())
+    assert error < minmax
+    assert error <= 1.01 * _brute_force_range_error(sample, format_name)
+
+
+def test_mse_clipping_per_format_and_its_artifact(tmp_path: Path) -> None:
+    """Each format gets its own range (narrower for fewer bits); floating-point casts keep the
+    observed range; the artifact keeps the ranges; a format not analysed falls back to min-max."""
+    model, inputs = _problem("tiny_conv")
+    model, inputs = model.float(), inputs.float()
+    layers = discover_layers(model, inputs)
+    formats = ("int4", "int8", "bf16")
+    result = activation_sensitivity(
+        model, layers, [inputs[:5], inputs[5:]], formats, clipping="mse"
+    )
+    minmax = activation_sensitivity(model, layers, [inputs[:5], inputs[5:]], formats)
+    assert result.clipping == "mse" and minmax.clipping == "minmax"
+    np.testing.assert_array_equal(result.low, minmax.low)
+    for row in range(len(layers)):
+        int4, int8, bf16 = (result.range_of(row, name) for name in formats)
+        assert int4[1] <= int8[1] <= result.high[row]
+        assert bf16 == (result.low[row], result.high[row])
+        assert result.range_of(row, "fp8_e4m3") == (result.low[row], result.high[row])
+        # The MSE ranges lower the measured noise of the coarse format on the same data.
+        assert result.noise[row, 0] <= minmax.noise[row, 0] * 1.0001
+    loaded = load_activation_sensitivity(
+        save_activation_sensitivity(tmp_path / "activations.npz", result)
+    )
+    assert loaded.clipping == "mse"
+    np.testing.assert_array_equal(loaded.clip_low, result.clip_low)
+    np.testing.assert_array_equal(loaded.clip_high, result.clip_high)
+    with pytest.raises(InputError, match="unknown activation clipping 'kl'"):
+        activation_sensitivity(model, layers, [inputs], formats, clipping="kl")

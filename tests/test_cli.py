@@ -419,6 +419,58 @@ def test_run_config_conflicts_and_bad_files(digits_files, tmp_path, capsys):
     _assert_clean_error(capsys, code, "--model")
 
 
+@pytest.mark.usefixtures("single_thread")
+def test_min_max_activation_ranges_and_old_configurations(digits_files, tmp_path):
+    """``--act-clipping minmax`` quantizes every layer's input with its observed range; the
+    exported model reproduces the in-memory W+A model; configurations from before the option
+    load as min-max, which is what they did."""
+    from lcpaq import pipeline
+    from lcpaq.activations import load_activation_sensitivity
+    from lcpaq.config import RunConfig
+    from lcpaq.errors import InputError
+    from lcpaq.models import build_model
+
+    out = tmp_path / "run"
+    args = ["-q", "run", "--model", "demo-digits", "--checkpoint", str(digits_files["checkpoint"])]
+    args += ["--calib", str(digits_files["data"]), "--normalize", "none", "--num-samples", "16"]
+    args += ["--correction-samples", "16", "--formats", "int2,int4,int8", "--act-formats", "int4"]
+    args += ["--act-clipping", "minmax", "--budget", "avg-bits=4", "--sweep-points", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    config = pipeline.read_config(out)
+    assert config.analysis.act_clipping == "minmax"
+    sensitivity = load_activation_sensitivity(out / "activations.npz")
+    manifest = json.loads((out / "quantized" / "manifest.json").read_text())
+    for entry in manifest["layers"]:
+        row = sensitivity.layer_names.index(entry["name"])
+        quantizer = entry["activation_quantizer"]
+        assert (quantizer["low"], quantizer["high"]) == (
+            sensitivity.low[row],
+            sensitivity.high[row],
+        )
+    layers, _ = pipeline.read_layers(out)
+    allocation, _ = pipeline.read_allocation(out)
+    model, calib = pipeline._load_model_and_data(config, 16)
+    in_memory, _ = pipeline.quantize_and_recover(
+        model,
+        layers,
+        pipeline.weight_assignment(allocation.layer_names, allocation.formats),
+        config,
+        calib.inputs,
+        input_hessians=pipeline.read_input_hessians(out, config),
+        activation_quantizers=pipeline.activation_quantizers_of(
+            out, allocation.layer_names, allocation.formats
+        ),
+    )
+    loaded = load_quantized(out / "quantized", build_model("demo-digits", model.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib.inputs), in_memory(calib.inputs))
+    data = config.to_dict()
+    del data["analysis"]["act_clipping"]
+    assert RunConfig.from_dict(data).analysis.act_clipping == "minmax"
+    with pytest.raises(InputError, match="act-clipping must be minmax or mse"):
+        config.with_analysis(act_clipping="kl")
+
+
 @pytest.mark.usefixtures("single_thread")  # tiny ops; much slower on a shared CPU otherwise
 def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
     """`--rounding gptq`: analyze writes every layer's input second moments (E[x xᵀ] on the

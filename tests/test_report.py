@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lcpaq.activations import load_activation_sensitivity
 from lcpaq.artifacts import load_candidates
 from lcpaq.cli import main
 from lcpaq.demo import DigitsNet
@@ -143,13 +144,16 @@ def test_run_with_activation_pairs_and_a_bitops_budget(digits_run_files, tmp_pat
     w4a4, w4a8 = table.format_index("int4/int4"), table.format_index("int4/int8")
     assert bool((scores[:, w4a4] > scores[:, w4a8]).all())
     manifest = json.loads((out / "quantized" / "manifest.json").read_text())
+    sensitivity = load_activation_sensitivity(out / "activations.npz")
+    assert sensitivity.clipping == "mse"
     for entry in manifest["layers"]:
         candidate = allocation["assignment"][entry["name"]]
         assert candidate == f"{entry['format']}/{entry['activation_format']}"
-        # Activations are quantized at inference, with the range analyze calibrated.
-        with np.load(out / "activations.npz") as archive:
-            row = list(archive["layer_names"]).index(entry["name"])
-            low, high = float(archive["low"][row]), float(archive["high"][row])
+        # Activations are quantized at inference, with the range analyze calibrated (MSE
+        # clipping by default: each format its own range, inside the observed one).
+        row = sensitivity.layer_names.index(entry["name"])
+        low, high = sensitivity.range_of(row, entry["activation_format"])
+        assert sensitivity.low[row] <= low <= high <= sensitivity.high[row]
         assert entry["activation_quantizer"] == {
             "format": entry["activation_format"],
             "low": low,
