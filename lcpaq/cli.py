@@ -382,7 +382,8 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         action="append",
         metavar="NAME",
         help="search an optional dimension too (estimator: Hutchinson traces; pairwise: "
-        "inter-layer terms and their window; both costly)",
+        "inter-layer terms and their window; act_formats: quantized activations, with "
+        "act_clipping their ranges; each costs extra curvature-like passes)",
     )
     group.add_argument(
         "--size-cap",

@@ -305,18 +305,35 @@ def measure_sensitivity(
         )
     if analysis.act_formats:
         start = time.perf_counter()
-        measured["activations"] = distributed.activation_sensitivity_distributed(
-            model,
-            layers,
-            batches,
-            analysis.act_formats,
-            loss=analysis.loss,
-            clipping=analysis.act_clipping,
-            seed=analysis.seed,
-            progress=progress,
+        measured["activations"] = measure_activations(
+            config, model, layers, calib.inputs, progress=progress
         )
         measured["activations_seconds"] = time.perf_counter() - start
     return Measurements(**measured)  # type: ignore[arg-type]
+
+
+def measure_activations(
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    inputs: torch.Tensor,
+    *,
+    progress: bool = False,
+) -> ActivationSensitivity:
+    """The activation sensitivity and calibrated ranges of ``act_formats`` on ``inputs`` (the
+    curvature's images, in its batches), as ``analyze`` writes them to ``activations.npz``."""
+    analysis = config.analysis
+    starts = range(0, len(inputs), analysis.batch_size)
+    return distributed.activation_sensitivity_distributed(
+        model,
+        layers,
+        [inputs[start : start + analysis.batch_size] for start in starts],
+        analysis.act_formats,
+        loss=analysis.loss,
+        clipping=analysis.act_clipping,
+        seed=analysis.seed,
+        progress=progress,
+    )
 
 
 def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[LayerInfo, ...]]:
@@ -708,21 +725,28 @@ def read_input_hessians(run_dir: Path, config: RunConfig) -> dict[str, torch.Ten
     return artifacts.load_tensors(run_dir / INPUT_HESSIANS_FILE, "input Hessians (analyze)")
 
 
-def activation_quantizers_of(
-    run_dir: Path, layer_names: Sequence[str], candidates: Sequence[str]
-) -> dict[str, ActivationQuantizer]:
-    """The input quantizer of every layer whose candidate pairs it with a quantized activation
-    format, with the range ``analyze --act-formats`` calibrated (``activations.npz``). Unpaired
-    candidates (no ``--act-formats``) leave activations in FP32."""
+def paired_activation_formats(
+    layer_names: Sequence[str], candidates: Sequence[str]
+) -> dict[str, str]:
+    """Layer → activation format quantized at inference: the activation half of each paired
+    candidate other than fp32. Unpaired candidates (no ``--act-formats``) keep FP32 activations."""
     formats = {
         name: activation_format_of(candidate)
         for name, candidate in zip(layer_names, candidates)
         if PAIR_SEPARATOR in candidate
     }
-    if all(format_name == "fp32" for format_name in formats.values()):
+    return {name: format_name for name, format_name in formats.items() if format_name != "fp32"}
+
+
+def activation_quantizers_of(
+    run_dir: Path, layer_names: Sequence[str], candidates: Sequence[str]
+) -> dict[str, ActivationQuantizer]:
+    """The input quantizer of every layer `paired_activation_formats` names, with the range
+    ``analyze --act-formats`` calibrated (``activations.npz``)."""
+    formats = paired_activation_formats(layer_names, candidates)
+    if not formats:
         return {}
-    sensitivity = load_activation_sensitivity(run_dir / "activations.npz")
-    return activation_quantizers(sensitivity, formats)
+    return activation_quantizers(load_activation_sensitivity(run_dir / "activations.npz"), formats)
 
 
 def quantize_and_recover(

@@ -52,8 +52,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcpaq import artifacts, pipeline
+from lcpaq.activations import (
+    ActivationSensitivity,
+    activation_quantizers,
+    attach_activation_quantizers,
+    load_activation_sensitivity,
+    save_activation_sensitivity,
+)
 from lcpaq.allocate import Allocation, Budget, parse_budget
-from lcpaq.candidates import CandidateTable, pair_candidates
+from lcpaq.candidates import CandidateTable, pair_candidates, parse_activation_formats
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
@@ -107,6 +114,16 @@ CLIPPING_CHOICES: dict[str, tuple[str, float]] = {
     "p99": ("percentile", 99.0),
     "p99.9": ("percentile", 99.9),
     "p99.99": ("percentile", 99.99),
+}
+#: ``--act-formats`` sets: "none" keeps activations in FP32 (the cost models assume 8 bits); a
+#: single format quantizes every layer input to it; several let the ILP trade them (BitOps,
+#: EBOPs and latency budgets count activation bits; avg-bits and size do not).
+ACTIVATION_SETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "int8": ("int8",),
+    "fp8": ("fp8_e4m3",),
+    "int4-8": ("int4", "int6", "int8"),
+    "int8+fp8": ("int8", "fp8_e4m3"),
 }
 #: Rounding choices: (rounding, GPTQ dampening).
 ROUNDING_CHOICES: dict[str, tuple[str, float]] = {
@@ -170,6 +187,20 @@ def _apply_granularity(config: RunConfig, value: str) -> RunConfig:
 def _apply_clipping(config: RunConfig, value: str) -> RunConfig:
     clipping, percentile = CLIPPING_CHOICES[value]
     return _scheme(config, clipping=clipping, percentile=percentile)
+
+
+def _apply_activations(config: RunConfig, value: str) -> RunConfig:
+    return config.with_analysis(act_formats=ACTIVATION_SETS.get(value) or _activation_list(value))
+
+
+def _activation_list(text: str) -> tuple[str, ...]:
+    return () if text == "none" else parse_activation_formats(text)
+
+
+def _parse_activations(text: str) -> str:
+    if text not in ACTIVATION_SETS:
+        _activation_list(text)  # validates a format list
+    return text
 
 
 def _apply_rounding(config: RunConfig, value: str) -> RunConfig:
@@ -350,6 +381,27 @@ def default_dimensions() -> tuple[Dimension, ...]:
             _apply_estimator,
             _parse_estimator,
             "exact Gauss-Newton traces, or Hutchinson with a probe cap (costly: opt-in)",
+            optional=True,
+        ),
+        Dimension(
+            "act_formats",
+            tuple(ACTIVATION_SETS),
+            "none",
+            "analysis.act_formats (--act-formats)",
+            _apply_activations,
+            _parse_activations,
+            "activation formats every layer input may be quantized to (one activation "
+            "sensitivity pass per set: opt-in)",
+            optional=True,
+        ),
+        Dimension(
+            "act_clipping",
+            ("mse", "minmax"),
+            "mse",
+            "analysis.act_clipping (--act-clipping)",
+            lambda config, value: config.with_analysis(act_clipping=value),
+            _choice_text({"mse": 0, "minmax": 0}),
+            "static activation ranges: MSE-optimal clipping or observed min/max (with act_formats)",
             optional=True,
         ),
         Dimension(
@@ -586,7 +638,7 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 #: AnalysisConfig fields that do not change the curvature (they change the candidates, or the
 #: inter-layer terms, which the search does not cache).
-_NOT_CURVATURE = ("scheme", "formats", "act_formats", "allow_unsafe_pickle")
+_NOT_CURVATURE = ("scheme", "formats", "act_formats", "act_clipping", "allow_unsafe_pickle")
 
 
 def curvature_key(config: RunConfig, identity: Mapping[str, str]) -> str:
@@ -623,6 +675,18 @@ def interactions_key(config: RunConfig, identity: Mapping[str, str]) -> str:
         **{name: value for name, value in asdict(analysis).items() if name.startswith("pair")},
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def activations_key(config: RunConfig, identity: Mapping[str, str]) -> str:
+    """The curvature key (same images, batches and seed) plus the activation formats and how
+    their ranges are calibrated."""
+    analysis = config.analysis
+    data = {
+        "curvature": curvature_key(config, identity),
+        "act_formats": list(analysis.act_formats),
+        "act_clipping": analysis.act_clipping,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def scheme_slug(scheme: QuantScheme) -> str:
@@ -725,6 +789,8 @@ def model_key(config: RunConfig, allocation: Allocation) -> str:
         "recovery": asdict(config.recovery),
         "assignment": list(allocation.formats),
     }
+    if config.analysis.act_formats:  # activation ranges come from the curvature images
+        data["activations"] = activations_key(config, {})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -767,6 +833,7 @@ class SearchContext:
         self._max_cached_weights = max_cached_weights
         self._reference: dict[int, ReferenceStats] = {}
         self._input_hessians: dict[int, dict[str, torch.Tensor]] = {}
+        self._activations: dict[str, ActivationSensitivity] = {}
         self.layers: tuple[LayerInfo, ...] | None = None
         self.fp_weights: dict[str, torch.Tensor] = {}
         self.analyze_calls = 0
@@ -817,6 +884,32 @@ class SearchContext:
                 input_hessians=self.input_hessians(config),
             )
         return path, time.perf_counter() - start
+
+    def activations(self, config: RunConfig) -> tuple[ActivationSensitivity | None, float]:
+        """The activation sensitivity and ranges of the configuration's activation formats on
+        its curvature images, as ``analyze`` measures them, once per distinct key (seconds spent
+        now); None without activation formats."""
+        if not config.analysis.act_formats:
+            return None, 0.0
+        assert self.layers is not None, "curvature() loads the layer list first"
+        path = self._activations_path(config)
+        if path in self._activations:
+            return self._activations[path], 0.0
+        seconds = 0.0
+        if path.is_file():
+            sensitivity = load_activation_sensitivity(path)
+        else:
+            start = time.perf_counter()
+            inputs = self.calib.inputs[: config.analysis.num_samples]
+            sensitivity = pipeline.measure_activations(config, self.model, self.layers, inputs)
+            save_activation_sensitivity(path, sensitivity)
+            seconds = time.perf_counter() - start
+        self._activations[path] = sensitivity
+        return sensitivity, seconds
+
+    def _activations_path(self, config: RunConfig) -> Path:
+        key = activations_key(config, self.identity)
+        return self.cache_dir / f"activations-n{config.analysis.num_samples}-{key}.npz"
 
     # -- quantized weights -----------------------------------------------------------------
     def input_hessians(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
@@ -967,6 +1060,10 @@ class SearchContext:
                 run_dir / pipeline.INPUT_HESSIANS_FILE,
                 copy_only=copy_files,
             )
+        if config.analysis.act_formats:  # the allocation's score and export read it
+            _link_or_copy(
+                self._activations_path(config), run_dir / "activations.npz", copy_only=copy_files
+            )
         artifacts.save_candidates(run_dir / "candidates.npz", table)
         artifacts.write_json(run_dir / "run_config.json", config.to_dict())
 
@@ -975,6 +1072,8 @@ class SearchContext:
         then (``build``) the quantized and corrected model, as ``export`` builds it."""
         timings = {}
         folder, estimate, timings["hessian_s"] = self.curvature(config)
+        _, seconds = self.activations(config)
+        timings["hessian_s"] += seconds  # curvature work, in the report's Hessian share
         start = time.perf_counter()
         table = self.table(config, estimate)
         timings["candidates_s"] = time.perf_counter() - start
@@ -1022,6 +1121,10 @@ class SearchContext:
                 config.analysis.scheme, format_name, config.analysis.num_samples
             )
             get_module(quantized, name).weight.copy_(weights[name])
+        sensitivity, _ = self.activations(config)
+        if sensitivity is not None:  # inputs quantized before the correction, as export does
+            formats = pipeline.paired_activation_formats(allocation.layer_names, allocation.formats)
+            attach_activation_quantizers(quantized, activation_quantizers(sensitivity, formats))
         if config.recovery.enabled:
             count = min(config.recovery.num_samples, len(self.calib))
             names = list(assignment)

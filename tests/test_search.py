@@ -630,6 +630,53 @@ def test_pairwise_terms_are_cached_per_scheme_and_reach_the_trial_folder(
     assert none.allocation.formats
 
 
+def test_activation_formats_are_cached_and_quantize_the_trial_model(
+    tmp_path, monkeypatch, one_thread
+):
+    """``--also act_formats``: the activation sensitivity and ranges are measured once per
+    (images, formats, clipping), reach the trial folder, and the trial's model quantizes its
+    layer inputs exactly as ``export`` of that folder does."""
+    files = _files(tmp_path)
+    calls = []
+    original = pipeline.measure_activations
+
+    def counting(config, *args, **kwargs):
+        calls.append((config.analysis.act_formats, config.analysis.act_clipping))
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_activations", counting)
+    base = _digits_config(files, num_samples=16, batch_size=8)
+    space = SearchSpace.default(also=["act_formats", "act_clipping"])
+    space = space.fix({"num_samples": "16", "correction": "16"}, base)
+    assert space.dimension("act_formats").choices == tuple(search.ACTIVATION_SETS)
+    context = search.SearchContext(base, tmp_path / "s", space, "kl", (16, 48))
+    a4 = space.config(base, {**space.default_params(), "act_formats": "int4"})
+    assert a4.analysis.act_formats == ("int4",) and a4.analysis.act_clipping == "mse"
+    first = context.prepare(a4, tmp_path / "t1")
+    again = context.prepare(a4, tmp_path / "t2", build=False)
+    assert calls == [(("int4",), "mse")]
+    assert again.timings["hessian_s"] == 0
+    assert all(name.endswith("/int4") for name in first.allocation.formats)
+    assert (tmp_path / "t2" / "activations.npz").is_file()
+    pipeline.export(tmp_path / "t1")
+    manifest = json.loads((tmp_path / "t1" / "quantized" / "manifest.json").read_text())
+    assert all(entry["activation_quantizer"]["format"] == "int4" for entry in manifest["layers"])
+    loaded = load_quantized(tmp_path / "t1" / "quantized", DigitsNet())
+    inputs = context.calib.inputs[:32]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), first.quantized(inputs))
+    weights_only = context.prepare(base, tmp_path / "t3", build=False)
+    assert not (tmp_path / "t3" / "activations.npz").exists()
+    assert search.model_key(a4, first.allocation) != search.model_key(base, weights_only.allocation)
+    minmax = a4.with_analysis(act_clipping="minmax")
+    assert search.curvature_key(minmax, {}) == search.curvature_key(a4, {})
+    context.prepare(minmax, tmp_path / "t4", build=False)
+    assert calls == [(("int4",), "mse"), (("int4",), "minmax")]
+    assert search.model_key(minmax, first.allocation) != search.model_key(a4, first.allocation)
+    with pytest.raises(InputError, match="unknown activation format 'int9'"):
+        space.fix({"act_formats": "int9"}, base)
+
+
 def test_size_cap_text_round_trip():
     for size in (20140.0, 123456.7, 1234561.0, 99999999.5):
         cap = search._ceil_budget_mb(size)
