@@ -170,6 +170,7 @@ def save_candidates(path: Path, table: CandidateTable) -> Path:
             "size_bits": table.size_bits,
             "error_sq": table.error_sq,
             "weighted_error": table.weighted_error,
+            "output_error": table.output_error,
             "weight_formats": np.array(table.weight_formats),
             "activation_formats": np.array(table.activation_formats),
         },
@@ -190,4 +191,5 @@ def load_candidates(path: Path) -> CandidateTable:
         # Tables written before (weight, activation) pairs lack these; the defaults fill them.
         weight_formats=tuple(str(name) for name in arrays.get("weight_formats", ())),
         activation_formats=tuple(str(name) for name in arrays.get("activation_formats", ())),
+        output_error=arrays.get("output_error"),  # NaN-filled for older tables
     )

@@ -91,8 +91,10 @@ class CandidateTable:
     ``size_bits`` adds the stored scales and zero points (`lcpaq.formats.scale_overhead_bits`,
     which depends on the format: FP formats and MX have no zero points); ``error_sq`` =
     ‖Q_w(W_l) − W_l‖²; ``weighted_error`` = Σ diag(G_ll) ⊙ (Q_w(W_l) − W_l)² (NaN when no curvature
-    diagonal was measured). ``bits[c]`` is the weight code width of candidate c. Weight arrays are
-    equal across candidates that share a weight format.
+    diagonal was measured); ``output_error`` = the weight error seen through the layer's input
+    second moments (`output_error`; NaN without them, e.g. round-to-nearest runs). ``bits[c]`` is
+    the weight code width of candidate c. Weight arrays are equal across candidates that share a
+    weight format.
     """
 
     layer_names: tuple[str, ...]
@@ -105,9 +107,12 @@ class CandidateTable:
     weighted_error: np.ndarray
     weight_formats: tuple[str, ...] = ()
     activation_formats: tuple[str, ...] = ()
+    output_error: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: fill the defaults of older tables in place, once.
+        if self.output_error is None:
+            object.__setattr__(self, "output_error", np.full(np.shape(self.error_sq), np.nan))
         if not self.weight_formats:
             object.__setattr__(
                 self, "weight_formats", tuple(weight_format_of(n) for n in self.format_names)
@@ -181,9 +186,24 @@ class CandidateTable:
         picked = list(columns)
         if not picked:
             raise InputError("a candidate table needs at least one candidate")
+        return self.take(
+            picked,
+            [self.format_names[c] for c in picked],
+            [self.activation_formats[c] for c in picked],
+        )
+
+    def take(
+        self, source: Sequence[int], format_names: Sequence[str], activation_formats: Sequence[str]
+    ) -> CandidateTable:
+        """A table whose column k holds the weight arrays of column ``source[k]``, named
+        ``format_names[k]``, with activation format ``activation_formats[k]``."""
+        picked = list(source)
+        if not len(picked) == len(format_names) == len(activation_formats):
+            raise ValueError("give one name and one activation format per new column")
+        assert self.output_error is not None  # filled by __post_init__
         return CandidateTable(
             layer_names=self.layer_names,
-            format_names=tuple(self.format_names[c] for c in picked),
+            format_names=tuple(format_names),
             num_params=self.num_params,
             bits=self.bits[picked],
             weight_bits=self.weight_bits[:, picked],
@@ -191,7 +211,8 @@ class CandidateTable:
             error_sq=self.error_sq[:, picked],
             weighted_error=self.weighted_error[:, picked],
             weight_formats=tuple(self.weight_formats[c] for c in picked),
-            activation_formats=tuple(self.activation_formats[c] for c in picked),
+            activation_formats=tuple(activation_formats),
+            output_error=self.output_error[:, picked],
         )
 
 
@@ -210,20 +231,8 @@ def pair_candidates(table: CandidateTable, activation_formats: Sequence[str]) ->
     weights = list(range(len(table.format_names)))
     source = [w for w in weights for _ in activation_formats]
     acts = [a for _ in weights for a in activation_formats]
-    return CandidateTable(
-        layer_names=table.layer_names,
-        format_names=tuple(
-            candidate_name(table.weight_formats[w], a, True) for w, a in zip(source, acts)
-        ),
-        num_params=table.num_params,
-        bits=table.bits[source],
-        weight_bits=table.weight_bits[:, source],
-        size_bits=table.size_bits[:, source],
-        error_sq=table.error_sq[:, source],
-        weighted_error=table.weighted_error[:, source],
-        weight_formats=tuple(table.weight_formats[w] for w in source),
-        activation_formats=tuple(acts),
-    )
+    names = [candidate_name(table.weight_formats[w], a, True) for w, a in zip(source, acts)]
+    return table.take(source, names, acts)
 
 
 def assign_activations(table: CandidateTable, activation_formats: Sequence[str]) -> CandidateTable:
@@ -235,20 +244,8 @@ def assign_activations(table: CandidateTable, activation_formats: Sequence[str])
         raise ValueError("give one activation format per candidate")
     for name in activation_formats:
         activation_bits(name)  # validates the name
-    return CandidateTable(
-        layer_names=table.layer_names,
-        format_names=tuple(
-            candidate_name(w, a, True) for w, a in zip(table.weight_formats, activation_formats)
-        ),
-        num_params=table.num_params,
-        bits=table.bits,
-        weight_bits=table.weight_bits,
-        size_bits=table.size_bits,
-        error_sq=table.error_sq,
-        weighted_error=table.weighted_error,
-        weight_formats=table.weight_formats,
-        activation_formats=tuple(activation_formats),
-    )
+    names = [candidate_name(w, a, True) for w, a in zip(table.weight_formats, activation_formats)]
+    return table.take(range(len(names)), names, activation_formats)
 
 
 def expand_weight_matrix(
@@ -288,6 +285,42 @@ def activation_score_matrix(
     return result
 
 
+def output_error(delta: torch.Tensor, input_hessian: torch.Tensor) -> float:
+    """Σ_g tr(Δ_g S_g Δ_gᵀ) / s̄: the layer's mean squared output error E‖ΔW x‖² over its input
+    positions (S_g = E[x xᵀ] of group g, `lcpaq.recovery.collect_input_hessians`), divided by the
+    mean input energy per element s̄ = Σ_g tr(S_g) / (G·k), so that white inputs (S = σ²I) give
+    exactly ‖ΔW‖²: the unit of the HAWQ-V2 score, which this refines with the input correlations
+    (GPTQ moves its error where the inputs are small)."""
+    hessian = input_hessian.double()
+    if hessian.dim() == 2:
+        hessian = hessian[None]
+    groups, row_length = hessian.shape[0], hessian.shape[-1]
+    rows = delta.double().reshape(groups, -1, row_length)
+    energy = float(torch.einsum("gri,gij,grj->", rows, hessian, rows))
+    per_element = float(hessian.diagonal(dim1=1, dim2=2).sum()) / (groups * row_length)
+    return energy / per_element if per_element > 0 else 0.0
+
+
+def layer_errors(
+    weight: torch.Tensor,
+    quantized: Sequence[torch.Tensor],
+    curvature: torch.Tensor | None = None,
+    input_hessian: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[F] ``error_sq``, ``weighted_error`` (NaN without the curvature diagonal) and
+    ``output_error`` (NaN without input second moments) of one layer's quantized weights."""
+    count = len(quantized)
+    error_sq, weighted, output = np.zeros(count), np.full(count, np.nan), np.full(count, np.nan)
+    for column, values in enumerate(quantized):
+        delta = (values - weight).double()
+        error_sq[column] = float(delta.pow(2).sum())
+        if curvature is not None:
+            weighted[column] = float((curvature.double() * delta.pow(2)).sum())
+        if input_hessian is not None:
+            output[column] = output_error(delta, input_hessian)
+    return error_sq, weighted, output
+
+
 @torch.no_grad()
 def measure_candidates(
     model: nn.Module,
@@ -304,26 +337,60 @@ def measure_candidates(
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
+    weights = {layer.name: get_module(model, layer.name).weight.detach() for layer in layers}
+    quantized = {
+        layer.name: fake_quantize_formats(
+            weights[layer.name],
+            formats,
+            scheme,
+            input_hessians.get(layer.name) if input_hessians else None,
+        )
+        for layer in layers
+    }
+    return table_from_weights(
+        layers,
+        weights,
+        quantized,
+        format_names,
+        scheme,
+        diagonal,
+        activation_formats,
+        input_hessians,
+    )
+
+
+def table_from_weights(
+    layers: Sequence[LayerInfo],
+    weights: Mapping[str, torch.Tensor],
+    quantized: Mapping[str, Sequence[torch.Tensor]],
+    format_names: Sequence[str],
+    scheme: QuantScheme,
+    diagonal: Mapping[str, np.ndarray] | None = None,
+    activation_formats: Sequence[str] = (),
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
+) -> CandidateTable:
+    """The candidate table of already quantized weights (``quantized[layer][k]``: the layer's
+    weight in ``format_names[k]``): costs and `layer_errors` per layer and format."""
+    formats = [get_format(name) for name in format_names]
     shape = (len(layers), len(formats))
-    error_sq, weighted_error = np.zeros(shape), np.full(shape, np.nan)
+    error_sq, weighted_error, output = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
     for row, layer in enumerate(layers):
-        weight = get_module(model, layer.name).weight.detach()
-        hessian = input_hessians.get(layer.name) if input_hessians else None
+        weight = weights[layer.name]
         curvature = (
             torch.as_tensor(diagonal[layer.name], device=weight.device)
             if diagonal and layer.name in diagonal
             else None
         )
-        quantized = fake_quantize_formats(weight, formats, scheme, hessian)
+        hessian = input_hessians.get(layer.name) if input_hessians else None
+        error_sq[row], weighted_error[row], output[row] = layer_errors(
+            weight, quantized[layer.name], curvature, hessian
+        )
         for column, fmt in enumerate(formats):
-            overhead = scale_overhead_bits(layer.weight_shape, scheme, fmt)
-            delta = (quantized[column] - weight).double()
-            error_sq[row, column] = float(delta.pow(2).sum())
-            if curvature is not None:
-                weighted_error[row, column] = float((curvature.double() * delta.pow(2)).sum())
             weight_bits[row, column] = layer.num_params * fmt.bits
-            size_bits[row, column] = layer.num_params * fmt.bits + overhead
+            size_bits[row, column] = layer.num_params * fmt.bits + scale_overhead_bits(
+                layer.weight_shape, scheme, fmt
+            )
     table = CandidateTable(
         layer_names=tuple(layer.name for layer in layers),
         format_names=tuple(format_names),
@@ -333,5 +400,6 @@ def measure_candidates(
         size_bits=size_bits,
         error_sq=error_sq,
         weighted_error=weighted_error,
+        output_error=output,
     )
     return pair_candidates(table, activation_formats)

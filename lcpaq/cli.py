@@ -213,7 +213,14 @@ def _add_allocation_options(parser: argparse.ArgumentParser, *, required: bool) 
         help="measured per-layer latency (CSV layer,format,ms or JSON); default: roofline estimate",
     )
     group.add_argument("--first-last", choices=["search", "keep-8bit"], default="search")
-    group.add_argument("--scorer", choices=["hawq_v2", "diagonal"], default="hawq_v2")
+    group.add_argument(
+        "--scorer",
+        choices=["hawq_v2", "diagonal", "output"],
+        default="hawq_v2",
+        help="per-layer score: trace/n × weight error (hawq_v2), the curvature diagonal × error "
+        "(diagonal), or trace/n × the error seen through the layer's input correlations (output; "
+        "needs GPTQ's input second moments)",
+    )
     group.add_argument(
         "--pairwise-weight",
         type=float,

@@ -39,7 +39,25 @@ def diagonal_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
     return 0.5 * table.weighted_error
 
 
-SCORERS: dict[str, Scorer] = {"hawq_v2": hawq_v2_score, "diagonal": diagonal_score}
+def output_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
+    """½ · tr(H_ll)/n_l · ‖ΔW_l‖²_S: HAWQ-V2 with the weight error measured through the layer's
+    input second moments S = E[x xᵀ] (``output_error``). It is the Kronecker-factored
+    second-order term ½·tr(A ΔW S ΔWᵀ) with the output factor A replaced by its mean, tr(H)/(d_out·s̄)
+    (tr H = tr A · tr S), and equals HAWQ-V2 when the inputs are white. Rounding that trades weight
+    error for output error (GPTQ) is scored by what it preserves: the layer's outputs."""
+    if np.isnan(table.output_error).any():  # type: ignore[arg-type]
+        raise InputError(
+            "the 'output' scorer needs each layer's input second moments, which analyze records "
+            "with GPTQ rounding (--rounding gptq, the default)"
+        )
+    return 0.5 * (trace / table.num_params)[:, None] * table.output_error
+
+
+SCORERS: dict[str, Scorer] = {
+    "hawq_v2": hawq_v2_score,
+    "diagonal": diagonal_score,
+    "output": output_score,
+}
 
 
 def score_candidates(table: CandidateTable, trace: np.ndarray, scorer: str) -> np.ndarray:

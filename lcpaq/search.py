@@ -60,13 +60,13 @@ from lcpaq.activations import (
     save_activation_sensitivity,
 )
 from lcpaq.allocate import Allocation, Budget, parse_budget
-from lcpaq.candidates import CandidateTable, pair_candidates, parse_activation_formats
+from lcpaq.candidates import CandidateTable, parse_activation_formats, table_from_weights
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.formats import QuantScheme, fake_quantize_formats, get_format, parse_format_list
-from lcpaq.formats import scale_overhead_bits as _scale_overhead_bits
+from lcpaq.frontier import SCORERS
 from lcpaq.graph import LayerInfo, get_module
 from lcpaq.hessian import CurvatureEstimate
 from lcpaq.models import file_sha256, load_model, num_classes_of
@@ -352,7 +352,7 @@ def default_dimensions() -> tuple[Dimension, ...]:
             "hawq_v2",
             "allocation.scorer (--scorer)",
             lambda config, value: config.with_allocation(scorer=value),
-            _choice_text({"hawq_v2": 0, "diagonal": 0}),
+            _choice_text(SCORERS),  # --fix scorer=output too (not searched: docs/results.md)
             "trace/n times the error norm, or the diagonal-weighted error",
         ),
         Dimension(
@@ -714,40 +714,23 @@ def candidate_table(
     scheme: QuantScheme,
     diagonal: Mapping[str, np.ndarray] | None,
     activation_formats: Sequence[str] = (),
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> CandidateTable:
     """`lcpaq.candidates.measure_candidates` from already quantized weights
     (``quantized[format][layer]``): the same arithmetic, without quantizing again."""
-    shape = (len(layers), len(format_names))
-    error_sq, weighted_error = np.zeros(shape), np.full(shape, np.nan)
-    weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
-    formats = [get_format(name) for name in format_names]
-    for row, layer in enumerate(layers):
-        weight = weights[layer.name]
-        curvature = (
-            torch.as_tensor(diagonal[layer.name]).double()
-            if diagonal and layer.name in diagonal
-            else None
-        )
-        for column, fmt in enumerate(formats):
-            delta = (quantized[fmt.name][layer.name] - weight).double()
-            error_sq[row, column] = float(delta.pow(2).sum())
-            if curvature is not None:
-                weighted_error[row, column] = float((curvature * delta.pow(2)).sum())
-            weight_bits[row, column] = layer.num_params * fmt.bits
-            size_bits[row, column] = layer.num_params * fmt.bits + _scale_overhead_bits(
-                layer.weight_shape, scheme, fmt
-            )
-    table = CandidateTable(
-        layer_names=tuple(layer.name for layer in layers),
-        format_names=tuple(format_names),
-        num_params=np.array([layer.num_params for layer in layers], dtype=np.int64),
-        bits=np.array([fmt.bits for fmt in formats], dtype=np.int64),
-        weight_bits=weight_bits,
-        size_bits=size_bits,
-        error_sq=error_sq,
-        weighted_error=weighted_error,
+    by_layer = {
+        layer.name: [quantized[name][layer.name] for name in format_names] for layer in layers
+    }
+    return table_from_weights(
+        layers,
+        weights,
+        by_layer,
+        format_names,
+        scheme,
+        diagonal,
+        activation_formats,
+        input_hessians,
     )
-    return pair_candidates(table, activation_formats)
 
 
 def _link_or_copy(source: Path, target: Path, *, copy_only: bool = False) -> None:
@@ -1034,7 +1017,8 @@ class SearchContext:
             analysis.formats,
             analysis.scheme,
             estimate.diagonal,
-            getattr(analysis, "act_formats", ()),
+            analysis.act_formats,
+            self.input_hessians(config),
         )
 
     # -- allocation on a run folder --------------------------------------------------------

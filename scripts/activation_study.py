@@ -18,27 +18,21 @@ paired against the weights-only model:
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import platform
 import time
 from pathlib import Path
 
+import _study
 import numpy as np
-import torch
-from _provenance import git_sha
 
 from lcpaq import pipeline
 from lcpaq.activations import activation_quantizers, load_activation_sensitivity
 from lcpaq.allocate import Budget, parse_budget
 from lcpaq.artifacts import load_candidates
-from lcpaq.config import AnalysisConfig, RunConfig
-from lcpaq.data import load_dataset
-from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.config import RunConfig
+from lcpaq.evaluate import Accuracy, evaluate_accuracy
 from lcpaq.models import load_model
 
-MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 ACTIVATION_FORMATS = ("int4", "int6", "int8", "fp8_e4m3")
 CLIPPINGS = ("mse", "minmax")
 
@@ -71,20 +65,8 @@ def _quantized_accuracy(
     return evaluate_accuracy(quantized, test), seconds
 
 
-def _paired(first: Accuracy, second: Accuracy) -> dict[str, float]:
-    difference, stderr = paired_difference(first, second)
-    return {"difference_pct": 100 * difference, "stderr_pct": 100 * stderr}
-
-
 def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object]:
-    base = RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=str(shared / "checkpoints" / MODELS[model]),
-            calib=str(shared / "data" / "cifar10_train_subset.npz"),
-            act_formats=ACTIVATION_FORMATS,
-        )
-    )
+    base = _study.base_config(shared, model, act_formats=ACTIVATION_FORMATS)
     runs: dict[str, Path] = {}
     analyze_s: dict[str, float] = {}
     for clipping in CLIPPINGS:
@@ -118,7 +100,7 @@ def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object
         "weight_formats": weights,
         "rows": rows,
         "paired_vs_fp32_activations": {
-            name: _paired(accuracy[name], accuracy["fp32_activations"])
+            name: _study.paired(accuracy[name], accuracy["fp32_activations"])
             for name in accuracy
             if name != "fp32_activations"
         },
@@ -156,7 +138,7 @@ def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object
             "top1_pct": 100 * mixed_accuracy.top1,
         },
         "uniform": uniform_rows,
-        "mixed_vs_uniform_w4a4": _paired(mixed_accuracy, uniform["int4/int4"]),
+        "mixed_vs_uniform_w4a4": _study.paired(mixed_accuracy, uniform["int4/int4"]),
     }
     return {
         "model": model,
@@ -168,22 +150,8 @@ def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", type=Path, default=Path("../shared"))
-    parser.add_argument("--out", type=Path, default=Path("results/activation_study.json"))
-    parser.add_argument("--work", type=Path, default=Path("results/activation_study"))
-    parser.add_argument("--models", default="resnet20,resnet32")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    calib = load_dataset(str(args.shared / "data" / "cifar10_train_subset.npz"), num_classes=10)
-    test = load_dataset(str(args.shared / "data" / "cifar10_test.npz"), num_classes=10)
-    result: dict[str, object] = {
-        "git_sha": git_sha(),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
-        "studies": [],
-    }
+    args = _study.parser(__doc__, "activation_study").parse_args()
+    calib, test, result = _study.start(args)
     for model in args.models.split(","):
         entry = study(args.shared, model, args.work, calib, test)
         result["studies"].append(entry)  # type: ignore[union-attr]

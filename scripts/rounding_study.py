@@ -12,31 +12,20 @@ test images, paired against round-to-nearest.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from _provenance import git_sha
+import _study
 
 from lcpaq import pipeline
 from lcpaq.allocate import parse_budget
-from lcpaq.config import AnalysisConfig, RunConfig
-from lcpaq.data import load_dataset
-from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.config import RunConfig
+from lcpaq.evaluate import Accuracy, evaluate_accuracy
 from lcpaq.models import load_model
 
-MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 BUDGETS = (2.0, 2.5, 3.0, 4.0)
-
-
-def _paired(first: Accuracy, second: Accuracy) -> dict[str, float]:
-    difference, stderr = paired_difference(first, second)
-    return {"difference_pct": 100 * difference, "stderr_pct": 100 * stderr}
 
 
 def _quantized_accuracy(
@@ -60,13 +49,7 @@ def _quantized_accuracy(
 
 
 def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dict[str, object]:
-    base = RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=str(shared / "checkpoints" / MODELS[model]),
-            calib=str(shared / "data" / "cifar10_train_subset.npz"),
-        )
-    )
+    base = _study.base_config(shared, model)
     rows: dict[str, dict[str, object]] = {}
     accuracy: dict[str, Accuracy] = {}
     allocations: dict[str, list[str]] = {}
@@ -105,7 +88,7 @@ def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dic
         "budget": f"avg-bits={bits:g}",
         "rows": rows,
         "paired_vs_nearest": {
-            name: _paired(accuracy[name], accuracy["nearest"])
+            name: _study.paired(accuracy[name], accuracy["nearest"])
             for name in ("gptq", "gptq_on_nearest_allocation")
         },
         "test_images": accuracy["nearest"].num_samples,
@@ -113,23 +96,8 @@ def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", type=Path, default=Path("../shared"))
-    parser.add_argument("--out", type=Path, default=Path("results/rounding_study.json"))
-    parser.add_argument("--work", type=Path, default=Path("results/rounding_study"))
-    parser.add_argument("--models", default="resnet20,resnet32")
-    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    calib = load_dataset(str(args.shared / "data" / "cifar10_train_subset.npz"), num_classes=10)
-    test = load_dataset(str(args.shared / "data" / "cifar10_test.npz"), num_classes=10)
-    result: dict[str, object] = {
-        "git_sha": git_sha(),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
-        "studies": [],
-    }
+    args = _study.parser(__doc__, "rounding_study", BUDGETS).parse_args()
+    calib, test, result = _study.start(args)
     for model in args.models.split(","):
         for bits in (float(text) for text in args.budgets.split(",")):
             entry = study(args.shared, model, bits, args.work, calib, test)

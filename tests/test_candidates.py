@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from conftest import conv_inputs, make_tiny_conv_net
 
 from lcpaq.artifacts import load_candidates, save_candidates
@@ -18,6 +19,7 @@ from lcpaq.candidates import (
     activation_sign_bits,
     expand_weight_matrix,
     measure_candidates,
+    output_error,
     parse_activation_formats,
     weight_format_of,
 )
@@ -25,6 +27,7 @@ from lcpaq.config import AnalysisConfig
 from lcpaq.errors import InputError
 from lcpaq.formats import QuantScheme, fake_quantize, get_format, scale_overhead_bits
 from lcpaq.graph import discover_layers, get_module
+from lcpaq.recovery import collect_input_hessians
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -221,3 +224,40 @@ def test_activation_term_of_pairs_from_activations_npz(tmp_path) -> None:
     save_activation_sensitivity(tmp_path / "activations.npz", renamed)
     with pytest.raises(InputError, match="other layers"):
         activation_term(tmp_path, table, "hawq_v2")
+
+
+def test_output_error_oracles_and_its_table_column(tmp_path) -> None:
+    """White inputs (S = σ²I, any σ) give exactly ‖ΔW‖²; correlated inputs weigh the error by
+    where the inputs are large; GPTQ runs fill the column, round-to-nearest ones leave NaN, and the
+    column survives pairing, selection and the artifact."""
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randn(6, 2, 3, 3, generator=generator, dtype=torch.float64)  # groups=2
+    white = 2.5 * torch.eye(9, dtype=torch.float64).expand(2, 9, 9)
+    assert output_error(delta, white) == pytest.approx(float(delta.pow(2).sum()), rel=1e-12)
+    inputs = torch.randn(500, 4, generator=generator, dtype=torch.float64) * torch.tensor(
+        [10.0, 1.0, 1.0, 1.0], dtype=torch.float64
+    )
+    moments = inputs.T @ inputs / len(inputs)
+    on_large = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    on_small = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert output_error(on_large, moments) > 10 * output_error(on_small, moments)
+    model = make_tiny_conv_net()
+    inputs = conv_inputs(8)
+    layers = discover_layers(model, inputs)
+    names = [layer.name for layer in layers]
+    hessians = collect_input_hessians(model, names, inputs)
+    gptq = QuantScheme(rounding="gptq")
+    table = measure_candidates(model, layers, FORMATS, gptq, None, ACTS, input_hessians=hessians)
+    nearest = measure_candidates(model, layers, FORMATS, QuantScheme())
+    assert np.isnan(nearest.output_error).all()
+    assert np.isfinite(table.output_error).all() and (table.output_error > 0).all()
+    for row, layer in enumerate(layers):
+        weight = get_module(model, layer.name).weight.detach()
+        column = table.format_index("int4/int8")
+        quantized = fake_quantize(weight, get_format("int4"), gptq, hessians[layer.name])
+        expected = output_error(quantized.double() - weight.double(), hessians[layer.name])
+        assert table.output_error[row, column] == pytest.approx(expected, rel=1e-9)
+    picked = table.select([1, 0])
+    np.testing.assert_array_equal(picked.output_error, table.output_error[:, [1, 0]])
+    loaded = load_candidates(save_candidates(tmp_path / "candidates.npz", table))
+    np.testing.assert_array_equal(loaded.output_error, table.output_error)

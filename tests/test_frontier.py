@@ -12,6 +12,7 @@ from lcpaq.frontier import (
     build_frontiers,
     diagonal_score,
     hawq_v2_score,
+    output_score,
     pairwise_score_bounds,
     pareto_mask,
     safe_pareto_mask,
@@ -90,6 +91,24 @@ def test_hawq_v2_score_formula() -> None:
     np.testing.assert_array_equal(score_candidates(table, trace, "hawq_v2"), scores)
 
 
+def test_output_score_formula_and_its_requirement() -> None:
+    """trace/n × output error; with the output error equal to ‖ΔW‖² (white inputs) it is
+    HAWQ-V2; a table without input second moments is refused with the reason."""
+    table = random_table(np.random.default_rng(2), 4, 3)
+    trace = np.array([2.0, 0.5, 7.0, 1e-3])
+    output = np.random.default_rng(3).random((4, 3))
+    with_output = CandidateTable(**{**table.__dict__, "output_error": output})
+    np.testing.assert_allclose(
+        score_candidates(with_output, trace, "output"),
+        0.5 * (trace / table.num_params)[:, None] * output,
+        rtol=1e-15,
+    )
+    white = CandidateTable(**{**table.__dict__, "output_error": table.error_sq})
+    np.testing.assert_array_equal(output_score(white, trace), hawq_v2_score(table, trace))
+    with pytest.raises(ValueError, match="needs each layer's input second moments"):
+        score_candidates(table, trace, "output")
+
+
 def test_diagonal_score_and_scorer_errors() -> None:
     table = random_table(np.random.default_rng(1), 3, 2)
     trace = np.ones(3)
@@ -97,7 +116,7 @@ def test_diagonal_score_and_scorer_errors() -> None:
     np.testing.assert_array_equal(
         score_candidates(table, trace, "diagonal"), 0.5 * table.weighted_error
     )
-    with pytest.raises(ValueError, match="unknown scorer 'nope'; known: hawq_v2, diagonal"):
+    with pytest.raises(ValueError, match="unknown scorer 'nope'; known: hawq_v2, diagonal, output"):
         score_candidates(table, trace, "nope")
     with pytest.raises(ValueError, match="one value per layer"):
         score_candidates(table, np.ones(4), "hawq_v2")

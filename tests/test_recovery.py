@@ -10,6 +10,7 @@ import torch
 from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net
 from torch import nn
 
+from lcpaq.candidates import output_error
 from lcpaq.errors import InputError
 from lcpaq.export import quantize_model
 from lcpaq.formats import QuantScheme
@@ -303,6 +304,9 @@ def test_input_hessians_give_the_mean_squared_output_of_any_weight_change(kind: 
         rows = delta.reshape(groups, -1, fan_in)
         predicted = float(torch.einsum("gof,gfh,goh->", rows, per_group, rows))
         assert predicted == pytest.approx(expected, rel=1e-5)
+        # The candidate table's output error is that, per unit of mean input energy.
+        energy = float(per_group.diagonal(dim1=1, dim2=2).sum()) / (groups * fan_in)
+        assert output_error(delta, hessian) * energy == pytest.approx(expected, rel=1e-5)
 
 
 def test_input_hessians_of_a_grouped_layer_in_a_network() -> None:

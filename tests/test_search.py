@@ -448,7 +448,8 @@ def test_candidate_table_from_cached_weights_equals_measure_candidates(scheme):
     formats = ("int2", "int4", "int8", "fp4_e2m1")
     rng = np.random.default_rng(0)
     diagonal = {layer.name: rng.random(layer.weight_shape) for layer in layers}
-    expected = measure_candidates(model, layers, formats, scheme, diagonal)
+    hessians = collect_input_hessians(model, [layer.name for layer in layers], conv_inputs(4))
+    expected = measure_candidates(model, layers, formats, scheme, diagonal, (), hessians)
     weights = {layer.name: get_module(model, layer.name).weight.detach() for layer in layers}
     quantized = {
         name: {
@@ -456,8 +457,10 @@ def test_candidate_table_from_cached_weights_equals_measure_candidates(scheme):
         }
         for name in formats
     }
-    table = candidate_table(layers, weights, quantized, formats, scheme, diagonal)
-    for field in ("error_sq", "weighted_error", "weight_bits", "size_bits", "bits", "num_params"):
+    table = candidate_table(layers, weights, quantized, formats, scheme, diagonal, (), hessians)
+    assert np.isfinite(table.output_error).all()
+    fields = ("error_sq", "weighted_error", "output_error", "weight_bits", "size_bits", "bits")
+    for field in (*fields, "num_params"):
         np.testing.assert_array_equal(getattr(table, field), getattr(expected, field))
     assert table.format_names == expected.format_names
 

@@ -1,0 +1,96 @@
+"""Allocation scorers (``--scorer``) on the shared checkpoints with GPTQ rounding → JSON.
+
+Per checkpoint, ``analyze`` runs once (256 curvature images; GPTQ input second moments; the
+candidate table holds every scorer's error measure). For each average-bit budget HiGHS allocates
+under each scorer on the same table: ``hawq_v2`` (trace/n × ‖ΔW‖²), ``diagonal`` (curvature
+diagonal × ΔW²) and ``output`` (trace/n × the error seen through the layer's input second
+moments). Each allocation is quantized and corrected as export does (1024 images) and evaluated on
+the same test images, paired against ``hawq_v2``. Scorers that choose the same formats share one
+measurement.
+
+    python scripts/scorer_study.py --shared ../shared --out results/scorer_study.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import _study
+
+from lcpaq import pipeline
+from lcpaq.allocate import parse_budget
+from lcpaq.evaluate import Accuracy, evaluate_accuracy
+from lcpaq.models import load_model
+
+BUDGETS = (2.0, 2.25, 2.5, 3.0)
+SCORERS = ("hawq_v2", "diagonal", "output")
+
+
+def study(shared: Path, model: str, budgets, work: Path, calib, test) -> dict[str, object]:
+    config = _study.base_config(shared, model)
+    run_dir = work / model
+    pipeline.analyze(config, run_dir, progress=False)
+    layers, _ = pipeline.read_layers(run_dir)
+    names = [layer.name for layer in layers]
+    input_hessians = pipeline.read_input_hessians(run_dir, config)
+    fp_model = load_model(config.analysis.model, config.analysis.checkpoint)
+    measured: dict[tuple[str, ...], Accuracy] = {}
+    entries = []
+    for bits in budgets:
+        rows: dict[str, dict[str, object]] = {}
+        accuracy: dict[str, Accuracy] = {}
+        for scorer in SCORERS:
+            allocation = pipeline.allocate(
+                run_dir, [parse_budget(f"avg-bits={bits:g}")], scorer=scorer
+            )
+            key = tuple(allocation.formats)
+            start = time.perf_counter()
+            if key not in measured:
+                quantized, _ = pipeline.quantize_and_recover(
+                    fp_model,
+                    layers,
+                    pipeline.weight_assignment(names, list(key)),
+                    config,
+                    calib.inputs[: config.recovery.num_samples],
+                    input_hessians=input_hessians,
+                )
+                measured[key] = evaluate_accuracy(quantized, test)
+            accuracy[scorer] = measured[key]
+            rows[scorer] = {
+                "top1_pct": 100 * accuracy[scorer].top1,
+                "average_bits": allocation.average_bits,
+                "predicted_loss_increase": allocation.predicted_loss_increase,
+                "formats": list(key),
+                "seconds": time.perf_counter() - start,
+            }
+        paired = {
+            scorer: _study.paired(accuracy[scorer], accuracy["hawq_v2"]) for scorer in SCORERS[1:]
+        }
+        entries.append({"budget": f"avg-bits={bits:g}", "rows": rows, "paired_vs_hawq_v2": paired})
+        print(
+            f"{model} {bits:g} bits: "
+            + ", ".join(f"{scorer} {rows[scorer]['top1_pct']:.2f}" for scorer in SCORERS)
+            + " | "
+            + ", ".join(
+                f"{scorer} {value['difference_pct']:+.2f} ± {value['stderr_pct']:.2f}"
+                for scorer, value in paired.items()
+            ),
+            flush=True,
+        )
+    return {"model": model, "budgets": entries, "test_images": len(test)}
+
+
+def main() -> None:
+    args = _study.parser(__doc__, "scorer_study", BUDGETS).parse_args()
+    calib, test, result = _study.start(args)
+    budgets = [float(text) for text in args.budgets.split(",")]
+    for model in args.models.split(","):
+        result["studies"].append(study(args.shared, model, budgets, args.work, calib, test))  # type: ignore[union-attr]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
