@@ -305,7 +305,17 @@ def quantizer_line(config: Mapping[str, Any]) -> str:
         else "no statistics correction"
     )
     codes = "symmetric" if scheme.get("symmetric") else "asymmetric"
-    return f"- quantizer: {codes}, per {granularity}, {clipping}, {rounding}; {correction}"
+    act_formats = analysis.get("act_formats") or []
+    activations = (
+        f"layer inputs quantized to {'/'.join(act_formats)} (static per-tensor ranges, "
+        f"{analysis.get('act_clipping', 'minmax')} clipping)"
+        if act_formats
+        else "activations FP32"
+    )
+    return (
+        f"- quantizer: {codes}, per {granularity}, {clipping}, {rounding}; {activations}; "
+        f"{correction}"
+    )
 
 
 def render_markdown(report: dict[str, object]) -> str:

@@ -199,7 +199,12 @@ def test_quantizer_line_names_every_choice() -> None:
     }
     assert quantizer_line(gptq) == (
         "- quantizer: asymmetric, per channel, mse clipping, GPTQ rounding (δ 0.01, input second "
-        "moments on 256 calibration samples); statistics correction on 1024 samples"
+        "moments on 256 calibration samples); activations FP32; statistics correction on 1024 "
+        "samples"
+    )
+    gptq["analysis"] |= {"act_formats": ["int4", "int8"], "act_clipping": "mse"}
+    assert "; layer inputs quantized to int4/int8 (static per-tensor ranges, mse clipping); " in (
+        quantizer_line(gptq)
     )
     nearest = {
         "analysis": {
@@ -216,5 +221,5 @@ def test_quantizer_line_names_every_choice() -> None:
     # Older run configurations have no rounding field: they rounded to nearest.
     assert quantizer_line(nearest) == (
         "- quantizer: symmetric, per group of 64, p99.9 clipping, round to nearest; "
-        "no statistics correction"
+        "activations FP32; no statistics correction"
     )
