@@ -1045,6 +1045,7 @@ class SearchContext:
                 copy_only=copy_files,
             )
         if config.analysis.act_formats:  # the allocation's score and export read it
+            self.activations(config)  # cached; measured here for the size cap and a resumed best/
             _link_or_copy(
                 self._activations_path(config), run_dir / "activations.npz", copy_only=copy_files
             )
@@ -1335,7 +1336,8 @@ class Search:
         if "size_cap_mb" not in attrs:
             default = self.space.config(self.base, self.space.default_params())
             folder, estimate, seconds = self.context.curvature(default)
-            self.process_timings["hessian_s"] = seconds
+            _, activation_seconds = self.context.activations(default)
+            self.process_timings["hessian_s"] = seconds + activation_seconds
             table = self.context.table(default, estimate)
             work = self.options.out / "cache" / "default-allocation"
             self.context.write_analysis(work, default, folder, table)

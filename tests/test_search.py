@@ -680,6 +680,20 @@ def test_activation_formats_are_cached_and_quantize_the_trial_model(
         space.fix({"act_formats": "int9"}, base)
 
 
+def test_search_with_activation_formats_end_to_end(tmp_path, one_thread):
+    """A whole search with quantized activations: the default's size cap, the trials and best/
+    measure the activation sensitivity through the cache; best/'s checkpoint quantizes inputs."""
+    files = _files(tmp_path)
+    out = tmp_path / "s"
+    assert main(_search_args(files, out, "--fix", "act_formats=int8", trials=2)) == 0
+    assert len(list((out / "cache").glob("activations-n*.npz"))) == 1
+    assert (out / "best" / "activations.npz").is_file()
+    manifest = json.loads((out / "best" / "quantized" / "manifest.json").read_text())
+    assert {entry["activation_quantizer"]["format"] for entry in manifest["layers"]} == {"int8"}
+    config = json.loads((out / "best_config.json").read_text())
+    assert config["analysis"]["act_formats"] == ["int8"]
+
+
 def test_size_cap_text_round_trip():
     for size in (20140.0, 123456.7, 1234561.0, 99999999.5):
         cap = search._ceil_budget_mb(size)
