@@ -208,7 +208,18 @@ def budget_lines(allocation: Mapping[str, Any]) -> list[str]:
             + "; ".join(f"{metric} {value:.6g}" for metric, value in costs.items())
             + ".",
         ]
+    unpaired = not any("/" in str(name) for name in allocation.get("formats", ()))
+    if unpaired and any(metric in ACTIVATION_METRICS for metric in costs):
+        lines += [
+            "",
+            "BitOps, EBOPs and latency count 8-bit activations, but this run quantizes weights "
+            "only: its activations stay FP32 (`--act-formats` quantizes them and pays for it).",
+        ]
     return lines
+
+
+#: Cost metrics that depend on the activation width.
+ACTIVATION_METRICS = ("bitops-g", "ebops-g", "latency-ms")
 
 
 def infeasible_lines(infeasible: Mapping[str, Any]) -> list[str]:

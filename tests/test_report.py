@@ -49,6 +49,12 @@ def test_budget_table_rows() -> None:
     assert "| size-mb | 0.12 | 0.1197 | 0.0003 | 0.25 | yes | yes (0.5) |" in lines
     assert "| bitops-g | 1.5 | 1.2 | 0.3 | 20.00 | no | no (0.75) |" in lines
     assert lines[-1] == "Every cost metric of the allocation: avg-bits 3; size-mb 0.1197."
+    # BitOps of a weights-only run count 8-bit activations its checkpoint does not have: said.
+    allocation["costs"] = {"avg-bits": 3.0, "bitops-g": 1.2}
+    allocation["formats"] = ["int4", "int2"]
+    assert "activations stay FP32" in budget_lines(allocation)[-1]
+    allocation["formats"] = ["int4/int8", "int2/int8"]
+    assert budget_lines(allocation)[-1].startswith("Every cost metric")
 
 
 def test_budget_table_of_an_older_allocation() -> None:
