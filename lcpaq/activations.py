@@ -310,6 +310,11 @@ def range_statistics(
     return low, high, samples
 
 
+def range_sample_size(clipping: str) -> int:
+    """Values kept per layer and batch: the MSE range search needs a sample, min-max none."""
+    return RANGE_SAMPLE_PER_BATCH if clipping == "mse" else 0
+
+
 def clipped_ranges(
     low: np.ndarray,
     high: np.ndarray,
@@ -404,19 +409,18 @@ class ActivationState:
         low: np.ndarray,
         high: np.ndarray,
         *,
-        clip: tuple[np.ndarray, np.ndarray] | None = None,
+        samples: Sequence[Sequence[np.ndarray]] = (),
         clipping: str = "minmax",
         symmetric: bool = False,
         seed: int = 0,
     ) -> ActivationState:
-        """``low``/``high`` [L]: observed ranges; ``clip``: the [L, F] ranges the formats quantize
-        with (`clipped_ranges` with ``clipping``; default the observed ones)."""
+        """``low``/``high`` [L]: observed ranges; ``samples``: `range_statistics`' value samples,
+        from which ``clipping`` calibrates the [L, F] range of every format (`clipped_ranges`)."""
         model.eval()
         modules = {layer.name: get_module(model, layer.name) for layer in layers}
         format_names = check_activation_formats(format_names)
         low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-        if clip is None:
-            clip = clipped_ranges(low, high, [], format_names, "minmax")
+        clip = clipped_ranges(low, high, samples, format_names, clipping, symmetric=symmetric)
         return cls(
             names=tuple(modules),
             modules=modules,
@@ -549,18 +553,16 @@ def activation_sensitivity(
     batches = list(batches)
     if not batches:
         raise ValueError("no calibration samples were given")
-    keep = RANGE_SAMPLE_PER_BATCH if clipping == "mse" else 0
     low, high, samples = range_statistics(
-        model, layers, list(enumerate(batches)), keep=keep, seed=seed
+        model, layers, list(enumerate(batches)), keep=range_sample_size(clipping), seed=seed
     )
-    clip = clipped_ranges(low, high, samples, format_names, clipping, symmetric=symmetric)
     state = ActivationState.start(
         model,
         layers,
         format_names,
         low,
         high,
-        clip=clip,
+        samples=samples,
         clipping=clipping,
         symmetric=symmetric,
         seed=seed,

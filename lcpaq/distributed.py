@@ -32,10 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.activations import (
-    RANGE_SAMPLE_PER_BATCH,
     ActivationSensitivity,
     ActivationState,
-    clipped_ranges,
+    range_sample_size,
     range_statistics,
 )
 from lcpaq.graph import LayerInfo
@@ -183,22 +182,20 @@ def activation_sensitivity_distributed(
         raise ValueError("no calibration samples were given")
     rank, world = rank_and_world(group)
     mine = list(range(rank, len(batches), world))
-    keep = RANGE_SAMPLE_PER_BATCH if clipping == "mse" else 0
-    low, high, samples = range_statistics(
-        model, layers, [(index, batches[index]) for index in mine], keep=keep, seed=seed
-    )
+    indexed = [(index, batches[index]) for index in mine]
+    keep = range_sample_size(clipping)
+    low, high, samples = range_statistics(model, layers, indexed, keep=keep, seed=seed)
     if world > 1:
         low = _all_reduce(low, dist.ReduceOp.MIN, group)
         high = _all_reduce(high, dist.ReduceOp.MAX, group)
         samples = _in_batch_order(mine, samples, len(batches), group)  # type: ignore[assignment]
-    clip = clipped_ranges(low, high, samples, format_names, clipping, symmetric=symmetric)
     state = ActivationState.start(
         model,
         layers,
         format_names,
         low,
         high,
-        clip=clip,
+        samples=samples,
         clipping=clipping,
         symmetric=symmetric,
         seed=seed + rank,
