@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,7 +78,13 @@ from lcpaq.curves import (
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import evaluate_accuracy, paired_difference
-from lcpaq.export import load_quantized, quantize_model, write_quantized_checkpoint
+from lcpaq.export import (
+    load_quantized,
+    manifest_activation_quantizers,
+    quantize_model,
+    read_manifest,
+    write_quantized_checkpoint,
+)
 from lcpaq.formats import get_format
 from lcpaq.frontier import build_frontiers, pareto_mask, score_candidates
 from lcpaq.graph import LayerInfo, discover_layers
@@ -850,6 +857,9 @@ def evaluate(
         # exported codes: the figure is for the file a user ships, not an in-memory model.
         skeleton = build_model(config.analysis.model, fp_model.state_dict())
         quantized_model = load_quantized(quantized_dir, skeleton)
+        input_quantizers = manifest_activation_quantizers(
+            read_manifest(quantized_dir), quantized_dir / "manifest.json"
+        )
         fp_accuracy = evaluate_accuracy(fp_model, dataset)
         q_accuracy = evaluate_accuracy(quantized_model, dataset)
         difference, difference_se = paired_difference(q_accuracy, fp_accuracy)
@@ -859,6 +869,10 @@ def evaluate(
             "quantized": q_accuracy.to_dict(),
             "paired_difference": difference,
             "paired_difference_stderr": difference_se,
+            # Layers whose inputs the evaluated checkpoint quantizes, per activation format.
+            "quantized_inputs": dict(
+                Counter(quantizer.format_name for quantizer in input_quantizers.values())
+            ),
         }
         artifacts.write_json(run_dir / "evaluation.json", result)
     logger.info(

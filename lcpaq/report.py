@@ -289,6 +289,17 @@ def sweep_lines(sweep: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _inputs_text(evaluation: Mapping[str, Any]) -> str:
+    """Which layer inputs the evaluated checkpoint quantized (older evaluations do not say)."""
+    counts = evaluation.get("quantized_inputs")
+    if counts is None:
+        return "weights"
+    if not counts:
+        return "weights only, activations FP32"
+    inputs = ", ".join(f"{name} ×{count}" for name, count in sorted(counts.items()))
+    return f"weights and layer inputs: {inputs}"
+
+
 def quantizer_line(config: Mapping[str, Any]) -> str:
     """One line saying how weights were mapped to codes, from the run configuration."""
     analysis = config.get("analysis", {})
@@ -353,7 +364,7 @@ def render_markdown(report: dict[str, object]) -> str:
             "## Accuracy",
             f"- data: {evaluation['eval_data']} ({evaluation['fp32']['num_samples']} samples)",  # type: ignore[index]
             f"- FP32 top-1: {_pct(evaluation['fp32']['top1'])} % ± {_pct(evaluation['fp32']['stderr'])}",  # type: ignore[index]
-            f"- quantized top-1 (exported checkpoint): {_pct(evaluation['quantized']['top1'])} % ± {_pct(evaluation['quantized']['stderr'])}",  # type: ignore[index]
+            f"- quantized top-1 (exported checkpoint, {_inputs_text(evaluation)}): {_pct(evaluation['quantized']['top1'])} % ± {_pct(evaluation['quantized']['stderr'])}",  # type: ignore[index]
             f"- paired difference: {100 * evaluation['paired_difference']:+.2f} ± {100 * evaluation['paired_difference_stderr']:.2f} points",  # type: ignore[index]
             "",
         ]

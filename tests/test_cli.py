@@ -97,6 +97,10 @@ def test_run_on_small_model_writes_every_artifact(digits_files, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert len(report["layers"]) == 5
     assert all(row["format"] for row in report["layers"])
+    assert json.loads((out / "evaluation.json").read_text())["quantized_inputs"] == {}
+    assert (
+        "(exported checkpoint, weights only, activations FP32)" in (out / "report.md").read_text()
+    )
 
 
 def test_stages_rerun_on_the_same_folder(digits_files, tmp_path):

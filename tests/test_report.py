@@ -166,6 +166,16 @@ def test_run_with_activation_pairs_and_a_bitops_budget(digits_run_files, tmp_pat
             "high": high,
             "symmetric": False,
         }
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    counts: dict[str, int] = {}
+    for entry in manifest["layers"]:
+        counts[entry["activation_format"]] = counts.get(entry["activation_format"], 0) + 1
+    assert evaluation["quantized_inputs"] == counts
+    inputs = ", ".join(f"{name} ×{count}" for name, count in sorted(counts.items()))
+    assert (
+        f"(exported checkpoint, weights and layer inputs: {inputs})"
+        in (out / "report.md").read_text()
+    )
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["metrics"] == ["bitops-g"] and sweep["points"] == sweep["curves"]["bitops-g"]
     baselines = {point["format"]: point for point in sweep["uniform"]}
