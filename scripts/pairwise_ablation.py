@@ -214,7 +214,7 @@ def main() -> None:
                     }
                 )
                 logging.info(
-                    "%.1f bits %s %s: %.2f %% (%+.2f ± %.2f vs diagonal)",
+                    "%g bits %s %s: %.2f %% (%+.2f ± %.2f vs diagonal)",
                     bits,
                     source,
                     _describe(options),
@@ -238,7 +238,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     for row in rows:
         print(
-            f"{row['budget_avg_bits']:.1f} bits  {row['source']:<13} {row['options']:<28} "
+            f"{row['budget_avg_bits']:g} bits  {row['source']:<13} {row['options']:<28} "
             f"{row['top1_pct']:6.2f} %  {row['paired_vs_diagonal_pct']:+6.2f} ± "
             f"{row['paired_vs_diagonal_se_pct']:.2f}  ({row['layers_changed']} layers changed)"
         )
