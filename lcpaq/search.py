@@ -457,6 +457,13 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         return {d.name: trial.suggest_categorical(d.name, d.choices) for d in self.dimensions}
 
+    def with_default(self, name: str, value: Any) -> SearchSpace:
+        """The same choices with another default (the configuration trial 0 measures)."""
+        self.dimension(name)  # an unknown name fails here
+        return SearchSpace(
+            tuple(replace(d, default=value) if d.name == name else d for d in self.dimensions)
+        )
+
     def default_params(self) -> dict[str, Any]:
         return {dimension.name: dimension.default for dimension in self.dimensions}
 
@@ -1305,6 +1312,26 @@ def _has_size_budget(budgets: Sequence[str]) -> bool:
     return any(parse_budget(text).metric in ("size-mb", "size-frac") for text in budgets)
 
 
+#: Budget metrics that count activation bits (8 when no activation formats are chosen).
+ACTIVATION_BUDGETS = ("bitops-g", "ebops-g", "latency-ms")
+
+
+def search_space(options: SearchOptions) -> SearchSpace:
+    """The searched space: the default dimensions, ``--also`` and ``--fix``. Under a budget that
+    counts activation bits every configuration, the default included, quantizes its layer inputs
+    to INT8 unless told otherwise: weights-only checkpoints would keep FP32 activations that the
+    cost model counts as 8-bit, and the search would compare real costs with assumed ones."""
+    space = SearchSpace.default(options.also)
+    budgets = options.base.allocation.budgets
+    counts_activations = any(parse_budget(text).metric in ACTIVATION_BUDGETS for text in budgets)
+    if counts_activations and "act_formats" not in options.fixed:
+        if "act_formats" in options.also:
+            space = space.with_default("act_formats", "int8")
+        else:
+            space = space.fix({"act_formats": "int8"}, options.base)
+    return space.fix(options.fixed, options.base)
+
+
 class Search:
     """One process's part of a search: trials, then the final step."""
 
@@ -1314,7 +1341,7 @@ class Search:
         pipeline.ensure_writable(options.out)
         self.wall_start = time.perf_counter()
         self.cpu_start = time.process_time()
-        self.space = SearchSpace.default(options.also).fix(options.fixed, options.base)
+        self.space = search_space(options)
         self.context = SearchContext(
             options.base, options.out, self.space, options.proxy, options.rungs
         )

@@ -694,6 +694,31 @@ def test_search_with_activation_formats_end_to_end(tmp_path, one_thread):
     assert config["analysis"]["act_formats"] == ["int8"]
 
 
+def test_budgets_that_count_activation_bits_quantize_the_inputs_of_every_configuration(tmp_path):
+    """Under BitOps (or EBOPs, latency) a weights-only checkpoint would keep FP32 activations
+    that the cost counts as 8-bit: the default and every trial get real INT8 inputs instead,
+    unless --fix or --also act_formats says otherwise; avg-bits/size budgets are untouched."""
+    base = RunConfig(
+        AnalysisConfig(model="m", checkpoint=None, calib="c"),
+        allocation=AllocationConfig(budgets=("bitops-g=0.6",)),
+    )
+
+    def space(**options):
+        return search.search_space(search.SearchOptions(base=base, out=tmp_path, **options))
+
+    pinned = space().dimension("act_formats")
+    assert pinned.choices == ("int8",) and pinned.default == "int8"
+    searched = space(also=("act_formats",)).dimension("act_formats")
+    assert searched.choices == tuple(search.ACTIVATION_SETS) and searched.default == "int8"
+    assert space(fixed={"act_formats": "int4-8"}).dimension("act_formats").choices == ("int4-8",)
+    assert space(fixed={"act_formats": "none"}).dimension("act_formats").default == "none"
+    weights_only = replace(base, allocation=AllocationConfig(budgets=("avg-bits=3",)))
+    options = search.SearchOptions(base=weights_only, out=tmp_path)
+    assert search.search_space(options).dimension("act_formats").default == "none"
+    with pytest.raises(InputError, match="no such search dimension"):
+        SearchSpace.default().with_default("nosuch", 1)
+
+
 def test_size_cap_text_round_trip():
     for size in (20140.0, 123456.7, 1234561.0, 99999999.5):
         cap = search._ceil_budget_mb(size)
