@@ -4,6 +4,7 @@ checkpoints and images, the run configuration they start from, and the JSON head
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 from collections.abc import Sequence
@@ -44,6 +45,13 @@ def start(args: argparse.Namespace) -> tuple[Dataset, Dataset, dict[str, object]
         "studies": [],
     }
     return calib, test, header
+
+
+def add_study(out: Path, result: dict[str, object], entry: dict[str, object]) -> None:
+    """Append one study to the JSON and rewrite the file (partial results survive a crash)."""
+    result["studies"].append(entry)  # type: ignore[union-attr]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def base_config(shared: Path, model: str, **analysis: object) -> RunConfig:

@@ -18,7 +18,6 @@ paired against the weights-only model:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def main() -> None:
     calib, test, result = _study.start(args)
     for model in args.models.split(","):
         entry = study(args.shared, model, args.work, calib, test)
-        result["studies"].append(entry)  # type: ignore[union-attr]
+        _study.add_study(args.out, result, entry)
         rows = entry["fixed_weights"]["rows"]  # type: ignore[index]
         line = ", ".join(f"{name} {row['top1_pct']:.2f}" for name, row in rows.items())
         bitops = entry["bitops"]  # type: ignore[index]
@@ -165,8 +164,6 @@ def main() -> None:
             f"{bitops['mixed_vs_uniform_w4a4']['stderr_pct']:.2f})",
             flush=True,
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def main() -> None:
     for model in args.models.split(","):
         for bits in (float(text) for text in args.budgets.split(",")):
             entry = study(args.shared, model, bits, args.work, calib, test)
-            result["studies"].append(entry)  # type: ignore[union-attr]
+            _study.add_study(args.out, result, entry)
             paired = entry["paired_vs_nearest"]
             print(
                 f"{model} {bits:g} bits: nearest {entry['rows']['nearest']['top1_pct']:.2f} %, "
@@ -111,8 +111,6 @@ def main() -> None:
                 f"{paired['gptq_on_nearest_allocation']['difference_pct']:+.2f}",
                 flush=True,
             )
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

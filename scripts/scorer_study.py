@@ -13,7 +13,6 @@ measurement.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -87,9 +86,8 @@ def main() -> None:
     calib, test, result = _study.start(args)
     budgets = [float(text) for text in args.budgets.split(",")]
     for model in args.models.split(","):
-        result["studies"].append(study(args.shared, model, budgets, args.work, calib, test))  # type: ignore[union-attr]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        entry = study(args.shared, model, budgets, args.work, calib, test)
+        _study.add_study(args.out, result, entry)
 
 
 if __name__ == "__main__":
