@@ -213,17 +213,23 @@ def attach_activation_quantizers(
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Quantize each named layer's input on every forward pass (a forward pre-hook, so the state
     dict and the module tree stay those of the FP32 model). Returns the handles that undo it."""
-
-    def hook_for(quantizer: ActivationQuantizer):
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            return (quantizer(args[0]), *args[1:])
-
-        return hook
-
     return [
-        get_module(model, name).register_forward_pre_hook(hook_for(quantizer))
+        get_module(model, name).register_forward_pre_hook(_QuantizeInput(quantizer))
         for name, quantizer in quantizers.items()
     ]
+
+
+@dataclass(frozen=True)
+class _QuantizeInput:
+    """The pre-hook itself: a module-level class, so a model with its hooks still pickles
+    (``torch.save(model)``, ``copy.deepcopy``)."""
+
+    quantizer: ActivationQuantizer
+
+    def __call__(
+        self, _module: nn.Module, args: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        return (self.quantizer(args[0]), *args[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,9 @@ def test_activation_quantizers_travel_with_the_checkpoint(tmp_path: Path) -> Non
         expected, got = quantized(inputs), loaded(inputs)
     assert torch.equal(got, expected)
     assert not torch.equal(got, weights_only)  # the activations were quantized
+    # The hooks travel with the module: a pickled and reloaded model quantizes its inputs too.
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(pickle.dumps(loaded))(inputs), expected)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["layers"][1]["activation_quantizer"]["high"] = "wide"
     (path / "manifest.json").write_text(json.dumps(manifest))
