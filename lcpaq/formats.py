@@ -840,9 +840,13 @@ def fake_quantize_activation(
     statistics, not from ``values``, so every batch is mapped onto the same grid and values outside
     the range saturate. INT is asymmetric by default (with ``low`` = 0 after a ReLU every code is
     used); minifloats are scaled so that max(|low|, |high|) maps to the format's largest value.
+    The arithmetic is float64 for float64 values and float32 otherwise (5x faster than float64 on
+    a CPU for INT; the grid is the same, only values within float32 rounding of a decision
+    boundary can land on the neighbouring code).
     """
     scheme = QuantScheme(symmetric=symmetric, granularity="tensor", clipping="minmax")
     bounds = torch.tensor([low, high], dtype=torch.float64, device=values.device)
     scale, zero = _scale_and_zero(bounds[:1], bounds[1:], fmt, scheme)
-    _, dequantized = _round_trip(values.double(), scale, zero, fmt, scheme)
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    _, dequantized = _round_trip(values.to(dtype), scale.to(dtype), zero.to(dtype), fmt, scheme)
     return dequantized.to(values.dtype)
