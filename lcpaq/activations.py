@@ -284,16 +284,6 @@ def batch_ranges(
     return low, high, samples
 
 
-def activation_ranges(
-    model: nn.Module, layers: Sequence[LayerInfo], batches: Sequence[torch.Tensor]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each layer's input over all calibration batches (forward passes only)."""
-    if not batches:
-        raise ValueError("no calibration samples were given")
-    low, high, _ = range_statistics(model, layers, list(enumerate(batches)))
-    return low, high
-
-
 def range_statistics(
     model: nn.Module,
     layers: Sequence[LayerInfo],
@@ -426,15 +416,17 @@ class ActivationState:
         modules = {layer.name: get_module(model, layer.name) for layer in layers}
         format_names = check_activation_formats(format_names)
         low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-        clip = clipped_ranges(low, high, samples, format_names, clipping, symmetric=symmetric)
+        clip_low, clip_high = clipped_ranges(
+            low, high, samples, format_names, clipping, symmetric=symmetric
+        )
         return cls(
             names=tuple(modules),
             modules=modules,
             format_names=format_names,
             low=low,
             high=high,
-            clip_low=np.asarray(clip[0], dtype=np.float64),
-            clip_high=np.asarray(clip[1], dtype=np.float64),
+            clip_low=clip_low,
+            clip_high=clip_high,
             clipping=clipping,
             symmetric=symmetric,
             generator=torch.Generator(device=_device(model)).manual_seed(seed),

@@ -39,6 +39,8 @@ from lcpaq.errors import InputError
 
 BITS_PER_MB = 8e6  # sizes are reported in MB = 10^6 bytes
 COST_METRICS = ("avg-bits", "size-mb", "size-frac", "bitops-g", "ebops-g", "latency-ms")
+#: The metrics that count activation bits (8 when no activation formats are chosen).
+ACTIVATION_METRICS = ("bitops-g", "ebops-g", "latency-ms")
 DEFAULT_ACTIVATION_BITS = 8
 
 

@@ -746,14 +746,20 @@ def paired_activation_formats(
 
 
 def activation_quantizers_of(
-    run_dir: Path, layer_names: Sequence[str], candidates: Sequence[str]
+    run_dir: Path,
+    layer_names: Sequence[str],
+    candidates: Sequence[str],
+    sensitivity: ActivationSensitivity | None = None,
 ) -> dict[str, ActivationQuantizer]:
     """The input quantizer of every layer `paired_activation_formats` names, with the range
-    ``analyze --act-formats`` calibrated (``activations.npz``)."""
+    ``analyze --act-formats`` calibrated (``activations.npz``, unless ``sensitivity`` is that
+    file already read)."""
     formats = paired_activation_formats(layer_names, candidates)
     if not formats:
         return {}
-    return activation_quantizers(load_activation_sensitivity(run_dir / "activations.npz"), formats)
+    if sensitivity is None:
+        sensitivity = load_activation_sensitivity(run_dir / "activations.npz")
+    return activation_quantizers(sensitivity, formats)
 
 
 def quantize_and_recover(
@@ -961,6 +967,13 @@ def sweep(
                 else None
             )
             input_hessians = read_input_hessians(run_dir, config)
+            # Read once for every measured point (their input ranges).
+            ranges_path = run_dir / "activations.npz"
+            sensitivity = (
+                load_activation_sensitivity(ranges_path)
+                if table.paired and ranges_path.is_file()
+                else None
+            )
 
             def measure(candidates: Sequence[str]) -> float:
                 quantized_model, _ = quantize_and_recover(
@@ -971,7 +984,7 @@ def sweep(
                     calib.inputs,
                     reference,
                     input_hessians,
-                    activation_quantizers_of(run_dir, table.layer_names, candidates),
+                    activation_quantizers_of(run_dir, table.layer_names, candidates, sensitivity),
                 )
                 return evaluate_accuracy(quantized_model, dataset).top1
 

@@ -11,6 +11,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from lcpaq import artifacts
+from lcpaq.candidates import PAIR_SEPARATOR
+from lcpaq.costs import ACTIVATION_METRICS
 from lcpaq.hessian import CurvatureEstimate
 
 
@@ -208,7 +210,7 @@ def budget_lines(allocation: Mapping[str, Any]) -> list[str]:
             + "; ".join(f"{metric} {value:.6g}" for metric, value in costs.items())
             + ".",
         ]
-    unpaired = not any("/" in str(name) for name in allocation.get("formats", ()))
+    unpaired = not any(PAIR_SEPARATOR in str(name) for name in allocation.get("formats", ()))
     if unpaired and any(metric in ACTIVATION_METRICS for metric in costs):
         lines += [
             "",
@@ -216,10 +218,6 @@ def budget_lines(allocation: Mapping[str, Any]) -> list[str]:
             "only: its activations stay FP32 (`--act-formats` quantizes them and pays for it).",
         ]
     return lines
-
-
-#: Cost metrics that depend on the activation width.
-ACTIVATION_METRICS = ("bitops-g", "ebops-g", "latency-ms")
 
 
 def infeasible_lines(infeasible: Mapping[str, Any]) -> list[str]:

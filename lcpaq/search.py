@@ -62,6 +62,7 @@ from lcpaq.activations import (
 from lcpaq.allocate import Allocation, Budget, parse_budget
 from lcpaq.candidates import CandidateTable, parse_activation_formats, table_from_weights
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
+from lcpaq.costs import ACTIVATION_METRICS
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
@@ -1312,10 +1313,6 @@ def _has_size_budget(budgets: Sequence[str]) -> bool:
     return any(parse_budget(text).metric in ("size-mb", "size-frac") for text in budgets)
 
 
-#: Budget metrics that count activation bits (8 when no activation formats are chosen).
-ACTIVATION_BUDGETS = ("bitops-g", "ebops-g", "latency-ms")
-
-
 def search_space(options: SearchOptions) -> SearchSpace:
     """The searched space: the default dimensions, ``--also`` and ``--fix``. Under a budget that
     counts activation bits every configuration, the default included, quantizes its layer inputs
@@ -1323,7 +1320,7 @@ def search_space(options: SearchOptions) -> SearchSpace:
     cost model counts as 8-bit, and the search would compare real costs with assumed ones."""
     space = SearchSpace.default(options.also)
     budgets = options.base.allocation.budgets
-    counts_activations = any(parse_budget(text).metric in ACTIVATION_BUDGETS for text in budgets)
+    counts_activations = any(parse_budget(text).metric in ACTIVATION_METRICS for text in budgets)
     if counts_activations and "act_formats" not in options.fixed:
         if "act_formats" in options.also:
             space = space.with_default("act_formats", "int8")

@@ -20,12 +20,12 @@ from lcpaq.activations import (
     ActivationQuantizer,
     ActivationState,
     activation_quantizers,
-    activation_ranges,
     activation_scores,
     activation_sensitivity,
     attach_activation_quantizers,
     load_activation_sensitivity,
     quantize_activation,
+    range_statistics,
     save_activation_sensitivity,
 )
 from lcpaq.errors import InputError
@@ -252,8 +252,8 @@ def test_bad_input() -> None:
     with pytest.raises(InputError, match="unknown activation format 'int9'"):
         activation_sensitivity(model, layers, [inputs], ("int9",))
     with pytest.raises(ValueError, match="no calibration samples"):
-        activation_ranges(model, layers, [])
-    low, high = activation_ranges(model, layers, [inputs])
+        activation_sensitivity(model, layers, [], ("int8",))
+    low, high, _ = range_statistics(model, layers, [(0, inputs)])
     with pytest.raises(ValueError, match="no calibration samples"):
         ActivationState.start(model, layers, ("int8",), low, high).finish()
     result = activation_sensitivity(model, layers, [inputs], ("int8",))
