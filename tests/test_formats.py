@@ -383,11 +383,30 @@ def test_fp8_rounding_equals_torch_cast(name: str) -> None:
     grid = fp_grid(fmt).float()
     midpoints = (grid[1:] + grid[:-1]) / 2
     values = torch.cat([values.clamp(-fmt.max_value, fmt.max_value), midpoints, grid])
-    ours = round_to_grid(values, fmt)
+    ours = round_to_grid(values.double(), fmt)  # float64: the grid search, not torch's cast
     cast = values.to(TORCH_DTYPES[name])
-    assert torch.equal(ours, cast.float())
+    assert torch.equal(ours, cast.double())
     nonzero = ours != 0  # torch keeps the sign of -0, we store +0
-    assert torch.equal(fp_round_codes(values, fmt)[nonzero], cast.view(torch.uint8).long()[nonzero])
+    codes = fp_round_codes(values.double(), fmt)
+    assert torch.equal(codes[nonzero], cast.view(torch.uint8).long()[nonzero])
+
+
+@pytest.mark.parametrize("name", TORCH_DTYPES)
+def test_fp8_float32_fast_path_equals_the_grid_search(name: str) -> None:
+    """float32 values take torch's cast; its codes equal the float64 grid search's, including
+    saturation beyond ±max, ties, and +0 for negative values that round to zero."""
+    fmt = get_format(name)
+    generator = torch.Generator().manual_seed(1)
+    magnitude = torch.exp2(torch.empty(100_000).uniform_(-30, 20, generator=generator))
+    values = torch.randn(100_000, generator=generator).sign() * magnitude
+    grid = fp_grid(fmt).float()
+    tiny = float(grid[grid > 0].min()) / 4
+    extremes = torch.tensor([0.0, -0.0, tiny, -tiny, 3 * fmt.max_value, -3 * fmt.max_value])
+    values = torch.cat([values, (grid[1:] + grid[:-1]) / 2, grid, extremes])
+    assert torch.equal(fp_round_codes(values, fmt), fp_round_codes(values.double(), fmt))
+    assert torch.equal(round_to_grid(values, fmt).double(), round_to_grid(values.double(), fmt))
+    assert fp_round_codes(torch.tensor([-tiny]), fmt).item() == 0
+    assert not torch.signbit(round_to_grid(torch.tensor([-tiny]), fmt)).item()
 
 
 @pytest.mark.parametrize("name", FP_TABLE)
