@@ -325,6 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantized", type=Path, help="checkpoint folder (default RUN/quantized)"
     )
 
+    onnx = commands.add_parser(
+        "onnx",
+        help="the exported checkpoint as an ONNX QDQ model, checked in ONNX Runtime "
+        "(needs lcpaq[onnx])",
+    )
+    onnx.add_argument("run_dir", type=Path)
+    onnx.add_argument("--quantized", type=Path, help="checkpoint folder (default RUN/quantized)")
+    onnx.add_argument("--out", type=Path, help="ONNX file (default QUANTIZED/model.onnx)")
+    onnx.add_argument(
+        "--eval", help="labelled data for the check (default: the calibration data, unlabelled)"
+    )
+    onnx.add_argument("--images", type=int, default=1024, help="images of the check (default 1024)")
+
     sweep = commands.add_parser("sweep", help="model-level Pareto curves over budgets")
     sweep.add_argument("run_dir", type=Path)
     sweep.add_argument("--eval", help="measure top-1 at every point")
@@ -650,6 +663,15 @@ def _dispatch(args: argparse.Namespace) -> None:
         pipeline.export(args.run_dir, out_dir=args.out)
     elif args.command == "evaluate":
         pipeline.evaluate(args.run_dir, args.eval, quantized_dir=args.quantized)
+    elif args.command == "onnx":
+        result = pipeline.export_onnx(
+            args.run_dir,
+            quantized_dir=args.quantized,
+            out_path=args.out,
+            check_path=args.eval,
+            check_images=args.images,
+        )
+        print(result["onnx"])
     elif args.command == "sweep":
         pipeline.sweep(
             args.run_dir,

@@ -208,6 +208,43 @@ def manifest_activation_quantizers(
     return quantizers
 
 
+def read_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, object], dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """The manifest, the codes of every quantized weight (by state-dict key) and every other
+    tensor of a quantized checkpoint folder."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
+    weights: dict[str, QuantizedWeight] = {}
+    for entry in manifest["layers"]:  # type: ignore[union-attr]
+        key = entry["weight_key"]
+        try:
+            weights[key] = QuantizedWeight(
+                codes=tensors.pop(key + CODES_SUFFIX),
+                scale=tensors.pop(key + SCALE_SUFFIX),
+                zero_point=tensors.pop(key + ZERO_SUFFIX, None),
+                format_name=entry["format"],
+                granularity=entry["granularity"],
+                group_size=entry.get("group_size"),
+            )
+        except KeyError as error:
+            raise InputError(
+                f"{path / 'model.safetensors'} lacks {error} of layer {entry['name']!r}"
+            ) from None
+    return manifest, weights, tensors
+
+
+def decoded_state_dict(
+    weights: Mapping[str, QuantizedWeight], others: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`read_checkpoint`'s weights decoded to float, with the other tensors: a state dict."""
+    return {**{key: dequantize_weight(quantized) for key, quantized in weights.items()}, **others}
+
+
 def load_quantized(
     path: str | Path, model: nn.Module | None = None
 ) -> dict[str, torch.Tensor] | nn.Module:
@@ -218,28 +255,8 @@ def load_quantized(
     (`manifest_activation_quantizers`; a state dict cannot carry them) and in eval mode.
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    try:
-        tensors = load_file(str(path / "model.safetensors"))
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
-    state_dict: dict[str, torch.Tensor] = {}
-    layer_keys = set()
-    for entry in manifest["layers"]:  # type: ignore[union-attr]
-        key = entry["weight_key"]
-        layer_keys.update({key + CODES_SUFFIX, key + SCALE_SUFFIX, key + ZERO_SUFFIX})
-        quantized = QuantizedWeight(
-            codes=tensors[key + CODES_SUFFIX],
-            scale=tensors[key + SCALE_SUFFIX],
-            zero_point=tensors.get(key + ZERO_SUFFIX),
-            format_name=entry["format"],
-            granularity=entry["granularity"],
-            group_size=entry.get("group_size"),
-        )
-        state_dict[key] = dequantize_weight(quantized)
-    for key, tensor in tensors.items():
-        if key not in layer_keys:
-            state_dict[key] = tensor
+    manifest, weights, others = read_checkpoint(path)
+    state_dict = decoded_state_dict(weights, others)
     if model is None:
         return state_dict
     from lcpaq.models import load_state_dict_strict

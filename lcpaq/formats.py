@@ -868,13 +868,25 @@ def fake_quantize_activation(
     a CPU for INT; the grid is the same, only values within float32 rounding of a decision
     boundary can land on the neighbouring code).
     """
-    scheme = QuantScheme(symmetric=symmetric, granularity="tensor", clipping="minmax")
-    bounds = torch.tensor([low, high], dtype=torch.float64, device=values.device)
-    scale, zero = _scale_and_zero(bounds[:1], bounds[1:], fmt, scheme)
+    scale, zero = activation_scale_and_zero(fmt, low, high, symmetric=symmetric)
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    computed, scale = values.to(dtype), scale.to(dtype)
+    computed = values.to(dtype)
+    scales = torch.tensor([scale], dtype=dtype, device=values.device)
     if fmt.kind == "fp":  # the values only: no codes to store
-        dequantized = round_to_grid(computed / scale, fmt) * scale
+        dequantized = round_to_grid(computed / scales, fmt) * scales
     else:
-        _, dequantized = _round_trip(computed, scale, zero.to(dtype), fmt, scheme)
+        zeros = torch.tensor([zero], dtype=dtype, device=values.device)
+        scheme = QuantScheme(symmetric=symmetric, granularity="tensor", clipping="minmax")
+        _, dequantized = _round_trip(computed, scales, zeros, fmt, scheme)
     return dequantized.to(values.dtype)
+
+
+def activation_scale_and_zero(
+    fmt: NumberFormat, low: float, high: float, *, symmetric: bool = False
+) -> tuple[float, float]:
+    """The scale and zero point (float64; 0 for minifloats and symmetric INT) that
+    `fake_quantize_activation` uses for the calibration range [``low``, ``high``]."""
+    scheme = QuantScheme(symmetric=symmetric, granularity="tensor", clipping="minmax")
+    bounds = torch.tensor([low, high], dtype=torch.float64)
+    scale, zero = _scale_and_zero(bounds[:1], bounds[1:], fmt, scheme)
+    return float(scale[0]), float(zero[0])

@@ -195,6 +195,7 @@ DOWNSTREAM_ARTIFACTS = (
     "frontiers.npz",
     "allocation.json",
     "evaluation.json",
+    "onnx.json",
     "sweep.json",
     "infeasible.json",
     "report.md",
@@ -887,6 +888,55 @@ def evaluate(
         100 * q_accuracy.top1,
         100 * difference,
         100 * difference_se,
+    )
+    return result
+
+
+def export_onnx(
+    run_dir: Path,
+    *,
+    quantized_dir: Path | None = None,
+    out_path: Path | None = None,
+    check_path: str | None = None,
+    check_images: int = 1024,
+) -> dict[str, object]:
+    """The exported checkpoint as an ONNX QDQ model (default ``RUN/quantized/model.onnx``), run in
+    ONNX Runtime next to PyTorch on ``check_images`` images of ``check_path`` (labelled data:
+    top-1 of both too) or, without it, of the calibration data; the check goes to ``onnx.json``."""
+    from lcpaq.onnx_export import check_onnx, export_onnx
+
+    if check_images < 1:
+        raise InputError(f"--images must be at least 1, got {check_images}")
+    config = read_config(run_dir)
+    quantized_dir = quantized_dir or run_dir / "quantized"
+    out_path = out_path or quantized_dir / "model.onnx"
+    with timed(run_dir, "onnx"):
+        fp_model = load_model(
+            config.analysis.model,
+            config.analysis.checkpoint,
+            allow_unsafe_pickle=config.analysis.allow_unsafe_pickle,
+        )
+        data = _load_eval(config, fp_model, check_path or config.analysis.calib)
+        data = data.subset(0, min(check_images, len(data)))
+        skeleton = build_model(config.analysis.model, fp_model.state_dict())
+        export_onnx(skeleton, quantized_dir, out_path, data.inputs[:2])
+        torch_model = load_quantized(quantized_dir, skeleton)  # now with its input quantizers
+        check = check_onnx(out_path, torch_model, data.inputs, data.labels if check_path else None)
+        result = {
+            "onnx": str(out_path),
+            "file_bytes": out_path.stat().st_size,
+            "quantized": str(quantized_dir),
+            "check_data": check_path or config.analysis.calib,
+            **check.to_dict(),
+        }
+        artifacts.write_json(run_dir / "onnx.json", result)
+    logger.info(
+        "wrote %s; ONNX Runtime vs PyTorch on %d images: top-1 agreement %.2f %%, "
+        "max |logit difference| %.2g",
+        out_path,
+        check.images,
+        100 * check.top1_agreement,
+        check.max_abs_logit_difference,
     )
     return result
 
