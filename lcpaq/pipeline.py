@@ -164,11 +164,17 @@ def read_layers(run_dir: Path) -> tuple[tuple[LayerInfo, ...], float]:
     return layers, float(data["unquantized_size_bits"])  # type: ignore[arg-type]
 
 
-def _load_model_and_data(config: RunConfig, num_samples: int) -> tuple[nn.Module, Dataset]:
+def _load_fp_model(config: RunConfig) -> nn.Module:
+    """The run's FP32 model, as ``analyze`` loaded it."""
     analysis = config.analysis
-    model = load_model(
+    return load_model(
         analysis.model, analysis.checkpoint, allow_unsafe_pickle=analysis.allow_unsafe_pickle
     )
+
+
+def _load_model_and_data(config: RunConfig, num_samples: int) -> tuple[nn.Module, Dataset]:
+    analysis = config.analysis
+    model = _load_fp_model(config)
     calib = load_dataset(
         analysis.calib,
         normalization=analysis.normalize,
@@ -854,11 +860,7 @@ def evaluate(
     config = read_config(run_dir)
     quantized_dir = quantized_dir or run_dir / "quantized"
     with timed(run_dir, "evaluate"):
-        fp_model = load_model(
-            config.analysis.model,
-            config.analysis.checkpoint,
-            allow_unsafe_pickle=config.analysis.allow_unsafe_pickle,
-        )
+        fp_model = _load_fp_model(config)
         dataset = _load_eval(config, fp_model, eval_path)
         # Build the architecture from the FP32 state dict (depth inference), then load the
         # exported codes: the figure is for the file a user ships, not an in-memory model.
@@ -911,11 +913,7 @@ def export_onnx(
     quantized_dir = quantized_dir or run_dir / "quantized"
     out_path = out_path or quantized_dir / "model.onnx"
     with timed(run_dir, "onnx"):
-        fp_model = load_model(
-            config.analysis.model,
-            config.analysis.checkpoint,
-            allow_unsafe_pickle=config.analysis.allow_unsafe_pickle,
-        )
+        fp_model = _load_fp_model(config)
         data = _load_eval(config, fp_model, check_path or config.analysis.calib)
         data = data.subset(0, min(check_images, len(data)))
         skeleton = build_model(config.analysis.model, fp_model.state_dict())

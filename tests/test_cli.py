@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import write_digits_files
 
 from lcpaq import load_quantized
 from lcpaq.cli import main
@@ -23,13 +23,7 @@ RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
 @pytest.fixture()
 def digits_files(tmp_path: Path) -> dict[str, Path]:
     """An (untrained) DigitsNet checkpoint and small valid data files: enough to exercise errors."""
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    checkpoint = tmp_path / "net.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data.npz"
-    np.savez(data, x=rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    checkpoint, data = write_digits_files(tmp_path)
     return {"checkpoint": checkpoint, "data": data, "dir": tmp_path}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net
+from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net, write_digits_files
 from safetensors.torch import load_file
 
 import lcpaq
@@ -340,19 +340,9 @@ def test_fp8_codes_in_the_checkpoint_are_torch_float8_bit_patterns(tmp_path: Pat
 
 def test_cli_run_with_fp_formats_and_group_scales(tmp_path: Path) -> None:
     """Smoke run of the whole pipeline with an FP candidate set and per-group scales of 32."""
-    import numpy as np
-    from safetensors.torch import save_file
-
     from lcpaq.cli import main
-    from lcpaq.demo import DigitsNet
 
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    checkpoint = tmp_path / "net.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data.npz"
-    np.savez(data, x=rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    checkpoint, data = write_digits_files(tmp_path)
     out = tmp_path / "run"
     args = ["-q", "run", "--model", "demo-digits", "--checkpoint", str(checkpoint)]
     args += ["--calib", str(data), "--eval", str(data), "--normalize", "none"]

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net
+from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net, write_digits_files
 from onnx import TensorProto, helper
 
 from lcpaq.activations import (
@@ -234,18 +234,9 @@ def test_export_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_onnx_on_a_run_folder(tmp_path: Path) -> None:
     """``lcpaq onnx RUN --eval`` after ``lcpaq run``: the file beside the checkpoint, the check in
     onnx.json, top-1 equal to PyTorch's and to evaluation.json's."""
-    from safetensors.torch import save_file
-
     from lcpaq.cli import main
-    from lcpaq.demo import DigitsNet
 
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    checkpoint = tmp_path / "net.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data.npz"
-    np.savez(data, x=rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    checkpoint, data = write_digits_files(tmp_path)
     out = tmp_path / "run"
     args = ["-q", "run", "--model", "demo-digits", "--checkpoint", str(checkpoint)]
     args += ["--calib", str(data), "--eval", str(data), "--normalize", "none"]
