@@ -45,7 +45,13 @@ from lcpaq.banded import (
     knapsack_optima,
 )
 from lcpaq.banded import quiet_stdout as _quiet_stdout
-from lcpaq.costs import BITS_PER_MB, COST_METRICS, CostModel, build_cost_model
+from lcpaq.costs import (
+    ACTIVATION_METRICS,
+    BITS_PER_MB,
+    COST_METRICS,
+    CostModel,
+    build_cost_model,
+)
 from lcpaq.errors import InputError
 from lcpaq.frontier import safe_pareto_mask
 
@@ -74,6 +80,11 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.metric}={self.value:g}"
+
+
+def counts_activation_bits(budgets: Sequence[str]) -> bool:
+    """Whether one of the ``--budget`` texts counts activation bits (BitOps, EBOPs, latency)."""
+    return any(parse_budget(text).metric in ACTIVATION_METRICS for text in budgets)
 
 
 def parse_budget(text: str) -> Budget:

@@ -633,9 +633,10 @@ def _dispatch(args: argparse.Namespace) -> None:
                 hutchinson_probes=64,
                 hutchinson_samples=256,
                 pyhessian_iters=64,
-            )
+            ),
+            allocation=AllocationConfig(budgets=tuple(str(budget) for budget in budgets)),
         )
-        pipeline.analyze(config, args.out, progress=progress)
+        pipeline.analyze(pipeline.with_default_activations(config), args.out, progress=progress)
         pipeline.allocate(args.out, budgets)
         _finish(args.out, str(evaluation), args)
     elif args.command == "run":
@@ -646,6 +647,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             )
         if not config.allocation.budgets:
             raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
+        config = pipeline.with_default_activations(config)
         pipeline.analyze(config, args.out, progress=progress)
         if not distributed.is_main_process():
             return

@@ -54,6 +54,7 @@ from lcpaq.allocate import (
     AllocationProblem,
     Budget,
     allowed_candidates,
+    counts_activation_bits,
     tie_rule_groups,
 )
 from lcpaq.candidates import (
@@ -355,6 +356,22 @@ def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[Layer
     model, calib = _load_model_and_data(config, config.analysis.num_samples)
     layers = discover_layers(model, calib.inputs)
     return model.to(distributed.default_device()), calib, layers
+
+
+def with_default_activations(config: RunConfig) -> RunConfig:
+    """A run whose budgets count activation bits (BitOps, EBOPs, latency) and that names no
+    ``--act-formats`` quantizes its layer inputs to INT8: the cost model counts 8-bit
+    activations, so the checkpoint gets what the budget paid for (INT8 inputs cost no measurable
+    accuracy on the shared ResNets, docs/results.md). ``--act-formats fp32`` keeps them FP32,
+    counted as 32 bits. The search does the same (`lcpaq.search.search_space`)."""
+    if config.analysis.act_formats or not counts_activation_bits(config.allocation.budgets):
+        return config
+    logger.info(
+        "%s counts activation bits: layer inputs are quantized to INT8 (--act-formats int8; "
+        "--act-formats fp32 keeps them FP32)",
+        ", ".join(config.allocation.budgets),
+    )
+    return config.with_analysis(act_formats=("int8",))
 
 
 def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:

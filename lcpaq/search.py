@@ -59,10 +59,9 @@ from lcpaq.activations import (
     load_activation_sensitivity,
     save_activation_sensitivity,
 )
-from lcpaq.allocate import Allocation, Budget, parse_budget
+from lcpaq.allocate import Allocation, Budget, counts_activation_bits, parse_budget
 from lcpaq.candidates import CandidateTable, parse_activation_formats, table_from_weights
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
-from lcpaq.costs import ACTIVATION_METRICS
 from lcpaq.data import Dataset, load_dataset
 from lcpaq.errors import InputError
 from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
@@ -1319,9 +1318,10 @@ def search_space(options: SearchOptions) -> SearchSpace:
     to INT8 unless told otherwise: weights-only checkpoints would keep FP32 activations that the
     cost model counts as 8-bit, and the search would compare real costs with assumed ones."""
     space = SearchSpace.default(options.also)
-    budgets = options.base.allocation.budgets
-    counts_activations = any(parse_budget(text).metric in ACTIVATION_METRICS for text in budgets)
-    if counts_activations and "act_formats" not in options.fixed:
+    if (
+        counts_activation_bits(options.base.allocation.budgets)
+        and "act_formats" not in options.fixed
+    ):
         if "act_formats" in options.also:
             space = space.with_default("act_formats", "int8")
         else:

@@ -15,6 +15,7 @@ from conftest import write_digits_files
 from lcpaq import load_quantized
 from lcpaq.cli import main
 from lcpaq.demo import DigitsNet
+from lcpaq.export import read_manifest
 
 SHARED = Path(os.environ.get("LCPAQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
@@ -530,3 +531,31 @@ def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
     capsys.readouterr()
     for stage in (["-q", "export", str(out)], sweep):
         _assert_clean_error(capsys, main(stage), "input_hessians.safetensors", "missing")
+
+
+def test_activation_bit_budgets_quantize_inputs_to_int8_by_default(digits_files, tmp_path):
+    """``run --budget bitops-g=…`` without ``--act-formats``: the inputs the cost model counts as
+    8-bit are INT8 in the checkpoint; ``--act-formats fp32`` keeps them FP32 (counted as 32)."""
+    from lcpaq import pipeline
+    from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
+
+    config = RunConfig(
+        AnalysisConfig(model="m", checkpoint=None, calib="c"),
+        AllocationConfig(budgets=("avg-bits=3",)),
+    )
+    assert pipeline.with_default_activations(config) is config
+    latency = config.with_allocation(budgets=("avg-bits=3", "latency-ms=2"))
+    assert pipeline.with_default_activations(latency).analysis.act_formats == ("int8",)
+    chosen = latency.with_analysis(act_formats=("int4", "int8"))
+    assert pipeline.with_default_activations(chosen) is chosen
+
+    runs = {}
+    for name, extra in (("default", ()), ("fp32", ("--act-formats", "fp32"))):
+        out = tmp_path / name
+        args = _run(digits_files, out, "--budget", "bitops-g=1", *extra)
+        assert main(args) == 0
+        runs[name] = read_manifest(out / "quantized")["layers"]
+    assert {entry["activation_quantizer"]["format"] for entry in runs["default"]} == {"int8"}
+    assert {entry["activation_format"] for entry in runs["default"]} == {"int8"}
+    assert all(entry["activation_quantizer"] is None for entry in runs["fp32"])
+    assert {entry["activation_format"] for entry in runs["fp32"]} == {"fp32"}
