@@ -673,6 +673,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             check_path=args.eval,
             check_images=args.images,
         )
+        if (args.run_dir / "report.md").is_file():  # a finished run: its report shows the check
+            pipeline.report(args.run_dir)
         print(result["onnx"])
     elif args.command == "sweep":
         pipeline.sweep(

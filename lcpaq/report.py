@@ -115,6 +115,7 @@ def build_report(run_dir: Path) -> dict[str, object]:
         "curvature": curvature_summary,
         "allocation": allocation,
         "evaluation": _optional(run_dir, "evaluation.json"),
+        "onnx": _optional(run_dir, "onnx.json"),
         "sweep": _optional(run_dir, "sweep.json"),
         "infeasible": _optional(run_dir, "infeasible.json"),
         "timings_s": _optional(run_dir, "timings.json"),
@@ -298,6 +299,22 @@ def _inputs_text(evaluation: Mapping[str, Any]) -> str:
     return f"weights and layer inputs: {inputs}"
 
 
+def onnx_lines(onnx: Mapping[str, Any]) -> list[str]:
+    """`lcpaq onnx`'s file and its check against PyTorch (``onnx.json``)."""
+    lines = [
+        "## ONNX",
+        f"- file: {onnx['onnx']} ({onnx['file_bytes'] / 1e6:.3f} MB, QDQ)",
+        f"- ONNX Runtime vs PyTorch on {onnx['images']} images of {onnx['check_data']}: top-1 "
+        f"agreement {_pct(onnx['top1_agreement'])} %, max |logit difference| "
+        f"{onnx['max_abs_logit_difference']:.3g} (mean {onnx['mean_abs_logit_difference']:.2g})",
+    ]
+    if onnx.get("onnx_top1") is not None:
+        lines.append(
+            f"- top-1: ONNX Runtime {_pct(onnx['onnx_top1'])} %, PyTorch {_pct(onnx['torch_top1'])} %"
+        )
+    return [*lines, ""]
+
+
 def quantizer_line(config: Mapping[str, Any]) -> str:
     """One line saying how weights were mapped to codes, from the run configuration."""
     analysis = config.get("analysis", {})
@@ -366,6 +383,8 @@ def render_markdown(report: dict[str, object]) -> str:
             f"- paired difference: {100 * evaluation['paired_difference']:+.2f} ± {100 * evaluation['paired_difference_stderr']:.2f} points",  # type: ignore[index]
             "",
         ]
+    if report.get("onnx"):
+        lines += onnx_lines(report["onnx"])  # type: ignore[arg-type]
     curvature = report["curvature"]
     lines += [
         "## Curvature",

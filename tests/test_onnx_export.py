@@ -248,6 +248,8 @@ def test_cli_onnx_on_a_run_folder(tmp_path: Path) -> None:
     assert Path(result["onnx"]) == out / "quantized" / "model.onnx"
     assert result["images"] == 48 and result["top1_agreement"] == 1.0
     assert result["onnx_top1"] == result["torch_top1"]
+    report = (out / "report.md").read_text()
+    assert "## ONNX" in report and "top-1 agreement 100.00 %" in report
     assert main(["-q", "onnx", str(out), "--images", "0"]) == 2
 
 
