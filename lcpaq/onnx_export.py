@@ -326,6 +326,8 @@ def export_onnx(
         verbose=False,
     )
     proto = quantize_graph(exported.model_proto, weights, quantizers)
+    for node in proto.graph.node:  # the exporter's debug records (stack traces): half the file
+        del node.metadata_props[:]
     proto.doc_string = (
         f"lcpaq quantized checkpoint {checkpoint_dir.name}: QDQ weights of "
         f"{len(weights)} layers, quantized inputs of {len(quantizers)}"

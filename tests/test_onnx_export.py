@@ -204,6 +204,7 @@ def test_exported_model_runs_like_pytorch(tmp_path: Path, scheme: QuantScheme) -
     assert "BatchNormalization" in operators  # the corrected statistics stay a node
     names = {tensor.name for tensor in proto.graph.initializer}
     assert "fc.weight" in names and "conv1.weight" not in names
+    assert not any(node.metadata_props for node in proto.graph.node)
     torch_model = load_quantized(path, TinyConvNet())
     labels = torch.arange(40) % 3
     check = check_onnx(out, torch_model, conv_inputs(40, seed=5), labels, batch_size=16)
