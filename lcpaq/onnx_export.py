@@ -314,17 +314,23 @@ def export_onnx(
     )
     model = model.eval()
     batch = torch.export.Dim("batch", min=1)
-    exported = torch.onnx.export(
-        model,
-        (example[:2] if len(example) > 1 else example,),
-        dynamo=True,
-        optimize=False,  # the optimiser folds BatchNorm into the weights we replace
-        opset_version=ONNX_OPSET,
-        dynamic_shapes=({0: batch},),
-        input_names=["input"],
-        output_names=["logits"],
-        verbose=False,
-    )
+    try:
+        exported = torch.onnx.export(
+            model,
+            (example[:2] if len(example) > 1 else example,),
+            dynamo=True,
+            optimize=False,  # the optimiser folds BatchNorm into the weights we replace
+            opset_version=ONNX_OPSET,
+            dynamic_shapes=({0: batch},),
+            input_names=["input"],
+            output_names=["logits"],
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types for models it cannot trace
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"torch.onnx cannot export {type(model).__name__} for {checkpoint_dir}: {reason}"
+        ) from None
     proto = quantize_graph(exported.model_proto, weights, quantizers)
     for node in proto.graph.node:  # the exporter's debug records (stack traces): half the file
         del node.metadata_props[:]

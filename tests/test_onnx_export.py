@@ -224,6 +224,16 @@ def test_export_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             torch.nn.Sequential(torch.nn.Linear(2, 2)), path, tmp_path / "m.onnx", conv_inputs(2)
         )
     assert not (tmp_path / "m.onnx").exists()
+
+    class DataDependent(TinyConvNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # control flow on values: torch.export refuses it
+                return super().forward(x)
+            return -super().forward(x)
+
+    with pytest.raises(InputError, match="torch.onnx cannot export DataDependent"):
+        export_onnx(DataDependent(), path, tmp_path / "m.onnx", conv_inputs(2))
+    assert not (tmp_path / "m.onnx").exists()
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
     with pytest.raises(InputError, match=r"pip install 'lcpaq\[onnx\]'"):
         export_onnx(TinyConvNet(), path, tmp_path / "m.onnx", conv_inputs(2))
