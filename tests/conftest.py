@@ -121,9 +121,9 @@ def tiny_mlp64() -> TinyMLP:
     return make_tiny_mlp(torch.float64)
 
 
-def write_digits_files(folder: Path) -> tuple[Path, Path]:
-    """An untrained `DigitsNet` checkpoint and 64 random labelled 8x8 images in ``folder``: a run
-    folder's inputs for CLI tests of ``--model demo-digits``. Returns (checkpoint, data)."""
+def write_digits_files(folder: Path, num_images: int = 64) -> tuple[Path, Path]:
+    """An untrained `DigitsNet` checkpoint and ``num_images`` random labelled 8x8 images in
+    ``folder``: a run's inputs for tests of ``--model demo-digits``. Returns (checkpoint, data)."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -135,7 +135,8 @@ def write_digits_files(folder: Path) -> tuple[Path, Path]:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
     rng = np.random.default_rng(0)
     data = folder / "data.npz"
-    np.savez(data, x=rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    x = rng.integers(0, 255, (num_images, 1, 8, 8), dtype=np.uint8)
+    np.savez(data, x=x, y=rng.integers(0, 10, num_images))
     return checkpoint, data
 
 

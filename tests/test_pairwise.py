@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
+from conftest import write_digits_files
 
 from lcpaq import artifacts, pipeline
 from lcpaq.allocate import AllocationProblem, Budget, allowed_candidates
@@ -20,7 +19,6 @@ from lcpaq.candidates import CandidateTable
 from lcpaq.cli import main
 from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.data import load_dataset
-from lcpaq.demo import DigitsNet
 from lcpaq.errors import InputError
 from lcpaq.frontier import score_candidates
 from lcpaq.interactions import (
@@ -196,13 +194,7 @@ def test_pair_views_pick_the_largest_and_the_chosen_entries() -> None:
 def digits_files(tmp_path_factory) -> dict[str, Path]:
     """An untrained DigitsNet checkpoint and 64 random 8x8 images with labels."""
     folder = tmp_path_factory.mktemp("digits")
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    checkpoint = folder / "net.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    rng = np.random.default_rng(0)
-    data = folder / "data.npz"
-    np.savez(data, x=rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    checkpoint, data = write_digits_files(folder)
     return {"checkpoint": checkpoint, "data": data, "dir": folder}
 
 

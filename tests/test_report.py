@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
+from conftest import write_digits_files
 
 from lcpaq.activations import load_activation_sensitivity
 from lcpaq.artifacts import load_candidates
 from lcpaq.cli import main
-from lcpaq.demo import DigitsNet
 from lcpaq.report import budget_lines, infeasible_lines, quantizer_line, sweep_lines
 
 
@@ -118,12 +116,7 @@ def test_sweep_lines_per_metric_and_old_files() -> None:
 
 @pytest.fixture()
 def digits_run_files(tmp_path: Path) -> dict[str, Path]:
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "net.safetensors"
-    save_file({k: v.contiguous() for k, v in DigitsNet().eval().state_dict().items()}, checkpoint)
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data.npz"
-    np.savez(data, x=rng.integers(0, 255, (48, 1, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 48))
+    checkpoint, data = write_digits_files(tmp_path, num_images=48)
     return {"checkpoint": checkpoint, "data": data}
 
 
