@@ -26,8 +26,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,13 +40,18 @@ from lcpaq.errors import InputError
 from lcpaq.formats import (
     QuantizedWeight,
     QuantScheme,
+    code_offset,
     dequantize_weight,
     get_format,
+    pack_codes,
     quantize_weight,
+    unpack_codes,
 )
 from lcpaq.graph import LayerInfo, get_module
 
-CHECKPOINT_FORMAT = "lcpaq-quantized/1"
+CHECKPOINT_FORMAT = "lcpaq-quantized/2"
+#: Formats `read_checkpoint` reads: /1 stored one code per byte, /2 packs them at their bit width.
+READABLE_FORMATS = ("lcpaq-quantized/1", CHECKPOINT_FORMAT)
 CODES_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX = ".qcodes", ".qscale", ".qzero"
 
 
@@ -121,7 +127,7 @@ def write_quantized_checkpoint(
         for name, quantized in codes.items():
             layer = by_name[name]
             key = layer.weight_key
-            tensors[key + CODES_SUFFIX] = quantized.codes.contiguous().cpu()
+            tensors[key + CODES_SUFFIX] = pack_codes(_on_cpu(quantized))
             # float32, or uint8 E8M0 exponents for MX: stored as they are.
             tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
             if quantized.zero_point is not None:
@@ -140,6 +146,10 @@ def write_quantized_checkpoint(
                     ),
                     "kind": fmt.kind,
                     "bits": fmt.bits,
+                    # How `.qcodes` unpacks (`lcpaq.formats.unpack_codes`).
+                    "code_bits": fmt.bits,
+                    "code_offset": code_offset(quantized),
+                    "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),
                     "granularity": quantized.granularity,
                     "group_size": quantized.group_size,
                     "symmetric": quantized.zero_point is None,
@@ -158,8 +168,8 @@ def write_quantized_checkpoint(
             "format": CHECKPOINT_FORMAT,
             "lcpaq_version": __version__,
             **manifest_extra,
-            # Codes are stored one per byte (int8/uint8, FP bit patterns too); bit packing is a later step, so the file
-            # is larger than the packed size the budgets count (totals.size_bytes).
+            # Codes are packed at their bit width; scales are float32 as the budgets count them,
+            # so this is close to totals.size_bytes (plus safetensors' header and key names).
             "file_bytes": file_bytes,
             # Every format the layers use, with what a decoder needs (bit layout, bias, max).
             "formats": {
@@ -188,7 +198,7 @@ def read_manifest(path: str | Path) -> dict[str, object]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"{manifest_path} is not valid JSON: {error}") from None
-    if manifest.get("format") != CHECKPOINT_FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise InputError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r}")
     return manifest
 
@@ -224,7 +234,7 @@ def read_checkpoint(
         key = entry["weight_key"]
         try:
             weights[key] = QuantizedWeight(
-                codes=tensors.pop(key + CODES_SUFFIX),
+                codes=_stored_codes(tensors.pop(key + CODES_SUFFIX), entry, path),
                 scale=tensors.pop(key + SCALE_SUFFIX),
                 zero_point=tensors.pop(key + ZERO_SUFFIX, None),
                 format_name=entry["format"],
@@ -236,6 +246,29 @@ def read_checkpoint(
                 f"{path / 'model.safetensors'} lacks {error} of layer {entry['name']!r}"
             ) from None
     return manifest, weights, tensors
+
+
+def _on_cpu(quantized: QuantizedWeight) -> QuantizedWeight:
+    return replace(quantized, codes=quantized.codes.cpu())
+
+
+def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) -> torch.Tensor:
+    """The codes of a manifest entry: unpacked (``code_bits``, format /2) or as stored (/1)."""
+    if "code_bits" not in entry:
+        return stored
+    try:
+        return unpack_codes(
+            stored,
+            int(entry["code_bits"]),
+            [int(size) for size in entry["shape"]],
+            getattr(torch, str(entry["code_dtype"])),
+            int(entry["code_offset"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise InputError(
+            f"{path / 'model.safetensors'}: the codes of layer {entry['name']!r} do not unpack "
+            f"({error})"
+        ) from None
 
 
 def decoded_state_dict(

@@ -814,6 +814,45 @@ def dequantize_weight(
     return _ungroup(elements * scale, shape).to(dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Bit packing of stored codes.
+
+
+def code_offset(quantized: QuantizedWeight) -> int:
+    """What `pack_codes` adds to every code to make it a ``bits``-bit unsigned number: 2^(b-1) for
+    signed INT codes (symmetric, MX; ±(2^(b-1)-1) becomes 1 … 2^b-1), 0 otherwise."""
+    return 2 ** (get_format(quantized.format_name).bits - 1) if quantized.codes.is_signed() else 0
+
+
+def pack_codes(quantized: QuantizedWeight) -> torch.Tensor:
+    """The codes at their format's bit width, most significant bit first, in uint8 bytes
+    (ceil(n·bits / 8) of them): what a checkpoint stores, so its file is as small as the size
+    the budgets count."""
+    import numpy as np
+
+    bits = get_format(quantized.format_name).bits
+    values = (quantized.codes.reshape(-1).long() + code_offset(quantized)).numpy()
+    if values.size and (values.min() < 0 or values.max() >= 2**bits):
+        raise ValueError(f"{quantized.format_name} codes do not fit {bits} bits")
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
+    planes = (values.astype(np.uint8)[:, None] >> shifts) & 1
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack_codes(
+    packed: torch.Tensor, bits: int, shape: Sequence[int], dtype: torch.dtype, offset: int
+) -> torch.Tensor:
+    """Inverse of `pack_codes`: the codes of ``shape`` in ``dtype`` (int8 or uint8)."""
+    import numpy as np
+
+    count = math.prod(shape)
+    if packed.numel() * 8 < count * bits:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {count} codes of {bits} bits")
+    planes = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits)
+    values = planes.astype(np.int16) @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int16))
+    return torch.from_numpy(values - offset).to(dtype).reshape(tuple(shape))
+
+
 def fake_quantize(
     weight: torch.Tensor,
     fmt: NumberFormat,

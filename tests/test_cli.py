@@ -15,7 +15,7 @@ from conftest import write_digits_files
 from lcpaq import load_quantized
 from lcpaq.cli import main
 from lcpaq.demo import DigitsNet
-from lcpaq.export import read_manifest
+from lcpaq.export import read_checkpoint, read_manifest
 
 SHARED = Path(os.environ.get("LCPAQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
@@ -336,6 +336,12 @@ def test_run_on_shared_resnet20(tmp_path):
     manifest = json.loads((out / "quantized" / "manifest.json").read_text())
     assert len(manifest["layers"]) == 20
     assert manifest["source_sha256"].startswith("12fca82f")
+    # Packed codes: the file is the size the budget counts, plus safetensors' header.
+    assert (
+        manifest["totals"]["size_bytes"]
+        < manifest["file_bytes"]
+        < 1.05 * manifest["totals"]["size_bytes"] + 20_000
+    )
     state = load_quantized(out / "quantized")
     for entry in manifest["layers"]:
         weight = state[entry["weight_key"]]
@@ -506,14 +512,14 @@ def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
     assert manifest["scheme"]["rounding"] == "gptq" and manifest["scheme"]["gptq_damp"] == 0.05
     scheme = QuantScheme.from_dict(manifest["scheme"])
     assignment = json.loads((out / "allocation.json").read_text())["assignment"]
-    stored = load_file(str(out / "quantized" / "model.safetensors"))
+    _, stored, _ = read_checkpoint(out / "quantized")
     decoded = load_quantized(out / "quantized")
     differs = 0
     for name in names:
         weight = model.get_submodule(name).weight.detach()
         fmt = get_format(assignment[name])
         gptq = quantize_weight(weight, fmt, scheme, hessians[name])
-        assert torch.equal(stored[f"{name}.weight.qcodes"], gptq.codes), name
+        assert torch.equal(stored[f"{name}.weight"].codes, gptq.codes), name
         assert torch.equal(decoded[f"{name}.weight"], dequantize_weight(gptq)), name
         nearest = quantize_weight(
             weight, fmt, QuantScheme(**{**scheme.to_dict(), "rounding": "nearest"})

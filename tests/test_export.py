@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net, write_digits_files
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lcpaq
 from lcpaq import export
@@ -84,14 +84,19 @@ def test_exported_codes_use_at_most_two_to_the_bits_values(
 ) -> None:
     _, _, _, layers, path = _export(tmp_path / "ckpt", scheme)
     tensors = load_file(str(path / "model.safetensors"))
+    _, weights, _ = export.read_checkpoint(path)
     loaded = load_quantized(path)
     by_name = {layer.name: layer for layer in layers}
     for name, format_name in ASSIGNMENT.items():
         key = by_name[name].weight_key
         assert key not in tensors  # the float weight is not stored, only its codes
-        codes = tensors[key + ".qcodes"]
-        scale = tensors[key + ".qscale"]
         fmt = get_format(format_name)
+        # Packed at the format's width: ceil(n·bits / 8) bytes.
+        packed = tensors[key + ".qcodes"]
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == -(-by_name[name].num_params * fmt.bits // 8)
+        codes = weights[key].codes
+        scale = tensors[key + ".qscale"]
         qmin, qmax = code_range(fmt, scheme.symmetric)
         assert codes.dtype == (torch.int8 if scheme.symmetric else torch.uint8)
         assert codes.shape == by_name[name].weight_shape
@@ -300,7 +305,7 @@ def test_fp_group_and_mx_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme
     for key, tensor in loaded.items():
         assert torch.equal(tensor, expected[key]), key
     tensors = load_file(str(path / "model.safetensors"))
-    manifest = read_manifest(path)
+    manifest, weights, _ = export.read_checkpoint(path)
     entries = {entry["name"]: entry for entry in manifest["layers"]}
     by_name = {layer.name: layer for layer in layers}
     for name, format_name in FP_ASSIGNMENT.items():
@@ -310,7 +315,7 @@ def test_fp_group_and_mx_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme
         assert (entry["format"], entry["kind"], entry["bits"]) == (format_name, fmt.kind, fmt.bits)
         assert entry["granularity"] == scheme.granularity
         assert entry["group_size"] == scheme.block_size
-        stored = tensors[key + ".qcodes"]
+        stored = weights[key].codes
         assert torch.equal(stored, codes[name].codes)
         assert torch.equal(tensors[key + ".qscale"], codes[name].scale)
         if fmt.kind == "fp":  # bit patterns, decoded by the table of the format
@@ -332,9 +337,9 @@ def test_fp8_codes_in_the_checkpoint_are_torch_float8_bit_patterns(tmp_path: Pat
     """Per-tensor FP8: stored codes viewed as torch.float8_e4m3fn, times the scale, are the weight."""
     scheme = QuantScheme(granularity="tensor", clipping="minmax")
     _, _, _, _, path = _export(tmp_path / "ckpt", scheme, {"conv2": "fp8_e4m3"})
-    tensors = load_file(str(path / "model.safetensors"))
-    as_float8 = tensors["conv2.weight.qcodes"].view(torch.float8_e4m3fn).float()
-    restored = as_float8 * tensors["conv2.weight.qscale"]
+    _, weights, _ = export.read_checkpoint(path)
+    as_float8 = weights["conv2.weight"].codes.view(torch.float8_e4m3fn).float()
+    restored = as_float8 * weights["conv2.weight"].scale
     assert torch.equal(restored, load_quantized(path)["conv2.weight"])
 
 
@@ -368,3 +373,29 @@ def test_cli_run_with_fp_formats_and_group_scales(tmp_path: Path) -> None:
     assert main(["-q", "export", str(out)]) == 0
     formats = {entry["format"] for entry in read_manifest(out / "quantized")["layers"]}
     assert formats <= {"int2", "fp4_e2m1", "int4", "fp8_e4m3"} and formats & {"int4", "fp4_e2m1"}
+
+
+def test_checkpoints_with_unpacked_codes_still_load(tmp_path: Path) -> None:
+    """Format lcpaq-quantized/1 stored one code per byte and no code_* fields: read as stored."""
+    _, quantized, codes, layers, path = _export(tmp_path / "ckpt", QuantScheme())
+    tensors = load_file(str(path / "model.safetensors"))
+    manifest = read_manifest(path)
+    for entry in manifest["layers"]:
+        tensors[entry["weight_key"] + ".qcodes"] = codes[entry["name"]].codes
+        for field in ("code_bits", "code_offset", "code_dtype"):
+            del entry[field]
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": "lcpaq-quantized/1"}))
+    loaded = load_quantized(path, TinyConvNet())
+    inputs = conv_inputs(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), quantized(inputs))
+
+
+def test_codes_that_do_not_unpack_name_the_layer(tmp_path: Path) -> None:
+    _, _, _, _, path = _export(tmp_path / "ckpt", QuantScheme())
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["conv2.weight.qcodes"] = tensors["conv2.weight.qcodes"][:3]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(InputError, match="the codes of layer 'conv2' do not unpack"):
+        load_quantized(path)

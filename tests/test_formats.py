@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from lcpaq.errors import InputError
 from lcpaq.formats import (
     FORMATS,
     QuantScheme,
+    code_offset,
     code_range,
     decoded_scale,
     dequantize_weight,
@@ -24,11 +26,13 @@ from lcpaq.formats import (
     has_zero_point,
     mx_element_emax,
     num_scale_groups,
+    pack_codes,
     parse_format_list,
     quantize_weight,
     quantize_weight_formats,
     round_to_grid,
     scale_overhead_bits,
+    unpack_codes,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -973,3 +977,31 @@ def test_gptq_formats_together_equal_one_at_a_time(scheme):
     fake = fake_quantize_formats(weight, fmts, scheme, hessian)
     for fmt, decoded in zip(fmts, fake):
         assert torch.equal(decoded, fake_quantize(weight, fmt, scheme, hessian))
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_packed_codes_unpack_exactly(name: str) -> None:
+    """Every format, signed and unsigned codes, counts that do not fill the last byte."""
+    fmt = get_format(name)
+    generator = torch.Generator().manual_seed(3)
+    for scheme in (QuantScheme(), QuantScheme(symmetric=True), QuantScheme(granularity="mx")):
+        for shape in ((5, 3, 3, 3), (7, 1), (1, 1)):
+            weight = torch.randn(shape, generator=generator)
+            quantized = quantize_weight(weight, fmt, scheme)
+            packed = pack_codes(quantized)
+            assert packed.dtype == torch.uint8
+            assert packed.numel() == -(-weight.numel() * fmt.bits // 8)
+            codes = unpack_codes(
+                packed, fmt.bits, shape, quantized.codes.dtype, code_offset(quantized)
+            )
+            assert codes.dtype == quantized.codes.dtype
+            assert torch.equal(codes, quantized.codes)
+
+
+def test_packing_refuses_codes_wider_than_the_format() -> None:
+    quantized = quantize_weight(torch.randn(4, 4), get_format("int3"), QuantScheme())
+    wide = replace(quantized, codes=quantized.codes + 8)
+    with pytest.raises(ValueError, match="int3 codes do not fit 3 bits"):
+        pack_codes(wide)
+    with pytest.raises(ValueError, match="2 bytes cannot hold 16 codes of 3 bits"):
+        unpack_codes(torch.zeros(2, dtype=torch.uint8), 3, (4, 4), torch.uint8, 0)
