@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from lcpaq.graph import LayerInfo, get_module
 CHECKPOINT_FORMAT = "lcpaq-quantized/2"
 #: Formats `read_checkpoint` reads: /1 stored one code per byte, /2 packs them at their bit width.
 READABLE_FORMATS = ("lcpaq-quantized/1", CHECKPOINT_FORMAT)
+_CODE_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 CODES_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX = ".qcodes", ".qscale", ".qzero"
 
 
@@ -127,7 +128,7 @@ def write_quantized_checkpoint(
         for name, quantized in codes.items():
             layer = by_name[name]
             key = layer.weight_key
-            tensors[key + CODES_SUFFIX] = pack_codes(_on_cpu(quantized))
+            tensors[key + CODES_SUFFIX] = pack_codes(quantized)
             # float32, or uint8 E8M0 exponents for MX: stored as they are.
             tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
             if quantized.zero_point is not None:
@@ -248,10 +249,6 @@ def read_checkpoint(
     return manifest, weights, tensors
 
 
-def _on_cpu(quantized: QuantizedWeight) -> QuantizedWeight:
-    return replace(quantized, codes=quantized.codes.cpu())
-
-
 def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) -> torch.Tensor:
     """The codes of a manifest entry: unpacked (``code_bits``, format /2) or as stored (/1)."""
     if "code_bits" not in entry:
@@ -261,10 +258,10 @@ def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) ->
             stored,
             int(entry["code_bits"]),
             [int(size) for size in entry["shape"]],
-            getattr(torch, str(entry["code_dtype"])),
+            _CODE_DTYPES[str(entry["code_dtype"])],
             int(entry["code_offset"]),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise InputError(
             f"{path / 'model.safetensors'}: the codes of layer {entry['name']!r} do not unpack "
             f"({error})"

@@ -831,7 +831,7 @@ def pack_codes(quantized: QuantizedWeight) -> torch.Tensor:
     import numpy as np
 
     bits = get_format(quantized.format_name).bits
-    values = (quantized.codes.reshape(-1).long() + code_offset(quantized)).numpy()
+    values = (quantized.codes.reshape(-1).long().cpu() + code_offset(quantized)).numpy()
     if values.size and (values.min() < 0 or values.max() >= 2**bits):
         raise ValueError(f"{quantized.format_name} codes do not fit {bits} bits")
     shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)

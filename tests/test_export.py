@@ -394,6 +394,13 @@ def test_checkpoints_with_unpacked_codes_still_load(tmp_path: Path) -> None:
 
 def test_codes_that_do_not_unpack_name_the_layer(tmp_path: Path) -> None:
     _, _, _, _, path = _export(tmp_path / "ckpt", QuantScheme())
+    manifest = read_manifest(path)
+    manifest["layers"][0]["code_dtype"] = "load"  # untrusted: only int8/uint8 are dtypes here
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="the codes of layer 'conv1' do not unpack"):
+        load_quantized(path)
+    manifest["layers"][0]["code_dtype"] = "uint8"
+    (path / "manifest.json").write_text(json.dumps(manifest))
     tensors = load_file(str(path / "model.safetensors"))
     tensors["conv2.weight.qcodes"] = tensors["conv2.weight.qcodes"][:3]
     save_file(tensors, str(path / "model.safetensors"))
