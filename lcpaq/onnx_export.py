@@ -301,7 +301,8 @@ def export_onnx(
 ) -> Path:
     """Write ``checkpoint_dir`` (an lcpaq quantized checkpoint of ``model``'s architecture) as an
     ONNX QDQ model at ``out_path`` (atomically); ``example`` is one input batch (any batch size:
-    the batch dimension stays dynamic)."""
+    the batch dimension stays dynamic). ``model`` is left holding the checkpoint's decoded
+    weights, without its input quantizers (they are graph nodes here, hooks in PyTorch)."""
     onnx = _onnx()
     manifest, codes, others = read_checkpoint(checkpoint_dir)
     layer_of = {entry["weight_key"]: entry["name"] for entry in manifest["layers"]}  # type: ignore[union-attr]

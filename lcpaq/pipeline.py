@@ -934,9 +934,13 @@ def export_onnx(
         data = _load_eval(config, fp_model, check_path or config.analysis.calib)
         data = data.subset(0, min(check_images, len(data)))
         skeleton = build_model(config.analysis.model, fp_model.state_dict())
-        export_onnx(skeleton, quantized_dir, out_path, data.inputs[:2])
-        torch_model = load_quantized(quantized_dir, skeleton)  # now with its input quantizers
-        check = check_onnx(out_path, torch_model, data.inputs, data.labels if check_path else None)
+        export_onnx(skeleton, quantized_dir, out_path, data.inputs[:2])  # loads the weights
+        # ... so PyTorch's side of the check is `load_quantized`'s model without a second read.
+        quantizers = manifest_activation_quantizers(
+            read_manifest(quantized_dir), quantized_dir / "manifest.json"
+        )
+        attach_activation_quantizers(skeleton, quantizers)
+        check = check_onnx(out_path, skeleton, data.inputs, data.labels if check_path else None)
         result = {
             "onnx": str(out_path),
             "file_bytes": out_path.stat().st_size,
