@@ -1,9 +1,25 @@
-"""lcpaq: post-training Hessian sensitivity analysis and mixed-precision allocation for PyTorch."""
+"""lcpaq: post-training Hessian sensitivity analysis and mixed-precision allocation for PyTorch.
+
+Importing ``lcpaq`` imports nothing heavy: the public names below load their modules (and torch)
+on first use, so ``import lcpaq.allocation`` works where torch is not installed.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from lcpaq.export import load_quantized  # noqa: E402
+# public name -> module that defines it
+_LAZY = {
+    "load_quantized": "lcpaq.quant.checkpoint",
+}
 
-__all__ = ["__version__", "load_quantized"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lcpaq' has no attribute {name!r}")

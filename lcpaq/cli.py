@@ -1,6 +1,6 @@
 """Command line: one subcommand per pipeline stage, plus ``run`` (all of them) and ``demo``.
 
-The CLI parses options into the config dataclasses and calls `lcpaq.pipeline`; it holds no algorithm.
+The CLI parses options into the config dataclasses and calls `lcpaq.stages.pipeline`; it holds no algorithm.
 Bad input ends with one line ``lcpaq: error: ...`` on stderr and exit status 2.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lcpaq import __version__, artifacts, distributed, pipeline
-from lcpaq.allocate import TIE_RULES, Budget, parse_budget, parse_tie
-from lcpaq.candidates import parse_activation_formats
+from lcpaq import __version__, runfolder
+from lcpaq.allocation.costs import COST_METRICS
+from lcpaq.allocation.problem import TIE_RULES, Budget, parse_budget, parse_tie
 from lcpaq.config import (
     DEFAULT_FORMATS,
     AllocationConfig,
@@ -23,9 +23,11 @@ from lcpaq.config import (
     RecoveryConfig,
     RunConfig,
 )
-from lcpaq.costs import COST_METRICS
 from lcpaq.errors import InputError
-from lcpaq.formats import QuantScheme, parse_format_list
+from lcpaq.quant.formats import QuantScheme, parse_format_list
+from lcpaq.sensitivity import distributed
+from lcpaq.sensitivity.candidates import parse_activation_formats
+from lcpaq.stages import pipeline
 
 logger = logging.getLogger("lcpaq")
 
@@ -518,7 +520,7 @@ def _config_from_file(args: argparse.Namespace) -> RunConfig:
             "edit the configuration file instead"
         )
     config = RunConfig.from_dict(
-        artifacts.read_json(args.config, "run configuration"), source=str(args.config)
+        runfolder.read_json(args.config, "run configuration"), source=str(args.config)
     )
     if args.allow_unsafe_pickle:
         config = config.with_analysis(allow_unsafe_pickle=True)
@@ -618,7 +620,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if not distributed.is_main_process() and args.command not in ("analyze", "run"):
         return  # under torchrun only the analysis is shared; rank 0 does the rest
     if args.command == "demo":
-        from lcpaq.demo import DEMO_MODEL, prepare_demo
+        from lcpaq.model.demo import DEMO_MODEL, prepare_demo
 
         budgets = _budgets(args.budget or ["avg-bits=3"])
         pipeline.ensure_writable(args.out)

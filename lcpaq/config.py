@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from lcpaq.errors import InputError
-from lcpaq.formats import QuantScheme, parse_format_list
+from lcpaq.quant.formats import QuantScheme, parse_format_list
 
 FirstLastPolicy = Literal["search", "keep-8bit"]
 DEFAULT_FORMATS = "int2,int3,int4,int5,int6,int8"
@@ -30,9 +30,9 @@ class AnalysisConfig:
     error per layer or after ``hutchinson_probes`` probes in all, which must be >= 2 per layer).
     ``hutchinson_probes``: with ``gauss-newton``, 0 disables the Hutchinson cross-check, otherwise
     its probe cap. ``loss``: ``cross_entropy``, ``mse`` or ``kl`` (KL to the FP32 outputs,
-    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.hessian`).
+    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.hessian`).
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
-    candidates (`lcpaq.candidates`); empty: one candidate per weight format, 8-bit activations
+    candidates (`lcpaq.sensitivity.candidates`); empty: one candidate per weight format, 8-bit activations
     assumed by the cost models. Activations of a paired candidate are quantized at inference with
     one static range per layer input, calibrated by ``act_clipping``: ``mse`` (the range that
     minimises each format's squared error on the calibration activations, the default) or
@@ -60,7 +60,7 @@ class AnalysisConfig:
     pyhessian_iters: int = 0
     seed: int = 0
     allow_unsafe_pickle: bool = False
-    # Inter-layer terms (`lcpaq.interactions`, METHOD §1c): off by default, see docs/results.md.
+    # Inter-layer terms (`lcpaq.sensitivity.interactions`, METHOD §1c): off by default, see docs/results.md.
     pairwise: Literal["none", "hessian", "gauss-newton", "forward"] = "none"
     pair_rule: Literal["window", "block", "all"] = "window"
     pair_window: int = 3
@@ -86,7 +86,9 @@ class AnalysisConfig:
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"
             )
         _check_estimator_options(self)
-        from lcpaq.candidates import activation_bits  # local: keeps config's imports minimal
+        from lcpaq.sensitivity.candidates import (
+            activation_bits,  # local: keeps config's imports minimal
+        )
 
         for name in self.act_formats:
             activation_bits(name)  # an unknown activation format fails before any analysis
@@ -126,7 +128,7 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
 
 
 def _check_pair_options(config: AnalysisConfig) -> None:
-    from lcpaq.interactions import PAIR_RULES, PAIR_SOURCES
+    from lcpaq.sensitivity.interactions import PAIR_RULES, PAIR_SOURCES
 
     for name, value, known in (
         ("pairwise", config.pairwise, PAIR_SOURCES),
@@ -141,7 +143,7 @@ def _check_pair_options(config: AnalysisConfig) -> None:
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    """Statistics correction after quantization (see `lcpaq.recovery`)."""
+    """Statistics correction after quantization (see `lcpaq.model.recovery`)."""
 
     enabled: bool = True
     num_samples: int = 1024
@@ -153,13 +155,13 @@ class RecoveryConfig:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """How the ILP chooses formats (see `lcpaq.allocate`); the options of ``lcpaq allocate``.
+    """How the ILP chooses formats (see `lcpaq.allocation.problem`); the options of ``lcpaq allocate``.
 
-    ``budgets``: ``METRIC=VALUE`` texts (`lcpaq.allocate.parse_budget`), all hard limits; empty means
+    ``budgets``: ``METRIC=VALUE`` texts (`lcpaq.allocation.problem.parse_budget`), all hard limits; empty means
     "given on the command line". ``cost_weights``: λ_k of the objective Σ s + Σ_k λ_k·cost_k/B_k
     (METHOD §4; 0 for every metric by default, so hard budgets alone decide).
     ``pairwise_weight`` (λ), ``pair_z``, ``pair_clip``, ``pairwise_mode``: how the inter-layer terms
-    of ``interactions.npz`` (if the analysis stored them) enter the objective (`lcpaq.pairwise`):
+    of ``interactions.npz`` (if the analysis stored them) enter the objective (`lcpaq.allocation.pairwise`):
     C := 0 where |C| < z·SE, then λ·C, then optional clipping; ``augmented`` (separable scores
     around the incumbent, METHOD §1d; the default: best mean and smallest worst case on ResNet20,
     docs/results.md) or ``ilp`` (exact pair products). λ = 0 ignores them.
@@ -180,7 +182,7 @@ class AllocationConfig:
     def __post_init__(self) -> None:
         if self.first_last not in ("search", "keep-8bit"):
             raise InputError(f"first-last must be 'search' or 'keep-8bit', got {self.first_last!r}")
-        from lcpaq.pairwise import PAIR_CLIPS, PAIRWISE_MODES
+        from lcpaq.allocation.pairwise import PAIR_CLIPS, PAIRWISE_MODES
 
         for name, value in (("pairwise-weight", self.pairwise_weight), ("pair-z", self.pair_z)):
             if not 0 <= value < float("inf"):
@@ -198,7 +200,7 @@ class AllocationConfig:
                 raise InputError(f"cost weight of {metric} must be >= 0, got {weight}")
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of `lcpaq.pipeline.allocate` (everything but the budgets)."""
+        """Keyword arguments of `lcpaq.stages.pipeline.allocate` (everything but the budgets)."""
         options: dict[str, Any] = {
             "first_last": self.first_last,
             "scorer": self.scorer,

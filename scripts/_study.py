@@ -14,8 +14,8 @@ import torch
 from _provenance import git_sha
 
 from lcpaq.config import AnalysisConfig, RunConfig
-from lcpaq.data import Dataset, load_dataset
-from lcpaq.evaluate import Accuracy, paired_difference
+from lcpaq.model.data import Dataset, load_dataset
+from lcpaq.model.evaluate import Accuracy, paired_difference
 
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 

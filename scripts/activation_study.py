@@ -24,13 +24,13 @@ from pathlib import Path
 import _study
 import numpy as np
 
-from lcpaq import pipeline
-from lcpaq.activations import activation_quantizers, load_activation_sensitivity
-from lcpaq.allocate import Budget, parse_budget
-from lcpaq.artifacts import load_candidates
+from lcpaq.allocation.problem import Budget, parse_budget
 from lcpaq.config import RunConfig
-from lcpaq.evaluate import Accuracy, evaluate_accuracy
-from lcpaq.models import load_model
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
+from lcpaq.model.zoo import load_model
+from lcpaq.quant.activations import activation_quantizers, load_activation_sensitivity
+from lcpaq.runfolder import load_candidates
+from lcpaq.stages import pipeline
 
 ACTIVATION_FORMATS = ("int4", "int6", "int8", "fp8_e4m3")
 CLIPPINGS = ("mse", "minmax")

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from _provenance import git_sha  # noqa: E402
 
-from lcpaq.allocate import AllocationProblem, Budget, _quiet_stdout  # noqa: E402
-from lcpaq.candidates import CandidateTable  # noqa: E402
-from lcpaq.costs import BITS_PER_MB, CostModel, build_cost_model  # noqa: E402
+from lcpaq.allocation.costs import BITS_PER_MB, CostModel, build_cost_model  # noqa: E402
+from lcpaq.allocation.problem import AllocationProblem, Budget, _quiet_stdout  # noqa: E402
+from lcpaq.sensitivity.candidates import CandidateTable  # noqa: E402
 
 FORMATS = ("int2", "int3", "int4", "int5", "int6", "int8", "fp4_e2m1", "fp8_e4m3")
 BITS = np.array([2, 3, 4, 5, 6, 8, 4, 8])
@@ -247,7 +247,7 @@ def chain_frontier_values(
     budgets: np.ndarray,
 ) -> np.ndarray:
     """Exact optima for pairs between adjacent layers only: one (cost, value) Pareto list per
-    format of the last layer, extended layer by layer (independent of lcpaq.banded)."""
+    format of the last layer, extended layer by layer (independent of lcpaq.allocation.exact)."""
     num_layers, num_formats = scores.shape
     lists = [(np.array([costs[0, f]]), np.array([scores[0, f]])) for f in range(num_formats)]
     for layer in range(1, num_layers):

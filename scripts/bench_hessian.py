@@ -54,16 +54,16 @@ from _provenance import git_sha
 from scipy.stats import spearmanr
 from torch import nn
 
-from lcpaq.activations import activation_scores, activation_sensitivity, quantize_activation
-from lcpaq.data import load_dataset
-from lcpaq.graph import discover_layers, get_module
-from lcpaq.hessian import (
+from lcpaq.model.data import load_dataset
+from lcpaq.model.graph import discover_layers, get_module
+from lcpaq.model.zoo import build_model, load_model
+from lcpaq.quant.activations import activation_scores, activation_sensitivity, quantize_activation
+from lcpaq.sensitivity.hessian import (
     gauss_newton_traces,
     probes_for_tolerance,
     pyhessian_check,
     single_layer_hutchinson_traces,
 )
-from lcpaq.models import build_model, load_model
 
 logger = logging.getLogger("bench_hessian")
 REPO = Path(__file__).resolve().parents[1]

@@ -25,12 +25,12 @@ import _study
 import numpy as np
 import torch
 
-from lcpaq import pipeline
-from lcpaq.allocate import Budget, parse_budget
-from lcpaq.artifacts import load_candidates
+from lcpaq.allocation.problem import Budget, parse_budget
 from lcpaq.config import RunConfig
-from lcpaq.models import load_model
-from lcpaq.onnx_export import check_onnx
+from lcpaq.model.zoo import load_model
+from lcpaq.quant.onnx_qdq import check_onnx
+from lcpaq.runfolder import load_candidates
+from lcpaq.stages import pipeline
 
 ACTIVATION_FORMATS = ("int4", "int6", "int8")
 

@@ -34,11 +34,10 @@ import torch
 from _provenance import git_sha
 from scipy.stats import kendalltau, spearmanr
 
-from lcpaq import pipeline
-from lcpaq.allocate import parse_budget
+from lcpaq.allocation.problem import parse_budget
 from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
-from lcpaq.data import load_dataset
-from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.model.data import load_dataset
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.search import (
     DEFAULT_RUNGS,
     Infeasible,
@@ -47,6 +46,7 @@ from lcpaq.search import (
     SearchSpace,
     run_search,
 )
+from lcpaq.stages import pipeline
 
 CHECKPOINTS = {
     "resnet20": "checkpoints/resnet20-12fca82f.th",

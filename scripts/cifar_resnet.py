@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from _provenance import git_sha
 
-from lcpaq import pipeline
-from lcpaq.allocate import Budget
+from lcpaq.allocation.problem import Budget
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
-from lcpaq.data import load_dataset
-from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
-from lcpaq.formats import QuantScheme
-from lcpaq.models import load_model
+from lcpaq.model.data import load_dataset
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.model.zoo import load_model
+from lcpaq.quant.formats import QuantScheme
+from lcpaq.stages import pipeline
 
 REFERENCE_SCHEME = QuantScheme(symmetric=True, granularity="channel", clipping="minmax")
 MIXED_BUDGETS = (4.0, 3.5, 3.0, 2.5)

@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from _provenance import git_sha
 
-from lcpaq import artifacts, pipeline
-from lcpaq.allocate import AllocationProblem, Budget
-from lcpaq.candidates import CandidateTable
+from lcpaq import runfolder
+from lcpaq.allocation.frontier import score_candidates
+from lcpaq.allocation.problem import AllocationProblem, Budget
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
-from lcpaq.data import load_dataset
-from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
-from lcpaq.formats import get_format, parse_format_list
-from lcpaq.frontier import score_candidates
-from lcpaq.models import load_model
-from lcpaq.recovery import collect_reference_stats
+from lcpaq.model.data import load_dataset
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.model.recovery import collect_reference_stats
+from lcpaq.model.zoo import load_model
+from lcpaq.quant.formats import get_format, parse_format_list
+from lcpaq.sensitivity.candidates import CandidateTable
+from lcpaq.stages import pipeline
 
 FORMATS = "int2,int3,int4,int5,int6,int8,fp4_e2m1,fp6_e2m3,fp6_e3m2,fp8_e4m3,fp8_e5m2"
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
@@ -48,7 +49,7 @@ EQUIVALENT_BITS = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0)
 
 def problem_for(run_dir: Path, table: CandidateTable, columns: list[int]) -> AllocationProblem:
     """The ILP over a subset of the analysed candidates (same scores, costs and policy)."""
-    curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+    curvature = runfolder.load_curvature(run_dir / "curvature.npz")
     subset = table.select(columns)
     scores = score_candidates(subset, curvature.clamped_trace(), "hawq_v2")
     _, unquantized_bits = pipeline.read_layers(run_dir)
@@ -108,7 +109,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     pipeline.analyze(config, run_dir, progress=False)
     analyze_s = time.perf_counter() - started
-    table = artifacts.load_candidates(run_dir / "candidates.npz")
+    table = runfolder.load_candidates(run_dir / "candidates.npz")
     int_columns = [c for c, w in enumerate(table.weight_formats) if get_format(w).kind == "int"]
     problems = {
         "int": problem_for(run_dir, table, int_columns),

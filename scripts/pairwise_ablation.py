@@ -1,14 +1,14 @@
 """Do inter-layer terms improve the ILP's choice? Paired accuracy at equal budget (METHOD §1c').
 
-For one CIFAR ResNet checkpoint, in this one process: `lcpaq.pipeline.analyze` once per pair source
+For one CIFAR ResNet checkpoint, in this one process: `lcpaq.stages.pipeline.analyze` once per pair source
 (``hessian``: Δw_iᵀH_ijΔw_j of the cross-entropy; ``gauss-newton``: the same with the Gauss–Newton
 matrix; ``forward``: measured KL interaction ΔL(i,j) − ΔL(i) − ΔL(j)), all with the default
 quantizer and pair options (window of 3 layers, formats of ≤ 4 bits, 256 calibration images); then
-`lcpaq.pipeline.allocate` at every budget for diagonal-only (λ = 0) and for each source with several
+`lcpaq.stages.pipeline.allocate` at every budget for diagonal-only (λ = 0) and for each source with several
 λ, without the significance filter, with negative clipping, PSD projection and the augmented score
 (METHOD §1d); every distinct assignment is quantized with the statistics correction
-(`lcpaq.pipeline.quantize_and_recover`) and evaluated on the same test images, paired against the
-diagonal-only choice at the same budget (`lcpaq.evaluate.paired_difference`).
+(`lcpaq.stages.pipeline.quantize_and_recover`) and evaluated on the same test images, paired against the
+diagonal-only choice at the same budget (`lcpaq.model.evaluate.paired_difference`).
 
     python scripts/pairwise_ablation.py --checkpoint ../shared/checkpoints/resnet20-12fca82f.th \\
         --calib ../shared/data/cifar10_train_subset.npz --eval ../shared/data/cifar10_test.npz \\
@@ -29,14 +29,15 @@ import torch
 from _provenance import git_sha
 from scipy.stats import spearmanr
 
-from lcpaq import artifacts, pipeline
-from lcpaq.allocate import Budget
+from lcpaq import runfolder
+from lcpaq.allocation.frontier import score_candidates
+from lcpaq.allocation.problem import Budget
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
-from lcpaq.data import load_dataset
-from lcpaq.evaluate import Accuracy, evaluate_accuracy, paired_difference
-from lcpaq.frontier import score_candidates
-from lcpaq.interactions import load_interactions
-from lcpaq.models import load_model
+from lcpaq.model.data import load_dataset
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
+from lcpaq.model.zoo import load_model
+from lcpaq.sensitivity.interactions import load_interactions
+from lcpaq.stages import pipeline
 
 SOURCES = ("hessian", "gauss-newton", "forward")
 
@@ -70,8 +71,8 @@ def _term_statistics(run_dir: Path) -> dict[str, object]:
     blocks = np.array([terms.cross[pair] for pair in terms.pairs])
     errors = np.array([terms.stderr[pair] for pair in terms.pairs])
     significant = np.abs(blocks) >= 2 * errors
-    table = artifacts.load_candidates(run_dir / "candidates.npz")
-    curvature = artifacts.load_curvature(run_dir / "curvature.npz")
+    table = runfolder.load_candidates(run_dir / "candidates.npz")
+    curvature = runfolder.load_curvature(run_dir / "curvature.npz")
     hawq = score_candidates(table, curvature.clamped_trace(), "hawq_v2")
     columns = [table.format_names.index(name) for name in terms.format_names]
     # Curvature sources store Δwᵀ M_ll Δw; the loss model uses half of it (as HAWQ-V2 does).
@@ -137,7 +138,7 @@ def main() -> None:
         )
         if not reusable:
             pipeline.analyze(config, run_dir, progress=False)
-        layer_data = artifacts.read_json(run_dir / "layers.json", "layer list")
+        layer_data = runfolder.read_json(run_dir / "layers.json", "layer list")
         analysis[source] = {
             "interactions_s": layer_data["interactions_seconds"],
             "curvature_s": layer_data["curvature_seconds"],
@@ -189,7 +190,7 @@ def main() -> None:
                 allocation = pipeline.allocate(run_dirs[source], budget, **options)  # type: ignore[arg-type]
                 accuracy = accuracy_of(allocation.formats)
                 difference, difference_se = paired_difference(accuracy, anchor)
-                used = artifacts.read_json(run_dirs[source] / "allocation.json", "allocation")[
+                used = runfolder.read_json(run_dirs[source] / "allocation.json", "allocation")[
                     "pairwise"
                 ]
                 rows.append(

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import _study
 
-from lcpaq import pipeline
-from lcpaq.allocate import parse_budget
+from lcpaq.allocation.problem import parse_budget
 from lcpaq.config import RunConfig
-from lcpaq.evaluate import Accuracy, evaluate_accuracy
-from lcpaq.models import load_model
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
+from lcpaq.model.zoo import load_model
+from lcpaq.stages import pipeline
 
 BUDGETS = (2.0, 2.5, 3.0, 4.0)
 

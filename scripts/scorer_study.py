@@ -18,10 +18,10 @@ from pathlib import Path
 
 import _study
 
-from lcpaq import pipeline
-from lcpaq.allocate import parse_budget
-from lcpaq.evaluate import Accuracy, evaluate_accuracy
-from lcpaq.models import load_model
+from lcpaq.allocation.problem import parse_budget
+from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
+from lcpaq.model.zoo import load_model
+from lcpaq.stages import pipeline
 
 BUDGETS = (2.0, 2.25, 2.5, 3.0)
 SCORERS = ("hawq_v2", "diagonal", "output")

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny deterministic models, exact curvature oracles and the shared-data folder.
 
 Models are small enough that explicit Jacobians and Hessians are cheap, so the estimators in
-`lcpaq.hessian` can be checked against exact linear algebra rather than against themselves.
+`lcpaq.sensitivity.hessian` can be checked against exact linear algebra rather than against themselves.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def write_digits_files(folder: Path, num_images: int = 64) -> tuple[Path, Path]:
     import numpy as np
     from safetensors.torch import save_file
 
-    from lcpaq.demo import DigitsNet
+    from lcpaq.model.demo import DigitsNet
 
     torch.manual_seed(0)
     model = DigitsNet().eval()

@@ -14,8 +14,8 @@ from conftest import write_digits_files
 
 from lcpaq import load_quantized
 from lcpaq.cli import main
-from lcpaq.demo import DigitsNet
-from lcpaq.export import read_checkpoint, read_manifest
+from lcpaq.model.demo import DigitsNet
+from lcpaq.quant.checkpoint import read_checkpoint, read_manifest
 
 SHARED = Path(os.environ.get("LCPAQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 RESNET20 = SHARED / "checkpoints" / "resnet20-12fca82f.th"
@@ -275,7 +275,7 @@ def test_failed_reexport_keeps_the_previous_checkpoint(digits_files, tmp_path, m
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lcpaq.export.save_file", interrupted)
+    monkeypatch.setattr("lcpaq.quant.checkpoint.save_file", interrupted)
     assert main(["-q", "allocate", str(out), "--budget", "avg-bits=2"]) == 0
     assert main(["-q", "export", str(out)]) == 130
     assert (out / "quantized" / "model.safetensors").read_bytes() == before
@@ -376,7 +376,7 @@ def test_torchvision_model_with_many_classes(tmp_path):
     report = json.loads((out / "layers.json").read_text())
     # 52 convolutions (depthwise ones included, squeeze-excitation 1x1s with bias) + 2 Linear.
     assert len(report["layers"]) == 54
-    from lcpaq.artifacts import load_curvature
+    from lcpaq.runfolder import load_curvature
 
     assert load_curvature(out / "curvature.npz").method == "fisher_sampled"
 
@@ -384,10 +384,10 @@ def test_torchvision_model_with_many_classes(tmp_path):
 def test_user_factory_model(digits_files, tmp_path):
     """package.module:factory builds the user's own nn.Module."""
     args = _run(digits_files, tmp_path / "run")
-    args[args.index("demo-digits")] = "lcpaq.demo:DigitsNet"
+    args[args.index("demo-digits")] = "lcpaq.model.demo:DigitsNet"
     assert main(args) == 0
     manifest = json.loads((tmp_path / "run" / "quantized" / "manifest.json").read_text())
-    assert manifest["model"] == "lcpaq.demo:DigitsNet"
+    assert manifest["model"] == "lcpaq.model.demo:DigitsNet"
 
 
 def test_run_config_file_reproduces_a_run(digits_files, tmp_path):
@@ -429,11 +429,11 @@ def test_min_max_activation_ranges_and_old_configurations(digits_files, tmp_path
     """``--act-clipping minmax`` quantizes every layer's input with its observed range; the
     exported model reproduces the in-memory W+A model; configurations from before the option
     load as min-max, which is what they did."""
-    from lcpaq import pipeline
-    from lcpaq.activations import load_activation_sensitivity
     from lcpaq.config import RunConfig
     from lcpaq.errors import InputError
-    from lcpaq.models import build_model
+    from lcpaq.model.zoo import build_model
+    from lcpaq.quant.activations import load_activation_sensitivity
+    from lcpaq.stages import pipeline
 
     out = tmp_path / "run"
     args = ["-q", "run", "--model", "demo-digits", "--checkpoint", str(digits_files["checkpoint"])]
@@ -483,9 +483,9 @@ def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
     weights, not the nearest ones); without the file, export fails with one clear line."""
     from safetensors.torch import load_file
 
-    from lcpaq.data import load_dataset
-    from lcpaq.formats import QuantScheme, dequantize_weight, get_format, quantize_weight
-    from lcpaq.recovery import collect_input_hessians
+    from lcpaq.model.data import load_dataset
+    from lcpaq.model.recovery import collect_input_hessians
+    from lcpaq.quant.formats import QuantScheme, dequantize_weight, get_format, quantize_weight
 
     out = tmp_path / "run"
     args = ["-q", "analyze", "--model", "demo-digits", "--checkpoint"]
@@ -542,8 +542,8 @@ def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
 def test_activation_bit_budgets_quantize_inputs_to_int8_by_default(digits_files, tmp_path):
     """``run --budget bitops-g=…`` without ``--act-formats``: the inputs the cost model counts as
     8-bit are INT8 in the checkpoint; ``--act-formats fp32`` keeps them FP32 (counted as 32)."""
-    from lcpaq import pipeline
     from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
+    from lcpaq.stages import pipeline
 
     config = RunConfig(
         AnalysisConfig(model="m", checkpoint=None, calib="c"),
