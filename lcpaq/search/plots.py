@@ -1,5 +1,6 @@
 """PNG plots of a proxy search (`lcpaq.search`): proxy score per trial with the best so far,
-parameter importances, and proxy against full-evaluation accuracy.
+parameter importances, and proxy against full-evaluation accuracy; `search_plots` draws all
+three for a finished search into ``OUT/plots/``.
 
 Like `lcpaq.stages.plot`: Agg canvas without pyplot, axis labels with units, a title naming the model
 and the budget, written atomically.
@@ -10,14 +11,27 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lcpaq.runfolder import atomic_path
+from lcpaq.search.summary import rows_of
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from lcpaq.model.evaluate import Accuracy
+    from lcpaq.search.runner import Search
 
 _DPI = 120
+PROXY_LABELS = {
+    "kl": "mean KL(p_FP32 ‖ p_quantized), nats",
+    "loss": "cross-entropy of the quantized model",
+    "sqnr": "−SQNR of the logits, dB (lower is better)",
+}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -187,3 +201,52 @@ def plot_proxy_vs_accuracy(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def search_plots(
+    search: Search,
+    trials: Sequence[FrozenTrial],
+    best: FrozenTrial,
+    default_trial: FrozenTrial | None,
+    evaluations: Mapping[int, Accuracy],
+    summary: Mapping[str, Any],
+) -> list[Path]:
+    """The search's figures under ``OUT/plots/``: proxy per trial, importances, and (with
+    full evaluations) proxy against top-1."""
+    folder = search.options.out / "plots"
+    title = f"{search.base.analysis.model} — budget {', '.join(summary['budgets'])}"
+    proxy_label = PROXY_LABELS[search.options.proxy]
+    paths = [
+        plot_proxy_per_trial(
+            folder / "proxy_per_trial.png",
+            trials=rows_of(search, trials, evaluations),
+            rungs=search.options.rungs,
+            best=best.number,
+            default=default_trial.number if default_trial else None,
+            log_scale=search.options.proxy != "sqnr",
+            ylabel=proxy_label,
+            title=f"Proxy score per trial: {title}",
+        ),
+        plot_importances(
+            folder / "importances.png",
+            importances=summary["importances"],
+            title=f"Parameter importances (fANOVA, first-rung proxy): {title}",
+        ),
+    ]
+    if evaluations:
+        paths.append(
+            plot_proxy_vs_accuracy(
+                folder / "proxy_vs_accuracy.png",
+                points=[
+                    (t.number, float(t.value), 100 * evaluations[t.number].top1)
+                    for t in trials
+                    if t.number in evaluations and t.value is not None
+                ],
+                best=best.number,
+                default=default_trial.number if default_trial else None,
+                log_scale=search.options.proxy != "sqnr",
+                xlabel=proxy_label,
+                title=f"Proxy vs top-1 on {Path(search.options.eval_path or '').name}: {title}",
+            )
+        )
+    return paths

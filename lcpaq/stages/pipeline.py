@@ -803,12 +803,35 @@ def quantize_and_recover(
     quantized_model, codes = quantize_model(
         model, layers, assignment, config.analysis.scheme, input_hessians
     )
+    recover_quantized(
+        model,
+        quantized_model,
+        list(assignment),
+        config,
+        correction_inputs,
+        reference,
+        activation_quantizers,
+    )
+    return quantized_model, codes
+
+
+def recover_quantized(
+    model: nn.Module,
+    quantized_model: nn.Module,
+    layer_names: Sequence[str],
+    config: RunConfig,
+    correction_inputs: torch.Tensor | None,
+    reference: object | None = None,
+    activation_quantizers: Mapping[str, ActivationQuantizer] | None = None,
+) -> None:
+    """What `quantize_and_recover` does after the weights are quantized, in place: inputs
+    through ``activation_quantizers``, then BN statistics corrected on ``correction_inputs``
+    (the search calls it on models built from its cached quantized weights)."""
     attach_activation_quantizers(quantized_model, activation_quantizers or {})
     if config.recovery.enabled and correction_inputs is not None:
         correct_statistics(
-            model, quantized_model, correction_inputs, list(assignment), reference=reference
+            model, quantized_model, correction_inputs, list(layer_names), reference=reference
         )
-    return quantized_model, codes
 
 
 def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:

@@ -1,0 +1,238 @@
+"""One configuration through the stages, from the caches: what a trial measures.
+
+Input: a trial's `RunConfig` and a trial folder. Output: `Prepared`: the allocation of the
+ordinary ``allocate`` stage (HiGHS) on a folder holding the analysis artifacts (hard links into
+the cache, so it is a run folder ``lcpaq export`` accepts), the timings, and on request the
+quantized and corrected model, built from the cached weights by the export stage's recovery
+(`lcpaq.stages.pipeline.recover_quantized`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lcpaq import runfolder
+from lcpaq.allocation.problem import Allocation, parse_budget
+from lcpaq.config import RunConfig
+from lcpaq.errors import InputError
+from lcpaq.model.data import load_dataset
+from lcpaq.model.recovery import ReferenceStats, collect_reference_stats
+from lcpaq.model.zoo import file_sha256, load_model, num_classes_of
+from lcpaq.quant.activations import activation_quantizers
+from lcpaq.search.cache import AnalysisCache, layer_weight, quiet
+from lcpaq.search.proxy import ProxyScorer
+from lcpaq.search.slices import Slices, plan_slices, space_head
+from lcpaq.search.space import SearchSpace
+from lcpaq.sensitivity.candidates import CandidateTable
+from lcpaq.stages import pipeline
+
+#: Analysis artifacts a trial folder takes from the curvature cache folder as they are.
+_CURVATURE_FILES = ("layers.json", "curvature.npz", "hutchinson.npz")
+
+
+def _link_or_copy(source: Path, target: Path, *, copy_only: bool = False) -> None:
+    target.unlink(missing_ok=True)
+    if not copy_only:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed: copy instead
+    shutil.copyfile(source, target)
+
+
+class Infeasible(Exception):
+    """The allocation stage found no assignment for this configuration under the budgets."""
+
+    def __init__(self, message: str, timings: Mapping[str, float]) -> None:
+        super().__init__(message)
+        self.timings = dict(timings)
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    allocation: Allocation
+    quantized: nn.Module | None
+    timings: dict[str, float]
+
+
+class SearchContext:
+    """What every trial of one process shares: the caches (curvature, quantized weights, ...),
+    the calibration slices, the proxy with its FP32 outputs, and the FP32 correction statistics.
+    `SearchContext.open` loads the model and data; the constructor only stores them."""
+
+    def __init__(
+        self,
+        base: RunConfig,
+        space: SearchSpace,
+        cache: AnalysisCache,
+        slices: Slices,
+        scorer: ProxyScorer,
+    ) -> None:
+        self.base, self.space, self.cache = base, space, cache
+        self.slices, self.scorer = slices, scorer
+        self._reference: dict[int, ReferenceStats] = {}
+
+    @classmethod
+    def open(
+        cls,
+        base: RunConfig,
+        run_dir: Path,
+        space: SearchSpace,
+        proxy: str,
+        rungs: Sequence[int],
+        *,
+        max_cached_weights: int = 96,
+    ) -> SearchContext:
+        """Load the FP32 model and calibration data of ``base``, plan the slices, compute the
+        proxy's FP32 outputs; the caches live in ``run_dir/cache``."""
+        analysis = base.analysis
+        model = load_model(
+            analysis.model, analysis.checkpoint, allow_unsafe_pickle=analysis.allow_unsafe_pickle
+        ).eval()
+        calib = load_dataset(
+            analysis.calib,
+            normalization=analysis.normalize,
+            num_classes=num_classes_of(model),
+            image_size=analysis.image_size,
+        )
+        slices = plan_slices(len(calib), rungs, space_head(space, base), analysis.calib)
+        proxy_data = calib.subset(slices.proxy_start, slices.num_images)
+        scorer = ProxyScorer.build(proxy, model, proxy_data)
+        identity = {
+            "checkpoint": file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else "",
+            "calib": file_sha256(Path(analysis.calib)) if Path(analysis.calib).is_file() else "",
+        }
+        cache = AnalysisCache(
+            base, run_dir / "cache", model, calib, identity, max_cached_weights=max_cached_weights
+        )
+        return cls(base, space, cache, slices, scorer)
+
+    # -- allocation on a run folder --------------------------------------------------------
+    def write_analysis(
+        self,
+        run_dir: Path,
+        config: RunConfig,
+        cache_folder: Path,
+        table: CandidateTable,
+        *,
+        copy_files: bool = False,
+    ) -> None:
+        """Make ``run_dir`` an analysed run folder: the artifacts ``analyze`` would write."""
+        cache = self.cache
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        for name in _CURVATURE_FILES:
+            if (cache_folder / name).is_file():
+                _link_or_copy(cache_folder / name, run_dir / name, copy_only=copy_files)
+        if cache.input_hessians(config) is not None:  # export (of best/) reads them from here
+            _link_or_copy(
+                cache.input_hessians_path(config.analysis.num_samples),
+                run_dir / pipeline.INPUT_HESSIANS_FILE,
+                copy_only=copy_files,
+            )
+        if config.analysis.act_formats:  # the allocation's score and export read it
+            cache.activations(config)  # cached; measured here for the size cap and a resumed best/
+            _link_or_copy(
+                cache.activations_path(config), run_dir / "activations.npz", copy_only=copy_files
+            )
+        runfolder.save_candidates(run_dir / "candidates.npz", table)
+        runfolder.write_json(run_dir / "run_config.json", config.to_dict())
+
+    def allocate(self, config: RunConfig, run_dir: Path) -> Allocation:
+        """The ordinary ``allocate`` stage on an analysed ``run_dir``, its log lines silenced."""
+        budgets = [parse_budget(text) for text in config.allocation.budgets]
+        with quiet("lcpaq.stages.pipeline"):
+            return pipeline.allocate(run_dir, budgets, **config.allocation.options())
+
+    def prepare(self, config: RunConfig, run_dir: Path, *, build: bool = True) -> Prepared:
+        """Curvature (cached), candidates (cached weights), the allocate stage on ``run_dir``,
+        then (``build``) the quantized and corrected model, as ``export`` builds it."""
+        cache = self.cache
+        timings = {}
+        folder, estimate, timings["hessian_s"] = cache.curvature(config)
+        _, seconds = cache.activations(config)
+        timings["hessian_s"] += seconds  # curvature work, in the report's Hessian share
+        start = time.perf_counter()
+        table = cache.table(config, estimate)
+        timings["candidates_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.write_analysis(run_dir, config, folder, table)
+        if config.analysis.pairwise != "none":
+            pairs_path, seconds = cache.interactions(config)
+            timings["hessian_s"] += seconds  # curvature work, in the report's Hessian share
+            _link_or_copy(pairs_path, run_dir / "interactions.npz")
+        budgets = [parse_budget(text) for text in config.allocation.budgets]
+        try:
+            with quiet("lcpaq.stages.pipeline"):
+                allocation = pipeline.allocate(run_dir, budgets, **config.allocation.options())
+        except InputError as error:
+            timings["ilp_s"] = time.perf_counter() - start
+            raise Infeasible(str(error), timings) from None
+        timings["ilp_s"] = time.perf_counter() - start
+        prepared = Prepared(config, allocation, None, timings)
+        if build:
+            self.build(prepared)
+        return prepared
+
+    def build(self, prepared: Prepared) -> nn.Module:
+        """The quantized and corrected model of a prepared configuration (timed once)."""
+        if prepared.quantized is None:
+            start = time.perf_counter()
+            prepared.quantized = self.quantized_model(prepared.config, prepared.allocation)
+            prepared.timings["correction_s"] = time.perf_counter() - start
+        return prepared.quantized
+
+    # -- quantized model -------------------------------------------------------------------
+    def reference(self, num_samples: int, names: Sequence[str]) -> ReferenceStats:
+        """The FP32 model's statistics on the first ``num_samples`` images, once per count."""
+        if num_samples not in self._reference:
+            self._reference[num_samples] = collect_reference_stats(
+                self.cache.model, self.cache.calib.inputs[:num_samples], names
+            )
+        return self._reference[num_samples]
+
+    @torch.no_grad()
+    def quantized_model(self, config: RunConfig, allocation: Allocation) -> nn.Module:
+        """The FP32 model with the cached quantized weights of ``allocation``, then the export
+        stage's recovery (input quantizers, statistics correction) on the correction images."""
+        cache = self.cache
+        assignment = pipeline.weight_assignment(allocation.layer_names, allocation.formats)
+        quantized = copy.deepcopy(cache.model).eval()
+        for name, format_name in assignment.items():
+            weights = cache.quantized_weights(
+                config.analysis.scheme, format_name, config.analysis.num_samples
+            )
+            layer_weight(quantized, name).copy_(weights[name])
+        sensitivity, _ = cache.activations(config)
+        input_quantizers = {}
+        if sensitivity is not None:  # inputs quantized before the correction, as export does
+            formats = pipeline.paired_activation_formats(allocation.layer_names, allocation.formats)
+            input_quantizers = activation_quantizers(sensitivity, formats)
+        names = list(assignment)
+        correction_inputs, reference = None, None
+        if config.recovery.enabled:
+            count = min(config.recovery.num_samples, len(cache.calib))
+            correction_inputs = cache.calib.inputs[:count]
+            reference = self.reference(count, names)
+        pipeline.recover_quantized(
+            cache.model,
+            quantized,
+            names,
+            config,
+            correction_inputs,
+            reference,
+            input_quantizers,
+        )
+        return quantized
