@@ -80,7 +80,7 @@ def model_key(config: RunConfig, allocation: Allocation) -> str:
     allocate the same formats; they share this key and so their proxy values. GPTQ codes also
     depend on the curvature images, whose input second moments they are rounded against."""
     scheme = config.analysis.scheme
-    data = {
+    data: dict[str, object] = {
         "scheme": scheme.to_dict(),
         "gptq_samples": config.analysis.num_samples if scheme.rounding == "gptq" else None,
         "recovery": asdict(config.recovery),

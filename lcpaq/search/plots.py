@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -50,10 +50,28 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+class _Scored(NamedTuple):
+    """A scored trial's row of ``trials.json``: its proxy at the largest slice it reached."""
+
+    number: int
+    proxy: float
+    images: int | None
+    state: str
+
+
+def _scored(trials: Sequence[Mapping[str, Any]]) -> list[_Scored]:
+    """The rows with a proxy value, failed trials left out."""
+    return [
+        _Scored(int(row["number"]), float(row["proxy"]), row["proxy_images"], str(row["state"]))
+        for row in trials
+        if row.get("proxy") is not None and row["state"] != "FAIL"
+    ]
+
+
 def plot_proxy_per_trial(
     path: str | os.PathLike[str],
     *,
-    trials: Sequence[Mapping[str, object]],
+    trials: Sequence[Mapping[str, Any]],
     rungs: Sequence[int],
     best: int,
     default: int | None,
@@ -72,33 +90,26 @@ def plot_proxy_per_trial(
     fig = _figure(8.0, 4.5)
     ax = fig.add_subplot()
     colors = {rung: f"C{k}" for k, rung in enumerate(rungs)}
-    scored = [row for row in trials if row.get("proxy") is not None and row["state"] != "FAIL"]
+    scored = _scored(trials)
     for rung in rungs:
         for pruned in (False, True):
-            rows = [
-                r
-                for r in scored
-                if r["proxy_images"] == rung and (r["state"] == "PRUNED") == pruned
-            ]
+            rows = [r for r in scored if r.images == rung and (r.state == "PRUNED") == pruned]
             if not rows:
                 continue
             ax.plot(
-                [r["number"] for r in rows],
-                [r["proxy"] for r in rows],
+                [r.number for r in rows],
+                [r.proxy for r in rows],
                 "o",
                 color=colors[rung],
                 mfc="none" if pruned else colors[rung],
                 ms=6,
                 label=f"{'pruned at' if pruned else 'complete,'} {rung} images",
             )
-    complete = sorted(
-        (r for r in scored if r["state"] == "COMPLETE"),
-        key=lambda r: int(r["number"]),  # type: ignore[arg-type]
-    )
+    complete = sorted((r for r in scored if r.state == "COMPLETE"), key=lambda r: r.number)
     if complete:
-        numbers = [int(r["number"]) for r in complete]  # type: ignore[arg-type]
-        running = np.minimum.accumulate([float(r["proxy"]) for r in complete])  # type: ignore[arg-type]
-        last = max(int(r["number"]) for r in scored)  # type: ignore[arg-type]
+        numbers = [r.number for r in complete]
+        running = np.minimum.accumulate([r.proxy for r in complete])
+        last = max(r.number for r in scored)
         ax.step(
             [*numbers, last],
             [*running, running[-1]],
@@ -108,11 +119,11 @@ def plot_proxy_per_trial(
             label="best complete so far",
         )
     for number, style, label in ((default, "s", "default configuration"), (best, "*", "chosen")):
-        row = next((r for r in scored if r["number"] == number), None)
+        row = next((r for r in scored if r.number == number), None)
         if row is not None:
             ax.plot(
-                [row["number"]],
-                [row["proxy"]],
+                [row.number],
+                [row.proxy],
                 style,
                 ms=14 if style == "*" else 10,
                 mfc="none",

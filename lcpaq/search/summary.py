@@ -209,7 +209,7 @@ def importances_of(search: Search, trials: Sequence[FrozenTrial]) -> dict[str, f
     if len(scored) < 3 or not varied:
         return {}
     memory = optuna.create_study(direction="minimize")
-    distributions = {
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {
         d.name: optuna.distributions.CategoricalDistribution(d.choices) for d in varied
     }
     for trial in scored:
