@@ -260,12 +260,6 @@ def test_existing_study_without_resume_is_an_error(searched, capsys):
     assert_clean_error(capsys, main(args), "already exists", "--resume", "lcpaq-search")
 
 
-def test_resume_without_a_study_is_an_error(tmp_path, capsys):
-    files = make_files(tmp_path)
-    args = search_args(files, tmp_path / "s", "--resume", "--study-name", "mine")
-    assert_clean_error(capsys, main(args), "no study 'mine'")
-
-
 def test_calibration_file_too_small(tmp_path, capsys):
     files = make_files(tmp_path, num_images=60)
     line = assert_clean_error(
@@ -273,20 +267,6 @@ def test_calibration_file_too_small(tmp_path, capsys):
     )
     assert "80" in line  # 32 head + 48 proxy images
     assert not (tmp_path / "s" / "search.db").exists()
-
-
-@pytest.mark.parametrize(
-    ("url", "needle"),
-    [
-        ("nosuchdb://x", "nosuchdb"),
-        ("not a url", "not a url"),
-        ("sqlite:////nonexistent/dir/x.db", "x.db"),
-    ],
-)
-def test_bad_storage(tmp_path, capsys, url, needle):
-    files = make_files(tmp_path)
-    args = search_args(files, tmp_path / "s", "--storage", url)
-    assert_clean_error(capsys, main(args), "--storage", needle)
 
 
 @pytest.mark.parametrize(
