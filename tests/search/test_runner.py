@@ -52,6 +52,13 @@ def searched(tmp_path_factory) -> dict[str, Path]:
     return {**files, "out": out}
 
 
+@pytest.fixture
+def no_stage_plots(monkeypatch):
+    """Skip the plot stage of best/ (seconds of matplotlib per search) in tests that read no
+    figure; `test_search_writes_every_artifact` checks the figures."""
+    monkeypatch.setattr(pipeline, "plot", lambda run_dir: [])
+
+
 def test_search_writes_every_artifact(searched):
     out = searched["out"]
     for name in (
@@ -117,7 +124,7 @@ def test_search_writes_every_artifact(searched):
     assert {"number", "state", "proxy", "proxy_16", "proxy_48", "clipping", "top1"} <= set(header)
 
 
-def test_best_config_reproduces_with_lcpaq_run(searched, tmp_path, single_thread):
+def test_best_config_reproduces_with_lcpaq_run(searched, tmp_path, single_thread, no_stage_plots):
     out = searched["out"]
     config = json.loads((out / "best_config.json").read_text())
     assert any(text.startswith("avg-bits=") for text in config["allocation"]["budgets"])
@@ -158,7 +165,9 @@ def test_proxy_slice_is_disjoint_from_curvature_and_correction(searched):
         assert head_samples(config) <= proxy_start
 
 
-def test_resume_after_interruption_continues_the_same_study(tmp_path, monkeypatch, single_thread):
+def test_resume_after_interruption_continues_the_same_study(
+    tmp_path, monkeypatch, single_thread, no_stage_plots
+):
     files = make_files(tmp_path)
     out = tmp_path / "s"
     fixed = ["--fix", "granularity=channel", "--fix", "formats=int-pow2", "--fix", "scorer=hawq_v2"]
@@ -211,7 +220,9 @@ def test_resume_after_interruption_continues_the_same_study(tmp_path, monkeypatc
     assert (out / "best_config.json").is_file()
 
 
-def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, single_thread):
+def test_configurations_with_the_same_quantized_model_share_its_proxy(
+    tmp_path, single_thread, no_stage_plots
+):
     """At 8 average bits every configuration allocates INT8 everywhere: one quantized model, so
     only the first trial builds it and runs the proxy; the others reuse its sums."""
     files = make_files(tmp_path)
@@ -234,7 +245,7 @@ def test_configurations_with_the_same_quantized_model_share_its_proxy(tmp_path, 
         assert trial.value == first.value
 
 
-def test_search_with_activation_formats_end_to_end(tmp_path, single_thread):
+def test_search_with_activation_formats_end_to_end(tmp_path, single_thread, no_stage_plots):
     """A whole search with quantized activations: the default's size cap, the trials and best/
     measure the activation sensitivity through the cache; best/'s checkpoint quantizes inputs."""
     files = make_files(tmp_path)
