@@ -26,15 +26,16 @@ default) get a full evaluation; the best is written as ``best_config.json`` and 
 ordinary stages into ``best/``; `lcpaq.search.summary` and `lcpaq.search.plots` write the report.
 
 This package's public API: `SearchOptions` and `run_search` (what ``lcpaq search`` calls), the
-option parsers `parse_fix` and `parse_rungs`, and, for step-by-step use (scripts/bench_search.py),
-`SearchSpace`, `SearchContext`, `Infeasible` and `DEFAULT_RUNGS`.
+option parsers `parse_fix` and `parse_rungs`, `search_space` (the space a search samples), and,
+for step-by-step use (scripts/bench_search.py), `SearchSpace`, `SearchContext`, `Infeasible` and
+`DEFAULT_RUNGS`.
 """
 
 from lcpaq.search.context import Infeasible, SearchContext
 from lcpaq.search.options import DEFAULT_RUNGS, SearchOptions
 from lcpaq.search.runner import run_search
 from lcpaq.search.slices import parse_rungs
-from lcpaq.search.space import SearchSpace, parse_fix
+from lcpaq.search.space import SearchSpace, parse_fix, search_space
 
 __all__ = [
     "DEFAULT_RUNGS",
@@ -45,4 +46,5 @@ __all__ = [
     "parse_fix",
     "parse_rungs",
     "run_search",
+    "search_space",
 ]
