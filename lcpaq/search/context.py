@@ -71,16 +71,8 @@ class SearchContext:
     the calibration slices, the proxy with its FP32 outputs, and the FP32 correction statistics.
     `SearchContext.open` loads the model and data; the constructor only stores them."""
 
-    def __init__(
-        self,
-        base: RunConfig,
-        space: SearchSpace,
-        cache: AnalysisCache,
-        slices: Slices,
-        scorer: ProxyScorer,
-    ) -> None:
-        self.base, self.space, self.cache = base, space, cache
-        self.slices, self.scorer = slices, scorer
+    def __init__(self, cache: AnalysisCache, slices: Slices, scorer: ProxyScorer) -> None:
+        self.cache, self.slices, self.scorer = cache, slices, scorer
         self._reference: dict[int, ReferenceStats] = {}
 
     @classmethod
@@ -116,7 +108,7 @@ class SearchContext:
         cache = AnalysisCache(
             base, run_dir / "cache", model, calib, identity, max_cached_weights=max_cached_weights
         )
-        return cls(base, space, cache, slices, scorer)
+        return cls(cache, slices, scorer)
 
     # -- allocation on a run folder --------------------------------------------------------
     def write_analysis(
