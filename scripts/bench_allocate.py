@@ -36,7 +36,7 @@ from _provenance import git_sha  # noqa: E402
 
 from lcpaq.allocation.costs import BITS_PER_MB, CostModel, build_cost_model  # noqa: E402
 from lcpaq.allocation.problem import AllocationProblem, Budget, _quiet_stdout  # noqa: E402
-from lcpaq.sensitivity.candidates import CandidateTable  # noqa: E402
+from lcpaq.allocation.table import CandidateTable  # noqa: E402
 
 FORMATS = ("int2", "int3", "int4", "int5", "int6", "int8", "fp4_e2m1", "fp8_e4m3")
 BITS = np.array([2, 3, 4, 5, 6, 8, 4, 8])

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from lcpaq.allocation.costs import BITS_PER_MB
 from lcpaq.allocation.problem import Allocation, Budget
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-
-if TYPE_CHECKING:  # candidates imports torch; this module must not
-    from lcpaq.sensitivity.candidates import CandidateTable
 
 #: Uniform baselines drawn on every model-level curve (the issue's INT8 / INT4 / FP8).
 BASELINE_FORMATS = ("int8", "int4", "fp8_e4m3")

@@ -10,14 +10,11 @@ activation terms) plug in by adding an entry to `SCORERS`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-
-if TYPE_CHECKING:  # candidates imports torch; this stage must not
-    from lcpaq.sensitivity.candidates import CandidateTable
 
 Scorer = Callable[["CandidateTable", np.ndarray], np.ndarray]
 

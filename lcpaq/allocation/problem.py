@@ -31,7 +31,6 @@ import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import highspy
 import numpy as np
@@ -53,10 +52,8 @@ from lcpaq.allocation.exact import (
 )
 from lcpaq.allocation.exact import quiet_stdout as _quiet_stdout
 from lcpaq.allocation.frontier import safe_pareto_mask
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-
-if TYPE_CHECKING:  # candidates imports torch; this stage must not
-    from lcpaq.sensitivity.candidates import CandidateTable
 
 BUDGET_METRICS = COST_METRICS
 LINEARIZATIONS = ("rlt", "mccormick")

@@ -66,6 +66,12 @@ from lcpaq.allocation.problem import (
     counts_activation_bits,
     tie_rule_groups,
 )
+from lcpaq.allocation.table import (
+    PAIR_SEPARATOR,
+    CandidateTable,
+    activation_format_of,
+    weight_format_of,
+)
 from lcpaq.config import AllocationConfig, FirstLastPolicy, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, load_dataset
@@ -96,13 +102,9 @@ from lcpaq.quant.checkpoint import (
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.candidates import (
-    PAIR_SEPARATOR,
-    CandidateTable,
-    activation_format_of,
     activation_score_matrix,
     assign_activations,
     measure_candidates,
-    weight_format_of,
 )
 from lcpaq.sensitivity.hessian import (
     CurvatureEstimate,

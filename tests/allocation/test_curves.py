@@ -17,8 +17,9 @@ from lcpaq.allocation.curves import (
     uniform_points,
 )
 from lcpaq.allocation.problem import AllocationProblem, Budget
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-from lcpaq.sensitivity.candidates import CandidateTable, pair_candidates
+from lcpaq.sensitivity.candidates import pair_candidates
 
 
 def table(num_layers: int = 3) -> CandidateTable:

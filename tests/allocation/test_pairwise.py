@@ -26,12 +26,12 @@ from lcpaq.allocation.pairwise import (
     significant_terms,
 )
 from lcpaq.allocation.problem import AllocationProblem, Budget, allowed_candidates
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.cli import main
 from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import load_dataset
 from lcpaq.model.zoo import load_model
-from lcpaq.sensitivity.candidates import CandidateTable
 from lcpaq.sensitivity.interactions import (
     InteractionTerms,
     compute_interactions,

@@ -24,8 +24,8 @@ from lcpaq.allocation.problem import (
     tie_rule_groups,
     uniform_choice,
 )
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-from lcpaq.sensitivity.candidates import CandidateTable
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
