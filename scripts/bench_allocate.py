@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from _provenance import git_sha  # noqa: E402
 
+from lcpaq.allocation.budgets import Budget  # noqa: E402
 from lcpaq.allocation.costs import BITS_PER_MB, CostModel, build_cost_model  # noqa: E402
-from lcpaq.allocation.problem import AllocationProblem, Budget, _quiet_stdout  # noqa: E402
+from lcpaq.allocation.problem import AllocationProblem, _quiet_stdout  # noqa: E402
 from lcpaq.allocation.table import CandidateTable  # noqa: E402
 
 FORMATS = ("int2", "int3", "int4", "int5", "int6", "int8", "fp4_e2m1", "fp8_e4m3")

@@ -31,8 +31,9 @@ import torch
 from _provenance import git_sha
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
-from lcpaq.allocation.problem import AllocationProblem, Budget
+from lcpaq.allocation.problem import AllocationProblem
 from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset

@@ -52,8 +52,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget, counts_activation_bits, parse_budget
 from lcpaq.allocation.frontier import SCORERS
-from lcpaq.allocation.problem import Allocation, Budget, counts_activation_bits, parse_budget
+from lcpaq.allocation.result import Allocation
 from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError

@@ -7,13 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from lcpaq.allocation.exact import (
-    ChainSolver,
-    LabelLimit,
-    StateSpaceTooLarge,
-    knapsack_frontier,
-    knapsack_optima,
-)
+from lcpaq.allocation.exact import ChainSolver, LabelLimit, StateSpaceTooLarge
+from lcpaq.allocation.knapsack import knapsack_frontier, knapsack_optima
 
 
 def random_chain(
