@@ -75,7 +75,7 @@ def tie_rule_groups(layer_names: Sequence[str], rule: str) -> list[tuple[str, ..
         return []
     if rule != "downsample":
         raise InputError(f"unknown tie rule {rule!r}; known: {', '.join(TIE_RULES)}")
-    groups = []
+    groups: list[tuple[str, ...]] = []
     for name in layer_names:
         parts = name.split(".")
         marks = [k for k, part in enumerate(parts) if part in ("downsample", "shortcut")]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -249,7 +250,8 @@ class ChainSolver:
         rows = np.arange(count)
         for u in range(self.num_units):
             before = self.active[u - 1] if u else ()
-            row = tables[u][(rows, slice(None), *(choice[:, p] for p in before))]
+            index: tuple[Any, ...] = (rows, slice(None), *(choice[:, p] for p in before))
+            row = tables[u][index]
             choice[:, u] = row.argmin(axis=1)
         return low, choice, rest
 
@@ -306,7 +308,7 @@ class ChainSolver:
         return self.solve_many(np.asarray(budgets, dtype=float)[None, :], uppers=[upper])[0]
 
     def sweep(
-        self, metric: int, values: Sequence[float], budgets: np.ndarray
+        self, metric: int, values: np.ndarray | Sequence[float], budgets: np.ndarray
     ) -> list[Solution | None]:
         """Optima for the budget ``values`` on ``metric``, the other rows of ``budgets`` held.
         All points are solved together (`solve_many`); with no other budget the walks share the

@@ -42,12 +42,14 @@ def output_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
     second-order term ½·tr(A ΔW S ΔWᵀ) with the output factor A replaced by its mean, tr(H)/(d_out·s̄)
     (tr H = tr A · tr S), and equals HAWQ-V2 when the inputs are white. Rounding that trades weight
     error for output error (GPTQ) is scored by what it preserves: the layer's outputs."""
-    if np.isnan(table.output_error).any():  # type: ignore[arg-type]
+    output_error = table.output_error
+    assert output_error is not None  # CandidateTable.__post_init__ fills it (NaN when unmeasured)
+    if np.isnan(output_error).any():
         raise InputError(
             "the 'output' scorer needs each layer's input second moments, which analyze records "
             "with GPTQ rounding (--rounding gptq, the default)"
         )
-    return 0.5 * (trace / table.num_params)[:, None] * table.output_error
+    return 0.5 * (trace / table.num_params)[:, None] * output_error
 
 
 SCORERS: dict[str, Scorer] = {

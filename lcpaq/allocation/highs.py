@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import highspy
 import numpy as np
@@ -107,7 +107,7 @@ class HighsModel:
         self.model_arrays = self._arrays()
         lp = highspy.HighsLp()
         num_columns = len(self.model_arrays["cost"])
-        matrix = self.model_arrays["matrix"]
+        matrix = cast(sparse.csc_matrix, self.model_arrays["matrix"])
         lp.num_col_, lp.num_row_ = num_columns, matrix.shape[0]
         lp.col_cost_ = self.model_arrays["cost"]
         lp.col_lower_ = np.zeros(num_columns)
@@ -119,7 +119,7 @@ class HighsModel:
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
         lp.a_matrix_.start_ = matrix.indptr
         lp.a_matrix_.index_ = matrix.indices
-        lp.a_matrix_.value_ = matrix.data
+        lp.a_matrix_.value_ = np.asarray(matrix.data)
         lp.integrality_ = [highspy.HighsVarType.kInteger] * len(x_units) + [
             highspy.HighsVarType.kContinuous
         ] * (num_columns - len(x_units))

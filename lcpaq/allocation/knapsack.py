@@ -40,7 +40,8 @@ def _pareto_list(
     """All (cost, value) pairs no other assignment of these units beats in both, cost ascending.
     Of equal pairs the first is kept. Raises `LabelLimit` past ``max_labels`` pairs."""
     cost, value = np.zeros(1), np.zeros(1)
-    parents, options = [], []
+    parents: list[np.ndarray] = []
+    options: list[np.ndarray] = []
     for unit_scores, unit_costs in zip(scores, costs):
         n = len(unit_scores)
         new_cost = (cost[:, None] + unit_costs[None, :]).ravel()

@@ -204,7 +204,7 @@ def solve_points(
     if not possible.all():
         results: list[Solution | None] = [None] * len(budgets)
         if possible.any():
-            rows = np.flatnonzero(possible)
+            rows = np.flatnonzero(possible).tolist()
             solved = solve_points(
                 chain,
                 budgets[rows],

@@ -150,7 +150,7 @@ def hull_multipliers(
     rests: list[list[np.ndarray]] = [[] for _ in range(count)]
     totals, rest = probe(np.zeros(1))
     done = limits >= hull_cost[0]
-    for row in np.flatnonzero(done):
+    for row in np.flatnonzero(done).tolist():
         bounds[row], rests[row] = totals[0], [table[0] for table in rest]
     if not done.all():
         t = chain.objective_scale / max(hull_cost[0] - float(limits[~done].min()), 1e-300)
@@ -166,8 +166,8 @@ def hull_multipliers(
         if not len(pending):
             break
         costs, values = np.array(hull_cost), np.array(hull_value)
-        brackets = {}
-        for row in pending:
+        brackets: dict[tuple[int, int], list[int]] = {}
+        for row in pending.tolist():
             over = np.flatnonzero(costs > limits[row])
             under = np.flatnonzero(costs <= limits[row])
             low = over[np.lexsort((values[over], costs[over]))[0]]

@@ -63,7 +63,8 @@ def align_terms(
     measured = list(terms.format_names)
     columns = np.array([c for c, name in enumerate(column_formats) if name in measured], dtype=int)
     rows = np.array([measured.index(column_formats[c]) for c in columns], dtype=int)
-    cross, stderr = {}, {}
+    cross: Pairwise = {}
+    stderr: Pairwise = {}
     size = len(column_formats)
     for pair in terms.pairs:
         for source, target in ((terms.cross, cross), (terms.stderr, stderr)):

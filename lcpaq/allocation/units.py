@@ -77,7 +77,7 @@ def merge_units(
     unit_allowed = np.array([allowed[rows].all(axis=0) for rows in members], dtype=bool)
     for u, rows in enumerate(members):
         if not unit_allowed[u].any():
-            names = ", ".join(layer_names[row] for row in rows)
+            names = ", ".join(layer_names[int(row)] for row in rows)
             raise InputError(f"tied layers {names} have no allowed format in common")
     unit_scores = np.array([scores[rows].sum(axis=0) for rows in members])
     unit_costs = {
