@@ -27,8 +27,8 @@ the enumeration `lcpaq.allocation.labels`, the local search `lcpaq.allocation.lo
 
 Inputs are per *unit* (a layer, or tied layers sharing one format) and per *option* (the unit's
 allowed formats): ``scores[u]`` [n_u], ``costs[u]`` [n_u, M] and ``pairs[(u, v)]`` [n_u, n_v] with
-u < v. Choices are option positions per unit. Numpy, and highspy for the few-variable LPs of the
-multiplier search; no torch.
+u < v. Choices are option positions per unit. Numpy only (the multiplier search solves its small
+LPs with HiGHS); no torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 2b: sensitivity scores per (layer, format) and per-layer Pareto frontiers (METHOD §1a, §3).
+"""Sensitivity scores per (layer, format) and per-layer Pareto frontiers (METHOD §1a, §3; allocate).
 
 Input: a `CandidateTable` and per-layer traces. Output: scores [L, F] (predicted loss increase) and a
 ``kept`` mask [L, F] of non-dominated candidates (``frontiers.npz``). Numpy only.

@@ -2,8 +2,9 @@
 
 Input: `lcpaq.sensitivity.interactions.InteractionTerms` (``interactions.npz``) and the separable scores [L, F]
 of the ILP. Output: the ``pairwise`` dict {(i, j): [F, F]} that `lcpaq.allocation.problem.AllocationProblem`
-adds to its objective, or an `AugmentedProblem` (METHOD §1d) that keeps the ILP separable. Numpy and
-`lcpaq.allocation.problem` only (no torch).
+adds to its objective, or an `AugmentedProblem` (METHOD §1d) that keeps the ILP separable (the same
+`lcpaq.allocation.problem.Allocator` interface); `pair_views` summarises the terms for the report.
+Numpy and the allocation package only (no torch).
 
 Order of the transformations (METHOD §1c, §1c'): significance filter on the raw terms (C := 0 where
 |C| < z·SE), then the weight λ (shrinkage), then optional clipping: ``negative`` (C := max(C, 0): the

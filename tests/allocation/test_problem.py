@@ -601,7 +601,7 @@ def test_highs_is_exact_when_the_optimum_is_far_below_the_largest_coefficient(se
 
 def test_knapsack_frontier_is_an_oracle_for_highs_sweeps_too_large_to_enumerate() -> None:
     """18 layers x 4 formats (4^18 assignments): HiGHS' Pareto curve against the exact
-    multiple-choice-knapsack frontier (`lcpaq.allocation.exact.knapsack_frontier`) at every swept value."""
+    multiple-choice-knapsack frontier (`lcpaq.allocation.knapsack.knapsack_frontier`) at every swept value."""
     rng = np.random.default_rng(21)
     table, scores, constant = random_instance(rng, 18, 4, monotone=True, format_overhead=True)
     allowed = np.ones_like(scores, dtype=bool)
