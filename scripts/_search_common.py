@@ -13,7 +13,7 @@ from typing import Any, cast
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference

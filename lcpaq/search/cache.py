@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcpaq import runfolder
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, get_module
@@ -39,7 +40,7 @@ from lcpaq.quant.activations import (
 )
 from lcpaq.quant.formats import QuantScheme, fake_quantize_formats, get_format
 from lcpaq.search.keys import activations_key, curvature_key, interactions_key, scheme_slug
-from lcpaq.sensitivity.candidates import CandidateTable, table_from_weights
+from lcpaq.sensitivity.candidates import table_from_weights
 from lcpaq.sensitivity.hessian import CurvatureEstimate
 from lcpaq.stages import pipeline
 

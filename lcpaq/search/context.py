@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from lcpaq import runfolder
-from lcpaq.allocation.problem import Allocation, parse_budget
+from lcpaq.allocation.budgets import parse_budget
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import load_dataset
@@ -32,7 +34,6 @@ from lcpaq.search.cache import AnalysisCache, layer_weight, quiet
 from lcpaq.search.proxy import ProxyScorer
 from lcpaq.search.slices import Slices, plan_slices, space_head
 from lcpaq.search.space import SearchSpace
-from lcpaq.sensitivity.candidates import CandidateTable
 from lcpaq.stages import pipeline
 
 #: Analysis artifacts a trial folder takes from the curvature cache folder as they are.

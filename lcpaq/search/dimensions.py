@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.allocation.frontier import SCORERS
-from lcpaq.allocation.problem import parse_budget
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import parse_format_list

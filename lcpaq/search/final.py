@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from optuna.trial import FrozenTrial, TrialState
 
 from lcpaq import runfolder
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, load_dataset

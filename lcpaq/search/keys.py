@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 
-from lcpaq.allocation.problem import Allocation
+from lcpaq.allocation.result import Allocation
 from lcpaq.config import RunConfig
 from lcpaq.quant.formats import QuantScheme
 

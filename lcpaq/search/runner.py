@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.search.context import Infeasible, SearchContext
 from lcpaq.search.final import finish

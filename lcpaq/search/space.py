@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from lcpaq.allocation.problem import counts_activation_bits
+from lcpaq.allocation.budgets import counts_activation_bits
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.search.dimensions import Dimension, default_dimensions

@@ -7,7 +7,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import cast
 
-from lcpaq.allocation.problem import Allocation
+from lcpaq.allocation.result import Allocation
 from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.quant.formats import QuantScheme
 from lcpaq.search.keys import (
