@@ -7,7 +7,9 @@ layers come out in execution order. Everything downstream refers to layers by th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,10 +43,11 @@ class LayerInfo:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> LayerInfo:
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerInfo:
+        """Read `to_dict`'s output (parsed JSON, so values are untyped until the fields check them)."""
         values = dict(data)
-        values["weight_shape"] = tuple(values["weight_shape"])  # type: ignore[arg-type]
-        return cls(**values)  # type: ignore[arg-type]
+        values["weight_shape"] = tuple(values["weight_shape"])
+        return cls(**values)
 
 
 def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
@@ -114,6 +117,11 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise InputError(f"the model has no module named {name!r}") from None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (lcpaq keeps a model on one device)."""
+    return next(model.parameters()).device
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:

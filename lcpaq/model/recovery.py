@@ -292,7 +292,7 @@ def _correct_in_prefix_passes(
 
 
 # ---------------------------------------------------------------------------------------------
-# Input second moments for GPTQ rounding (`lcpaq.quant.formats.gptq_round`).
+# Input second moments for GPTQ rounding (`lcpaq.quant.gptq.gptq_round`).
 
 
 def _input_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

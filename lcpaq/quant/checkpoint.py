@@ -14,7 +14,7 @@ leaves a partial checkpoint):
   quantizer (format and calibration range of the layer's input, or null where activations stay
   FP32: runs without ``--act-formats``, whose cost models assume 8 bits, and fp32 candidates), kind
   (int/fp), bits, granularity and group size; totals (average bits, size in bytes), the budget, the
-  source checkpoint's sha256, the lcpaq version. `lcpaq.quant.formats.dequantize_weight` decodes every
+  source checkpoint's sha256, the lcpaq version. `lcpaq.quant.weights.dequantize_weight` decodes every
   weight; `load_quantized` puts the activation quantizers back as forward pre-hooks.
 """
 
@@ -38,12 +38,11 @@ from lcpaq import __version__
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module
 from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
-from lcpaq.quant.formats import (
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import (
     QuantizedWeight,
-    QuantScheme,
     code_offset,
     dequantize_weight,
-    get_format,
     pack_codes,
     quantize_weight,
     unpack_codes,
@@ -147,7 +146,7 @@ def write_quantized_checkpoint(
                     ),
                     "kind": fmt.kind,
                     "bits": fmt.bits,
-                    # How `.qcodes` unpacks (`lcpaq.quant.formats.unpack_codes`).
+                    # How `.qcodes` unpacks (`lcpaq.quant.weights.unpack_codes`).
                     "code_bits": fmt.bits,
                     "code_offset": code_offset(quantized),
                     "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),

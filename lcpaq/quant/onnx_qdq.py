@@ -18,7 +18,7 @@ kernels:
     DequantizeLinear (opset 21) along the flattened fan-in followed by a Reshape; MX exponents
     become their float32 powers of two (INT under MX folds its 2^-(bits-2) into them);
 * each layer whose input the checkpoint quantizes gets QuantizeLinear → DequantizeLinear in front
-  of it, with the scale and zero point `lcpaq.quant.formats.fake_quantize_activation` uses: INT inputs
+  of it, with the scale and zero point `lcpaq.quant.activations.fake_quantize_activation` uses: INT inputs
   to uint8 (int8 when symmetric), after a Clip where the format has fewer codes than the type
   (INT2 … INT7, and -128 for symmetric INT8). FP8 inputs get the same arithmetic as a saturating
   Cast round trip instead (see `input_quantizer` for why), FP16/BF16 inputs a Cast round trip.
@@ -42,20 +42,18 @@ from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.errors import InputError
-from lcpaq.quant.activations import FLOAT_ACTIVATIONS, ActivationQuantizer
+from lcpaq.quant.activations import (
+    FLOAT_ACTIVATIONS,
+    ActivationQuantizer,
+    activation_scale_and_zero,
+)
 from lcpaq.quant.checkpoint import (
     decoded_state_dict,
     manifest_activation_quantizers,
     read_checkpoint,
 )
-from lcpaq.quant.formats import (
-    QuantizedWeight,
-    activation_scale_and_zero,
-    code_range,
-    decoded_scale,
-    fp_decode,
-    get_format,
-)
+from lcpaq.quant.formats import code_range, fp_decode, get_format
+from lcpaq.quant.weights import QuantizedWeight, decoded_scale
 
 if TYPE_CHECKING:
     import onnx

@@ -25,13 +25,8 @@ from torch import nn
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.quant.formats import (
-    FORMATS,
-    QuantScheme,
-    fake_quantize_formats,
-    get_format,
-    scale_overhead_bits,
-)
+from lcpaq.quant.formats import FORMATS, QuantScheme, get_format, scale_overhead_bits
+from lcpaq.quant.weights import fake_quantize_formats
 
 #: What the cost models assume for activations when no activation formats are given.
 DEFAULT_ACTIVATION_FORMAT = "int8"

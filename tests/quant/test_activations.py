@@ -20,17 +20,20 @@ from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
 from lcpaq.quant.activations import (
     ActivationQuantizer,
+    activation_mse_range,
+    attach_activation_quantizers,
+    quantize_activation,
+    range_statistics,
+)
+from lcpaq.quant.formats import get_format
+from lcpaq.sensitivity.activation import (
     ActivationState,
     activation_quantizers,
     activation_scores,
     activation_sensitivity,
-    attach_activation_quantizers,
     load_activation_sensitivity,
-    quantize_activation,
-    range_statistics,
     save_activation_sensitivity,
 )
-from lcpaq.quant.formats import activation_mse_range, get_format
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,26 +12,28 @@ from lcpaq.errors import InputError
 from lcpaq.quant.formats import (
     FORMATS,
     QuantScheme,
-    code_offset,
     code_range,
-    decoded_scale,
-    dequantize_weight,
-    fake_quantize,
-    fake_quantize_formats,
     fp_decode,
     fp_grid,
     fp_round_codes,
     get_format,
-    gptq_round,
     has_zero_point,
     mx_element_emax,
     num_scale_groups,
-    pack_codes,
     parse_format_list,
-    quantize_weight,
-    quantize_weight_formats,
     round_to_grid,
     scale_overhead_bits,
+)
+from lcpaq.quant.gptq import gptq_round
+from lcpaq.quant.weights import (
+    code_offset,
+    decoded_scale,
+    dequantize_weight,
+    fake_quantize,
+    fake_quantize_formats,
+    pack_codes,
+    quantize_weight,
+    quantize_weight_formats,
     unpack_codes,
 )
 

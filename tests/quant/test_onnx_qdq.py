@@ -17,14 +17,9 @@ from onnx import TensorProto, helper
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
-from lcpaq.quant.activations import (
-    ActivationQuantizer,
-    activation_quantizers,
-    activation_sensitivity,
-    attach_activation_quantizers,
-)
+from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
 from lcpaq.quant.checkpoint import load_quantized, quantize_model, write_quantized_checkpoint
-from lcpaq.quant.formats import QuantScheme, dequantize_weight, get_format, quantize_weight
+from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.onnx_qdq import (
     ONNX_OPSET,
     check_onnx,
@@ -32,6 +27,8 @@ from lcpaq.quant.onnx_qdq import (
     input_quantizer,
     weight_dequantizer,
 )
+from lcpaq.quant.weights import dequantize_weight, quantize_weight
+from lcpaq.sensitivity.activation import activation_quantizers, activation_sensitivity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
