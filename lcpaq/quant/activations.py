@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -100,6 +101,39 @@ class ActivationQuantizer:
             raise InputError(f"{where}: {error}") from None
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"{where}: bad activation quantizer {data!r} ({error})") from None
+
+
+class CalibratedRanges(Protocol):
+    """The calibrated input ranges of analysed layers, as ``analyze --act-formats`` measured them
+    (`lcpaq.sensitivity.activation.ActivationSensitivity`)."""
+
+    @property
+    def layer_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def symmetric(self) -> bool: ...
+
+    def range_of(self, row: int, format_name: str) -> tuple[float, float]: ...
+
+
+def activation_quantizers(
+    sensitivity: CalibratedRanges, formats_by_layer: Mapping[str, str]
+) -> dict[str, ActivationQuantizer]:
+    """The quantizer of every layer whose activation format is not fp32, with the calibration
+    range ``analyze --act-formats`` measured for that layer."""
+    rows = {name: row for row, name in enumerate(sensitivity.layer_names)}
+    quantizers = {}
+    for name, format_name in formats_by_layer.items():
+        if format_name == "fp32":
+            continue
+        if name not in rows:
+            raise InputError(
+                f"layer {name!r} has no activation range in activations.npz (analysed layers: "
+                f"{', '.join(sensitivity.layer_names)})"
+            )
+        low, high = sensitivity.range_of(rows[name], format_name)
+        quantizers[name] = ActivationQuantizer(format_name, low, high, sensitivity.symmetric)
+    return quantizers
 
 
 def attach_activation_quantizers(

@@ -29,7 +29,7 @@ against `torch.autograd.functional.hessian`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,6 @@ from lcpaq import runfolder
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module, model_device
 from lcpaq.quant.activations import (
-    ActivationQuantizer,
     check_activation_formats,
     clipped_ranges,
     quantize_activation,
@@ -96,10 +95,13 @@ class ActivationSensitivity:
     def range_of(self, row: int, format_name: str) -> tuple[float, float]:
         """The calibrated range of layer ``row``'s input for ``format_name``; a format the analysis
         did not measure gets the observed min-max range (its score has no activation term either)."""
-        calibrated = self.clip_low is not None and self.clip_high is not None
-        if calibrated and format_name in self.format_names:
+        if (
+            self.clip_low is not None
+            and self.clip_high is not None
+            and format_name in self.format_names
+        ):
             column = self.format_names.index(format_name)
-            return float(self.clip_low[row, column]), float(self.clip_high[row, column])  # type: ignore[index]
+            return float(self.clip_low[row, column]), float(self.clip_high[row, column])
         return float(self.low[row]), float(self.high[row])
 
 
@@ -117,26 +119,6 @@ def activation_scores(sensitivity: ActivationSensitivity, scorer: str = "trace")
     raise InputError(
         f"unknown activation scorer {scorer!r}; known: {', '.join(ACTIVATION_SCORERS)}"
     )
-
-
-def activation_quantizers(
-    sensitivity: ActivationSensitivity, formats_by_layer: Mapping[str, str]
-) -> dict[str, ActivationQuantizer]:
-    """The quantizer of every layer whose activation format is not fp32, with the calibration
-    range ``analyze --act-formats`` measured for that layer."""
-    rows = {name: row for row, name in enumerate(sensitivity.layer_names)}
-    quantizers = {}
-    for name, format_name in formats_by_layer.items():
-        if format_name == "fp32":
-            continue
-        if name not in rows:
-            raise InputError(
-                f"layer {name!r} has no activation range in activations.npz (analysed layers: "
-                f"{', '.join(sensitivity.layer_names)})"
-            )
-        low, high = sensitivity.range_of(rows[name], format_name)
-        quantizers[name] = ActivationQuantizer(format_name, low, high, sensitivity.symmetric)
-    return quantizers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,36 +345,37 @@ def activation_sensitivity(
     return state.finish()
 
 
-# ---------------------------------------------------------------------------------------------
-# The artifact.
+#: The artifact: the per-layer arrays of ``activations.npz``, in the order the file stores them.
+_LAYER_ARRAYS = (
+    "trace",
+    "trace_stderr",
+    "num_elements",
+    "noise",
+    "weighted",
+    "weighted_stderr",
+    "low",
+    "high",
+)
+#: Arrays only newer analyses have (None in the dataclass when absent).
+_OPTIONAL_ARRAYS = ("sample_traces", "clip_low", "clip_high")
 
 
 def save_activation_sensitivity(path: Path, sensitivity: ActivationSensitivity) -> Path:
     """Write ``activations.npz`` (atomically)."""
+    meta = {
+        "num_samples": sensitivity.num_samples,
+        "method": sensitivity.method,
+        "symmetric": sensitivity.symmetric,
+        "clipping": sensitivity.clipping,
+    }
     arrays = {
         "layer_names": np.array(sensitivity.layer_names),
         "format_names": np.array(sensitivity.format_names),
-        "trace": sensitivity.trace,
-        "trace_stderr": sensitivity.trace_stderr,
-        "num_elements": sensitivity.num_elements,
-        "noise": sensitivity.noise,
-        "weighted": sensitivity.weighted,
-        "weighted_stderr": sensitivity.weighted_stderr,
-        "low": sensitivity.low,
-        "high": sensitivity.high,
+        **{name: getattr(sensitivity, name) for name in _LAYER_ARRAYS},
         "scores": activation_scores(sensitivity),
-        "meta": np.array(
-            json.dumps(
-                {
-                    "num_samples": sensitivity.num_samples,
-                    "method": sensitivity.method,
-                    "symmetric": sensitivity.symmetric,
-                    "clipping": sensitivity.clipping,
-                }
-            )
-        ),
+        "meta": np.array(json.dumps(meta)),
     }
-    for name in ("sample_traces", "clip_low", "clip_high"):
+    for name in _OPTIONAL_ARRAYS:
         if getattr(sensitivity, name) is not None:
             arrays[name] = getattr(sensitivity, name)
     return runfolder.write_npz(path, arrays)
@@ -404,19 +387,12 @@ def load_activation_sensitivity(path: Path) -> ActivationSensitivity:
     return ActivationSensitivity(
         layer_names=tuple(str(name) for name in arrays["layer_names"]),
         format_names=tuple(str(name) for name in arrays["format_names"]),
-        trace=arrays["trace"],
-        trace_stderr=arrays["trace_stderr"],
-        num_elements=arrays["num_elements"],
-        noise=arrays["noise"],
-        weighted=arrays["weighted"],
-        weighted_stderr=arrays["weighted_stderr"],
-        low=arrays["low"],
-        high=arrays["high"],
+        **{name: arrays[name] for name in _LAYER_ARRAYS},
         num_samples=int(meta["num_samples"]),
         method=str(meta["method"]),
         symmetric=bool(meta["symmetric"]),
-        sample_traces=arrays.get("sample_traces"),
         clipping=str(meta.get("clipping", "minmax")),
+        sample_traces=arrays.get("sample_traces"),
         clip_low=arrays.get("clip_low"),
         clip_high=arrays.get("clip_high"),
     )

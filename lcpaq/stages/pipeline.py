@@ -77,7 +77,11 @@ from lcpaq.model.recovery import (
     correct_statistics,
 )
 from lcpaq.model.zoo import build_model, file_sha256, load_model, num_classes_of
-from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
+from lcpaq.quant.activations import (
+    ActivationQuantizer,
+    activation_quantizers,
+    attach_activation_quantizers,
+)
 from lcpaq.quant.checkpoint import (
     load_quantized,
     manifest_activation_quantizers,
@@ -89,7 +93,6 @@ from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation import (
     ActivationSensitivity,
-    activation_quantizers,
     activation_scores,
     load_activation_sensitivity,
     save_activation_sensitivity,

@@ -21,6 +21,7 @@ from lcpaq.model.graph import discover_layers
 from lcpaq.quant.activations import (
     ActivationQuantizer,
     activation_mse_range,
+    activation_quantizers,
     attach_activation_quantizers,
     quantize_activation,
     range_statistics,
@@ -28,7 +29,6 @@ from lcpaq.quant.activations import (
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity.activation import (
     ActivationState,
-    activation_quantizers,
     activation_scores,
     activation_sensitivity,
     load_activation_sensitivity,

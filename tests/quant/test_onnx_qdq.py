@@ -17,7 +17,11 @@ from onnx import TensorProto, helper
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
-from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
+from lcpaq.quant.activations import (
+    ActivationQuantizer,
+    activation_quantizers,
+    attach_activation_quantizers,
+)
 from lcpaq.quant.checkpoint import load_quantized, quantize_model, write_quantized_checkpoint
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.onnx_qdq import (
@@ -28,7 +32,7 @@ from lcpaq.quant.onnx_qdq import (
     weight_dequantizer,
 )
 from lcpaq.quant.weights import dequantize_weight, quantize_weight
-from lcpaq.sensitivity.activation import activation_quantizers, activation_sensitivity
+from lcpaq.sensitivity.activation import activation_sensitivity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
