@@ -54,7 +54,7 @@ def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     """MACs for one sample: each output element costs one dot product of the kernel's fan-in."""
     per_sample_outputs = int(output[0].numel())
     # For convolutions weight[0] holds in_channels/groups x kernel elements: the fan-in.
-    fan_in = int(module.weight[0].numel())
+    fan_in = int(layer_weight(module)[0].numel())
     return per_sample_outputs * fan_in
 
 
@@ -99,8 +99,8 @@ def discover_layers(model: nn.Module, example_batch: torch.Tensor) -> tuple[Laye
             name=name,
             weight_key=f"{name}.weight",
             kind=type(module).__name__,
-            weight_shape=tuple(int(size) for size in module.weight.shape),
-            num_params=int(module.weight.numel()),
+            weight_shape=tuple(int(size) for size in layer_weight(module).shape),
+            num_params=int(layer_weight(module).numel()),
             macs_per_sample=seen[name][1],
             execution_index=seen[name][0],
             has_bias=module.bias is not None,
@@ -117,6 +117,14 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise InputError(f"the model has no module named {name!r}") from None
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor of a quantizable module (every one of `QUANTIZABLE_TYPES` has one)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise InputError(f"{type(module).__name__} has no weight tensor to quantize")
+    return weight
 
 
 def model_device(model: nn.Module) -> torch.device:

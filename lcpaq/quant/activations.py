@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -88,13 +88,13 @@ class ActivationQuantizer:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object], where: str) -> ActivationQuantizer:
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> ActivationQuantizer:
         """Read `to_dict`'s output; ``where`` names the file and layer in the error."""
         try:
             return cls(
                 format_name=str(data["format"]),
-                low=float(data["low"]),  # type: ignore[arg-type]
-                high=float(data["high"]),  # type: ignore[arg-type]
+                low=float(data["low"]),
+                high=float(data["high"]),
                 symmetric=bool(data.get("symmetric", False)),
             )
         except InputError as error:

@@ -11,6 +11,7 @@ METHOD §0.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 
@@ -24,6 +25,9 @@ from lcpaq.quant.formats import (
     has_zero_point,
     mx_element_emax,
 )
+
+#: Bounds of INT codes: both numbers (one code range) or both tensors (a range per row).
+CodeBound = TypeVar("CodeBound", float, torch.Tensor)
 
 
 def to_groups(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -85,8 +89,8 @@ def integer_codes(
     values: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
-    low: float | torch.Tensor,
-    high: float | torch.Tensor,
+    low: CodeBound,
+    high: CodeBound,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """INT codes clamped to [low, high] (numbers, or tensors broadcast like ``values``) and their
     decoded values."""
