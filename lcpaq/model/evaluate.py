@@ -1,5 +1,5 @@
-"""Stage 5: top-1 accuracy of a model on labelled data, with the per-sample outcomes kept so two
-models evaluated on the same images can be compared pairwise."""
+"""Top-1 accuracy of a model on labelled data (the core of the evaluate stage), with the per-sample
+outcomes kept so two models evaluated on the same images can be compared pairwise."""
 
 from __future__ import annotations
 
