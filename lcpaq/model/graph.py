@@ -121,7 +121,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 def layer_weight(module: nn.Module) -> torch.Tensor:
     """The weight tensor of a quantizable module (every one of `QUANTIZABLE_TYPES` has one)."""
-    weight = module.weight
+    weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise InputError(f"{type(module).__name__} has no weight tensor to quantize")
     return weight

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import NORM_TYPES, get_module
+from lcpaq.model.graph import NORM_TYPES, get_module, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def collect_input_hessians(
             counts[name] += patches.shape[1]
 
         handles.append(module.register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for start in range(0, len(inputs), batch_size):
             model(inputs[start : start + batch_size].to(device))
