@@ -62,12 +62,14 @@ class QuantizedWeight:
 
 
 def _code_dtype(fmt: NumberFormat, scheme: QuantScheme) -> torch.dtype:
+    """Signed codes where the range is symmetric (±(2^(b-1)-1), MX INT), unsigned otherwise."""
     if fmt.kind == "fp":
         return torch.uint8
     return torch.uint8 if has_zero_point(fmt, scheme) else torch.int8
 
 
 def _scale_shape(weight_shape: tuple[int, ...], scheme: QuantScheme) -> tuple[int, ...]:
+    """The stored scale's shape: [1] or [C_out], or [C_out, blocks] per group/MX block."""
     if scheme.block_size is None:
         return (num_scale_groups(weight_shape, scheme.granularity),)
     return (int(weight_shape[0]), math.ceil(fan_in(weight_shape) / scheme.block_size))
@@ -81,9 +83,10 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize a conv/linear weight (output channels on axis 0) to codes plus scales.
 
-    With ``scheme.rounding == "gptq"`` the codes come from `lcpaq.quant.gptq.gptq_round` against ``input_hessian``:
-    E[x xᵀ] of the layer's input patches, [fan_in, fan_in], or [groups, fan_in, fan_in] for a
-    grouped convolution (`lcpaq.model.recovery.collect_input_hessians`). It is ignored otherwise.
+    With ``scheme.rounding == "gptq"`` the codes come from `lcpaq.quant.gptq.gptq_round` against
+    ``input_hessian``: E[x xᵀ] of the layer's input patches, [fan_in, fan_in], or
+    [groups, fan_in, fan_in] for a grouped convolution
+    (`lcpaq.model.recovery.collect_input_hessians`). It is ignored otherwise.
     """
     return quantize_weight_formats(weight, (fmt,), scheme, input_hessian)[0]
 
@@ -125,6 +128,8 @@ class _Grid:
 
 
 def _nearest_grid(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> _Grid:
+    """Scales from the scheme's clipping (MX: from each block's largest magnitude), then codes by
+    rounding to nearest."""
     grouped = to_groups(weight, scheme)
     shape = _scale_shape(tuple(weight.shape), scheme)
     if scheme.granularity == "mx":
