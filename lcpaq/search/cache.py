@@ -33,13 +33,14 @@ from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, get_module
 from lcpaq.model.recovery import collect_input_hessians
-from lcpaq.quant.activations import (
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import fake_quantize_formats
+from lcpaq.search.keys import activations_key, curvature_key, interactions_key, scheme_slug
+from lcpaq.sensitivity.activation import (
     ActivationSensitivity,
     load_activation_sensitivity,
     save_activation_sensitivity,
 )
-from lcpaq.quant.formats import QuantScheme, fake_quantize_formats, get_format
-from lcpaq.search.keys import activations_key, curvature_key, interactions_key, scheme_slug
 from lcpaq.sensitivity.candidates import table_from_weights
 from lcpaq.sensitivity.hessian import CurvatureEstimate
 from lcpaq.stages import pipeline
