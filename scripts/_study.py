@@ -115,15 +115,16 @@ def add_study(out: Path, result: StudyFile, entry: Mapping[str, object]) -> None
     write_json(out, result)
 
 
+def default_config(checkpoint: str | Path, calib: str | Path) -> RunConfig:
+    """lcpaq's default configuration of a CIFAR ResNet checkpoint and a calibration file."""
+    return RunConfig(
+        analysis=AnalysisConfig(model="cifar-resnet", checkpoint=str(checkpoint), calib=str(calib))
+    )
+
+
 def base_config(shared: Path, model: str) -> RunConfig:
     """lcpaq's default configuration on a shared checkpoint and the calibration file."""
-    return RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=str(checkpoint_path(shared, model)),
-            calib=str(calib_path(shared)),
-        )
-    )
+    return default_config(checkpoint_path(shared, model), calib_path(shared))
 
 
 def paired(first: Accuracy, second: Accuracy) -> Paired:
@@ -189,6 +190,33 @@ def run_accuracy(
         input_quantizers=input_quantizers,
     )
     return accuracy, time.perf_counter() - start_s
+
+
+def cached_accuracy(
+    model: nn.Module,
+    run_dir: Path,
+    config: RunConfig,
+    correction_inputs: torch.Tensor,
+    test: Dataset,
+    reference: object | None = None,
+) -> AccuracyCache:
+    """Top-1 per distinct assignment (a candidate per layer of ``run_dir``, weights to their
+    weight halves with GPTQ's input second moments from ``run_dir``), measured once each."""
+    layers, _ = pipeline.read_layers(run_dir)
+    names = [layer.name for layer in layers]
+    input_hessians = pipeline.read_input_hessians(run_dir, config)
+    return AccuracyCache(
+        lambda formats: quantized_accuracy(
+            model,
+            layers,
+            pipeline.weight_assignment(names, formats),
+            config,
+            correction_inputs,
+            test,
+            reference=reference,
+            input_hessians=input_hessians,
+        )
+    )
 
 
 class AccuracyCache:

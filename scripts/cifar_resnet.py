@@ -32,7 +32,7 @@ from _provenance import git_sha
 from torch import nn
 
 from lcpaq.allocation.problem import Budget
-from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
+from lcpaq.config import RecoveryConfig, RunConfig
 from lcpaq.model.data import Dataset, load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.graph import LayerInfo
@@ -213,12 +213,9 @@ def main() -> None:
     args = _parse_args()
     _study.set_up(args.threads, verbose=True)
     run_dir = args.out / "run"
-    config = RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=args.checkpoint,
-            calib=args.calib,
-            num_samples=args.num_samples,
+    config = replace(
+        _study.default_config(args.checkpoint, args.calib).with_analysis(
+            num_samples=args.num_samples
         ),
         recovery=RecoveryConfig(num_samples=args.correction_samples),
     )

@@ -25,6 +25,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -37,7 +38,7 @@ from torch import nn
 from lcpaq import runfolder
 from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.problem import AllocationProblem, Budget
-from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
+from lcpaq.config import RecoveryConfig, RunConfig
 from lcpaq.model.data import Dataset, load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.recovery import collect_reference_stats
@@ -104,44 +105,21 @@ def fp_share(table: CandidateTable, formats: tuple[str, ...]) -> FpShare:
 
 def _config(name: str, args: argparse.Namespace) -> RunConfig:
     """One analysis with every INT and FP weight format as candidates."""
-    return RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=str(_study.checkpoint_path(args.shared, name)),
-            calib=str(_study.calib_path(args.shared)),
-            formats=parse_format_list(FORMATS),
-            num_samples=args.num_samples,
-        ),
-        recovery=RecoveryConfig(num_samples=args.correction_samples),
+    config = _study.base_config(args.shared, name).with_analysis(
+        formats=parse_format_list(FORMATS), num_samples=args.num_samples
     )
+    return replace(config, recovery=RecoveryConfig(num_samples=args.correction_samples))
 
 
 def _measure(
-    run_dir: Path,
-    config: RunConfig,
-    model: nn.Module,
-    table: CandidateTable,
-    test: Dataset,
-    correction_samples: int,
+    run_dir: Path, config: RunConfig, model: nn.Module, test: Dataset, correction_samples: int
 ) -> _study.AccuracyCache:
-    """Top-1 per distinct assignment: quantized, corrected on the calibration images, evaluated
-    on the test images (as export does)."""
+    """Top-1 per distinct assignment: quantized, corrected on the calibration images (against
+    the FP32 model's statistics on them), evaluated on the test images (as export does)."""
     layers, _ = pipeline.read_layers(run_dir)
     calib = load_dataset(config.analysis.calib, num_classes=10).subset(0, correction_samples)
     reference = collect_reference_stats(model, calib.inputs, [layer.name for layer in layers])
-    input_hessians = pipeline.read_input_hessians(run_dir, config)
-    return _study.AccuracyCache(
-        lambda formats: _study.quantized_accuracy(
-            model,
-            layers,
-            dict(zip(table.layer_names, formats)),
-            config,
-            calib.inputs,
-            test,
-            reference=reference,
-            input_hessians=input_hessians,
-        )
-    )
+    return _study.cached_accuracy(model, run_dir, config, calib.inputs, test, reference)
 
 
 def _uniform_rows(
@@ -225,7 +203,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, object]:
     }
     model = load_model("cifar-resnet", config.analysis.checkpoint)
     test = load_dataset(str(_study.test_path(args.shared)), num_classes=10)
-    accuracy_of = _measure(run_dir, config, model, table, test, args.correction_samples)
+    accuracy_of = _measure(run_dir, config, model, test, args.correction_samples)
     fp32 = evaluate_accuracy(model, test)
     uniform = _uniform_rows(table, problems["int+fp"], accuracy_of)
     points = [

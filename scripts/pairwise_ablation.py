@@ -34,7 +34,7 @@ from lcpaq import runfolder
 from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.pairwise import PairClip, PairwiseMode
 from lcpaq.allocation.problem import Allocation, Budget
-from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunConfig
+from lcpaq.config import AllocationConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.zoo import load_model
@@ -233,34 +233,17 @@ def main() -> None:
     budgets = [float(text) for text in args.budgets.split(",")]
     weights = [float(text) for text in args.weights.split(",")]
     sources = [text for text in args.sources.split(",") if text]
-    base = RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=args.checkpoint,
-            calib=args.calib,
-            pair_samples=args.pair_samples,
-        )
+    base = _study.default_config(args.checkpoint, args.calib).with_analysis(
+        pair_samples=args.pair_samples
     )
     started = time.perf_counter()
     run_dirs, analysis = _analyze_sources(base, sources, args.work, args.reuse)
     first_dir = run_dirs[sources[0]]
     model = load_model("cifar-resnet", args.checkpoint)
-    layers, _ = pipeline.read_layers(first_dir)
-    names = [layer.name for layer in layers]
     calib = load_dataset(args.calib, num_classes=10).subset(0, RecoveryConfig().num_samples)
     test = load_dataset(args.eval, num_classes=10)
-    input_hessians = pipeline.read_input_hessians(first_dir, base)  # GPTQ rounding
-    accuracy_of = _study.AccuracyCache(
-        lambda formats: _study.quantized_accuracy(
-            model,
-            layers,
-            pipeline.weight_assignment(names, formats),
-            base,
-            calib.inputs,
-            test,
-            input_hessians=input_hessians,
-        )
-    )
+    # GPTQ rounding with the first source's input second moments
+    accuracy_of = _study.cached_accuracy(model, first_dir, base, calib.inputs, test)
     fp32 = evaluate_accuracy(model, test)
     rows = []
     for bits in budgets:

@@ -34,21 +34,9 @@ def study(
     config = _study.base_config(shared, model)
     run_dir = work / model
     pipeline.analyze(config, run_dir, progress=False)
-    layers, _ = pipeline.read_layers(run_dir)
-    names = [layer.name for layer in layers]
-    input_hessians = pipeline.read_input_hessians(run_dir, config)
     fp_model = load_model(config.analysis.model, config.analysis.checkpoint)
-    measured = _study.AccuracyCache(
-        lambda formats: _study.quantized_accuracy(
-            fp_model,
-            layers,
-            pipeline.weight_assignment(names, formats),
-            config,
-            calib.inputs[: config.recovery.num_samples],
-            test,
-            input_hessians=input_hessians,
-        )
-    )
+    calib_inputs = calib.inputs[: config.recovery.num_samples]
+    measured = _study.cached_accuracy(fp_model, run_dir, config, calib_inputs, test)
     entries = []
     for bits in budgets:
         rows: dict[str, dict[str, object]] = {}
