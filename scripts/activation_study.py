@@ -25,7 +25,7 @@ from typing import TypedDict
 import _study
 import numpy as np
 
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.model.data import Dataset
 from lcpaq.model.evaluate import Accuracy
 from lcpaq.runfolder import load_candidates

@@ -31,7 +31,7 @@ import torch
 from _provenance import git_sha
 from torch import nn
 
-from lcpaq.allocation.problem import Budget
+from lcpaq.allocation.budgets import Budget
 from lcpaq.config import RecoveryConfig, RunConfig
 from lcpaq.model.data import Dataset, load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference

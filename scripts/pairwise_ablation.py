@@ -31,9 +31,10 @@ from _provenance import git_sha
 from scipy.stats import spearmanr
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.pairwise import PairClip, PairwiseMode
-from lcpaq.allocation.problem import Allocation, Budget
+from lcpaq.allocation.result import Allocation
 from lcpaq.config import AllocationConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference

@@ -20,7 +20,7 @@ from typing import TypedDict
 
 import _study
 
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.model.data import Dataset
 from lcpaq.model.evaluate import Accuracy
 from lcpaq.stages import pipeline

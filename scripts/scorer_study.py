@@ -18,7 +18,7 @@ from pathlib import Path
 
 import _study
 
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.model.data import Dataset
 from lcpaq.model.evaluate import Accuracy
 from lcpaq.model.zoo import load_model
