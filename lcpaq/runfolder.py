@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lcpaq.errors import InputError
 from lcpaq.sensitivity.candidates import CandidateTable
-from lcpaq.sensitivity.hessian import CurvatureEstimate
+from lcpaq.sensitivity.curvature import CurvatureEstimate
 
 SCHEMA_VERSION = 1
 

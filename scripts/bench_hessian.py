@@ -58,12 +58,9 @@ from lcpaq.model.data import load_dataset
 from lcpaq.model.graph import discover_layers, get_module
 from lcpaq.model.zoo import build_model, load_model
 from lcpaq.quant.activations import activation_scores, activation_sensitivity, quantize_activation
-from lcpaq.sensitivity.hessian import (
-    gauss_newton_traces,
-    probes_for_tolerance,
-    pyhessian_check,
-    single_layer_hutchinson_traces,
-)
+from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+from lcpaq.sensitivity.hutchinson import probes_for_tolerance, single_layer_hutchinson_traces
+from lcpaq.sensitivity.pyhessian_check import pyhessian_check
 
 logger = logging.getLogger("bench_hessian")
 REPO = Path(__file__).resolve().parents[1]

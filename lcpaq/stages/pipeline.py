@@ -104,13 +104,9 @@ from lcpaq.sensitivity.candidates import (
     measure_candidates,
     weight_format_of,
 )
-from lcpaq.sensitivity.hessian import (
-    CurvatureEstimate,
-    PyHessianCheck,
-    hutchinson_traces,
-    pyhessian_check,
-    single_layer_hutchinson_traces,
-)
+from lcpaq.sensitivity.curvature import CurvatureEstimate
+from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
 from lcpaq.sensitivity.interactions import (
     compute_interactions,
     load_interactions,
@@ -118,6 +114,7 @@ from lcpaq.sensitivity.interactions import (
     save_interactions,
     select_pairs,
 )
+from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +264,14 @@ def measure_sensitivity(
     start = time.perf_counter()
     if analysis.estimator == "hutchinson":
         # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
-        exact_part = distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, keep_diagonal=False
+        exact_part = gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            keep_diagonal=False,
+            share=share,
         )
         curvature = single_layer_hutchinson_traces(
             model,
@@ -286,8 +289,14 @@ def measure_sensitivity(
             progress=progress,
         )
     else:
-        curvature = distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
+        curvature = gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            share=share,
+            progress=progress,
         )
     measured: dict[str, object] = {
         "curvature": curvature,

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from lcpaq import runfolder
 from lcpaq.allocation.costs import ACTIVATION_METRICS
 from lcpaq.sensitivity.candidates import PAIR_SEPARATOR
-from lcpaq.sensitivity.hessian import CurvatureEstimate
+from lcpaq.sensitivity.curvature import CurvatureEstimate
 
 
 def ranking_stability(curvature: CurvatureEstimate, seed: int = 0) -> dict[str, float] | None:
