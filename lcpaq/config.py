@@ -128,7 +128,7 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
 
 
 def _check_pair_options(config: AnalysisConfig) -> None:
-    from lcpaq.sensitivity.interactions import PAIR_RULES, PAIR_SOURCES
+    from lcpaq.sensitivity.interaction_terms import PAIR_RULES, PAIR_SOURCES
 
     for name, value, known in (
         ("pairwise", config.pairwise, PAIR_SOURCES),

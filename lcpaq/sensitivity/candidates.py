@@ -32,6 +32,7 @@ from lcpaq.quant.formats import (
     get_format,
     scale_overhead_bits,
 )
+from lcpaq.sensitivity.per_sample import module_weight
 
 #: What the cost models assume for activations when no activation formats are given.
 DEFAULT_ACTIVATION_FORMAT = "int8"
@@ -337,7 +338,9 @@ def measure_candidates(
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
-    weights = {layer.name: get_module(model, layer.name).weight.detach() for layer in layers}
+    weights = {
+        layer.name: module_weight(get_module(model, layer.name)).detach() for layer in layers
+    }
     quantized = {
         layer.name: fake_quantize_formats(
             weights[layer.name],

@@ -107,13 +107,8 @@ from lcpaq.sensitivity.candidates import (
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
 from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
-from lcpaq.sensitivity.interactions import (
-    compute_interactions,
-    load_interactions,
-    pair_formats,
-    save_interactions,
-    select_pairs,
-)
+from lcpaq.sensitivity.interaction_terms import load_interactions, save_interactions, select_pairs
+from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
 from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 
 logger = logging.getLogger(__name__)

@@ -132,7 +132,7 @@ def interaction_summary(
         return None
     from lcpaq.allocation.pairwise import pair_views
     from lcpaq.sensitivity.candidates import weight_format_of
-    from lcpaq.sensitivity.interactions import load_interactions
+    from lcpaq.sensitivity.interaction_terms import load_interactions
 
     terms = load_interactions(run_dir / "interactions.npz")
     used = dict(allocation.get("pairwise") or {}) if allocation else {}  # type: ignore[call-overload]
