@@ -233,6 +233,19 @@ def _control_offset(
     return np.asarray(gauss_newton.trace, dtype=np.float64)
 
 
+def _single_layer_probes(
+    counts: np.ndarray, weights: list[torch.Tensor], generator: torch.Generator
+) -> list[tuple[int, torch.Tensor]]:
+    """``counts[l]`` Rademacher probes on layer l (zero elsewhere), as (layer index, v_l) in layer order."""
+    device = weights[0].device
+    plan = [(index, int(count)) for index, count in enumerate(counts) if count > 0]
+    return [
+        (index, _rademacher(weights[index], generator, device))
+        for index, count in plan
+        for _ in range(count)
+    ]
+
+
 def _single_layer_round(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -331,7 +344,6 @@ def single_layer_hutchinson_traces(
     _check_probe_limits(min_probes, max_probes_per_layer)
     names, weights, generator, total = _probe_setup(model, layers, batches, seed, loss)
     cap_total = _total_cap(max_total_probes, min_probes, len(names))
-    device = weights[0].device
     offset = _control_offset(gauss_newton, names, total)
     samples: list[list[float]] = [[] for _ in names]
     counts = np.full(len(names), min_probes)
@@ -339,20 +351,10 @@ def single_layer_hutchinson_traces(
     try:
         with _requiring_grad(weights):
             while counts.sum() > 0:
-                plan = [(index, int(count)) for index, count in enumerate(counts) if count > 0]
-                probes = [
-                    (index, _rademacher(weights[index], generator, device))
-                    for index, count in plan
-                    for _ in range(count)
-                ]
+                probes = _single_layer_probes(counts, weights, generator)
+                control = gauss_newton is not None
                 values = _single_layer_round(
-                    model,
-                    share.mine(batches),
-                    weights,
-                    probes,
-                    loss,
-                    total,
-                    gauss_newton is not None,
+                    model, share.mine(batches), weights, probes, loss, total, control
                 )
                 for (index, _), value in zip(probes, share.add_up(values)):
                     samples[index].append(value)
