@@ -23,11 +23,8 @@ from lcpaq.model.data import Dataset, load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.zoo import load_model
-from lcpaq.quant.activations import (
-    ActivationQuantizer,
-    activation_quantizers,
-    load_activation_sensitivity,
-)
+from lcpaq.quant.activations import ActivationQuantizer, activation_quantizers
+from lcpaq.sensitivity.activation import load_activation_sensitivity
 from lcpaq.stages import pipeline
 
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}

@@ -23,12 +23,9 @@ from torch import nn
 from lcpaq.allocation.table import CandidateTable, activation_bits, candidate_name
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.quant.formats import (
-    QuantScheme,
-    fake_quantize_formats,
-    get_format,
-    scale_overhead_bits,
-)
+from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
+from lcpaq.quant.weights import fake_quantize_formats
+from lcpaq.sensitivity.per_sample import module_weight
 
 
 def parse_activation_formats(text: str) -> tuple[str, ...]:
@@ -160,7 +157,9 @@ def measure_candidates(
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
-    weights = {layer.name: get_module(model, layer.name).weight.detach() for layer in layers}
+    weights = {
+        layer.name: module_weight(get_module(model, layer.name)).detach() for layer in layers
+    }
     quantized = {
         layer.name: fake_quantize_formats(
             weights[layer.name],

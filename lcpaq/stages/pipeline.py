@@ -80,12 +80,8 @@ from lcpaq.model.recovery import (
 from lcpaq.model.zoo import build_model, file_sha256, load_model, num_classes_of
 from lcpaq.quant.activations import (
     ActivationQuantizer,
-    ActivationSensitivity,
     activation_quantizers,
-    activation_scores,
     attach_activation_quantizers,
-    load_activation_sensitivity,
-    save_activation_sensitivity,
 )
 from lcpaq.quant.checkpoint import (
     load_quantized,
@@ -96,25 +92,23 @@ from lcpaq.quant.checkpoint import (
 )
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
+from lcpaq.sensitivity.activation import (
+    ActivationSensitivity,
+    activation_scores,
+    load_activation_sensitivity,
+    save_activation_sensitivity,
+)
 from lcpaq.sensitivity.candidates import (
     activation_score_matrix,
     assign_activations,
     measure_candidates,
 )
-from lcpaq.sensitivity.hessian import (
-    CurvatureEstimate,
-    PyHessianCheck,
-    hutchinson_traces,
-    pyhessian_check,
-    single_layer_hutchinson_traces,
-)
-from lcpaq.sensitivity.interactions import (
-    compute_interactions,
-    load_interactions,
-    pair_formats,
-    save_interactions,
-    select_pairs,
-)
+from lcpaq.sensitivity.curvature import CurvatureEstimate
+from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
+from lcpaq.sensitivity.interaction_terms import load_interactions, save_interactions, select_pairs
+from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
+from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +258,14 @@ def measure_sensitivity(
     start = time.perf_counter()
     if analysis.estimator == "hutchinson":
         # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
-        exact_part = distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, keep_diagonal=False
+        exact_part = gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            keep_diagonal=False,
+            share=share,
         )
         curvature = single_layer_hutchinson_traces(
             model,
@@ -283,8 +283,14 @@ def measure_sensitivity(
             progress=progress,
         )
     else:
-        curvature = distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
+        curvature = gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            share=share,
+            progress=progress,
         )
     measured: dict[str, object] = {
         "curvature": curvature,
@@ -534,7 +540,7 @@ def load_pairwise(
 
 def activation_term(run_dir: Path, table: CandidateTable, scorer: str) -> np.ndarray:
     """[L, C] activation part of every candidate's score: ``activations.npz`` (measured by
-    ``analyze --act-formats``) through `lcpaq.quant.activations.activation_scores` (``diagonal`` for the
+    ``analyze --act-formats``) through `lcpaq.sensitivity.activation.activation_scores` (``diagonal`` for the
     diagonal weight scorer, ``trace`` otherwise). Zero for an unpaired table (its 8-bit activations
     are only a cost assumption), without the file, and for formats it did not measure."""
     path = run_dir / "activations.npz"
