@@ -42,7 +42,7 @@ from lcpaq.sensitivity.activation import (
     save_activation_sensitivity,
 )
 from lcpaq.sensitivity.candidates import table_from_weights
-from lcpaq.sensitivity.hessian import CurvatureEstimate
+from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.stages import pipeline
 
 
