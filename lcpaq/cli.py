@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lcpaq import __version__, runfolder
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import (
     AllocationConfig,
     AnalysisConfig,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lcpaq.allocation.budgets import TIE_RULES, parse_budget, parse_tie
 from lcpaq.allocation.frontier import SCORERS
-from lcpaq.allocation.problem import TIE_RULES, parse_budget, parse_tie
 from lcpaq.config.options import ALLOCATION_GROUP, option
 from lcpaq.errors import InputError
 
@@ -33,9 +33,9 @@ def _repeated(values: tuple[Any, ...]) -> list[str] | None:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """How the ILP chooses formats (see `lcpaq.allocation.problem`); the options of ``lcpaq allocate``.
+    """How the ILP chooses formats (see `lcpaq.allocation`); the options of ``lcpaq allocate``.
 
-    ``budgets``: ``METRIC=VALUE`` texts (`lcpaq.allocation.problem.parse_budget`), all hard limits; empty means
+    ``budgets``: ``METRIC=VALUE`` texts (`lcpaq.allocation.budgets.parse_budget`), all hard limits; empty means
     "given on the command line". ``cost_weights``: λ_k of the objective Σ s + Σ_k λ_k·cost_k/B_k
     (METHOD §4; 0 for every metric by default, so hard budgets alone decide).
     ``pairwise_weight`` (λ), ``pair_z``, ``pair_clip``, ``pairwise_mode``: how the inter-layer terms
