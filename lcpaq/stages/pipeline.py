@@ -103,20 +103,12 @@ from lcpaq.sensitivity.candidates import (
     assign_activations,
     measure_candidates,
 )
-from lcpaq.sensitivity.hessian import (
-    CurvatureEstimate,
-    PyHessianCheck,
-    hutchinson_traces,
-    pyhessian_check,
-    single_layer_hutchinson_traces,
-)
-from lcpaq.sensitivity.interactions import (
-    compute_interactions,
-    load_interactions,
-    pair_formats,
-    save_interactions,
-    select_pairs,
-)
+from lcpaq.sensitivity.curvature import CurvatureEstimate
+from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
+from lcpaq.sensitivity.interaction_terms import load_interactions, save_interactions, select_pairs
+from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
+from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +258,14 @@ def measure_sensitivity(
     start = time.perf_counter()
     if analysis.estimator == "hutchinson":
         # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
-        exact_part = distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, keep_diagonal=False
+        exact_part = gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            keep_diagonal=False,
+            share=share,
         )
         curvature = single_layer_hutchinson_traces(
             model,
@@ -285,8 +283,14 @@ def measure_sensitivity(
             progress=progress,
         )
     else:
-        curvature = distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
+        curvature = gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            share=share,
+            progress=progress,
         )
     measured: dict[str, object] = {
         "curvature": curvature,

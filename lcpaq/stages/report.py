@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from lcpaq import runfolder
 from lcpaq.allocation.costs import ACTIVATION_METRICS
 from lcpaq.allocation.table import PAIR_SEPARATOR
-from lcpaq.sensitivity.hessian import CurvatureEstimate
+from lcpaq.sensitivity.curvature import CurvatureEstimate
 
 
 def ranking_stability(curvature: CurvatureEstimate, seed: int = 0) -> dict[str, float] | None:
@@ -132,7 +132,7 @@ def interaction_summary(
         return None
     from lcpaq.allocation.pairwise import pair_views
     from lcpaq.allocation.table import weight_format_of
-    from lcpaq.sensitivity.interactions import load_interactions
+    from lcpaq.sensitivity.interaction_terms import load_interactions
 
     terms = load_interactions(run_dir / "interactions.npz")
     used = dict(allocation.get("pairwise") or {}) if allocation else {}  # type: ignore[call-overload]
