@@ -24,7 +24,7 @@ from pathlib import Path
 import _study
 import numpy as np
 
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
 from lcpaq.model.zoo import load_model

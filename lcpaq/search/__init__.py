@@ -52,8 +52,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget, counts_activation_bits, parse_budget
 from lcpaq.allocation.frontier import SCORERS
-from lcpaq.allocation.problem import Allocation, Budget, counts_activation_bits, parse_budget
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, load_dataset
@@ -75,7 +77,6 @@ from lcpaq.quant.activations import (
 )
 from lcpaq.quant.formats import QuantScheme, fake_quantize_formats, get_format, parse_format_list
 from lcpaq.sensitivity.candidates import (
-    CandidateTable,
     parse_activation_formats,
     table_from_weights,
 )

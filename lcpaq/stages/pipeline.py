@@ -40,15 +40,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget, counts_activation_bits, tie_rule_groups
 from lcpaq.allocation.costs import CostModel, build_cost_model, load_latency_table
 from lcpaq.allocation.curves import (
     BASELINE_FORMATS,
     budget_table,
-    explain_infeasible,
     extra_uniform_points,
     sweep_metric,
     uniform_points,
 )
+from lcpaq.allocation.diagnose import infeasibility_report
 from lcpaq.allocation.frontier import build_frontiers, pareto_mask, score_candidates
 from lcpaq.allocation.pairwise import (
     AugmentedProblem,
@@ -58,13 +59,13 @@ from lcpaq.allocation.pairwise import (
     pair_views,
     prepare_pairwise,
 )
-from lcpaq.allocation.problem import (
-    Allocation,
-    AllocationProblem,
-    Budget,
-    allowed_candidates,
-    counts_activation_bits,
-    tie_rule_groups,
+from lcpaq.allocation.problem import AllocationProblem, allowed_candidates
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import (
+    PAIR_SEPARATOR,
+    CandidateTable,
+    activation_format_of,
+    weight_format_of,
 )
 from lcpaq.config import AllocationConfig, FirstLastPolicy, RunConfig
 from lcpaq.errors import InputError
@@ -96,13 +97,9 @@ from lcpaq.quant.checkpoint import (
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.candidates import (
-    PAIR_SEPARATOR,
-    CandidateTable,
-    activation_format_of,
     activation_score_matrix,
     assign_activations,
     measure_candidates,
-    weight_format_of,
 )
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
@@ -684,7 +681,7 @@ def allocate(
         except InputError as error:
             # Keep the reason next to the run: the report explains which budgets conflict.
             with contextlib.suppress(InputError):
-                explanation = explain_infeasible(problem, budgets, str(error))
+                explanation = infeasibility_report(problem, budgets, error)
                 runfolder.write_json(run_dir / "infeasible.json", explanation)
             raise
         (run_dir / "infeasible.json").unlink(missing_ok=True)

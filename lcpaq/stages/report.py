@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from lcpaq import runfolder
 from lcpaq.allocation.costs import ACTIVATION_METRICS
-from lcpaq.sensitivity.candidates import PAIR_SEPARATOR
+from lcpaq.allocation.table import PAIR_SEPARATOR
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 
 
@@ -131,7 +131,7 @@ def interaction_summary(
     if not (run_dir / "interactions.npz").is_file():
         return None
     from lcpaq.allocation.pairwise import pair_views
-    from lcpaq.sensitivity.candidates import weight_format_of
+    from lcpaq.allocation.table import weight_format_of
     from lcpaq.sensitivity.interaction_terms import load_interactions
 
     terms = load_interactions(run_dir / "interactions.npz")

@@ -10,6 +10,13 @@ import pytest
 import torch
 from conftest import conv_inputs, make_tiny_conv_net
 
+from lcpaq.allocation.table import (
+    DEFAULT_ACTIVATION_FORMAT,
+    activation_bits,
+    activation_format_of,
+    activation_sign_bits,
+    weight_format_of,
+)
 from lcpaq.config import AnalysisConfig
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers, get_module
@@ -17,16 +24,11 @@ from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.quant.formats import QuantScheme, fake_quantize, get_format, scale_overhead_bits
 from lcpaq.runfolder import load_candidates, save_candidates
 from lcpaq.sensitivity.candidates import (
-    DEFAULT_ACTIVATION_FORMAT,
-    activation_bits,
-    activation_format_of,
     activation_score_matrix,
-    activation_sign_bits,
     expand_weight_matrix,
     measure_candidates,
     output_error,
     parse_activation_formats,
-    weight_format_of,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
