@@ -15,7 +15,8 @@ from scipy.stats import spearmanr
 from lcpaq.model.data import load_dataset
 from lcpaq.model.graph import discover_layers, get_module
 from lcpaq.model.zoo import load_model
-from lcpaq.quant.activations import activation_scores, activation_sensitivity, quantize_activation
+from lcpaq.quant.activations import quantize_activation
+from lcpaq.sensitivity.activation import activation_scores, activation_sensitivity
 from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
 
 

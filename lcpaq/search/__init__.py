@@ -68,14 +68,14 @@ from lcpaq.model.recovery import (
     correct_statistics,
 )
 from lcpaq.model.zoo import file_sha256, load_model, num_classes_of
-from lcpaq.quant.activations import (
+from lcpaq.quant.activations import activation_quantizers, attach_activation_quantizers
+from lcpaq.quant.formats import QuantScheme, get_format, parse_format_list
+from lcpaq.quant.weights import fake_quantize_formats
+from lcpaq.sensitivity.activation import (
     ActivationSensitivity,
-    activation_quantizers,
-    attach_activation_quantizers,
     load_activation_sensitivity,
     save_activation_sensitivity,
 )
-from lcpaq.quant.formats import QuantScheme, fake_quantize_formats, get_format, parse_format_list
 from lcpaq.sensitivity.candidates import (
     parse_activation_formats,
     table_from_weights,

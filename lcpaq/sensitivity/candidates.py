@@ -23,12 +23,8 @@ from torch import nn
 from lcpaq.allocation.table import CandidateTable, activation_bits, candidate_name
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.quant.formats import (
-    QuantScheme,
-    fake_quantize_formats,
-    get_format,
-    scale_overhead_bits,
-)
+from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
+from lcpaq.quant.weights import fake_quantize_formats
 from lcpaq.sensitivity.per_sample import module_weight
 
 

@@ -80,12 +80,8 @@ from lcpaq.model.recovery import (
 from lcpaq.model.zoo import build_model, file_sha256, load_model, num_classes_of
 from lcpaq.quant.activations import (
     ActivationQuantizer,
-    ActivationSensitivity,
     activation_quantizers,
-    activation_scores,
     attach_activation_quantizers,
-    load_activation_sensitivity,
-    save_activation_sensitivity,
 )
 from lcpaq.quant.checkpoint import (
     load_quantized,
@@ -96,6 +92,12 @@ from lcpaq.quant.checkpoint import (
 )
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
+from lcpaq.sensitivity.activation import (
+    ActivationSensitivity,
+    activation_scores,
+    load_activation_sensitivity,
+    save_activation_sensitivity,
+)
 from lcpaq.sensitivity.candidates import (
     activation_score_matrix,
     assign_activations,
@@ -538,7 +540,7 @@ def load_pairwise(
 
 def activation_term(run_dir: Path, table: CandidateTable, scorer: str) -> np.ndarray:
     """[L, C] activation part of every candidate's score: ``activations.npz`` (measured by
-    ``analyze --act-formats``) through `lcpaq.quant.activations.activation_scores` (``diagonal`` for the
+    ``analyze --act-formats``) through `lcpaq.sensitivity.activation.activation_scores` (``diagonal`` for the
     diagonal weight scorer, ``trace`` otherwise). Zero for an unpaired table (its 8-bit activations
     are only a cost assumption), without the file, and for formats it did not measure."""
     path = run_dir / "activations.npz"

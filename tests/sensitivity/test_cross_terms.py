@@ -11,7 +11,8 @@ from interaction_cases import FORMATS, model_and_data
 from torch import nn
 
 from lcpaq.model.graph import discover_layers
-from lcpaq.quant.formats import QuantScheme, fake_quantize, get_format
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import fake_quantize
 from lcpaq.sensitivity.cross_terms import hessian_cross_terms
 from lcpaq.sensitivity.interaction_terms import (
     select_pairs,
