@@ -43,7 +43,7 @@ def weight_perturbations(
     input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
     """Δw[l][f] = Q_f(W_l) − W_l, on the weight's device and dtype (``input_hessians``: what GPTQ
-    rounding needs, see `lcpaq.quant.formats.quantize_weight`)."""
+    rounding needs, see `lcpaq.quant.weights.quantize_weight`)."""
     result = []
     for layer in layers:
         weight = module_weight(get_module(model, layer.name)).detach()

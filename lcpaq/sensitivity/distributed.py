@@ -143,7 +143,7 @@ def activation_sensitivity_distributed(
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
 ) -> ActivationSensitivity:
-    """`lcpaq.quant.activations.activation_sensitivity` with the batches split across the process group.
+    """`lcpaq.sensitivity.activation.activation_sensitivity` with the batches split across the process group.
 
     The activation ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and
     the per-sample rows gathered in batch order,
