@@ -844,7 +844,7 @@ class SearchContext:
         # ``analyze`` writes candidates.npz last, so its presence marks a complete analysis.
         if not (folder / "candidates.npz").is_file():
             start = time.perf_counter()
-            with _quiet("lcpaq.stages.pipeline"):
+            with _quiet("lcpaq.stages"):
                 pipeline.analyze(_cache_analysis_config(config), folder, progress=False)
             self.analyze_calls += 1
             seconds = time.perf_counter() - start
@@ -869,7 +869,7 @@ class SearchContext:
             return path, 0.0
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        with _quiet("lcpaq.stages.pipeline"):
+        with _quiet("lcpaq.stages"):
             pipeline.analyze_interactions(
                 config,
                 self.model,
@@ -1082,7 +1082,7 @@ class SearchContext:
             _link_or_copy(pairs_path, run_dir / "interactions.npz")
         budgets = [parse_budget(text) for text in config.allocation.budgets]
         try:
-            with _quiet("lcpaq.stages.pipeline"):
+            with _quiet("lcpaq.stages"):
                 allocation = pipeline.allocate(run_dir, budgets, **config.allocation.options())
         except InputError as error:
             timings["ilp_s"] = time.perf_counter() - start
@@ -1371,7 +1371,7 @@ class Search:
             work = self.options.out / "cache" / "default-allocation"
             self.context.write_analysis(work, default, folder, table)
             budgets = [parse_budget(text) for text in default.allocation.budgets]
-            with _quiet("lcpaq.stages.pipeline"):
+            with _quiet("lcpaq.stages"):
                 allocation = pipeline.allocate(work, budgets, **default.allocation.options())
             self.study.set_user_attr("size_cap_mb", _ceil_budget_mb(allocation.size_bytes))
         cap = Budget("size-mb", float(self.study.user_attrs["size_cap_mb"]))

@@ -1,7 +1,7 @@
 """PNG plots of a proxy search (`lcpaq.search`): proxy score per trial with the best so far,
 parameter importances, and proxy against full-evaluation accuracy.
 
-Like `lcpaq.stages.plot`: Agg canvas without pyplot, axis labels with units, a title naming the model
+Like `lcpaq.stages.figures`: Agg canvas without pyplot, axis labels with units, a title naming the model
 and the budget, written atomically.
 """
 

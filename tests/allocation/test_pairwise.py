@@ -40,7 +40,7 @@ from lcpaq.sensitivity.interactions import (
     select_pairs,
 )
 from lcpaq.stages import pipeline
-from lcpaq.stages.plot import plot_interaction_heatmap
+from lcpaq.stages.heatmaps import plot_interaction_heatmap
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -39,6 +39,7 @@ from lcpaq.search import (
     plan_slices,
 )
 from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.interactions import load_interactions
 from lcpaq.stages import pipeline
 from tests.conftest import conv_inputs, make_tiny_conv_net
 
@@ -623,7 +624,7 @@ def test_pairwise_terms_are_cached_per_scheme_and_reach_the_trial_folder(
     assert calls == [1]  # the second trial reuses the cached terms
     assert first.timings["hessian_s"] > 0 and again.timings["hessian_s"] == 0
     for folder in ("t1", "t2"):
-        terms = pipeline.load_interactions(tmp_path / folder / "interactions.npz")
+        terms = load_interactions(tmp_path / folder / "interactions.npz")
         assert terms.pairs == tuple((i, i + 1) for i in range(4))
     context.prepare(w1.with_analysis(pair_window=2), tmp_path / "t3", build=False)
     other_scheme = w1.with_analysis(scheme=QuantScheme(symmetric=True))
