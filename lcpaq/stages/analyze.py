@@ -50,10 +50,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Analysis:
-    """What ``analyze`` measured on one model: its layers, sizes in bits, the `Measurements`
-    (curvature, cross-checks, activation sensitivity), the candidate table, the GPTQ input
-    Hessians and the inter-layer terms (None when not asked for), with wall times in seconds."""
+    """What ``analyze`` measured on one model under ``config``: its layers, sizes in bits, the
+    `Measurements` (curvature, cross-checks, activation sensitivity), the candidate table, the
+    GPTQ input Hessians and the inter-layer terms (None when not asked for), with wall times in
+    seconds."""
 
+    config: RunConfig
     layers: tuple[LayerInfo, ...]
     fp32_size_bits: int
     unquantized_size_bits: int
@@ -127,6 +129,7 @@ def analyze_model(
         interactions = measure_interactions(config, model, layers, pair_data, input_hessians)
         interactions_seconds = time.perf_counter() - start
     return Analysis(
+        config,
         tuple(layers),
         fp32_bits,
         unquantized_bits,
