@@ -128,11 +128,14 @@ def _budgets(budget: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def run_config(model: nn.Module, budget: str | Sequence[str] = (), **options: Any) -> RunConfig:
-    """The `RunConfig` of an in-memory run (the model named by its class)."""
+    """The `RunConfig` of an in-memory run (the model named by its class, ``module:Class``)."""
     analysis, recovery, allocation = _split_options(options)
     config = RunConfig(
         analysis=AnalysisConfig(
-            model=type(model).__name__, checkpoint=None, calib=IN_MEMORY, **analysis
+            model=f"{type(model).__module__}:{type(model).__qualname__}",
+            checkpoint=None,
+            calib=IN_MEMORY,
+            **analysis,
         ),
         recovery=RecoveryConfig(**recovery),
         allocation=AllocationConfig(budgets=_budgets(budget), **allocation),
