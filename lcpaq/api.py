@@ -36,6 +36,7 @@ from lcpaq.stages.allocate import (
     allocation_record,
     check_solvable,
     optimum,
+    options_record,
     problem_of,
 )
 from lcpaq.stages.analyze import Analysis, analyze_model, with_default_activations, write_analysis
@@ -272,13 +273,7 @@ def _write_run(
         run_dir / "frontiers.npz",
         {"scores": scores, "kept": kept, "allowed": np.asarray(problem.allowed)},
     )
-    options = _allocation_options(config.allocation)
-    pair_names = ("pairwise_weight", "pair_z", "pair_clip", "pairwise_mode")
-    record_options = {
-        **{name: options[name] for name in ("first_last", "scorer", "ties", "tie_rule")},
-        "latency_table": options["latency_table"],
-        "pairwise": {name: options[name] for name in pair_names},
-    }
+    record_options = options_record(**_allocation_options(config.allocation))
     budgets = [Budget(use.metric, use.limit) for use in allocation.budgets]
     weights = dict(config.allocation.cost_weights) or None
     record = allocation_record(problem, budgets, allocation, weights, record_options)

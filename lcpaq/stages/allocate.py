@@ -280,22 +280,18 @@ def allocate(
             run_dir / "frontiers.npz",
             {"scores": scores, "kept": kept, "allowed": np.asarray(problem.allowed)},
         )
-        options = {
-            "first_last": first_last,
-            "scorer": scorer,
-            "ties": [list(group) for group in ties],
-            "tie_rule": tie_rule,
-            "latency_table": latency_table,
-        }
-        pair_options = {
-            "pairwise_weight": pairwise_weight,
-            "pair_z": pair_z,
-            "pair_clip": pair_clip,
-            "pairwise_mode": pairwise_mode,
-        }
-        record = allocation_record(
-            problem, budgets, allocation, cost_weights, {**options, "pairwise": pair_options}
+        options = options_record(
+            first_last=first_last,
+            scorer=scorer,
+            ties=ties,
+            tie_rule=tie_rule,
+            latency_table=latency_table,
+            pairwise_weight=pairwise_weight,
+            pair_z=pair_z,
+            pair_clip=pair_clip,
+            pairwise_mode=pairwise_mode,
         )
+        record = allocation_record(problem, budgets, allocation, cost_weights, options)
         runfolder.write_json(run_dir / "allocation.json", record)
     logger.info(
         "allocated %.3f average bits, %.4f MB, predicted loss increase %.4g (%s, %.3f s)",
@@ -306,6 +302,34 @@ def allocate(
         allocation.solve_time_s,
     )
     return allocation
+
+
+def options_record(
+    *,
+    first_last: str,
+    scorer: str,
+    ties: Sequence[Sequence[str]],
+    tie_rule: str,
+    latency_table: str | None,
+    pairwise_weight: float,
+    pair_z: float,
+    pair_clip: str,
+    pairwise_mode: str,
+) -> dict[str, object]:
+    """The options block of ``allocation.json``, the pair options under ``pairwise``."""
+    return {
+        "first_last": first_last,
+        "scorer": scorer,
+        "ties": [list(group) for group in ties],
+        "tie_rule": tie_rule,
+        "latency_table": latency_table,
+        "pairwise": {
+            "pairwise_weight": pairwise_weight,
+            "pair_z": pair_z,
+            "pair_clip": pair_clip,
+            "pairwise_mode": pairwise_mode,
+        },
+    }
 
 
 def allocation_record(
