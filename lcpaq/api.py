@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.allocation.curves import budget_table
 from lcpaq.allocation.pairwise import AugmentedProblem
-from lcpaq.allocation.problem import Allocation, AllocationProblem, Budget, parse_budget
+from lcpaq.allocation.problem import AllocationProblem
+from lcpaq.allocation.result import Allocation
 from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from lcpaq import __version__, runfolder
+from lcpaq.allocation.budgets import TIE_RULES, Budget, parse_budget, parse_tie
 from lcpaq.allocation.costs import COST_METRICS
-from lcpaq.allocation.problem import TIE_RULES, Budget, parse_budget, parse_tie
 from lcpaq.config import (
     DEFAULT_FORMATS,
     AllocationConfig,

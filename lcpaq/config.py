@@ -86,7 +86,7 @@ class AnalysisConfig:
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"
             )
         _check_estimator_options(self)
-        from lcpaq.sensitivity.candidates import (
+        from lcpaq.allocation.table import (
             activation_bits,  # local: keeps config's imports minimal
         )
 

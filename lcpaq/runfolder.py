@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-from lcpaq.sensitivity.candidates import CandidateTable
 from lcpaq.sensitivity.hessian import CurvatureEstimate
 
 SCHEMA_VERSION = 1

@@ -24,12 +24,13 @@ from pathlib import Path
 import _study
 import numpy as np
 
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
 from lcpaq.model.zoo import load_model
-from lcpaq.quant.activations import activation_quantizers, load_activation_sensitivity
+from lcpaq.quant.activations import activation_quantizers
 from lcpaq.runfolder import load_candidates
+from lcpaq.sensitivity.activation import load_activation_sensitivity
 from lcpaq.stages import pipeline
 
 ACTIVATION_FORMATS = ("int4", "int6", "int8", "fp8_e4m3")

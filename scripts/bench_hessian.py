@@ -57,7 +57,8 @@ from torch import nn
 from lcpaq.model.data import load_dataset
 from lcpaq.model.graph import discover_layers, get_module
 from lcpaq.model.zoo import build_model, load_model
-from lcpaq.quant.activations import activation_scores, activation_sensitivity, quantize_activation
+from lcpaq.quant.activations import quantize_activation
+from lcpaq.sensitivity.activation import activation_scores, activation_sensitivity
 from lcpaq.sensitivity.hessian import (
     gauss_newton_traces,
     probes_for_tolerance,

@@ -25,7 +25,7 @@ import _study
 import numpy as np
 import torch
 
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.model.zoo import load_model
 from lcpaq.quant.onnx_qdq import check_onnx

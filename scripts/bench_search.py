@@ -34,7 +34,7 @@ import torch
 from _provenance import git_sha
 from scipy.stats import kendalltau, spearmanr
 
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference

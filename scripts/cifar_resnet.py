@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from _provenance import git_sha
 
-from lcpaq.allocation.problem import Budget
+from lcpaq.allocation.budgets import Budget
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference

@@ -31,15 +31,16 @@ import torch
 from _provenance import git_sha
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
-from lcpaq.allocation.problem import AllocationProblem, Budget
+from lcpaq.allocation.problem import AllocationProblem
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.recovery import collect_reference_stats
 from lcpaq.model.zoo import load_model
 from lcpaq.quant.formats import get_format, parse_format_list
-from lcpaq.sensitivity.candidates import CandidateTable
 from lcpaq.stages import pipeline
 
 FORMATS = "int2,int3,int4,int5,int6,int8,fp4_e2m1,fp6_e2m3,fp6_e3m2,fp8_e4m3,fp8_e5m2"

@@ -30,8 +30,8 @@ from _provenance import git_sha
 from scipy.stats import spearmanr
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
-from lcpaq.allocation.problem import Budget
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import _study
 
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
 from lcpaq.model.zoo import load_model
 from lcpaq.stages import pipeline

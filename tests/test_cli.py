@@ -432,7 +432,7 @@ def test_min_max_activation_ranges_and_old_configurations(digits_files, tmp_path
     from lcpaq.config import RunConfig
     from lcpaq.errors import InputError
     from lcpaq.model.zoo import build_model
-    from lcpaq.quant.activations import load_activation_sensitivity
+    from lcpaq.sensitivity.activation import load_activation_sensitivity
     from lcpaq.stages import folder, pipeline
 
     out = tmp_path / "run"
@@ -485,7 +485,8 @@ def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
 
     from lcpaq.model.data import load_dataset
     from lcpaq.model.recovery import collect_input_hessians
-    from lcpaq.quant.formats import QuantScheme, dequantize_weight, get_format, quantize_weight
+    from lcpaq.quant.formats import QuantScheme, get_format
+    from lcpaq.quant.weights import dequantize_weight, quantize_weight
 
     out = tmp_path / "run"
     args = ["-q", "analyze", "--model", "demo-digits", "--checkpoint"]

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lcpaq.allocation.budgets import tie_rule_groups
 from lcpaq.allocation.costs import CostModel
 from lcpaq.allocation.frontier import build_frontiers
 from lcpaq.allocation.pairwise import AugmentedProblem, PairwiseMode
-from lcpaq.allocation.problem import AllocationProblem, allowed_candidates, tie_rule_groups
+from lcpaq.allocation.problem import AllocationProblem, allowed_candidates
 from lcpaq.errors import InputError
 
 if TYPE_CHECKING:  # candidates imports torch; allocation must not
-    from lcpaq.sensitivity.candidates import CandidateTable
+    from lcpaq.allocation.table import CandidateTable
 
 #: The weight format ``--first-last keep-8bit`` pins the first and last layer to.
 HIGH_FORMAT = "int8"

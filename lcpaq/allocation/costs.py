@@ -35,13 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
 
 BITS_PER_MB = 8e6  # sizes are reported in MB = 10^6 bytes
 COST_METRICS = ("avg-bits", "size-mb", "size-frac", "bitops-g", "ebops-g", "latency-ms")
 #: The metrics that count activation bits (8 when no activation formats are chosen).
 ACTIVATION_METRICS = ("bitops-g", "ebops-g", "latency-ms")
-DEFAULT_ACTIVATION_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class CostModel:
 
 
 def build_cost_model(
-    table: object,
+    table: CandidateTable,
     *,
     constant_size_bits: float = 0.0,
     fp32_size_bits: float | None = None,
@@ -157,7 +157,7 @@ def build_cost_model(
     latency_table: Mapping[str, Mapping[str, float]] | None = None,
     roofline: Roofline | None = None,
 ) -> CostModel:
-    """Cost coefficients for a `CandidateTable` (any object with its fields).
+    """Cost coefficients for a `CandidateTable`.
 
     Args:
         table: the candidate table (``num_params``, ``bits``, ``weight_bits``, ``size_bits``).
@@ -167,7 +167,7 @@ def build_cost_model(
             roofline ``latency-ms``.
         weight_shapes: [L] weight shapes, for latency-table lookups by shape.
         activation_bits: activation bits per candidate (scalar or [F]); default: the table's
-            ``activation_bits`` (its activation formats), else 8.
+            ``activation_bits`` (its activation formats; 8 bits without them).
         weight_sign_bits: [F] 1 where the format stores a sign bit (EBOPs does not count it);
             default 0 (asymmetric unsigned INT codes).
         activation_sign_bits: [F] the same for the activation format; default: the table's
@@ -175,18 +175,18 @@ def build_cost_model(
         latency_table: measured ms per layer name or shape key and format (`load_latency_table`).
         roofline: peak rates for the roofline estimate used when no table is given.
     """
-    names: tuple[str, ...] = tuple(table.layer_names)  # type: ignore[attr-defined]
-    formats: tuple[str, ...] = tuple(table.format_names)  # type: ignore[attr-defined]
-    num_params = np.asarray(table.num_params, dtype=float)  # type: ignore[attr-defined]
-    bits = np.asarray(table.bits, dtype=float)  # type: ignore[attr-defined]
-    size_bits = np.asarray(table.size_bits, dtype=float)  # type: ignore[attr-defined]
-    weight_bits = np.asarray(table.weight_bits, dtype=float)  # type: ignore[attr-defined]
+    names = tuple(table.layer_names)
+    formats = tuple(table.format_names)
+    num_params = np.asarray(table.num_params, dtype=np.float64)
+    bits = np.asarray(table.bits, dtype=np.float64)
+    size_bits = np.asarray(table.size_bits, dtype=np.float64)
+    weight_bits = np.asarray(table.weight_bits, dtype=np.float64)
     if activation_bits is None:
-        activation_bits = getattr(table, "activation_bits", DEFAULT_ACTIVATION_BITS)
+        activation_bits = table.activation_bits
     if activation_sign_bits is None:
-        activation_sign_bits = getattr(table, "activation_sign_bits", 0)
-    act = np.broadcast_to(np.asarray(activation_bits, dtype=float), bits.shape)
-    act_sign = np.broadcast_to(np.asarray(activation_sign_bits, dtype=float), bits.shape)
+        activation_sign_bits = table.activation_sign_bits
+    act = np.broadcast_to(np.asarray(activation_bits, dtype=np.float64), bits.shape)
+    act_sign = np.broadcast_to(np.asarray(activation_sign_bits, dtype=np.float64), bits.shape)
     if np.any(act <= 0):
         raise InputError("activation bits must be positive")
     coefficients: dict[str, np.ndarray] = {
@@ -206,18 +206,7 @@ def build_cost_model(
         coefficients["ebops-g"] = macs[:, None] * ((bits - sign) * (act - act_sign))[None, :] / 1e9
         offsets["bitops-g"] = offsets["ebops-g"] = 0.0
     if latency_table is not None:
-        latency = np.zeros((len(names), len(formats)))
-        for row, name in enumerate(names):
-            keys = [name] + ([shape_key(weight_shapes[row])] if weight_shapes is not None else [])
-            entry = next((latency_table[key] for key in keys if key in latency_table), None)
-            for column, fmt in enumerate(formats):
-                if entry is None or fmt not in entry:
-                    raise InputError(
-                        f"latency table has no entry for layer {name!r} ("
-                        f"{' or '.join(keys[1:]) or 'no shape given'}) and format {fmt!r}"
-                    )
-                latency[row, column] = entry[fmt]
-        coefficients["latency-ms"] = latency
+        coefficients["latency-ms"] = measured_latency(names, formats, latency_table, weight_shapes)
         offsets["latency-ms"] = 0.0
     elif macs_per_sample is not None:
         coefficients["latency-ms"] = (roofline or Roofline()).latency_ms(
@@ -225,3 +214,24 @@ def build_cost_model(
         )
         offsets["latency-ms"] = 0.0
     return CostModel(names, formats, coefficients, offsets)
+
+
+def measured_latency(
+    names: Sequence[str],
+    formats: Sequence[str],
+    latency_table: Mapping[str, Mapping[str, float]],
+    weight_shapes: Sequence[Sequence[int]] | None,
+) -> np.ndarray:
+    """[L, F] ms of every layer (looked up by name, then by weight shape) and format."""
+    latency = np.zeros((len(names), len(formats)))
+    for row, name in enumerate(names):
+        keys = [name] + ([shape_key(weight_shapes[row])] if weight_shapes is not None else [])
+        entry = next((latency_table[key] for key in keys if key in latency_table), None)
+        for column, fmt in enumerate(formats):
+            if entry is None or fmt not in entry:
+                raise InputError(
+                    f"latency table has no entry for layer {name!r} ("
+                    f"{' or '.join(keys[1:]) or 'no shape given'}) and format {fmt!r}"
+                )
+            latency[row, column] = entry[fmt]
+    return latency

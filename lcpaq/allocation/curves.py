@@ -7,30 +7,27 @@
   FP8 when the caller measured them), with every cost metric, so they sit on the same axes.
 * `budget_table`: per budget its limit, used value, slack, whether it is binding (used up to 0.1 %)
   and whether it is *limiting* (dropping it alone would lower the predicted loss increase).
-* `explain_infeasible`: per budget the smallest achievable value and which budgets conflict.
 
-Numpy only; the problem is anything with the `AllocationProblem` interface.
+Numpy only; the problem is any `lcpaq.allocation.problem.Allocator` (why budgets conflict is
+`lcpaq.allocation.diagnose`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from lcpaq.allocation.costs import BITS_PER_MB
-from lcpaq.allocation.problem import Allocation, Budget
+from lcpaq.allocation.budgets import BINDING_TOLERANCE, Budget
+from lcpaq.allocation.costs import BITS_PER_MB, CostModel
+from lcpaq.allocation.problem import Allocator
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-
-if TYPE_CHECKING:  # candidates imports torch; this module must not
-    from lcpaq.sensitivity.candidates import CandidateTable
 
 #: Uniform baselines drawn on every model-level curve (the issue's INT8 / INT4 / FP8).
 BASELINE_FORMATS = ("int8", "int4", "fp8_e4m3")
-#: A budget counts as binding when the allocation uses it up to this fraction.
-BINDING_TOLERANCE = 1e-3
 
 
 def _point(costs: Mapping[str, float], predicted: float) -> dict[str, Any]:
@@ -44,7 +41,7 @@ def _point(costs: Mapping[str, float], predicted: float) -> dict[str, Any]:
 
 
 def sweep_metric(
-    problem: Any,
+    problem: Allocator,
     metric: str,
     num_points: int,
     *,
@@ -68,9 +65,10 @@ def sweep_metric(
     if low is not None:
         low = max(low, problem.smallest_achievable(metric))
     weights = {k: v for k, v in (cost_weights or {}).items() if k != metric and v}
-    extra = {"cost_weights": weights} if weights else {}
     points = []
-    curve = problem.pareto_curve(metric, num_points, budgets=others, low=low, high=high, **extra)
+    curve = problem.pareto_curve(
+        metric, num_points, budgets=others, low=low, high=high, cost_weights=weights or None
+    )
     for point in curve:
         choice = np.array([problem.table.format_index(name) for name in point.formats])
         entry = _point(point.costs, problem.objective(choice))
@@ -98,7 +96,7 @@ def baseline_columns(table: CandidateTable) -> list[int]:
     return columns
 
 
-def uniform_points(problem: Any, table: CandidateTable) -> list[dict[str, Any]]:
+def uniform_points(problem: Allocator, table: CandidateTable) -> list[dict[str, Any]]:
     """Uniform assignments of `baseline_columns`, each with every cost metric."""
     points = []
     for column in baseline_columns(table):
@@ -115,7 +113,7 @@ def uniform_points(problem: Any, table: CandidateTable) -> list[dict[str, Any]]:
 
 
 def extra_uniform_points(
-    table: CandidateTable, costs: Any, scores: np.ndarray
+    table: CandidateTable, costs: CostModel, scores: np.ndarray
 ) -> list[dict[str, Any]]:
     """Uniform points of formats measured outside the candidate set (baselines only): ``table``,
     ``costs`` and ``scores`` describe them alone; no pairwise terms."""
@@ -134,7 +132,7 @@ def extra_uniform_points(
 
 
 def budget_table(
-    problem: Any,
+    problem: Allocator,
     budgets: Sequence[Budget],
     allocation: Allocation,
     cost_weights: Mapping[str, float] | None = None,
@@ -148,17 +146,18 @@ def budget_table(
     With ``cost_weights`` (λ) the re-solve keeps them and the minimised objective is compared.
     """
     weights = {k: v for k, v in (cost_weights or {}).items() if v}
-    extra = {"cost_weights": weights} if weights else {}
 
     def value(result: Allocation) -> float:
-        objective = getattr(result, "objective", None)
+        objective = result.objective
         return result.predicted_loss_increase if objective is None or not weights else objective
 
     rows = []
     for budget in budgets:
         choice = np.array([problem.table.format_index(name) for name in allocation.formats])
         used = problem.costs.value(budget.metric, choice)
-        without = problem.solve([other for other in budgets if other is not budget], **extra)
+        without = problem.solve(
+            [other for other in budgets if other is not budget], cost_weights=weights or None
+        )
         gain = value(allocation) - value(without)
         scale = max(abs(value(allocation)), 1e-300)
         rows.append(
@@ -174,36 +173,3 @@ def budget_table(
             }
         )
     return rows
-
-
-def explain_infeasible(problem: Any, budgets: Sequence[Budget], message: str) -> dict[str, Any]:
-    """Why ``budgets`` cannot be met: per budget the smallest achievable value (alone, with the
-    candidates, ties and layer policy), whether it is feasible alone, and every pair of budgets
-    that cannot be met together."""
-    rows, feasible = [], []
-    for budget in budgets:
-        smallest = problem.smallest_achievable(budget.metric)
-        alone = budget.value >= smallest - 1e-9 * abs(smallest)
-        rows.append(
-            {
-                "metric": budget.metric,
-                "limit": budget.value,
-                "smallest_achievable": smallest,
-                "feasible_alone": alone,
-                "shortfall": max(0.0, smallest - budget.value),
-            }
-        )
-        if alone:
-            feasible.append(budget)
-    conflicts = []
-    for first, second in itertools.combinations(feasible, 2):
-        try:
-            problem.solve([first, second])
-        except InputError:
-            conflicts.append([str(first), str(second)])
-    return {
-        "budgets": [str(budget) for budget in budgets],
-        "message": message,
-        "per_budget": rows,
-        "conflicting_pairs": conflicts,
-    }

@@ -1,4 +1,4 @@
-"""Stage 2b: sensitivity scores per (layer, format) and per-layer Pareto frontiers (METHOD §1a, §3).
+"""Sensitivity scores per (layer, format) and per-layer Pareto frontiers (METHOD §1a, §3; allocate).
 
 Input: a `CandidateTable` and per-layer traces. Output: scores [L, F] (predicted loss increase) and a
 ``kept`` mask [L, F] of non-dominated candidates (``frontiers.npz``). Numpy only.
@@ -10,14 +10,11 @@ activation terms) plug in by adding an entry to `SCORERS`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-
-if TYPE_CHECKING:  # candidates imports torch; this stage must not
-    from lcpaq.sensitivity.candidates import CandidateTable
 
 Scorer = Callable[["CandidateTable", np.ndarray], np.ndarray]
 
@@ -45,12 +42,14 @@ def output_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
     second-order term ½·tr(A ΔW S ΔWᵀ) with the output factor A replaced by its mean, tr(H)/(d_out·s̄)
     (tr H = tr A · tr S), and equals HAWQ-V2 when the inputs are white. Rounding that trades weight
     error for output error (GPTQ) is scored by what it preserves: the layer's outputs."""
-    if np.isnan(table.output_error).any():  # type: ignore[arg-type]
+    output_error = table.output_error
+    assert output_error is not None  # CandidateTable.__post_init__ fills it (NaN when unmeasured)
+    if np.isnan(output_error).any():
         raise InputError(
             "the 'output' scorer needs each layer's input second moments, which analyze records "
             "with GPTQ rounding (--rounding gptq, the default)"
         )
-    return 0.5 * (trace / table.num_params)[:, None] * table.output_error
+    return 0.5 * (trace / table.num_params)[:, None] * output_error
 
 
 SCORERS: dict[str, Scorer] = {

@@ -2,8 +2,9 @@
 
 Input: `lcpaq.sensitivity.interactions.InteractionTerms` (``interactions.npz``) and the separable scores [L, F]
 of the ILP. Output: the ``pairwise`` dict {(i, j): [F, F]} that `lcpaq.allocation.problem.AllocationProblem`
-adds to its objective, or an `AugmentedProblem` (METHOD §1d) that keeps the ILP separable. Numpy and
-`lcpaq.allocation.problem` only (no torch).
+adds to its objective, or an `AugmentedProblem` (METHOD §1d) that keeps the ILP separable (the same
+`lcpaq.allocation.problem.Allocator` interface); `pair_views` summarises the terms for the report.
+Numpy and the allocation package only (no torch).
 
 Order of the transformations (METHOD §1c, §1c'): significance filter on the raw terms (C := 0 where
 |C| < z·SE), then the weight λ (shrinkage), then optional clipping: ``negative`` (C := max(C, 0): the
@@ -21,13 +22,18 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from lcpaq.allocation.problem import Allocation, AllocationProblem, Budget, ParetoPoint
+from lcpaq.allocation import pareto
+from lcpaq.allocation.budgets import Budget
+from lcpaq.allocation.costs import CostModel
+from lcpaq.allocation.objective import Pair, objective_value
+from lcpaq.allocation.problem import AllocationProblem
+from lcpaq.allocation.result import Allocation, ParetoPoint
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
 
 if TYPE_CHECKING:  # interactions imports torch; this module must not
     from lcpaq.sensitivity.interactions import InteractionTerms
 
-Pair = tuple[int, int]
 Pairwise = dict[Pair, np.ndarray]
 PairClip = Literal["none", "negative", "psd"]
 PAIR_CLIPS: tuple[str, ...] = ("none", "negative", "psd")
@@ -58,7 +64,8 @@ def align_terms(
     measured = list(terms.format_names)
     columns = np.array([c for c, name in enumerate(column_formats) if name in measured], dtype=int)
     rows = np.array([measured.index(column_formats[c]) for c in columns], dtype=int)
-    cross, stderr = {}, {}
+    cross: Pairwise = {}
+    stderr: Pairwise = {}
     size = len(column_formats)
     for pair in terms.pairs:
         for source, target in ((terms.cross, cross), (terms.stderr, stderr)):
@@ -141,14 +148,6 @@ def prepare_pairwise(
     return scores, {pair: value for pair, value in pairwise.items() if np.any(value != 0)}
 
 
-def pairwise_objective(
-    scores: np.ndarray, pairwise: Mapping[Pair, np.ndarray], choice: np.ndarray
-) -> float:
-    """Σ_i s_i(f_i) + Σ_{(i,j)} C_ij(f_i, f_j) for a format index per layer."""
-    total = float(scores[np.arange(len(choice)), choice].sum())
-    return total + sum(float(block[choice[i], choice[j]]) for (i, j), block in pairwise.items())
-
-
 def augmented_scores(
     scores: np.ndarray, pairwise: Mapping[Pair, np.ndarray], reference: np.ndarray
 ) -> np.ndarray:
@@ -166,8 +165,9 @@ class AugmentedProblem:
 
     `solve` starts from the diagonal-only optimum, re-solves with s̃ around the last assignment until
     an assignment repeats (or ``max_rounds``), and returns the visited assignment with the lowest
-    full objective Σ s + Σ C (which is what ``predicted_loss_increase`` reports). Every other
-    attribute is the diagonal-only problem's (costs, budgets, ``allowed`` …).
+    full objective Σ s + Σ C (which is what ``predicted_loss_increase`` reports). Costs, budgets
+    and allowed candidates are the diagonal-only problem's (``base``); it serves the same
+    `lcpaq.allocation.problem.Allocator` interface as `AllocationProblem`.
 
     Args:
         make_problem: builds an `AllocationProblem` without pairs from [L, F] scores.
@@ -190,19 +190,42 @@ class AugmentedProblem:
         self.max_rounds = max_rounds
         self.rounds_used = 0
 
-    def __getattr__(self, name: str) -> object:
-        if name == "base":  # not yet set: no recursion
-            raise AttributeError(name)
-        return getattr(self.base, name)
+    # -- the diagonal-only problem's data ----------------------------------------------------
+    @property
+    def table(self) -> CandidateTable:
+        return self.base.table
 
+    @property
+    def costs(self) -> CostModel:
+        return self.base.costs
+
+    @property
+    def allowed(self) -> np.ndarray:
+        return self.base.allowed
+
+    def metric_value(self, metric: str, choice: np.ndarray) -> float:
+        return self.base.metric_value(metric, choice)
+
+    def smallest_achievable(self, metric: str) -> float:
+        return self.base.smallest_achievable(metric)
+
+    def feasible(self, budgets: Sequence[Budget]) -> bool:
+        """Augmented scores change the objective only: feasibility is the base problem's."""
+        return self.base.feasible(budgets)
+
+    # -- solves ------------------------------------------------------------------------------
     def objective(self, choice: np.ndarray) -> float:
-        return pairwise_objective(self.scores, self.pairwise, choice)
+        return objective_value(self.scores, self.pairwise, choice)
 
     def _choice(self, allocation: Allocation) -> np.ndarray:
         names = list(self.base.table.format_names)
         return np.array([names.index(name) for name in allocation.formats])
 
-    def solve(self, budgets: Sequence[Budget]) -> Allocation:
+    def solve(
+        self, budgets: Sequence[Budget], *, cost_weights: Mapping[str, float] | None = None
+    ) -> Allocation:
+        if cost_weights and any(cost_weights.values()):
+            raise InputError("cost weights are not supported with pairwise_mode 'augmented'")
         allocation = self.base.solve(budgets)
         best = (self.objective(self._choice(allocation)), allocation)
         seen = {allocation.formats}
@@ -239,31 +262,32 @@ class AugmentedProblem:
         ``high`` down to ``low``, ``budgets`` held); distinct assignments by increasing ``metric``."""
         if cost_weights and any(cost_weights.values()):
             raise InputError("cost weights are not supported with pairwise_mode 'augmented'")
-        if num_points < 1:
-            raise InputError(f"a Pareto sweep needs at least one point, got {num_points}")
+        pareto.check_points(num_points)
         others = [budget for budget in budgets if budget.metric != metric]
         if low is None:
             low = self.base.smallest_achievable(metric)
         if high is None:
             high = self.solve(others).costs[metric]
-        found: dict[tuple[str, ...], tuple[Allocation, list[float]]] = {}
-        for value in np.linspace(high, low, num_points) if num_points > 1 else [high]:
-            try:
-                allocation = self.solve([*others, Budget(metric, float(value))])
-            except InputError:  # this value is infeasible together with the other budgets
-                continue
-            found.setdefault(allocation.formats, (allocation, []))[1].append(float(value))
+        values = pareto.sweep_values(high, low, num_points)
+        optima = [self._optimum([*others, Budget(metric, float(value))]) for value in values]
         points = [
             ParetoPoint(
-                budgets=tuple(sorted(values)),
+                budgets=tuple(sorted(swept)),
                 costs=allocation.costs,
                 predicted_loss_increase=allocation.predicted_loss_increase,
                 formats=allocation.formats,
                 mip_gap=allocation.mip_gap,
             )
-            for allocation, values in found.values()
+            for allocation, swept in pareto.distinct_optima(values, optima)
         ]
         return sorted(points, key=lambda point: point.costs[metric])
+
+    def _optimum(self, budgets: Sequence[Budget]) -> tuple[tuple[str, ...], Allocation] | None:
+        try:
+            allocation = self.solve(budgets)
+        except InputError:  # this value is infeasible together with the other budgets
+            return None
+        return allocation.formats, allocation
 
 
 def pair_views(

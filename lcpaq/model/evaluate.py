@@ -1,5 +1,5 @@
-"""Stage 5: top-1 accuracy of a model on labelled data, with the per-sample outcomes kept so two
-models evaluated on the same images can be compared pairwise."""
+"""Top-1 accuracy of a model on labelled data (the core of the evaluate stage), with the per-sample
+outcomes kept so two models evaluated on the same images can be compared pairwise."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lcpaq.model.data import Dataset
+from lcpaq.model.graph import model_device
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Accuracy:
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, *, batch_size: int = 256) -> Accuracy:
     """Top-1 accuracy (as a fraction) and its binomial standard error."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     outcomes = []
     for start in range(0, len(dataset), batch_size):
         logits = model(dataset.inputs[start : start + batch_size].to(device))

@@ -7,7 +7,9 @@ layers come out in execution order. Everything downstream refers to layers by th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,17 +43,18 @@ class LayerInfo:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> LayerInfo:
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerInfo:
+        """Read `to_dict`'s output (parsed JSON, so values are untyped until the fields check them)."""
         values = dict(data)
-        values["weight_shape"] = tuple(values["weight_shape"])  # type: ignore[arg-type]
-        return cls(**values)  # type: ignore[arg-type]
+        values["weight_shape"] = tuple(values["weight_shape"])
+        return cls(**values)
 
 
 def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     """MACs for one sample: each output element costs one dot product of the kernel's fan-in."""
     per_sample_outputs = int(output[0].numel())
     # For convolutions weight[0] holds in_channels/groups x kernel elements: the fan-in.
-    fan_in = int(module.weight[0].numel())
+    fan_in = int(layer_weight(module)[0].numel())
     return per_sample_outputs * fan_in
 
 
@@ -96,8 +99,8 @@ def discover_layers(model: nn.Module, example_batch: torch.Tensor) -> tuple[Laye
             name=name,
             weight_key=f"{name}.weight",
             kind=type(module).__name__,
-            weight_shape=tuple(int(size) for size in module.weight.shape),
-            num_params=int(module.weight.numel()),
+            weight_shape=tuple(int(size) for size in layer_weight(module).shape),
+            num_params=int(layer_weight(module).numel()),
             macs_per_sample=seen[name][1],
             execution_index=seen[name][0],
             has_bias=module.bias is not None,
@@ -114,6 +117,19 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise InputError(f"the model has no module named {name!r}") from None
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor of a quantizable module (every one of `QUANTIZABLE_TYPES` has one)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise InputError(f"{type(module).__name__} has no weight tensor to quantize")
+    return weight
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (lcpaq keeps a model on one device)."""
+    return next(model.parameters()).device
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:

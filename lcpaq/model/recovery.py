@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import NORM_TYPES, get_module
+from lcpaq.model.graph import NORM_TYPES, get_module, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,15 @@ def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
     With s = √(var+eps): s' = s·σ_q/σ_fp and rm' = μ_q − (σ_q/σ_fp)(μ_fp − rm) give
     (μ_q − rm')/s' = (μ_fp − rm)/s and σ_q/s' = σ_fp/s.
     """
+    # `correction_points` picks BatchNorm layers only; they track running statistics.
+    assert isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))
     fp_mean, fp_var = fp.mean_var()
     q_mean, q_var = quantized.mean_var()
     eps = module.eps
     valid = fp_var > 1e-12
     ratio = torch.where(valid, q_var / fp_var.clamp_min(1e-12), torch.ones_like(fp_var))
     running_mean, running_var = module.running_mean, module.running_var
+    assert running_mean is not None and running_var is not None
     shifted = q_mean - ratio.sqrt() * (fp_mean - running_mean.double())
     running_mean.copy_(shifted.to(running_mean.dtype))
     running_var.copy_(
@@ -138,8 +141,10 @@ def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
 
 
 def _apply_bias(module: nn.Module, fp: _Moments, quantized: _Moments) -> torch.Tensor:
-    delta = (fp.mean_var()[0] - quantized.mean_var()[0]).to(module.bias.dtype)
-    module.bias.add_(delta)
+    bias = module.bias
+    assert isinstance(bias, torch.Tensor), "bias correction is only planned for layers with a bias"
+    delta = (fp.mean_var()[0] - quantized.mean_var()[0]).to(bias.dtype)
+    bias.add_(delta)
     return delta
 
 
@@ -292,7 +297,7 @@ def _correct_in_prefix_passes(
 
 
 # ---------------------------------------------------------------------------------------------
-# Input second moments for GPTQ rounding (`lcpaq.quant.formats.gptq_round`).
+# Input second moments for GPTQ rounding (`lcpaq.quant.gptq.gptq_round`).
 
 
 def _input_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -350,7 +355,7 @@ def collect_input_hessians(
             counts[name] += patches.shape[1]
 
         handles.append(module.register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for start in range(0, len(inputs), batch_size):
             model(inputs[start : start + batch_size].to(device))

@@ -1,5 +1,6 @@
-"""Stage 4: quantize a model to an allocation and write the quantized checkpoint; the only stage that
-changes a model.
+"""Quantize a model to an allocation and write or read the quantized checkpoint: the core of the
+export stage, the only stage that changes a model (input: the model, its layers and the allocation's
+layer → format assignment; output: the checkpoint folder below).
 
 Output folder (written to a temporary folder, then renamed into place, so an interrupted export never
 leaves a partial checkpoint):
@@ -14,7 +15,7 @@ leaves a partial checkpoint):
   quantizer (format and calibration range of the layer's input, or null where activations stay
   FP32: runs without ``--act-formats``, whose cost models assume 8 bits, and fp32 candidates), kind
   (int/fp), bits, granularity and group size; totals (average bits, size in bytes), the budget, the
-  source checkpoint's sha256, the lcpaq version. `lcpaq.quant.formats.dequantize_weight` decodes every
+  source checkpoint's sha256, the lcpaq version. `lcpaq.quant.weights.dequantize_weight` decodes every
   weight; `load_quantized` puts the activation quantizers back as forward pre-hooks.
 """
 
@@ -36,14 +37,13 @@ from torch import nn
 
 from lcpaq import __version__
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, get_module, layer_weight
 from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
-from lcpaq.quant.formats import (
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import (
     QuantizedWeight,
-    QuantScheme,
     code_offset,
     dequantize_weight,
-    get_format,
     pack_codes,
     quantize_weight,
     unpack_codes,
@@ -71,12 +71,10 @@ def quantize_model(
         for layer in layers:
             if layer.name not in assignment:
                 continue
-            module = get_module(quantized_model, layer.name)
+            weight = layer_weight(get_module(quantized_model, layer.name))
             hessian = input_hessians.get(layer.name) if input_hessians else None
-            quantized = quantize_weight(
-                module.weight, get_format(assignment[layer.name]), scheme, hessian
-            )
-            module.weight.copy_(dequantize_weight(quantized, module.weight.dtype))
+            quantized = quantize_weight(weight, get_format(assignment[layer.name]), scheme, hessian)
+            weight.copy_(dequantize_weight(quantized, weight.dtype))
             codes[layer.name] = quantized
     return quantized_model, codes
 
@@ -114,55 +112,20 @@ def write_quantized_checkpoint(
     holds the layers whose inputs are quantized at inference, with their calibration ranges.
     """
     out_dir = Path(out_dir)
+    build_dir = _make_build_dir(out_dir)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as error:
-        raise InputError(
-            f"output folder {out_dir.parent} is not writable: {error.strerror}"
-        ) from None
-    try:
-        tensors: dict[str, torch.Tensor] = {}
-        entries = []
         by_name = {layer.name: layer for layer in layers}
-        for name, quantized in codes.items():
-            layer = by_name[name]
-            key = layer.weight_key
-            tensors[key + CODES_SUFFIX] = pack_codes(quantized)
-            # float32, or uint8 E8M0 exponents for MX: stored as they are.
-            tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
-            if quantized.zero_point is not None:
-                tensors[key + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
-            fmt = get_format(quantized.format_name)
-            entries.append(
-                {
-                    "name": name,
-                    "weight_key": key,
-                    "format": fmt.name,
-                    "activation_format": (activation_formats or {}).get(name),
-                    "activation_quantizer": (
-                        activation_quantizers[name].to_dict()
-                        if activation_quantizers and name in activation_quantizers
-                        else None
-                    ),
-                    "kind": fmt.kind,
-                    "bits": fmt.bits,
-                    # How `.qcodes` unpacks (`lcpaq.quant.formats.unpack_codes`).
-                    "code_bits": fmt.bits,
-                    "code_offset": code_offset(quantized),
-                    "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),
-                    "granularity": quantized.granularity,
-                    "group_size": quantized.group_size,
-                    "symmetric": quantized.zero_point is None,
-                    "clipping": scheme.clipping,
-                    "num_params": layer.num_params,
-                    "shape": list(layer.weight_shape),
-                }
+        tensors = _checkpoint_tensors(state_dict, by_name, codes)
+        entries = [
+            _layer_entry(
+                by_name[name],
+                quantized,
+                scheme,
+                (activation_formats or {}).get(name),
+                (activation_quantizers or {}).get(name),
             )
-        quantized_keys = {by_name[name].weight_key for name in codes}
-        for key, tensor in state_dict.items():
-            if key not in quantized_keys:
-                tensors[key] = tensor.detach().contiguous().cpu()
+            for name, quantized in codes.items()
+        ]
         save_file(tensors, str(build_dir / "model.safetensors"))
         file_bytes = (build_dir / "model.safetensors").stat().st_size
         manifest = {
@@ -191,7 +154,73 @@ def write_quantized_checkpoint(
     return out_dir
 
 
-def read_manifest(path: str | Path) -> dict[str, object]:
+def _make_build_dir(out_dir: Path) -> Path:
+    """A fresh hidden folder next to ``out_dir`` (same file system, so the final rename is atomic)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as error:
+        raise InputError(
+            f"output folder {out_dir.parent} is not writable: {error.strerror}"
+        ) from None
+
+
+def _checkpoint_tensors(
+    state_dict: Mapping[str, torch.Tensor],
+    by_name: Mapping[str, LayerInfo],
+    codes: Mapping[str, QuantizedWeight],
+) -> dict[str, torch.Tensor]:
+    """What ``model.safetensors`` holds: packed codes, scales and zero points of every quantized
+    weight, then every other tensor of the state dict as it is."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, quantized in codes.items():
+        key = by_name[name].weight_key
+        tensors[key + CODES_SUFFIX] = pack_codes(quantized)
+        # float32, or uint8 E8M0 exponents for MX: stored as they are.
+        tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
+        if quantized.zero_point is not None:
+            tensors[key + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
+    quantized_keys = {by_name[name].weight_key for name in codes}
+    for key, tensor in state_dict.items():
+        if key not in quantized_keys:
+            tensors[key] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def _layer_entry(
+    layer: LayerInfo,
+    quantized: QuantizedWeight,
+    scheme: QuantScheme,
+    activation_format: str | None,
+    activation_quantizer: ActivationQuantizer | None,
+) -> dict[str, object]:
+    """One layer's record in ``manifest.json`` (the keys and their order are the file format)."""
+    fmt = get_format(quantized.format_name)
+    return {
+        "name": layer.name,
+        "weight_key": layer.weight_key,
+        "format": fmt.name,
+        "activation_format": activation_format,
+        "activation_quantizer": (
+            activation_quantizer.to_dict() if activation_quantizer is not None else None
+        ),
+        "kind": fmt.kind,
+        "bits": fmt.bits,
+        # How `.qcodes` unpacks (`lcpaq.quant.weights.unpack_codes`).
+        "code_bits": fmt.bits,
+        "code_offset": code_offset(quantized),
+        "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),
+        "granularity": quantized.granularity,
+        "group_size": quantized.group_size,
+        "symmetric": quantized.zero_point is None,
+        "clipping": scheme.clipping,
+        "num_params": layer.num_params,
+        "shape": list(layer.weight_shape),
+    }
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of a checkpoint folder (JSON: values untyped until used)."""
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{path} is not an lcpaq quantized checkpoint: {manifest_path} is missing")
@@ -205,12 +234,12 @@ def read_manifest(path: str | Path) -> dict[str, object]:
 
 
 def manifest_activation_quantizers(
-    manifest: Mapping[str, object], where: str | Path
+    manifest: Mapping[str, Any], where: str | Path
 ) -> dict[str, ActivationQuantizer]:
     """Layer → activation quantizer, for the layers whose manifest entry has one (checkpoints
     written before activations were quantized have none: their activations stay FP32)."""
     quantizers = {}
-    for entry in manifest["layers"]:  # type: ignore[union-attr]
+    for entry in manifest["layers"]:
         stored = entry.get("activation_quantizer")
         if stored is not None:
             quantizers[entry["name"]] = ActivationQuantizer.from_dict(
@@ -221,7 +250,7 @@ def manifest_activation_quantizers(
 
 def read_checkpoint(
     path: str | Path,
-) -> tuple[dict[str, object], dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Any], dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     """The manifest, the codes of every quantized weight (by state-dict key) and every other
     tensor of a quantized checkpoint folder."""
     path = Path(path)
@@ -231,7 +260,7 @@ def read_checkpoint(
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
         raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
     weights: dict[str, QuantizedWeight] = {}
-    for entry in manifest["layers"]:  # type: ignore[union-attr]
+    for entry in manifest["layers"]:
         key = entry["weight_key"]
         try:
             weights[key] = QuantizedWeight(

@@ -52,8 +52,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget, counts_activation_bits, parse_budget
 from lcpaq.allocation.frontier import SCORERS
-from lcpaq.allocation.problem import Allocation, Budget, counts_activation_bits, parse_budget
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, load_dataset
@@ -66,16 +68,15 @@ from lcpaq.model.recovery import (
     correct_statistics,
 )
 from lcpaq.model.zoo import file_sha256, load_model, num_classes_of
-from lcpaq.quant.activations import (
+from lcpaq.quant.activations import activation_quantizers, attach_activation_quantizers
+from lcpaq.quant.formats import QuantScheme, get_format, parse_format_list
+from lcpaq.quant.weights import fake_quantize_formats
+from lcpaq.sensitivity.activation import (
     ActivationSensitivity,
-    activation_quantizers,
-    attach_activation_quantizers,
     load_activation_sensitivity,
     save_activation_sensitivity,
 )
-from lcpaq.quant.formats import QuantScheme, fake_quantize_formats, get_format, parse_format_list
 from lcpaq.sensitivity.candidates import (
-    CandidateTable,
     parse_activation_formats,
     table_from_weights,
 )

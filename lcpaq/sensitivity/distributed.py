@@ -32,12 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.model.graph import LayerInfo
-from lcpaq.quant.activations import (
-    ActivationSensitivity,
-    ActivationState,
-    range_sample_size,
-    range_statistics,
-)
+from lcpaq.quant.activations import range_sample_size, range_statistics
+from lcpaq.sensitivity.activation import ActivationSensitivity, ActivationState
 from lcpaq.sensitivity.hessian import BatchShare, CurvatureEstimate, GaussNewtonState, LossName
 
 
@@ -170,7 +166,7 @@ def activation_sensitivity_distributed(
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
 ) -> ActivationSensitivity:
-    """`lcpaq.quant.activations.activation_sensitivity` with the batches split across the process group.
+    """`lcpaq.sensitivity.activation.activation_sensitivity` with the batches split across the process group.
 
     The activation ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and
     the per-sample rows gathered in batch order,

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.quant.formats import QuantScheme, fake_quantize_formats, get_format
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import fake_quantize_formats
 
 Pair = tuple[int, int]
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,7 +124,7 @@ def weight_perturbations(
     input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
     """Δw[l][f] = Q_f(W_l) − W_l, on the weight's device and dtype (``input_hessians``: what GPTQ
-    rounding needs, see `lcpaq.quant.formats.quantize_weight`)."""
+    rounding needs, see `lcpaq.quant.weights.quantize_weight`)."""
     result = []
     for layer in layers:
         weight = get_module(model, layer.name).weight.detach()

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.build import build_problem
 from lcpaq.allocation.costs import CostModel, build_cost_model, load_latency_table
-from lcpaq.allocation.curves import budget_table, explain_infeasible
+from lcpaq.allocation.curves import budget_table
+from lcpaq.allocation.diagnose import infeasibility_report
 from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.pairwise import (
     AugmentedProblem,
@@ -31,16 +33,18 @@ from lcpaq.allocation.pairwise import (
     align_terms,
     prepare_pairwise,
 )
-from lcpaq.allocation.problem import Allocation, AllocationProblem, Budget
+from lcpaq.allocation.problem import AllocationProblem
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import FirstLastPolicy
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo
-from lcpaq.quant.activations import (
+from lcpaq.sensitivity.activation import (
     ActivationSensitivity,
     activation_scores,
     load_activation_sensitivity,
 )
-from lcpaq.sensitivity.candidates import CandidateTable, activation_score_matrix
+from lcpaq.sensitivity.candidates import activation_score_matrix
 from lcpaq.sensitivity.hessian import CurvatureEstimate
 from lcpaq.sensitivity.interactions import InteractionTerms, load_interactions
 from lcpaq.stages.folder import read_config, read_layers, read_layers_file, timed
@@ -111,7 +115,7 @@ def activation_term_of(
     sensitivity: ActivationSensitivity | None, table: CandidateTable, scorer: str, where: str
 ) -> np.ndarray:
     """[L, C] activation part of every candidate's score: the activation sensitivity through
-    `lcpaq.quant.activations.activation_scores` (``diagonal`` for the diagonal weight scorer,
+    `lcpaq.sensitivity.activation.activation_scores` (``diagonal`` for the diagonal weight scorer,
     ``trace`` otherwise). Zero for an unpaired table (its 8-bit activations are only a cost
     assumption), without a measurement, and for formats it did not measure."""
     if not table.paired or sensitivity is None:
@@ -272,7 +276,7 @@ def allocate(
         except InputError as error:
             # Keep the reason next to the run: the report explains which budgets conflict.
             with contextlib.suppress(InputError):
-                explanation = explain_infeasible(problem, budgets, str(error))
+                explanation = infeasibility_report(problem, budgets, error)
                 runfolder.write_json(run_dir / "infeasible.json", explanation)
             raise
         (run_dir / "infeasible.json").unlink(missing_ok=True)

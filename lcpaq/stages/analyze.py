@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from lcpaq import runfolder
-from lcpaq.allocation.problem import counts_activation_bits
+from lcpaq.allocation.budgets import counts_activation_bits
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, discover_layers
 from lcpaq.model.zoo import file_sha256
-from lcpaq.quant.activations import save_activation_sensitivity
 from lcpaq.sensitivity import distributed
-from lcpaq.sensitivity.candidates import CandidateTable, measure_candidates
+from lcpaq.sensitivity.activation import save_activation_sensitivity
+from lcpaq.sensitivity.candidates import measure_candidates
 from lcpaq.sensitivity.interactions import InteractionTerms, save_interactions
 from lcpaq.stages.folder import (
     INPUT_HESSIANS_FILE,

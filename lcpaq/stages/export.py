@@ -18,20 +18,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lcpaq.allocation.problem import Allocation, Budget
+from lcpaq.allocation.budgets import Budget
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import PAIR_SEPARATOR, activation_format_of, weight_format_of
 from lcpaq.config import RunConfig
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.recovery import ReferenceStats, correct_statistics
 from lcpaq.quant.activations import (
     ActivationQuantizer,
-    ActivationSensitivity,
     activation_quantizers,
     attach_activation_quantizers,
-    load_activation_sensitivity,
 )
 from lcpaq.quant.checkpoint import quantize_model, write_quantized_checkpoint
-from lcpaq.quant.formats import QuantizedWeight
-from lcpaq.sensitivity.candidates import PAIR_SEPARATOR, activation_format_of, weight_format_of
+from lcpaq.quant.weights import QuantizedWeight
+from lcpaq.sensitivity.activation import ActivationSensitivity, load_activation_sensitivity
 from lcpaq.stages.folder import (
     load_model_and_data,
     read_allocation,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lcpaq import runfolder
-from lcpaq.allocation.problem import Allocation
+from lcpaq.allocation.result import Allocation
 from lcpaq.config import AllocationConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, load_dataset

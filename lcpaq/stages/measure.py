@@ -19,8 +19,8 @@ from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.recovery import collect_input_hessians
-from lcpaq.quant.activations import ActivationSensitivity
 from lcpaq.sensitivity import distributed
+from lcpaq.sensitivity.activation import ActivationSensitivity
 from lcpaq.sensitivity.hessian import (
     CurvatureEstimate,
     PyHessianCheck,

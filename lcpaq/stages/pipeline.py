@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lcpaq.allocation.problem import Budget, parse_budget
+from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.stages.allocate import allocate, candidate_costs

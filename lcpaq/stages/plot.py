@@ -16,12 +16,13 @@ from typing import Any, TypedDict, cast
 import numpy as np
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import pareto_mask
 from lcpaq.allocation.pairwise import pair_views
-from lcpaq.allocation.problem import Allocation, Budget
+from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import CandidateTable, weight_format_of
 from lcpaq.config import AllocationConfig
 from lcpaq.quant.formats import get_format
-from lcpaq.sensitivity.candidates import CandidateTable, weight_format_of
 from lcpaq.sensitivity.interactions import load_interactions
 from lcpaq.stages import figures, heatmaps, model_curve
 from lcpaq.stages.allocate import candidate_costs

@@ -16,8 +16,8 @@ from scipy.stats import spearmanr
 
 from lcpaq import runfolder
 from lcpaq.allocation.pairwise import pair_views
+from lcpaq.allocation.table import weight_format_of
 from lcpaq.config import AllocationConfig
-from lcpaq.sensitivity.candidates import weight_format_of
 from lcpaq.sensitivity.hessian import CurvatureEstimate
 from lcpaq.sensitivity.interactions import load_interactions
 from lcpaq.stages import report_sections as sections

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lcpaq.allocation.costs import ACTIVATION_METRICS
-from lcpaq.sensitivity.candidates import PAIR_SEPARATOR
+from lcpaq.allocation.table import PAIR_SEPARATOR
 
 
 def _pct(value: Any) -> str:

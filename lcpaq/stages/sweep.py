@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.curves import (
     BASELINE_FORMATS,
     extra_uniform_points,
@@ -25,7 +26,6 @@ from lcpaq.allocation.curves import (
     uniform_points,
 )
 from lcpaq.allocation.frontier import score_candidates
-from lcpaq.allocation.problem import Budget
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.evaluate import evaluate_accuracy

@@ -15,10 +15,11 @@ from lcpaq.allocation.costs import (
     load_latency_table,
     shape_key,
 )
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
 from lcpaq.quant.formats import QuantScheme
-from lcpaq.sensitivity.candidates import CandidateTable, measure_candidates
+from lcpaq.sensitivity.candidates import measure_candidates
 
 
 def two_layer_table() -> CandidateTable:

@@ -1,5 +1,5 @@
 """`lcpaq.allocation.curves`: model-level curves over any budget metric, uniform baselines, the budget slack
-table and the explanation of infeasible budgets, against brute force on tiny instances."""
+table, against brute force on tiny instances."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ import itertools
 import numpy as np
 import pytest
 
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.costs import CostModel, build_cost_model
 from lcpaq.allocation.curves import (
     baseline_columns,
     budget_table,
-    explain_infeasible,
     sweep_metric,
     uniform_points,
 )
-from lcpaq.allocation.problem import AllocationProblem, Budget
+from lcpaq.allocation.problem import AllocationProblem
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-from lcpaq.sensitivity.candidates import CandidateTable, pair_candidates
+from lcpaq.sensitivity.candidates import pair_candidates
 
 
 def table(num_layers: int = 3) -> CandidateTable:
@@ -118,34 +119,6 @@ def test_budget_table_slack_binding_and_limiting() -> None:
     exact = [Budget("avg-bits", used_bits)]
     rows = budget_table(problem, exact, problem.solve(exact))
     assert rows[0]["binding"] is True and rows[0]["slack"] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_infeasible_budgets_are_explained() -> None:
-    candidates = table(2)
-    base = build_cost_model(candidates)
-    # A measured latency table where int8 is *faster* than int2/int4 (e.g. no low-bit kernels):
-    # small size and low latency pull in opposite directions.
-    latency = np.array([[2.0, 2.0, 1.0], [2.0, 2.0, 1.0]])
-    costs = CostModel(
-        base.layer_names,
-        base.format_names,
-        {**base.coefficients, "latency-ms": latency},
-        {**base.offsets, "latency-ms": 0.0},
-    )
-    problem = problem_for(candidates, costs)
-    budgets = [Budget("avg-bits", 3.9), Budget("latency-ms", 3.0), Budget("size-mb", 1e-6)]
-    with pytest.raises(InputError) as raised:
-        problem.solve(budgets)
-    explanation = explain_infeasible(problem, budgets, str(raised.value))
-    rows = {row["metric"]: row for row in explanation["per_budget"]}
-    assert rows["avg-bits"]["smallest_achievable"] == pytest.approx(2.0)
-    assert rows["latency-ms"]["smallest_achievable"] == pytest.approx(2.0)
-    assert rows["avg-bits"]["feasible_alone"] and rows["latency-ms"]["feasible_alone"]
-    assert rows["size-mb"]["feasible_alone"] is False
-    assert rows["size-mb"]["shortfall"] == pytest.approx(30 * 2 / 8e6 - 1e-6)
-    # avg-bits ≤ 3.9 keeps both layers below 8 bits; latency ≤ 3 needs one int8 layer.
-    assert explanation["conflicting_pairs"] == [["avg-bits=3.9", "latency-ms=3"]]
-    assert explanation["budgets"] == ["avg-bits=3.9", "latency-ms=3", "size-mb=1e-06"]
 
 
 def test_cost_weights_carry_into_the_curve_and_the_budget_table() -> None:

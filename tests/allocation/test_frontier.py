@@ -17,7 +17,7 @@ from lcpaq.allocation.frontier import (
     safe_pareto_mask,
     score_candidates,
 )
-from lcpaq.sensitivity.candidates import CandidateTable
+from lcpaq.allocation.table import CandidateTable
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -14,24 +14,25 @@ import pytest
 from conftest import write_digits_files
 
 from lcpaq import runfolder
+from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
+from lcpaq.allocation.objective import objective_value
 from lcpaq.allocation.pairwise import (
     AugmentedProblem,
     align_terms,
     augmented_scores,
     pair_views,
-    pairwise_objective,
     prepare_pairwise,
     psd_project,
     significant_terms,
 )
-from lcpaq.allocation.problem import AllocationProblem, Budget, allowed_candidates
+from lcpaq.allocation.problem import AllocationProblem, allowed_candidates
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.cli import main
 from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import load_dataset
 from lcpaq.model.zoo import load_model
-from lcpaq.sensitivity.candidates import CandidateTable
 from lcpaq.sensitivity.interactions import (
     InteractionTerms,
     compute_interactions,
@@ -128,7 +129,7 @@ def test_psd_projection_is_identity_on_psd_and_removes_negative_eigenvalues() ->
     choice = np.array([0, 1, 0])
     x = np.zeros(6)
     x[np.arange(3) * 2 + choice] = 1
-    np.testing.assert_allclose(x @ omega @ x, 2 * pairwise_objective(new_scores, new_pairs, choice))
+    np.testing.assert_allclose(x @ omega @ x, 2 * objective_value(new_scores, new_pairs, choice))
 
 
 def test_augmented_score_is_the_coordinate_wise_objective() -> None:
@@ -142,7 +143,7 @@ def test_augmented_score_is_the_coordinate_wise_objective() -> None:
             moved = reference.copy()
             moved[layer] = f
             # s̃_i(f) − s̃_i(ref) is the objective change of moving layer i alone to f.
-            expected = pairwise_objective(scores, pairs, moved) - pairwise_objective(
+            expected = objective_value(scores, pairs, moved) - objective_value(
                 scores, pairs, reference
             )
             got = augmented[layer, f] - augmented[layer, reference[layer]]
@@ -282,7 +283,7 @@ def _brute_force(run_dir: Path, scores, pairs, bits: float) -> tuple[float, tupl
         average = float((params * table.bits[choice_array]).sum() / params.sum())
         if average > bits + 1e-9:
             continue
-        value = pairwise_objective(scores, pairs, choice_array)
+        value = objective_value(scores, pairs, choice_array)
         if value < best[0]:
             best = (value, choice)
     return best
@@ -302,7 +303,7 @@ def test_allocation_with_pairs_equals_brute_force(forward_run, weight: float, z:
     assert allocation.predicted_loss_increase == pytest.approx(value, rel=1e-6, abs=1e-15)
     table = runfolder.load_candidates(forward_run / "candidates.npz")
     chosen = np.array([table.format_names.index(name) for name in allocation.formats])
-    assert pairwise_objective(scores, pairs, chosen) == pytest.approx(value, rel=1e-6, abs=1e-15)
+    assert objective_value(scores, pairs, chosen) == pytest.approx(value, rel=1e-6, abs=1e-15)
     stored = json.loads((forward_run / "allocation.json").read_text())["pairwise"]
     assert stored["pairwise_weight"] == weight and stored["pair_z"] == z
     assert stored["pairs_used"] == len([p for p in pairs.values() if np.any(p != 0)])
@@ -324,11 +325,9 @@ def test_augmented_mode_never_worse_than_diagonal_under_the_full_objective(forwa
     )
     assert augmented.average_bits <= 3.0 + 1e-9
     index = {name: k for k, name in enumerate(table.format_names)}
-    value = pairwise_objective(scores, pairs, np.array([index[f] for f in augmented.formats]))
+    value = objective_value(scores, pairs, np.array([index[f] for f in augmented.formats]))
     assert augmented.predicted_loss_increase == pytest.approx(value, rel=1e-9)
-    diagonal_full = pairwise_objective(
-        scores, pairs, np.array([index[f] for f in diagonal.formats])
-    )
+    diagonal_full = objective_value(scores, pairs, np.array([index[f] for f in diagonal.formats]))
     assert value <= diagonal_full + 1e-15
     exact, _ = _brute_force(forward_run, scores, pairs, 3.0)
     assert value >= exact - 1e-12 * abs(exact)  # a heuristic: never below the exact optimum
@@ -339,7 +338,7 @@ def test_augmented_mode_never_worse_than_diagonal_under_the_full_objective(forwa
     for point in points:
         choice = np.array([index[f] for f in point["formats"]])
         assert point["predicted_loss_increase"] == pytest.approx(
-            pairwise_objective(scores, pairs, choice), rel=1e-9
+            objective_value(scores, pairs, choice), rel=1e-9
         )
 
 

@@ -7,11 +7,14 @@ import torch
 from conftest import TinyConvNet, conv_inputs
 from torch import nn
 
+from lcpaq.errors import InputError
 from lcpaq.model.graph import (
     LayerInfo,
     discover_layers,
     first_and_last,
     get_module,
+    layer_weight,
+    model_device,
     norm_modules,
     quantizable_modules,
 )
@@ -120,3 +123,11 @@ def test_get_module_names_a_missing_path() -> None:
     assert get_module(model, "conv2") is model.conv2
     with pytest.raises(ValueError, match="'conv9'"):
         get_module(model, "conv9")
+
+
+def test_layer_weight_and_model_device() -> None:
+    model = TinyConvNet()
+    assert layer_weight(model.conv1) is model.conv1.weight
+    with pytest.raises(InputError, match="ReLU has no weight tensor"):
+        layer_weight(nn.ReLU())
+    assert model_device(model) == torch.device("cpu")

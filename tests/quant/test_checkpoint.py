@@ -15,11 +15,7 @@ import lcpaq
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
 from lcpaq.quant import checkpoint
-from lcpaq.quant.activations import (
-    activation_quantizers,
-    activation_sensitivity,
-    attach_activation_quantizers,
-)
+from lcpaq.quant.activations import activation_quantizers, attach_activation_quantizers
 from lcpaq.quant.checkpoint import (
     CHECKPOINT_FORMAT,
     load_quantized,
@@ -28,6 +24,7 @@ from lcpaq.quant.checkpoint import (
     write_quantized_checkpoint,
 )
 from lcpaq.quant.formats import QuantScheme, code_range, get_format
+from lcpaq.sensitivity.activation import activation_sensitivity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

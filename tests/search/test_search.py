@@ -29,7 +29,8 @@ from lcpaq.model.evaluate import Accuracy
 from lcpaq.model.graph import discover_layers, get_module
 from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.model.zoo import load_model
-from lcpaq.quant.formats import QuantScheme, fake_quantize, get_format
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import fake_quantize
 from lcpaq.search import (
     ProxyScorer,
     SearchSpace,
@@ -482,7 +483,7 @@ def test_percentile_clipping_oracles():
             assert torch.equal(full, minmax)  # p = 100 is min-max
     # Symmetric per channel: the scale is P_p(|w|) / 7, numpy's linear percentile of each row.
     scheme = QuantScheme(symmetric=True, clipping="percentile", percentile=95.0)
-    from lcpaq.quant.formats import quantize_weight
+    from lcpaq.quant.weights import quantize_weight
 
     scale = quantize_weight(weight, int4, scheme).scale
     expected = np.percentile(weight.abs().numpy().astype(np.float64), 95.0, axis=1) / 7

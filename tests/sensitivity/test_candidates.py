@@ -10,23 +10,26 @@ import pytest
 import torch
 from conftest import conv_inputs, make_tiny_conv_net
 
+from lcpaq.allocation.table import (
+    DEFAULT_ACTIVATION_FORMAT,
+    activation_bits,
+    activation_format_of,
+    activation_sign_bits,
+    weight_format_of,
+)
 from lcpaq.config import AnalysisConfig
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers, get_module
 from lcpaq.model.recovery import collect_input_hessians
-from lcpaq.quant.formats import QuantScheme, fake_quantize, get_format, scale_overhead_bits
+from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
+from lcpaq.quant.weights import fake_quantize
 from lcpaq.runfolder import load_candidates, save_candidates
 from lcpaq.sensitivity.candidates import (
-    DEFAULT_ACTIVATION_FORMAT,
-    activation_bits,
-    activation_format_of,
     activation_score_matrix,
-    activation_sign_bits,
     expand_weight_matrix,
     measure_candidates,
     output_error,
     parse_activation_formats,
-    weight_format_of,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -189,7 +192,7 @@ def test_pair_table_round_trip_and_old_files(tmp_path) -> None:
 def test_activation_term_of_pairs_from_activations_npz(tmp_path) -> None:
     """The ILP score of (w, a) = weight score + ½·T_l·σ²_l(a) from activations.npz (trace scorer),
     ½·weighted[l, a] with the diagonal scorer; 0 for an unmeasured format and unpaired tables."""
-    from lcpaq.quant.activations import ActivationSensitivity, save_activation_sensitivity
+    from lcpaq.sensitivity.activation import ActivationSensitivity, save_activation_sensitivity
     from lcpaq.stages.allocate import activation_term
 
     model = make_tiny_conv_net()

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from lcpaq.cli import main
 from lcpaq.model.demo import DigitsNet
 from lcpaq.model.graph import discover_layers
-from lcpaq.quant.activations import activation_sensitivity
+from lcpaq.sensitivity.activation import activation_sensitivity
 from lcpaq.sensitivity.distributed import (
     activation_sensitivity_distributed,
     batch_share,

@@ -10,7 +10,8 @@ from conftest import make_tiny_conv_net, make_tiny_mlp, weight_jacobians
 from torch import nn
 
 from lcpaq.model.graph import discover_layers
-from lcpaq.quant.formats import QuantScheme, fake_quantize, get_format
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import fake_quantize
 from lcpaq.sensitivity.interactions import (
     compute_interactions,
     hessian_cross_terms,

@@ -1,0 +1,207 @@
+"""The candidate table: what each (layer, candidate) costs and how much it perturbs the weights.
+
+A *candidate* is a (weight format, activation format) pair. `CandidateTable` holds plain numpy
+arrays [L, C] over layers × candidates (``candidates.npz``); analyze measures it
+(`lcpaq.sensitivity.candidates.measure_candidates`), and scoring, frontiers and allocation read it
+without torch, so re-allocating under a new budget takes seconds.
+
+Columns are candidates. Without activation formats (``--act-formats`` not given) there is one
+column per weight format, named after it (``int4``), and the cost models assume 8-bit activations
+(`DEFAULT_ACTIVATION_FORMAT`). With activation formats every weight format is paired with every
+activation format and the column is named ``weight/activation`` (``int4/fp8_e4m3``).
+
+Numpy only at import. The bit widths of named formats come from the format registry
+(`lcpaq.quant.formats`), which imports torch: it is imported where a width is first asked for,
+so importing this module (and `lcpaq.allocation`) never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lcpaq.errors import InputError
+
+#: What the cost models assume for activations when no activation formats are given.
+DEFAULT_ACTIVATION_FORMAT = "int8"
+#: Activation "formats" that leave activations in floating point (BitOps count their full width).
+UNQUANTIZED_ACTIVATIONS = {"fp32": 32, "fp16": 16, "bf16": 16}
+PAIR_SEPARATOR = "/"
+
+
+def activation_bits(name: str) -> int:
+    """Width of one activation in ``name`` (a weight format name or fp32/fp16/bf16)."""
+    if name in UNQUANTIZED_ACTIVATIONS:
+        return UNQUANTIZED_ACTIVATIONS[name]
+    from lcpaq.quant.formats import FORMATS  # the registry imports torch: only when asked
+
+    if name not in FORMATS:
+        known = ", ".join([*FORMATS, *UNQUANTIZED_ACTIVATIONS])
+        raise InputError(f"unknown activation format {name!r}; known formats: {known}")
+    return FORMATS[name].bits
+
+
+def activation_sign_bits(name: str) -> int:
+    """1 where an activation format stores a sign bit (floating point); INT activations are
+    unsigned codes (asymmetric, after ReLU), as HGQ's EBOPs count them."""
+    if name in UNQUANTIZED_ACTIVATIONS:
+        return 1
+    from lcpaq.quant.formats import get_format  # the registry imports torch: only when asked
+
+    return 1 if get_format(name).kind == "fp" else 0
+
+
+def candidate_name(weight_format: str, activation_format: str, paired: bool) -> str:
+    """Column name: the weight format alone, or ``weight/activation`` in a paired table."""
+    return f"{weight_format}{PAIR_SEPARATOR}{activation_format}" if paired else weight_format
+
+
+def weight_format_of(name: str) -> str:
+    """The weight format of a candidate name (``int4/int8`` → ``int4``; ``int4`` → ``int4``)."""
+    return name.split(PAIR_SEPARATOR, 1)[0]
+
+
+def activation_format_of(name: str) -> str:
+    """The activation format of a candidate name (``int4/fp8_e4m3`` → ``fp8_e4m3``; an unpaired
+    name → `DEFAULT_ACTIVATION_FORMAT`)."""
+    _, sep, activation = name.partition(PAIR_SEPARATOR)
+    return activation if sep else DEFAULT_ACTIVATION_FORMAT
+
+
+@dataclass(frozen=True)
+class CandidateTable:
+    """Arrays [L, C] over ``layer_names`` × candidates (``format_names``, the column names).
+
+    ``weight_formats[c]`` / ``activation_formats[c]`` are the two halves of candidate c (a table
+    saved before activation formats existed loads with the weight format as the column name and
+    `DEFAULT_ACTIVATION_FORMAT`). ``weight_bits`` = n_l · b_w (what average bits count);
+    ``size_bits`` adds the stored scales and zero points (`lcpaq.quant.formats.scale_overhead_bits`,
+    which depends on the format: FP formats and MX have no zero points); ``error_sq`` =
+    ‖Q_w(W_l) − W_l‖²; ``weighted_error`` = Σ diag(G_ll) ⊙ (Q_w(W_l) − W_l)² (NaN when no curvature
+    diagonal was measured); ``output_error`` = the weight error seen through the layer's input
+    second moments (`output_error`; NaN without them, e.g. round-to-nearest runs). ``bits[c]`` is
+    the weight code width of candidate c. Weight arrays are equal across candidates that share a
+    weight format.
+    """
+
+    layer_names: tuple[str, ...]
+    format_names: tuple[str, ...]
+    num_params: np.ndarray
+    bits: np.ndarray
+    weight_bits: np.ndarray
+    size_bits: np.ndarray
+    error_sq: np.ndarray
+    weighted_error: np.ndarray
+    weight_formats: tuple[str, ...] = ()
+    activation_formats: tuple[str, ...] = ()
+    output_error: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: fill the defaults of older tables in place, once.
+        if self.output_error is None:
+            object.__setattr__(self, "output_error", np.full(np.shape(self.error_sq), np.nan))
+        if not self.weight_formats:
+            object.__setattr__(
+                self, "weight_formats", tuple(weight_format_of(n) for n in self.format_names)
+            )
+        if not self.activation_formats:
+            object.__setattr__(
+                self, "activation_formats", (DEFAULT_ACTIVATION_FORMAT,) * len(self.format_names)
+            )
+        count = len(self.format_names)
+        if len(self.weight_formats) != count or len(self.activation_formats) != count:
+            raise ValueError("weight_formats and activation_formats need one entry per candidate")
+
+    @property
+    def paired(self) -> bool:
+        """True when columns are named ``weight/activation`` (activation formats were chosen)."""
+        return any(PAIR_SEPARATOR in name for name in self.format_names)
+
+    @property
+    def activation_bits(self) -> np.ndarray:
+        """[C] activation width of every candidate (what BitOps and EBOPs multiply by)."""
+        return np.array([activation_bits(name) for name in self.activation_formats], dtype=np.int64)
+
+    @property
+    def activation_sign_bits(self) -> np.ndarray:
+        return np.array(
+            [activation_sign_bits(name) for name in self.activation_formats], dtype=np.int64
+        )
+
+    def weight_sign_bits(self, symmetric: bool) -> np.ndarray:
+        """[C] 1 where the weight codes carry a sign bit: FP formats, and INT when symmetric."""
+        from lcpaq.quant.formats import get_format  # the registry imports torch: only when asked
+
+        return np.array(
+            [get_format(name).kind != "int" or symmetric for name in self.weight_formats],
+            dtype=np.int64,
+        )
+
+    def format_index(self, name: str) -> int:
+        try:
+            return self.format_names.index(name)
+        except ValueError:
+            raise InputError(
+                f"format {name!r} is not among the analysed candidates {list(self.format_names)}"
+            ) from None
+
+    def candidate_index(self, weight_format: str, activation_format: str | None = None) -> int:
+        """Column of (weight, activation); ``activation_format`` None: the widest activation
+        (at equal width the one named like the weight format, e.g. ``int8/int8``, then INT)."""
+        columns = [c for c, name in enumerate(self.weight_formats) if name == weight_format]
+        if activation_format is not None:
+            columns = [c for c in columns if self.activation_formats[c] == activation_format]
+        if not columns:
+            pair = weight_format + ("" if activation_format is None else f"/{activation_format}")
+            raise InputError(
+                f"candidate {pair!r} is not among the analysed candidates {list(self.format_names)}"
+            )
+        acts = self.activation_formats
+        return max(
+            columns,
+            key=lambda c: (
+                int(self.activation_bits[c]),
+                acts[c] == weight_format,
+                acts[c].startswith("int"),
+                -c,
+            ),
+        )
+
+    def columns_of(self, names: Sequence[str]) -> list[int]:
+        return [self.format_index(name) for name in names]
+
+    def select(self, columns: Sequence[int]) -> CandidateTable:
+        """The table restricted to these candidate columns (e.g. an INT-only candidate set)."""
+        picked = list(columns)
+        if not picked:
+            raise InputError("a candidate table needs at least one candidate")
+        return self.take(
+            picked,
+            [self.format_names[c] for c in picked],
+            [self.activation_formats[c] for c in picked],
+        )
+
+    def take(
+        self, source: Sequence[int], format_names: Sequence[str], activation_formats: Sequence[str]
+    ) -> CandidateTable:
+        """A table whose column k holds the weight arrays of column ``source[k]``, named
+        ``format_names[k]``, with activation format ``activation_formats[k]``."""
+        picked = list(source)
+        if not len(picked) == len(format_names) == len(activation_formats):
+            raise ValueError("give one name and one activation format per new column")
+        assert self.output_error is not None  # filled by __post_init__
+        return CandidateTable(
+            layer_names=self.layer_names,
+            format_names=tuple(format_names),
+            num_params=self.num_params,
+            bits=self.bits[picked],
+            weight_bits=self.weight_bits[:, picked],
+            size_bits=self.size_bits[:, picked],
+            error_sq=self.error_sq[:, picked],
+            weighted_error=self.weighted_error[:, picked],
+            weight_formats=tuple(self.weight_formats[c] for c in picked),
+            activation_formats=tuple(activation_formats),
+            output_error=self.output_error[:, picked],
+        )

@@ -1,0 +1,398 @@
+"""Activation sensitivity: curvature with respect to each quantized layer's input activation, times
+the quantization noise of a candidate activation format (METHOD §1a, activation analogue).
+
+For layer l with input activation a_n (sample n, n_a elements) the loss is perturbed through layer l
+only when that layer quantizes its input. To second order, with the output Hessian factors of
+`lcpaq.sensitivity.hessian` (H_out = Σ_c u_c u_cᵀ),
+
+    H_n = J_nᵀ H_out,n J_n,   J_n = ∂z_n/∂a_n through layer l only,
+    tr(H_n) = Σ_c ‖∂(u_ncᵀ z_n)/∂a_n‖²          (exact, one backward pass per factor c),
+
+and quantizing a_n with error e_n = Q(a_n) − a_n raises the mean loss by ≈ ½·mean_n e_nᵀ H_n e_n.
+Two scores per (layer, activation format), both predicted loss increases like the weight scores:
+
+* ``trace`` (HAWQ analogue): ½ · T_l · σ²_l(f), with T_l = mean_n tr(H_n) and σ²_l(f) the mean
+  squared quantization error per element, E‖Q(a)−a‖²/n_a, measured on the calibration activations;
+  it assumes the noise is white and independent of the curvature;
+* ``diagonal``: ½ · mean_n Σ_k (H_n)_kk (e_nk)², which keeps where the noise and curvature fall.
+
+Activations use one per-tensor scale from calibration statistics (min/max of each layer's input over
+the calibration set, `lcpaq.quant.activations`). The measurement streams over batches:
+a forward-only pass for the ranges, then per batch one forward and C backward passes (in
+memory-bounded chunks of factors) to the layer inputs; only per-sample rows are kept.
+
+For ``kl`` (and cross-entropy's label-free Hessian) at the FP32 point H_n is the exact Hessian of
+KL(p_FP ‖ p) with respect to the activation (its residual term vanishes there; tests check it
+against `torch.autograd.functional.hessian`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lcpaq import runfolder
+from lcpaq.errors import InputError
+from lcpaq.model.graph import LayerInfo, get_module, model_device
+from lcpaq.quant.activations import (
+    check_activation_formats,
+    clipped_ranges,
+    quantize_activation,
+    range_sample_size,
+    range_statistics,
+)
+from lcpaq.sensitivity.hessian import (
+    LossName,
+    factor_chunk,
+    output_grads_in_chunks,
+    output_hessian_factors,
+)
+
+ACTIVATION_SCORERS = ("trace", "diagonal")
+
+
+@dataclass(frozen=True)
+class ActivationSensitivity:
+    """Curvature w.r.t. each layer's input activation and the noise of each activation format.
+
+    Arrays are indexed [layer] or [layer, format] in ``layer_names`` × ``format_names`` order.
+    ``trace[l]`` = mean over samples of tr(H_n) (one sample's activation block), ``trace_stderr`` its
+    standard error over samples, ``num_elements[l]`` = n_a per sample (summed over calls of a layer
+    that runs several times). ``noise[l, f]`` = mean squared quantization error per element,
+    ``weighted[l, f]`` = mean_n Σ_k (H_n)_kk e_nk² (``weighted_stderr`` over samples).
+    ``low``/``high`` are the observed min/max of each layer's input; ``clip_low``/``clip_high``
+    [L, F] the range each format quantizes with (`range_of`), equal to them for ``minmax``.
+    """
+
+    layer_names: tuple[str, ...]
+    format_names: tuple[str, ...]
+    trace: np.ndarray
+    trace_stderr: np.ndarray
+    num_elements: np.ndarray
+    noise: np.ndarray
+    weighted: np.ndarray
+    weighted_stderr: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    num_samples: int
+    method: str
+    symmetric: bool = False
+    #: Per-sample tr(H_n) [N, L]: stability of the ranking, as for the weight traces.
+    sample_traces: np.ndarray | None = None
+    #: How each format's range was calibrated (`ACTIVATION_CLIPPINGS`) and the ranges [L, F]
+    #: (None: every format uses the observed ``low``/``high``, as files from before clipping).
+    clipping: str = "minmax"
+    clip_low: np.ndarray | None = None
+    clip_high: np.ndarray | None = None
+
+    def range_of(self, row: int, format_name: str) -> tuple[float, float]:
+        """The calibrated range of layer ``row``'s input for ``format_name``; a format the analysis
+        did not measure gets the observed min-max range (its score has no activation term either)."""
+        if (
+            self.clip_low is not None
+            and self.clip_high is not None
+            and format_name in self.format_names
+        ):
+            column = self.format_names.index(format_name)
+            return float(self.clip_low[row, column]), float(self.clip_high[row, column])
+        return float(self.low[row]), float(self.high[row])
+
+
+def activation_scores(sensitivity: ActivationSensitivity, scorer: str = "trace") -> np.ndarray:
+    """[L, A] predicted loss increase of quantizing each layer's input with each activation format.
+
+    ``trace``: ½·T_l·σ²_l(f) (the HAWQ-V2 form, as `lcpaq.allocation.frontier.hawq_v2_score` for weights);
+    ``diagonal``: ½·mean_n Σ_k (H_n)_kk e_nk². Add it to the weight score of a (weight, activation)
+    candidate: under the diagonal (per-layer) model the two perturbations add.
+    """
+    if scorer == "trace":
+        return 0.5 * sensitivity.trace[:, None] * sensitivity.noise
+    if scorer == "diagonal":
+        return 0.5 * sensitivity.weighted
+    raise InputError(
+        f"unknown activation scorer {scorer!r}; known: {', '.join(ACTIVATION_SCORERS)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: curvature with respect to the layer inputs, and the noise of each format.
+
+
+class _InputTaps:
+    """Forward pre-hooks that hand each layer a view of its input, so the gradient with respect
+    to that view is the one through this layer only (a tensor shared by two layers, e.g. a residual
+    block's input feeding conv1 and the shortcut, gets one view per layer)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.taps: dict[str, list[torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _InputTaps:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            value = args[0]
+            # Nothing upstream needs a gradient (e.g. the model input): a fresh leaf is the same.
+            tap = value.view_as(value) if value.requires_grad else value.detach().requires_grad_()
+            self.taps.setdefault(name, []).append(tap)
+            return (tap, *args[1:])
+
+        return hook
+
+
+@dataclass
+class ActivationState:
+    """Running state of `activation_sensitivity`: per-batch per-sample rows (float64, batch order),
+    so that `lcpaq.sensitivity.distributed` can compute batches in several processes and replay the
+    single-process accumulation exactly."""
+
+    names: tuple[str, ...]
+    modules: dict[str, nn.Module]
+    format_names: tuple[str, ...]
+    low: np.ndarray
+    high: np.ndarray
+    clip_low: np.ndarray
+    clip_high: np.ndarray
+    clipping: str
+    symmetric: bool
+    generator: torch.Generator
+    rows: list[dict[str, np.ndarray]]
+    num_elements: np.ndarray | None = None
+    sampled: bool = False
+
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        layers: Sequence[LayerInfo],
+        format_names: Sequence[str],
+        low: np.ndarray,
+        high: np.ndarray,
+        *,
+        samples: Sequence[Sequence[np.ndarray]] = (),
+        clipping: str = "minmax",
+        symmetric: bool = False,
+        seed: int = 0,
+    ) -> ActivationState:
+        """``low``/``high`` [L]: observed ranges; ``samples``: `range_statistics`' value samples,
+        from which ``clipping`` calibrates the [L, F] range of every format (`clipped_ranges`)."""
+        model.eval()
+        modules = {layer.name: get_module(model, layer.name) for layer in layers}
+        format_names = check_activation_formats(format_names)
+        low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+        clip_low, clip_high = clipped_ranges(
+            low, high, samples, format_names, clipping, symmetric=symmetric
+        )
+        return cls(
+            names=tuple(modules),
+            modules=modules,
+            format_names=format_names,
+            low=low,
+            high=high,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            clipping=clipping,
+            symmetric=symmetric,
+            generator=torch.Generator(device=model_device(model)).manual_seed(seed),
+            rows=[],
+        )
+
+    def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
+        inputs = inputs.to(model_device(model))
+        count, num_layers, num_formats = inputs.shape[0], len(self.names), len(self.format_names)
+        with _InputTaps(self.modules) as recorder:
+            logits = model(inputs)
+        if logits.dim() != 2:
+            raise InputError(
+                f"the model's output has shape {tuple(logits.shape)}; activation curvature needs "
+                "logits of shape [batch, classes]"
+            )
+        missing = [name for name in self.names if name not in recorder.taps]
+        if missing:
+            raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
+        factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
+        self.sampled = self.sampled or is_sampled
+        taps = [tap for name in self.names for tap in recorder.taps[name]]
+        # Σ_c (∂(u_cᵀz)/∂a)² per element: the diagonal of every sample's activation block.
+        diagonals = [torch.zeros_like(tap, dtype=torch.float64) for tap in taps]
+        chunk = factor_chunk(len(factors), sum(tap.numel() for tap in taps))
+        for grads in output_grads_in_chunks(logits, taps, factors, chunk):
+            for diagonal, grad in zip(diagonals, grads):
+                diagonal += grad.double().pow(2).sum(0)
+            del grads
+        del logits
+        trace = np.zeros((count, num_layers))
+        noise = np.zeros((count, num_layers, num_formats))
+        weighted = np.zeros((count, num_layers, num_formats))
+        elements = np.zeros(num_layers, dtype=np.int64)
+        cursor = 0
+        for index, name in enumerate(self.names):
+            for tap in recorder.taps[name]:
+                diagonal = diagonals[cursor]
+                cursor += 1
+                values = tap.detach()
+                elements[index] += values[0].numel()
+                trace[:, index] += diagonal.flatten(1).sum(1).cpu().numpy()
+                for column, format_name in enumerate(self.format_names):
+                    error = (
+                        quantize_activation(
+                            values,
+                            format_name,
+                            float(self.clip_low[index, column]),
+                            float(self.clip_high[index, column]),
+                            symmetric=self.symmetric,
+                        ).double()
+                        - values.double()
+                    ).pow(2)
+                    noise[:, index, column] += error.flatten(1).sum(1).cpu().numpy()
+                    weighted[:, index, column] += (diagonal * error).flatten(1).sum(1).cpu().numpy()
+        if self.num_elements is None:
+            self.num_elements = elements
+        self.rows.append({"trace": trace, "noise": noise, "weighted": weighted})
+
+    def finish(self) -> ActivationSensitivity:
+        if not self.rows or self.num_elements is None:
+            raise ValueError("no calibration samples were given")
+        trace = np.concatenate([row["trace"] for row in self.rows])  # [N, L]
+        noise = np.concatenate([row["noise"] for row in self.rows])  # [N, L, F]
+        weighted = np.concatenate([row["weighted"] for row in self.rows])
+        count = len(trace)
+        return ActivationSensitivity(
+            layer_names=self.names,
+            format_names=self.format_names,
+            trace=trace.mean(0),
+            trace_stderr=_stderr(trace),
+            num_elements=self.num_elements,
+            noise=noise.sum(0) / (count * self.num_elements[:, None]),
+            weighted=weighted.mean(0),
+            weighted_stderr=_stderr(weighted),
+            low=self.low,
+            high=self.high,
+            num_samples=count,
+            method="fisher_sampled" if self.sampled else "gauss_newton",
+            symmetric=self.symmetric,
+            sample_traces=trace.astype(np.float32),
+            clipping=self.clipping,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+        )
+
+
+def _stderr(values: np.ndarray) -> np.ndarray:
+    if len(values) < 2:
+        return np.full(values.shape[1:], np.nan)
+    return values.std(0, ddof=1) / np.sqrt(len(values))
+
+
+def activation_sensitivity(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: Sequence[torch.Tensor],
+    format_names: Sequence[str],
+    *,
+    loss: LossName = "cross_entropy",
+    clipping: str = "minmax",
+    symmetric: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> ActivationSensitivity:
+    """Per-layer activation curvature (exact Gauss–Newton trace w.r.t. the layer input, SE over
+    samples) and the noise of each activation format, streamed over calibration batches.
+
+    Args:
+        model: the FP32 model (put in eval mode); batches: input tensors [B, ...], labels not needed.
+        format_names: activation formats (`lcpaq.quant.formats` names, or fp32/fp16/bf16).
+        loss: as `lcpaq.sensitivity.hessian.gauss_newton_traces` (cross_entropy, mse, kl).
+        clipping: how each format's range is calibrated (`clipped_ranges`: minmax or mse).
+        symmetric: symmetric INT activation codes (default asymmetric, METHOD §0).
+    Returns:
+        an `ActivationSensitivity`; `activation_scores` turns it into [L, A] scores.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no calibration samples were given")
+    low, high, samples = range_statistics(
+        model, layers, list(enumerate(batches)), keep=range_sample_size(clipping), seed=seed
+    )
+    state = ActivationState.start(
+        model,
+        layers,
+        format_names,
+        low,
+        high,
+        samples=samples,
+        clipping=clipping,
+        symmetric=symmetric,
+        seed=seed,
+    )
+    for inputs in tqdm(batches, desc="activation curvature", disable=not progress, unit="batch"):
+        state.add_batch(model, inputs, loss)
+    return state.finish()
+
+
+#: The artifact: the per-layer arrays of ``activations.npz``, in the order the file stores them.
+_LAYER_ARRAYS = (
+    "trace",
+    "trace_stderr",
+    "num_elements",
+    "noise",
+    "weighted",
+    "weighted_stderr",
+    "low",
+    "high",
+)
+#: Arrays only newer analyses have (None in the dataclass when absent).
+_OPTIONAL_ARRAYS = ("sample_traces", "clip_low", "clip_high")
+
+
+def save_activation_sensitivity(path: Path, sensitivity: ActivationSensitivity) -> Path:
+    """Write ``activations.npz`` (atomically)."""
+    meta = {
+        "num_samples": sensitivity.num_samples,
+        "method": sensitivity.method,
+        "symmetric": sensitivity.symmetric,
+        "clipping": sensitivity.clipping,
+    }
+    arrays = {
+        "layer_names": np.array(sensitivity.layer_names),
+        "format_names": np.array(sensitivity.format_names),
+        **{name: getattr(sensitivity, name) for name in _LAYER_ARRAYS},
+        "scores": activation_scores(sensitivity),
+        "meta": np.array(json.dumps(meta)),
+    }
+    for name in _OPTIONAL_ARRAYS:
+        if getattr(sensitivity, name) is not None:
+            arrays[name] = getattr(sensitivity, name)
+    return runfolder.write_npz(path, arrays)
+
+
+def load_activation_sensitivity(path: Path) -> ActivationSensitivity:
+    arrays = runfolder.read_npz(path, "activation sensitivity (lcpaq analyze --act-formats)")
+    meta = json.loads(str(arrays["meta"]))
+    return ActivationSensitivity(
+        layer_names=tuple(str(name) for name in arrays["layer_names"]),
+        format_names=tuple(str(name) for name in arrays["format_names"]),
+        **{name: arrays[name] for name in _LAYER_ARRAYS},
+        num_samples=int(meta["num_samples"]),
+        method=str(meta["method"]),
+        symmetric=bool(meta["symmetric"]),
+        clipping=str(meta.get("clipping", "minmax")),
+        sample_traces=arrays.get("sample_traces"),
+        clip_low=arrays.get("clip_low"),
+        clip_high=arrays.get("clip_high"),
+    )
