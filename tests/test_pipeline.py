@@ -13,7 +13,7 @@ import torch
 from conftest import read_png, write_digits_files
 
 from lcpaq import runfolder
-from lcpaq.allocation.problem import parse_budget
+from lcpaq.allocation.budgets import parse_budget
 from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.model.graph import discover_layers
 from lcpaq.stages import pipeline

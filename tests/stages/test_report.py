@@ -10,8 +10,8 @@ import pytest
 from conftest import write_digits_files
 
 from lcpaq.cli import main
-from lcpaq.quant.activations import load_activation_sensitivity
 from lcpaq.runfolder import load_candidates
+from lcpaq.sensitivity.activation import load_activation_sensitivity
 
 
 @pytest.fixture()
