@@ -30,7 +30,7 @@ class AnalysisConfig:
     error per layer or after ``hutchinson_probes`` probes in all, which must be >= 2 per layer).
     ``hutchinson_probes``: with ``gauss-newton``, 0 disables the Hutchinson cross-check, otherwise
     its probe cap. ``loss``: ``cross_entropy``, ``mse`` or ``kl`` (KL to the FP32 outputs,
-    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.hessian`).
+    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.gauss_newton`).
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
     candidates (`lcpaq.sensitivity.candidates`); empty: one candidate per weight format, 8-bit activations
     assumed by the cost models. Activations of a paired candidate are quantized at inference with
@@ -128,7 +128,7 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
 
 
 def _check_pair_options(config: AnalysisConfig) -> None:
-    from lcpaq.sensitivity.interactions import PAIR_RULES, PAIR_SOURCES
+    from lcpaq.sensitivity.interaction_terms import PAIR_RULES, PAIR_SOURCES
 
     for name, value, known in (
         ("pairwise", config.pairwise, PAIR_SOURCES),

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-from lcpaq.sensitivity.hessian import CurvatureEstimate
+from lcpaq.sensitivity.curvature import CurvatureEstimate
 
 SCHEMA_VERSION = 1
 
@@ -98,8 +99,9 @@ def read_json(path: Path, what: str) -> dict[str, object]:
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    named: dict[str, Any] = dict(arrays)  # numpy's stubs cannot type ``**Mapping`` against savez
     with atomic_path(path) as temp, temp.open("wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **named)
     return path
 
 
@@ -172,6 +174,7 @@ def load_curvature(path: Path) -> CurvatureEstimate:
 
 
 def save_candidates(path: Path, table: CandidateTable) -> Path:
+    assert table.output_error is not None  # CandidateTable fills it (NaN) when not measured
     return write_npz(
         path,
         {

@@ -36,7 +36,7 @@ from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.zoo import load_model
-from lcpaq.sensitivity.interactions import load_interactions
+from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import pipeline
 
 SOURCES = ("hessian", "gauss-newton", "forward")

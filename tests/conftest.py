@@ -1,7 +1,7 @@
 """Shared fixtures: tiny deterministic models, exact curvature oracles and the shared-data folder.
 
 Models are small enough that explicit Jacobians and Hessians are cheap, so the estimators in
-`lcpaq.sensitivity.hessian` can be checked against exact linear algebra rather than against themselves.
+`lcpaq.sensitivity.gauss_newton` and `lcpaq.sensitivity.hutchinson` can be checked against exact linear algebra rather than against themselves.
 """
 
 from __future__ import annotations

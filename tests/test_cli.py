@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_digits_files
+from safetensors.torch import save_file
 
-from lcpaq import load_quantized
+from lcpaq import load_quantized, runfolder
 from lcpaq.cli import main
+from lcpaq.config import RunConfig
 from lcpaq.model.demo import DigitsNet
 from lcpaq.quant.checkpoint import read_checkpoint, read_manifest
 
@@ -566,3 +568,61 @@ def test_activation_bit_budgets_quantize_inputs_to_int8_by_default(digits_files,
     assert {entry["activation_format"] for entry in runs["default"]} == {"int8"}
     assert all(entry["activation_quantizer"] is None for entry in runs["fp32"])
     assert {entry["activation_format"] for entry in runs["fp32"]} == {"fp32"}
+
+
+def test_analyze_with_the_hutchinson_estimator(tmp_path, capsys) -> None:
+    """``--estimator hutchinson`` scores with Hutchinson traces (SEs, GN control variate); the
+    options round-trip through run_config.json; a cap below 2 probes per layer is an input error."""
+    torch.manual_seed(0)
+    net = DigitsNet().eval()
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "net.safetensors"
+    )
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        x=rng.integers(0, 255, (24, 1, 8, 8), dtype=np.uint8),
+        y=rng.integers(0, 10, 24),
+    )
+    base = [
+        "-q",
+        "analyze",
+        "--model",
+        "demo-digits",
+        "--checkpoint",
+        str(tmp_path / "net.safetensors"),
+    ]
+    base += ["--calib", str(tmp_path / "data.npz"), "--normalize", "none", "--num-samples", "24"]
+    base += ["--batch-size", "12", "--loss", "kl"]
+    exact_out = tmp_path / "gauss-newton"
+    assert main([*base, "--out", str(exact_out)]) == 0
+    base += ["--estimator", "hutchinson"]
+    out = tmp_path / "run"
+    probes = ["--hutchinson-probes", "30", "--hutchinson-rel-tol", "0.01"]
+    assert main([*base, *probes, "--out", str(out)]) == 0
+    curvature = runfolder.load_curvature(out / "curvature.npz")
+    assert curvature.method == "hutchinson_single_layer_gn_control"
+    assert curvature.num_samples == 24 and curvature.num_probes <= 30
+    # KL at the FP32 point has no residual term (H = G): the control-variate probes read only
+    # float32 rounding, so the estimate is the exact Gauss-Newton trace with a tiny standard error.
+    exact = runfolder.load_curvature(exact_out / "curvature.npz")
+    assert exact.method == "gauss_newton" and np.all(exact.trace > 0)
+    np.testing.assert_allclose(curvature.trace, exact.trace, rtol=1e-4)
+    assert np.all(curvature.trace_stderr < 1e-4 * curvature.trace)
+    assert not (out / "hutchinson.npz").exists()
+    config = json.loads((out / "run_config.json").read_text())["analysis"]
+    assert (config["estimator"], config["hutchinson_probes"], config["loss"]) == (
+        "hutchinson",
+        30,
+        "kl",
+    )
+    assert (
+        RunConfig.from_dict(
+            json.loads((out / "run_config.json").read_text())
+        ).analysis.hutchinson_rel_tol
+        == 0.01
+    )
+    assert main([*base, "--hutchinson-probes", "6", "--out", str(tmp_path / "bad")]) == 2
+    assert "below 2 probes per layer" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "bad")]) == 2
+    assert "needs a probe cap" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Inter-layer terms for the allocation: align, filter, shrink, clip, and the augmented score.
 
-Input: `lcpaq.sensitivity.interactions.InteractionTerms` (``interactions.npz``) and the separable scores [L, F]
+Input: `lcpaq.sensitivity.interaction_terms.InteractionTerms` (``interactions.npz``) and the separable scores [L, F]
 of the ILP. Output: the ``pairwise`` dict {(i, j): [F, F]} that `lcpaq.allocation.problem.AllocationProblem`
 adds to its objective, or an `AugmentedProblem` (METHOD §1d) that keeps the ILP separable (the same
 `lcpaq.allocation.problem.Allocator` interface); `pair_views` summarises the terms for the report.
@@ -32,7 +32,7 @@ from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
 
 if TYPE_CHECKING:  # interactions imports torch; this module must not
-    from lcpaq.sensitivity.interactions import InteractionTerms
+    from lcpaq.sensitivity.interaction_terms import InteractionTerms
 
 Pairwise = dict[Pair, np.ndarray]
 PairClip = Literal["none", "negative", "psd"]

@@ -80,7 +80,7 @@ from lcpaq.sensitivity.candidates import (
     parse_activation_formats,
     table_from_weights,
 )
-from lcpaq.sensitivity.hessian import CurvatureEstimate
+from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.stages import pipeline
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ the quantization noise of a candidate activation format (METHOD §1a, activation
 
 For layer l with input activation a_n (sample n, n_a elements) the loss is perturbed through layer l
 only when that layer quantizes its input. To second order, with the output Hessian factors of
-`lcpaq.sensitivity.hessian` (H_out = Σ_c u_c u_cᵀ),
+`lcpaq.sensitivity.losses` (H_out = Σ_c u_c u_cᵀ),
 
     H_n = J_nᵀ H_out,n J_n,   J_n = ∂z_n/∂a_n through layer l only,
     tr(H_n) = Σ_c ‖∂(u_ncᵀ z_n)/∂a_n‖²          (exact, one backward pass per factor c),
@@ -48,7 +48,7 @@ from lcpaq.quant.activations import (
     range_sample_size,
     range_statistics,
 )
-from lcpaq.sensitivity.hessian import (
+from lcpaq.sensitivity.losses import (
     LossName,
     factor_chunk,
     output_grads_in_chunks,
@@ -317,7 +317,7 @@ def activation_sensitivity(
     Args:
         model: the FP32 model (put in eval mode); batches: input tensors [B, ...], labels not needed.
         format_names: activation formats (`lcpaq.quant.formats` names, or fp32/fp16/bf16).
-        loss: as `lcpaq.sensitivity.hessian.gauss_newton_traces` (cross_entropy, mse, kl).
+        loss: as `lcpaq.sensitivity.gauss_newton.gauss_newton_traces` (cross_entropy, mse, kl).
         clipping: how each format's range is calibrated (`clipped_ranges`: minmax or mse).
         symmetric: symmetric INT activation codes (default asymmetric, METHOD §0).
     Returns:

@@ -25,6 +25,7 @@ from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module
 from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
 from lcpaq.quant.weights import fake_quantize_formats
+from lcpaq.sensitivity.per_sample import module_weight
 
 
 def parse_activation_formats(text: str) -> tuple[str, ...]:
@@ -156,7 +157,9 @@ def measure_candidates(
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
-    weights = {layer.name: get_module(model, layer.name).weight.detach() for layer in layers}
+    weights = {
+        layer.name: module_weight(get_module(model, layer.name)).detach() for layer in layers
+    }
     quantized = {
         layer.name: fake_quantize_formats(
             weights[layer.name],

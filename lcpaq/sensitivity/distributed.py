@@ -1,17 +1,20 @@
 """Multi-process calibration with torch.distributed: each process takes a share of the batches.
 
 ``torchrun --nproc-per-node N -m lcpaq.cli analyze …`` (or the ``lcpaq`` entry point under torchrun)
-initialises the group from torchrun's variables (`init_from_environment`); `lcpaq.stages.pipeline.analyze`
-then computes every collective measurement (Gauss–Newton, Hutchinson, activation curvature) in all
-processes and writes the artifacts from rank 0 only.
+initialises the group from torchrun's variables (`init_from_environment`); the analyze stage
+(`lcpaq.stages.pipeline.measure_sensitivity`) then computes every collective measurement
+(Gauss–Newton, Hutchinson, activation curvature) in all processes and writes the artifacts from
+rank 0 only.
 
-`gauss_newton_traces_distributed` runs `lcpaq.sensitivity.hessian.GaussNewtonState.add_batch` on batches
-``rank, rank + world, …``, gathers every batch's per-sample trace rows (float64, N × L numbers in all)
-to every process, replays the single-process accumulation in the original batch order and
-all-reduces the per-element diagonal. For the exact Gauss–Newton path (≤ 64 classes, or ``mse``)
-the traces, standard errors and ``sample_traces`` are bitwise equal to the single-process result;
-the diagonal is summed in a different order (equal to float rounding). The sampled Fisher (> 64
-classes) draws its labels from a per-rank generator, so it is equal in distribution only.
+`batch_share` is this process's `lcpaq.sensitivity.batch_share.BatchShare`: batches
+``rank, rank + world, …`` and the collectives that combine the partial results. The estimators take
+it as an argument (`lcpaq.sensitivity.gauss_newton.gauss_newton_traces`, the Hutchinson estimators),
+so each has one implementation for one and for many processes. The Gauss–Newton traces gather every
+batch's per-sample trace rows (float64, N × L numbers in all) to every process and replay the
+single-process accumulation in the original batch order: for the exact path (≤ 64 classes, or
+``mse``) traces, standard errors and ``sample_traces`` are bitwise the single-process ones; the
+per-element diagonal is all-reduced (summed in another order, equal to float rounding). The sampled
+Fisher (> 64 classes) draws its labels from a per-rank generator, so it is equal in distribution only.
 
 Works with any backend the process group was created with: gloo on CPU, NCCL on GPU (the model's
 device is used; NCCL needs each rank's model on its own GPU). Under ``torchrun`` call
@@ -34,7 +37,8 @@ from tqdm.auto import tqdm
 from lcpaq.model.graph import LayerInfo
 from lcpaq.quant.activations import range_sample_size, range_statistics
 from lcpaq.sensitivity.activation import ActivationSensitivity, ActivationState
-from lcpaq.sensitivity.hessian import BatchShare, CurvatureEstimate, GaussNewtonState, LossName
+from lcpaq.sensitivity.batch_share import BatchShare, IndexedRows
+from lcpaq.sensitivity.losses import LossName
 
 
 def init_from_environment(backend: str | None = None) -> bool:
@@ -88,7 +92,7 @@ def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
 
 
 def _all_reduce(
-    values: np.ndarray, op: dist.ReduceOp, group: dist.ProcessGroup | None
+    values: np.ndarray, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
 ) -> np.ndarray:
     tensor = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float64))
     tensor = tensor.to(_collective_device(group))
@@ -96,9 +100,24 @@ def _all_reduce(
     return tensor.cpu().numpy()
 
 
+def _all_reduce_tensor(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The sum over processes in float64, back on ``values``' device and dtype."""
+    total = values.double().to(_collective_device(group))
+    dist.all_reduce(total, group=group)
+    return total.to(values.device, values.dtype)
+
+
+def _all_gather(rows: IndexedRows, group: dist.ProcessGroup | None) -> list[IndexedRows]:
+    """Every process's (batch index, row) pairs, in every process."""
+    gathered: list[IndexedRows | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, rows, group=group)
+    return [part or [] for part in gathered]
+
+
 def batch_share(group: dist.ProcessGroup | None = None) -> BatchShare:
-    """The `lcpaq.sensitivity.hessian.BatchShare` of this process: batches rank, rank + world, …, with
-    per-probe sums all-reduced (float64). Without a process group: every batch, no reduction."""
+    """The `lcpaq.sensitivity.batch_share.BatchShare` of this process: batches rank, rank + world,
+    …, with sums all-reduced (float64) and rows all-gathered. Without a process group: every batch,
+    no collectives."""
     rank, world = rank_and_world(group)
     if world == 1:
         return BatchShare()
@@ -106,51 +125,9 @@ def batch_share(group: dist.ProcessGroup | None = None) -> BatchShare:
         rank=rank,
         world=world,
         reduce_sum=lambda values: _all_reduce(values, dist.ReduceOp.SUM, group),
+        reduce_tensor_sum=lambda values: _all_reduce_tensor(values, group),
+        gather=lambda rows: _all_gather(rows, group),
     )
-
-
-def _in_batch_order(
-    mine: list[int], rows: list[object], num_batches: int, group: dist.ProcessGroup | None
-) -> list[object]:
-    """Every process's per-batch rows, gathered to all processes, in the original batch order."""
-    gathered: list[list[tuple[int, object]] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, list(zip(mine, rows)), group=group)
-    by_index = dict(pair for part in gathered for pair in part or [])
-    return [by_index[index] for index in range(num_batches)]
-
-
-def gauss_newton_traces_distributed(
-    model: nn.Module,
-    layers: Sequence[LayerInfo],
-    batches: Sequence[torch.Tensor],
-    *,
-    loss: LossName = "cross_entropy",
-    keep_diagonal: bool = True,
-    seed: int = 0,
-    group: dist.ProcessGroup | None = None,
-    progress: bool = False,
-) -> CurvatureEstimate:
-    """`lcpaq.sensitivity.hessian.gauss_newton_traces` with the batches split across the process group.
-
-    Every process passes the same ``batches`` (only its share is computed) and gets the full
-    result. Without an initialised process group this is the single-process function.
-    """
-    batches = list(batches)
-    rank, world = rank_and_world(group)
-    state = GaussNewtonState.start(model, layers, keep_diagonal=keep_diagonal, seed=seed + rank)
-    mine = list(range(rank, len(batches), world))
-    for index in tqdm(mine, desc="Gauss-Newton traces", disable=not progress, unit="batch"):
-        state.add_batch(model, batches[index], loss)
-    if world == 1:
-        return state.finish()
-    state.rows = _in_batch_order(mine, state.rows, len(batches), group)  # type: ignore[assignment]
-    state.sampled = bool(_all_reduce(np.array([float(state.sampled)]), dist.ReduceOp.SUM, group)[0])
-    if keep_diagonal:
-        for name, values in state.diagonal.items():
-            total = values.double().to(_collective_device(group))
-            dist.all_reduce(total, group=group)
-            state.diagonal[name] = total.to(values.device, values.dtype)
-    return state.finish()
 
 
 def activation_sensitivity_distributed(
@@ -166,25 +143,25 @@ def activation_sensitivity_distributed(
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
 ) -> ActivationSensitivity:
-    """`lcpaq.sensitivity.activation.activation_sensitivity` with the batches split across the process group.
+    """`lcpaq.quant.activations.activation_sensitivity` with the batches split across the process group.
 
     The activation ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and
     the per-sample rows gathered in batch order,
     so the result equals the single-process one (the sampled Fisher past 64 classes: in
-    distribution only, as for `gauss_newton_traces_distributed`).
+    distribution only, as for the Gauss–Newton traces).
     """
     batches = list(batches)
     if not batches:
         raise ValueError("no calibration samples were given")
-    rank, world = rank_and_world(group)
-    mine = list(range(rank, len(batches), world))
+    share = batch_share(group)
+    mine = share.indices(len(batches))
     indexed = [(index, batches[index]) for index in mine]
     keep = range_sample_size(clipping)
     low, high, samples = range_statistics(model, layers, indexed, keep=keep, seed=seed)
-    if world > 1:
+    if share.world > 1:
         low = _all_reduce(low, dist.ReduceOp.MIN, group)
         high = _all_reduce(high, dist.ReduceOp.MAX, group)
-        samples = _in_batch_order(mine, samples, len(batches), group)  # type: ignore[assignment]
+        samples = share.in_batch_order(samples, len(batches))
     state = ActivationState.start(
         model,
         layers,
@@ -194,17 +171,14 @@ def activation_sensitivity_distributed(
         samples=samples,
         clipping=clipping,
         symmetric=symmetric,
-        seed=seed + rank,
+        seed=seed + share.rank,
     )
     for index in tqdm(mine, desc="activation curvature", disable=not progress, unit="batch"):
         state.add_batch(model, batches[index], loss)
-    if world == 1:
+    if share.world == 1:
         return state.finish()
-    gathered = _in_batch_order(
-        mine, [(state.num_elements, row) for row in state.rows], len(batches), group
-    )
-    state.num_elements = gathered[0][0]  # type: ignore[index]
-    state.rows = [row for _, row in gathered]  # type: ignore[misc]
-    flags = _all_reduce(np.array([float(state.sampled)]), dist.ReduceOp.SUM, group)
-    state.sampled = bool(flags[0])
+    gathered = share.in_batch_order([(state.num_elements, row) for row in state.rows], len(batches))
+    state.num_elements = gathered[0][0]
+    state.rows = [row for _, row in gathered]
+    state.sampled = bool(share.add_up(np.array([float(state.sampled)]))[0])
     return state.finish()

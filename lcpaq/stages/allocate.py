@@ -45,8 +45,8 @@ from lcpaq.sensitivity.activation import (
     load_activation_sensitivity,
 )
 from lcpaq.sensitivity.candidates import activation_score_matrix
-from lcpaq.sensitivity.hessian import CurvatureEstimate
-from lcpaq.sensitivity.interactions import InteractionTerms, load_interactions
+from lcpaq.sensitivity.curvature import CurvatureEstimate
+from lcpaq.sensitivity.interaction_terms import InteractionTerms, load_interactions
 from lcpaq.stages.folder import read_config, read_layers, read_layers_file, timed
 
 if TYPE_CHECKING:

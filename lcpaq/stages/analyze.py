@@ -31,7 +31,7 @@ from lcpaq.model.zoo import file_sha256
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation import save_activation_sensitivity
 from lcpaq.sensitivity.candidates import measure_candidates
-from lcpaq.sensitivity.interactions import InteractionTerms, save_interactions
+from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
 from lcpaq.stages.folder import (
     INPUT_HESSIANS_FILE,
     LayersFile,

@@ -21,19 +21,12 @@ from lcpaq.model.graph import LayerInfo
 from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation import ActivationSensitivity
-from lcpaq.sensitivity.hessian import (
-    CurvatureEstimate,
-    PyHessianCheck,
-    hutchinson_traces,
-    pyhessian_check,
-    single_layer_hutchinson_traces,
-)
-from lcpaq.sensitivity.interactions import (
-    InteractionTerms,
-    compute_interactions,
-    pair_formats,
-    select_pairs,
-)
+from lcpaq.sensitivity.curvature import CurvatureEstimate
+from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
+from lcpaq.sensitivity.interaction_terms import InteractionTerms, select_pairs
+from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
+from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +74,26 @@ def scoring_curvature(
     analysis = config.analysis
     starts = range(0, len(calib), analysis.batch_size)
     batches = [calib.inputs[start : start + analysis.batch_size] for start in starts]
+    share = distributed.batch_share()
     if analysis.estimator != "hutchinson":
-        return distributed.gauss_newton_traces_distributed(
-            model, layers, batches, loss=analysis.loss, seed=analysis.seed, progress=progress
+        return gauss_newton_traces(
+            model,
+            layers,
+            batches,
+            loss=analysis.loss,
+            seed=analysis.seed,
+            share=share,
+            progress=progress,
         )
     # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
-    exact_part = distributed.gauss_newton_traces_distributed(
-        model, layers, batches, loss=analysis.loss, seed=analysis.seed, keep_diagonal=False
+    exact_part = gauss_newton_traces(
+        model,
+        layers,
+        batches,
+        loss=analysis.loss,
+        seed=analysis.seed,
+        keep_diagonal=False,
+        share=share,
     )
     return single_layer_hutchinson_traces(
         model,
@@ -101,7 +107,7 @@ def scoring_curvature(
         max_total_probes=analysis.hutchinson_probes,
         seed=analysis.seed,
         loss=analysis.loss,
-        share=distributed.batch_share(),
+        share=share,
         progress=progress,
     )
 
@@ -247,7 +253,7 @@ def measure_interactions(
         pairs=pairs,
         scheme=analysis.scheme,
         batch_size=analysis.batch_size,
-        # kl's Gauss–Newton curvature is cross-entropy's (`lcpaq.sensitivity.hessian`), which
+        # kl's Gauss–Newton curvature is cross-entropy's (`lcpaq.sensitivity.losses`), which
         # the interaction estimators compute for it; their annotation names the other two only.
         curvature_loss=cast(Literal["cross_entropy", "mse"], analysis.loss),
         forward_loss=analysis.pair_loss,

@@ -23,7 +23,7 @@ from lcpaq.allocation.result import Allocation
 from lcpaq.allocation.table import CandidateTable, weight_format_of
 from lcpaq.config import AllocationConfig
 from lcpaq.quant.formats import get_format
-from lcpaq.sensitivity.interactions import load_interactions
+from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import figures, heatmaps, model_curve
 from lcpaq.stages.allocate import candidate_costs
 from lcpaq.stages.folder import (

@@ -18,8 +18,8 @@ from lcpaq import runfolder
 from lcpaq.allocation.pairwise import pair_views
 from lcpaq.allocation.table import weight_format_of
 from lcpaq.config import AllocationConfig
-from lcpaq.sensitivity.hessian import CurvatureEstimate
-from lcpaq.sensitivity.interactions import load_interactions
+from lcpaq.sensitivity.curvature import CurvatureEstimate
+from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import report_sections as sections
 from lcpaq.stages.folder import read_layers_file
 

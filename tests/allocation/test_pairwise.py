@@ -33,13 +33,8 @@ from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunCo
 from lcpaq.errors import InputError
 from lcpaq.model.data import load_dataset
 from lcpaq.model.zoo import load_model
-from lcpaq.sensitivity.interactions import (
-    InteractionTerms,
-    compute_interactions,
-    load_interactions,
-    pair_formats,
-    select_pairs,
-)
+from lcpaq.sensitivity.interaction_terms import InteractionTerms, load_interactions, select_pairs
+from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
 from lcpaq.stages import pipeline
 from lcpaq.stages.heatmaps import plot_interaction_heatmap
 

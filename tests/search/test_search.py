@@ -40,7 +40,7 @@ from lcpaq.search import (
     plan_slices,
 )
 from lcpaq.sensitivity.candidates import measure_candidates
-from lcpaq.sensitivity.interactions import load_interactions
+from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import pipeline
 from tests.conftest import conv_inputs, make_tiny_conv_net
 

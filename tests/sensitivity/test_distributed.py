@@ -21,18 +21,15 @@ from lcpaq.cli import main
 from lcpaq.model.demo import DigitsNet
 from lcpaq.model.graph import discover_layers
 from lcpaq.sensitivity.activation import activation_sensitivity
+from lcpaq.sensitivity.batch_share import BatchShare
 from lcpaq.sensitivity.distributed import (
     activation_sensitivity_distributed,
     batch_share,
-    gauss_newton_traces_distributed,
     is_main_process,
     rank_and_world,
 )
-from lcpaq.sensitivity.hessian import (
-    gauss_newton_traces,
-    hutchinson_traces,
-    single_layer_hutchinson_traces,
-)
+from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
 
@@ -53,7 +50,7 @@ def measure_all(share_all: bool) -> dict[str, object]:
     layers = discover_layers(model, batches[0])
     share = batch_share()
     if share_all:
-        gauss_newton = gauss_newton_traces_distributed(model, layers, batches)
+        gauss_newton = gauss_newton_traces(model, layers, batches, share=share)
         activations = activation_sensitivity_distributed(
             model, layers, batches, ACTIVATION_FORMATS, loss="kl"
         )
@@ -71,12 +68,13 @@ def test_without_process_group_it_is_the_single_process_function() -> None:
     model, batches, _ = _problem()
     layers = discover_layers(model, batches[0])
     assert rank_and_world() == (0, 1) and is_main_process()
-    got = gauss_newton_traces_distributed(model, layers, batches)
+    share = batch_share()
+    assert share == BatchShare()
+    assert share.in_batch_order(["a", "b"], 2) == ["a", "b"]
+    got = gauss_newton_traces(model, layers, batches, share=share)
     expected = gauss_newton_traces(model, layers, batches)
     np.testing.assert_array_equal(got.trace, expected.trace)
     np.testing.assert_array_equal(got.trace_stderr, expected.trace_stderr)
-    share = batch_share()
-    assert (share.rank, share.world, share.reduce_sum) == (0, 1, None)
 
 
 def _analyze_args(files: Path, out: Path) -> list[str]:
