@@ -20,53 +20,50 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import _study
 import numpy as np
 
 from lcpaq.allocation.budgets import Budget, parse_budget
-from lcpaq.config import RunConfig
-from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
-from lcpaq.model.zoo import load_model
-from lcpaq.quant.activations import activation_quantizers
+from lcpaq.model.data import Dataset
+from lcpaq.model.evaluate import Accuracy
 from lcpaq.runfolder import load_candidates
-from lcpaq.sensitivity.activation import load_activation_sensitivity
 from lcpaq.stages import pipeline
 
 ACTIVATION_FORMATS = ("int4", "int6", "int8", "fp8_e4m3")
 CLIPPINGS = ("mse", "minmax")
 
 
-def _quantized_accuracy(
-    run_dir: Path,
-    config: RunConfig,
-    candidates: list[str],
-    activations: dict[str, str],
-    calib,
-    test,
-) -> tuple[Accuracy, float]:
-    """Weights to the weight halves of ``candidates``, layer inputs to ``activations`` (layer →
-    format) with this run's ranges, corrected as export does; top-1 and seconds."""
-    start = time.perf_counter()
-    model = load_model(config.analysis.model, config.analysis.checkpoint)
-    layers, _ = pipeline.read_layers(run_dir)
-    names = [layer.name for layer in layers]
-    sensitivity = load_activation_sensitivity(run_dir / "activations.npz")
-    quantized, _ = pipeline.quantize_and_recover(
-        model,
-        layers,
-        pipeline.weight_assignment(names, candidates),
-        config,
-        calib.inputs[: config.recovery.num_samples],
-        input_hessians=pipeline.read_input_hessians(run_dir, config),
-        activation_quantizers=activation_quantizers(sensitivity, activations),
-    )
-    seconds = time.perf_counter() - start
-    return evaluate_accuracy(quantized, test), seconds
+class FixedWeights(TypedDict):
+    """Mixed 3-bit weights with every layer input in FP32 or in one activation format."""
+
+    budget: str
+    weight_formats: list[str]
+    rows: dict[str, dict[str, object]]
+    paired_vs_fp32_activations: dict[str, _study.Paired]
 
 
-def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object]:
-    base = _study.base_config(shared, model, act_formats=ACTIVATION_FORMATS)
+class BitOps(TypedDict):
+    """The ILP's mixed (weight, activation) choice at uniform W4A4's BitOps, and the uniform ones."""
+
+    budget: str
+    mixed: dict[str, object]
+    uniform: dict[str, dict[str, object]]
+    mixed_vs_uniform_w4a4: _study.Paired
+
+
+class Entry(TypedDict):
+    model: str
+    analyze_s: dict[str, float]
+    fixed_weights: FixedWeights
+    bitops: BitOps
+    test_images: int
+
+
+def _analyze(shared: Path, model: str, work: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """One run folder per activation clipping (run folder, analysis seconds)."""
+    base = _study.base_config(shared, model).with_analysis(act_formats=ACTIVATION_FORMATS)
     runs: dict[str, Path] = {}
     analyze_s: dict[str, float] = {}
     for clipping in CLIPPINGS:
@@ -74,28 +71,33 @@ def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object
         start = time.perf_counter()
         pipeline.analyze(base.with_analysis(act_clipping=clipping), runs[clipping])
         analyze_s[clipping] = time.perf_counter() - start
+    return runs, analyze_s
+
+
+def _fixed_weights(
+    runs: dict[str, Path], calib: Dataset, test: Dataset
+) -> tuple[FixedWeights, Accuracy]:
+    """Mixed 3-bit weights, one activation format for every layer input (and the FP32 inputs)."""
     mse_dir = runs["mse"]
     config = pipeline.read_config(mse_dir)
     names = [layer.name for layer in pipeline.read_layers(mse_dir)[0]]
-
-    # 1. Mixed 3-bit weights, one activation format for every layer input.
     allocation = pipeline.allocate(mse_dir, [parse_budget("avg-bits=3")])
     weights = [pipeline.weight_assignment(names, allocation.formats)[name] for name in names]
     accuracy: dict[str, Accuracy] = {}
     rows: dict[str, dict[str, object]] = {}
-    accuracy["fp32_activations"], seconds = _quantized_accuracy(
-        mse_dir, config, weights, {}, calib, test
+    accuracy["fp32_activations"], seconds = _study.run_accuracy(
+        mse_dir, config, weights, calib, test, {}
     )
     rows["fp32_activations"] = {"top1_pct": 100 * accuracy["fp32_activations"].top1}
     for clipping, run_dir in runs.items():
         run_config = pipeline.read_config(run_dir)
         for activation in ACTIVATION_FORMATS:
             name = f"{activation}-{clipping}"
-            accuracy[name], seconds = _quantized_accuracy(
-                run_dir, run_config, weights, dict.fromkeys(names, activation), calib, test
+            accuracy[name], seconds = _study.run_accuracy(
+                run_dir, run_config, weights, calib, test, dict.fromkeys(names, activation)
             )
             rows[name] = {"top1_pct": 100 * accuracy[name].top1, "seconds": seconds}
-    fixed = {
+    fixed: FixedWeights = {
         "budget": "avg-bits=3",
         "weight_formats": weights,
         "rows": rows,
@@ -105,31 +107,38 @@ def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object
             if name != "fp32_activations"
         },
     }
+    return fixed, accuracy["fp32_activations"]
 
-    # 2. BitOps: mixed (weight, activation) pairs at uniform W4A4's BitOps.
+
+def _bitops(mse_dir: Path, calib: Dataset, test: Dataset) -> BitOps:
+    """Mixed (weight, activation) pairs at uniform W4A4's BitOps, against uniform W4A4 and W8A8."""
+    config = pipeline.read_config(mse_dir)
+    names = [layer.name for layer in pipeline.read_layers(mse_dir)[0]]
     table = load_candidates(mse_dir / "candidates.npz")
     costs = pipeline.candidate_costs(mse_dir, table)
     uniform: dict[str, Accuracy] = {}
     uniform_rows: dict[str, dict[str, object]] = {}
+    uniform_costs: dict[str, dict[str, float]] = {}
     for candidate in ("int4/int4", "int8/int8"):
         column = table.format_index(candidate)
-        uniform_rows[candidate] = {"costs": costs.values(np.full(len(names), column))}
-        uniform[candidate], _ = _quantized_accuracy(
+        uniform_costs[candidate] = costs.values(np.full(len(names), column))
+        uniform_rows[candidate] = {"costs": uniform_costs[candidate]}
+        uniform[candidate], _ = _study.run_accuracy(
             mse_dir,
             config,
             [candidate] * len(names),
-            dict.fromkeys(names, candidate.split("/")[1]),
             calib,
             test,
+            dict.fromkeys(names, candidate.split("/")[1]),
         )
         uniform_rows[candidate]["top1_pct"] = 100 * uniform[candidate].top1
-    limit = uniform_rows["int4/int4"]["costs"]["bitops-g"]  # type: ignore[index]
+    limit = uniform_costs["int4/int4"]["bitops-g"]
     mixed = pipeline.allocate(mse_dir, [Budget("bitops-g", limit)])
     mixed_activations = pipeline.paired_activation_formats(mixed.layer_names, mixed.formats)
-    mixed_accuracy, _ = _quantized_accuracy(
-        mse_dir, config, list(mixed.formats), mixed_activations, calib, test
+    mixed_accuracy, _ = _study.run_accuracy(
+        mse_dir, config, mixed.formats, calib, test, mixed_activations
     )
-    bitops = {
+    return {
         "budget": f"bitops-g={limit:.6g} (uniform W4A4)",
         "mixed": {
             "formats": list(mixed.formats),
@@ -140,12 +149,17 @@ def study(shared: Path, model: str, work: Path, calib, test) -> dict[str, object
         "uniform": uniform_rows,
         "mixed_vs_uniform_w4a4": _study.paired(mixed_accuracy, uniform["int4/int4"]),
     }
+
+
+def study(shared: Path, model: str, work: Path, calib: Dataset, test: Dataset) -> Entry:
+    runs, analyze_s = _analyze(shared, model, work)
+    fixed, fp32_activations = _fixed_weights(runs, calib, test)
     return {
         "model": model,
         "analyze_s": analyze_s,
         "fixed_weights": fixed,
-        "bitops": bitops,
-        "test_images": accuracy["fp32_activations"].num_samples,
+        "bitops": _bitops(runs["mse"], calib, test),
+        "test_images": fp32_activations.num_samples,
     }
 
 
@@ -155,9 +169,9 @@ def main() -> None:
     for model in args.models.split(","):
         entry = study(args.shared, model, args.work, calib, test)
         _study.add_study(args.out, result, entry)
-        rows = entry["fixed_weights"]["rows"]  # type: ignore[index]
+        rows = entry["fixed_weights"]["rows"]
         line = ", ".join(f"{name} {row['top1_pct']:.2f}" for name, row in rows.items())
-        bitops = entry["bitops"]  # type: ignore[index]
+        bitops = entry["bitops"]
         print(
             f"{model} W3 mixed: {line}; BitOps at W4A4: mixed {bitops['mixed']['top1_pct']:.2f} "
             f"vs uniform {bitops['uniform']['int4/int4']['top1_pct']:.2f} "

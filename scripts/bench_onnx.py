@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import _study
 import numpy as np
@@ -35,7 +36,7 @@ from lcpaq.stages import pipeline
 ACTIVATION_FORMATS = ("int4", "int6", "int8")
 
 
-def _run(config: RunConfig, run_dir: Path, budget: Budget | None, test_path: str) -> dict:
+def _run(config: RunConfig, run_dir: Path, budget: Budget | None, test_path: str) -> dict[str, Any]:
     """analyze → allocate (``budget``, or W4A4's BitOps when None) → export → onnx check."""
     start = time.perf_counter()
     pipeline.analyze(config, run_dir, progress=False)
@@ -61,7 +62,9 @@ def _run(config: RunConfig, run_dir: Path, budget: Budget | None, test_path: str
     }
 
 
-def _fp32(model: torch.nn.Module, folder: Path, inputs: torch.Tensor, labels: torch.Tensor) -> dict:
+def _fp32(
+    model: torch.nn.Module, folder: Path, inputs: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
     """The FP32 model exported with torch.onnx's optimiser, in ONNX Runtime and in PyTorch."""
     path = folder / "fp32.onnx"
     exported = torch.onnx.export(
@@ -71,6 +74,7 @@ def _fp32(model: torch.nn.Module, folder: Path, inputs: torch.Tensor, labels: to
         dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
         verbose=False,
     )
+    assert exported is not None  # the dynamo exporter returns the program (None is the legacy path)
     folder.mkdir(parents=True, exist_ok=True)
     exported.save(str(path))
     check = check_onnx(path, model, inputs, labels)
@@ -81,13 +85,12 @@ def main() -> None:
     parser = _study.parser(__doc__, "bench_onnx")
     args = parser.parse_args()
     _, test, result = _study.start(args)
-    test_path = str(args.shared / "data" / "cifar10_test.npz")
+    test_path = str(_study.test_path(args.shared))
     for model_name in args.models.split(","):
         work = args.work / model_name
         base = _study.base_config(args.shared, model_name)
         fp_model = load_model(base.analysis.model, base.analysis.checkpoint)
-        entry: dict[str, object] = {
-            "model": model_name,
+        runs = {
             "fp32": _fp32(fp_model, work, test.inputs, test.labels),
             "weights_only": _run(base, work / "w3", parse_budget("avg-bits=3"), test_path),
             "weights_and_inputs": _run(
@@ -97,9 +100,8 @@ def main() -> None:
                 test_path,
             ),
         }
-        _study.add_study(args.out, result, entry)
-        for name in ("fp32", "weights_only", "weights_and_inputs"):
-            row = entry[name]
+        _study.add_study(args.out, result, {"model": model_name, **runs})
+        for name, row in runs.items():
             print(
                 f"{model_name} {name}: agreement {100 * row['top1_agreement']:.2f} %, max |dlogit| "
                 f"{row['max_abs_logit_difference']:.3g}, top-1 ORT {100 * row['onnx_top1']:.2f} "

@@ -24,19 +24,24 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypedDict
 
+import _study
 import numpy as np
 import torch
 from _provenance import git_sha
+from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.problem import AllocationProblem
 from lcpaq.allocation.table import CandidateTable
-from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
-from lcpaq.model.data import load_dataset
+from lcpaq.config import RecoveryConfig, RunConfig
+from lcpaq.model.data import Dataset, load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.recovery import collect_reference_stats
 from lcpaq.model.zoo import load_model
@@ -44,7 +49,6 @@ from lcpaq.quant.formats import get_format, parse_format_list
 from lcpaq.stages import pipeline
 
 FORMATS = "int2,int3,int4,int5,int6,int8,fp4_e2m1,fp6_e2m3,fp6_e3m2,fp8_e4m3,fp8_e5m2"
-MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 EQUIVALENT_BITS = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0)
 
 
@@ -80,7 +84,15 @@ def size_budgets(problem: AllocationProblem) -> dict[float, float]:
     return budgets
 
 
-def fp_share(table: CandidateTable, formats: tuple[str, ...]) -> dict[str, object]:
+class FpShare(TypedDict):
+    """Which layers an assignment puts in FP formats and the share of the weights they hold."""
+
+    fp_layers: list[str]
+    fp_param_frac: float
+    format_counts: dict[str, int]
+
+
+def fp_share(table: CandidateTable, formats: tuple[str, ...]) -> FpShare:
     params = dict(zip(table.layer_names, table.num_params.tolist()))
     fp_layers = [
         name for name, fmt in zip(table.layer_names, formats) if get_format(fmt).kind == "fp"
@@ -92,59 +104,34 @@ def fp_share(table: CandidateTable, formats: tuple[str, ...]) -> dict[str, objec
     }
 
 
-def measure_model(name: str, args: argparse.Namespace) -> dict[str, object]:
-    checkpoint = str(args.shared / "checkpoints" / MODELS[name])
-    calib_path = str(args.shared / "data" / "cifar10_train_subset.npz")
-    eval_path = str(args.shared / "data" / "cifar10_test.npz")
-    run_dir = args.work / name
-    config = RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=checkpoint,
-            calib=calib_path,
-            formats=parse_format_list(FORMATS),
-            num_samples=args.num_samples,
-        ),
-        recovery=RecoveryConfig(num_samples=args.correction_samples),
+def _config(name: str, args: argparse.Namespace) -> RunConfig:
+    """One analysis with every INT and FP weight format as candidates."""
+    config = _study.base_config(args.shared, name).with_analysis(
+        formats=parse_format_list(FORMATS), num_samples=args.num_samples
     )
-    started = time.perf_counter()
-    pipeline.analyze(config, run_dir, progress=False)
-    analyze_s = time.perf_counter() - started
-    table = runfolder.load_candidates(run_dir / "candidates.npz")
-    int_columns = [c for c, w in enumerate(table.weight_formats) if get_format(w).kind == "int"]
-    problems = {
-        "int": problem_for(run_dir, table, int_columns),
-        "int+fp": problem_for(run_dir, table, list(range(len(table.format_names)))),
-    }
+    return replace(config, recovery=RecoveryConfig(num_samples=args.correction_samples))
 
-    model = load_model("cifar-resnet", checkpoint)
+
+def _measure(
+    run_dir: Path, config: RunConfig, model: nn.Module, test: Dataset, correction_samples: int
+) -> _study.AccuracyCache:
+    """Top-1 per distinct assignment: quantized, corrected on the calibration images (against
+    the FP32 model's statistics on them), evaluated on the test images (as export does)."""
     layers, _ = pipeline.read_layers(run_dir)
-    calib = load_dataset(calib_path, num_classes=10).subset(0, args.correction_samples)
-    test = load_dataset(eval_path, num_classes=10)
+    calib = load_dataset(config.analysis.calib, num_classes=10).subset(0, correction_samples)
     reference = collect_reference_stats(model, calib.inputs, [layer.name for layer in layers])
-    cache: dict[tuple[str, ...], Accuracy] = {}
+    return _study.cached_accuracy(model, run_dir, config, calib.inputs, test, reference)
 
-    def accuracy_of(formats: tuple[str, ...]) -> Accuracy:
-        if formats not in cache:
-            quantized, _ = pipeline.quantize_and_recover(
-                model,
-                layers,
-                dict(zip(table.layer_names, formats)),
-                config,
-                calib.inputs,
-                reference,
-                pipeline.read_input_hessians(run_dir, config),
-            )
-            cache[formats] = evaluate_accuracy(quantized, test)
-        return cache[formats]
 
-    fp32 = evaluate_accuracy(model, test)
-    full = problems["int+fp"]
-    uniform = []
+def _uniform_rows(
+    table: CandidateTable, full: AllocationProblem, accuracy_of: _study.AccuracyCache
+) -> list[dict[str, object]]:
+    """Every candidate format on every layer: size, bits, predicted loss, top-1."""
+    num_layers = len(table.layer_names)
+    uniform: list[dict[str, object]] = []
     for column, format_name in enumerate(table.format_names):
-        formats = (format_name,) * len(layers)
-        accuracy = accuracy_of(formats)
-        choice = np.full(len(layers), column)
+        accuracy = accuracy_of((format_name,) * num_layers)
+        choice = np.full(num_layers, column)
         uniform.append(
             {
                 "format": format_name,
@@ -155,59 +142,96 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, object]:
                 "top1_pct": 100 * accuracy.top1,
             }
         )
-    points = []
-    for bits, size_mb in size_budgets(problems["int"]).items():
-        entry: dict[str, object] = {"equivalent_bits": bits, "size_mb_budget": size_mb}
-        accuracies = {}
-        for label, problem in problems.items():
-            allocation = problem.solve([Budget("size-mb", size_mb)])
-            accuracy = accuracies[label] = accuracy_of(allocation.formats)
-            entry[label] = {
-                "size_mb": allocation.costs["size-mb"],
-                "avg_bits": allocation.average_bits,
-                "predicted_loss_increase": allocation.predicted_loss_increase,
-                "top1_pct": 100 * accuracy.top1,
-                "paired_vs_fp32_pct": 100 * paired_difference(accuracy, fp32)[0],
-                "assignment": dict(zip(allocation.layer_names, allocation.formats)),
-                **fp_share(table, allocation.formats),
-            }
-        gain, gain_se = paired_difference(accuracies["int+fp"], accuracies["int"])
-        entry["int_fp_minus_int_pct"] = 100 * gain
-        entry["int_fp_minus_int_se_pct"] = 100 * gain_se
-        entry["same_assignment"] = entry["int"]["assignment"] == entry["int+fp"]["assignment"]  # type: ignore[index]
-        points.append(entry)
-        logging.info(
-            "%s %.2f bits (%.4f MB): INT %.2f %%, INT+FP %.2f %% (%+.2f ± %.2f), FP weights %.0f %%",
-            name,
-            bits,
-            size_mb,
-            100 * accuracies["int"].top1,
-            100 * accuracies["int+fp"].top1,
-            100 * gain,
-            100 * gain_se,
-            100 * entry["int+fp"]["fp_param_frac"],  # type: ignore[index]
-        )
+    return uniform
+
+
+def _budget_point(
+    name: str,
+    bits: float,
+    size_mb: float,
+    problems: dict[str, AllocationProblem],
+    accuracy_of: _study.AccuracyCache,
+    fp32: Accuracy,
+) -> dict[str, object]:
+    """Both allocations (INT, INT+FP candidates) at one size budget, paired against each other."""
+    entry: dict[str, object] = {"equivalent_bits": bits, "size_mb_budget": size_mb}
+    accuracies: dict[str, Accuracy] = {}
+    assignments: dict[str, dict[str, str]] = {}
+    shares: dict[str, FpShare] = {}
+    for label, problem in problems.items():
+        allocation = problem.solve([Budget("size-mb", size_mb)])
+        accuracy = accuracies[label] = accuracy_of(allocation.formats)
+        assignments[label] = dict(zip(allocation.layer_names, allocation.formats))
+        shares[label] = fp_share(problem.table, allocation.formats)
+        entry[label] = {
+            "size_mb": allocation.costs["size-mb"],
+            "avg_bits": allocation.average_bits,
+            "predicted_loss_increase": allocation.predicted_loss_increase,
+            "top1_pct": 100 * accuracy.top1,
+            "paired_vs_fp32_pct": 100 * paired_difference(accuracy, fp32)[0],
+            "assignment": assignments[label],
+            **shares[label],
+        }
+    gain, gain_se = paired_difference(accuracies["int+fp"], accuracies["int"])
+    entry["int_fp_minus_int_pct"] = 100 * gain
+    entry["int_fp_minus_int_se_pct"] = 100 * gain_se
+    entry["same_assignment"] = assignments["int"] == assignments["int+fp"]
+    logging.info(
+        "%s %.2f bits (%.4f MB): INT %.2f %%, INT+FP %.2f %% (%+.2f ± %.2f), FP weights %.0f %%",
+        name,
+        bits,
+        size_mb,
+        100 * accuracies["int"].top1,
+        100 * accuracies["int+fp"].top1,
+        100 * gain,
+        100 * gain_se,
+        100 * shares["int+fp"]["fp_param_frac"],
+    )
+    return entry
+
+
+def measure_model(name: str, args: argparse.Namespace) -> dict[str, object]:
+    run_dir = args.work / name
+    config = _config(name, args)
+    started = time.perf_counter()
+    pipeline.analyze(config, run_dir, progress=False)
+    analyze_s = time.perf_counter() - started
+    table = runfolder.load_candidates(run_dir / "candidates.npz")
+    int_columns = [c for c, w in enumerate(table.weight_formats) if get_format(w).kind == "int"]
+    problems = {
+        "int": problem_for(run_dir, table, int_columns),
+        "int+fp": problem_for(run_dir, table, list(range(len(table.format_names)))),
+    }
+    model = load_model("cifar-resnet", config.analysis.checkpoint)
+    test = load_dataset(str(_study.test_path(args.shared)), num_classes=10)
+    accuracy_of = _measure(run_dir, config, model, test, args.correction_samples)
+    fp32 = evaluate_accuracy(model, test)
+    uniform = _uniform_rows(table, problems["int+fp"], accuracy_of)
+    points = [
+        _budget_point(name, bits, size_mb, problems, accuracy_of, fp32)
+        for bits, size_mb in size_budgets(problems["int"]).items()
+    ]
     return {
-        "checkpoint": checkpoint,
+        "checkpoint": config.analysis.checkpoint,
         "fp32_top1_pct": 100 * fp32.top1,
         "num_eval_samples": len(test),
         "analyze_s": analyze_s,
         "total_s": time.perf_counter() - started,
-        "distinct_assignments_evaluated": len(cache),
+        "distinct_assignments_evaluated": len(accuracy_of),
         "uniform": uniform,
         "points": points,
     }
 
 
-def plot(result: dict[str, object], path: Path) -> None:
+def plot(result: Mapping[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     models = result["models"]
-    fig = Figure(figsize=(6.5 * len(models), 8.0), dpi=120, layout="constrained")  # type: ignore[arg-type]
+    fig = Figure(figsize=(6.5 * len(models), 8.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(models), squeeze=False, height_ratios=[2.2, 1])  # type: ignore[arg-type]
-    for k, (name, data) in enumerate(models.items()):  # type: ignore[union-attr]
+    axes = fig.subplots(2, len(models), squeeze=False, height_ratios=[2.2, 1])
+    for k, (name, data) in enumerate(models.items()):
         top, bottom = axes[0, k], axes[1, k]
         points = data["points"]
         for label, style in (("int", "o-"), ("int+fp", "D-")):
@@ -271,10 +295,10 @@ def plot(result: dict[str, object], path: Path) -> None:
     fig.savefig(path, format="png")
 
 
-def render_markdown(result: dict[str, object]) -> str:
+def render_markdown(result: Mapping[str, Any]) -> str:
     """The tables of docs/results.md from the JSON."""
     lines = []
-    for name, data in result["models"].items():  # type: ignore[union-attr]
+    for name, data in result["models"].items():
         lines += [
             f"**{name}** (FP32 {data['fp32_top1_pct']:.2f} %, {data['num_eval_samples']} test images;"
             f" {data['distinct_assignments_evaluated']} distinct assignments evaluated,"
@@ -305,15 +329,10 @@ def render_markdown(result: dict[str, object]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", type=Path, default=Path("../shared"))
-    parser.add_argument("--out", type=Path, default=Path("results/int_vs_fp.json"))
+    parser = _study.parser(__doc__, "int_vs_fp")
     parser.add_argument("--figure", type=Path, default=Path("results/int_vs_fp.png"))
-    parser.add_argument("--work", type=Path, default=Path("results/int_vs_fp"))
-    parser.add_argument("--models", default="resnet20,resnet32")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--correction-samples", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--render", type=Path, help="only print the tables and draw the figure of this JSON"
     )
@@ -323,8 +342,7 @@ def main() -> None:
         print(render_markdown(result))
         plot(result, args.figure)
         return
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    _study.set_up(args.threads, verbose=True)
     started = time.perf_counter()
     models = {name: measure_model(name, args) for name in args.models.split(",")}
     result = {
@@ -335,8 +353,7 @@ def main() -> None:
         "total_s": time.perf_counter() - started,
         "models": models,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    _study.write_json(args.out, result)
     plot(result, args.figure)
     print(render_markdown(result))
     print(f"wrote {args.out} and {args.figure}")

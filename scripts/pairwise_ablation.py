@@ -18,12 +18,13 @@ diagonal-only choice at the same budget (`lcpaq.model.evaluate.paired_difference
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import time
 from pathlib import Path
+from typing import TypedDict
 
+import _study
 import numpy as np
 import torch
 from _provenance import git_sha
@@ -32,7 +33,9 @@ from scipy.stats import spearmanr
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.frontier import score_candidates
-from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
+from lcpaq.allocation.pairwise import PairClip, PairwiseMode
+from lcpaq.allocation.result import Allocation
+from lcpaq.config import AllocationConfig, RecoveryConfig, RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.zoo import load_model
@@ -42,9 +45,18 @@ from lcpaq.stages import pipeline
 SOURCES = ("hessian", "gauss-newton", "forward")
 
 
-def _variants(weights: list[float]) -> list[dict[str, object]]:
+class Variant(TypedDict, total=False):
+    """The allocation options one row sets (`pipeline.allocate`'s keywords; the rest default)."""
+
+    pairwise_weight: float
+    pair_z: float
+    pair_clip: PairClip
+    pairwise_mode: PairwiseMode
+
+
+def _variants(weights: list[float]) -> list[Variant]:
     """Allocation options per source: λ sweep with the default filter, then λ = 1 variants."""
-    rows: list[dict[str, object]] = [{"pairwise_weight": weight} for weight in weights]
+    rows: list[Variant] = [{"pairwise_weight": weight} for weight in weights]
     rows += [
         {"pairwise_weight": 1.0, "pair_z": 0.0},
         {"pairwise_weight": 1.0, "pair_clip": "negative"},
@@ -54,9 +66,9 @@ def _variants(weights: list[float]) -> list[dict[str, object]]:
     return rows
 
 
-def _describe(options: dict[str, object]) -> str:
+def _describe(options: Variant) -> str:
     parts = [f"λ={options['pairwise_weight']:g}"]
-    parts.append(f"z={options.get('pair_z', 2.0):g}")
+    parts.append(f"z={options.get('pair_z', AllocationConfig.pair_z):g}")
     if options.get("pair_clip", "none") != "none":
         parts.append(f"clip {options['pair_clip']}")
     if options.get("pairwise_mode", "ilp") != "ilp":
@@ -95,11 +107,9 @@ def _term_statistics(run_dir: Path) -> dict[str, object]:
     }
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--calib", required=True)
-    parser.add_argument("--eval", required=True)
+    _study.add_input_paths(parser)
     parser.add_argument("--out", type=Path, default=Path("results/pairwise_ablation.json"))
     parser.add_argument("--work", type=Path, default=Path("results/pairwise_ablation"))
     parser.add_argument("--budgets", default="3.0,2.5", help="average weight bits")
@@ -112,27 +122,20 @@ def main() -> None:
         action="store_true",
         help="keep a run folder under --work whose analysis has the same configuration",
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    budgets = [float(text) for text in args.budgets.split(",")]
-    weights = [float(text) for text in args.weights.split(",")]
-    sources = [text for text in args.sources.split(",") if text]
-    base = RunConfig(
-        analysis=AnalysisConfig(
-            model="cifar-resnet",
-            checkpoint=args.checkpoint,
-            calib=args.calib,
-            pair_samples=args.pair_samples,
-        )
-    )
-    started = time.perf_counter()
+    return parser.parse_args()
+
+
+def _analyze_sources(
+    base: RunConfig, sources: list[str], work: Path, reuse: bool
+) -> tuple[dict[str, Path], dict[str, dict[str, object]]]:
+    """One analysis per pair source (kept when ``reuse`` and its configuration is the same):
+    the run folders and what each measured."""
     run_dirs, analysis = {}, {}
     for source in sources:
-        run_dir = args.work / f"run-{source}"
+        run_dir = work / f"run-{source}"
         config = base.with_analysis(pairwise=source)
         reusable = (
-            args.reuse
+            reuse
             and (run_dir / "interactions.npz").is_file()
             and pipeline.read_config(run_dir) == config
         )
@@ -146,82 +149,114 @@ def main() -> None:
         }
         run_dirs[source] = run_dir
         logging.info("%s: %s", source, analysis[source])
+    return run_dirs, analysis
 
+
+def _diagonal_row(bits: float, diagonal: Allocation, anchor: Accuracy) -> dict[str, object]:
+    """The diagonal-only (λ = 0) choice every other row at this budget is paired against."""
+    return {
+        "budget_avg_bits": bits,
+        "source": "none",
+        "options": "diagonal only (λ=0)",
+        "avg_bits": diagonal.average_bits,
+        "top1_pct": 100 * anchor.top1,
+        "paired_vs_diagonal_pct": 0.0,
+        "paired_vs_diagonal_se_pct": 0.0,
+        "layers_changed": 0,
+        "predicted_loss_increase": diagonal.predicted_loss_increase,
+        "solve_s": diagonal.solve_time_s,
+        "status": diagonal.status,
+        "formats": list(diagonal.formats),
+    }
+
+
+def _pairwise_used(run_dir: Path) -> dict[str, object]:
+    """What the last allocation in ``run_dir`` used of the stored terms."""
+    used = runfolder.read_json(run_dir / "allocation.json", "allocation")["pairwise"]
+    assert isinstance(used, dict)
+    return used
+
+
+def _variant_row(
+    bits: float,
+    source: str,
+    options: Variant,
+    run_dir: Path,
+    diagonal: Allocation,
+    anchor: Accuracy,
+    accuracy_of: _study.AccuracyCache,
+) -> dict[str, object]:
+    """One source with one set of options at one budget, paired against the diagonal choice."""
+    allocation = pipeline.allocate(run_dir, [Budget("avg-bits", bits)], **options)
+    accuracy = accuracy_of(allocation.formats)
+    difference, difference_se = paired_difference(accuracy, anchor)
+    used = _pairwise_used(run_dir)
+    logging.info(
+        "%g bits %s %s: %.2f %% (%+.2f ± %.2f vs diagonal)",
+        bits,
+        source,
+        _describe(options),
+        100 * accuracy.top1,
+        100 * difference,
+        100 * difference_se,
+    )
+    return {
+        "budget_avg_bits": bits,
+        "source": source,
+        "options": _describe(options),
+        "avg_bits": allocation.average_bits,
+        "top1_pct": 100 * accuracy.top1,
+        "paired_vs_diagonal_pct": 100 * difference,
+        "paired_vs_diagonal_se_pct": 100 * difference_se,
+        "layers_changed": int(sum(a != b for a, b in zip(allocation.formats, diagonal.formats))),
+        "predicted_loss_increase": allocation.predicted_loss_increase,
+        "solve_s": allocation.solve_time_s,
+        "status": allocation.status,
+        "mip_gap": allocation.mip_gap,
+        "pairs_used": used["pairs_used"],
+        "terms_used": used["terms_used"],
+        "formats": list(allocation.formats),
+    }
+
+
+def _print_rows(rows: list[dict[str, object]]) -> None:
+    for row in rows:
+        print(
+            f"{row['budget_avg_bits']:g} bits  {row['source']:<13} {row['options']:<28} "
+            f"{row['top1_pct']:6.2f} %  {row['paired_vs_diagonal_pct']:+6.2f} ± "
+            f"{row['paired_vs_diagonal_se_pct']:.2f}  ({row['layers_changed']} layers changed)"
+        )
+
+
+def main() -> None:
+    args = _parse_args()
+    _study.set_up(args.threads, verbose=True)
+    budgets = [float(text) for text in args.budgets.split(",")]
+    weights = [float(text) for text in args.weights.split(",")]
+    sources = [text for text in args.sources.split(",") if text]
+    base = _study.default_config(args.checkpoint, args.calib).with_analysis(
+        pair_samples=args.pair_samples
+    )
+    started = time.perf_counter()
+    run_dirs, analysis = _analyze_sources(base, sources, args.work, args.reuse)
+    first_dir = run_dirs[sources[0]]
     model = load_model("cifar-resnet", args.checkpoint)
-    layers, _ = pipeline.read_layers(run_dirs[sources[0]])
     calib = load_dataset(args.calib, num_classes=10).subset(0, RecoveryConfig().num_samples)
     test = load_dataset(args.eval, num_classes=10)
-    cache: dict[tuple[str, ...], Accuracy] = {}
-    input_hessians = pipeline.read_input_hessians(run_dirs[sources[0]], base)  # GPTQ rounding
-
-    def accuracy_of(formats: tuple[str, ...]) -> Accuracy:
-        if formats not in cache:
-            assignment = pipeline.weight_assignment([layer.name for layer in layers], formats)
-            quantized, _ = pipeline.quantize_and_recover(
-                model, layers, assignment, base, calib.inputs, input_hessians=input_hessians
-            )
-            cache[formats] = evaluate_accuracy(quantized, test)
-        return cache[formats]
-
+    # GPTQ rounding with the first source's input second moments
+    accuracy_of = _study.cached_accuracy(model, first_dir, base, calib.inputs, test)
     fp32 = evaluate_accuracy(model, test)
     rows = []
     for bits in budgets:
-        budget = [Budget("avg-bits", bits)]
-        diagonal = pipeline.allocate(run_dirs[sources[0]], budget, pairwise_weight=0.0)
+        diagonal = pipeline.allocate(first_dir, [Budget("avg-bits", bits)], pairwise_weight=0.0)
         anchor = accuracy_of(diagonal.formats)
-        rows.append(
-            {
-                "budget_avg_bits": bits,
-                "source": "none",
-                "options": "diagonal only (λ=0)",
-                "avg_bits": diagonal.average_bits,
-                "top1_pct": 100 * anchor.top1,
-                "paired_vs_diagonal_pct": 0.0,
-                "paired_vs_diagonal_se_pct": 0.0,
-                "layers_changed": 0,
-                "predicted_loss_increase": diagonal.predicted_loss_increase,
-                "solve_s": diagonal.solve_time_s,
-                "status": diagonal.status,
-                "formats": list(diagonal.formats),
-            }
-        )
+        rows.append(_diagonal_row(bits, diagonal, anchor))
         for source in sources:
             for options in _variants(weights):
-                allocation = pipeline.allocate(run_dirs[source], budget, **options)  # type: ignore[arg-type]
-                accuracy = accuracy_of(allocation.formats)
-                difference, difference_se = paired_difference(accuracy, anchor)
-                used = runfolder.read_json(run_dirs[source] / "allocation.json", "allocation")[
-                    "pairwise"
-                ]
                 rows.append(
-                    {
-                        "budget_avg_bits": bits,
-                        "source": source,
-                        "options": _describe(options),
-                        "avg_bits": allocation.average_bits,
-                        "top1_pct": 100 * accuracy.top1,
-                        "paired_vs_diagonal_pct": 100 * difference,
-                        "paired_vs_diagonal_se_pct": 100 * difference_se,
-                        "layers_changed": int(
-                            sum(a != b for a, b in zip(allocation.formats, diagonal.formats))
-                        ),
-                        "predicted_loss_increase": allocation.predicted_loss_increase,
-                        "solve_s": allocation.solve_time_s,
-                        "status": allocation.status,
-                        "mip_gap": allocation.mip_gap,
-                        "pairs_used": used["pairs_used"],  # type: ignore[index]
-                        "terms_used": used["terms_used"],  # type: ignore[index]
-                        "formats": list(allocation.formats),
-                    }
-                )
-                logging.info(
-                    "%g bits %s %s: %.2f %% (%+.2f ± %.2f vs diagonal)",
-                    bits,
-                    source,
-                    _describe(options),
-                    100 * accuracy.top1,
-                    100 * difference,
-                    100 * difference_se,
+                    _variant_row(
+                        bits, source, options, run_dirs[source], diagonal, anchor, accuracy_of
+                    )
                 )
     result = {
         "checkpoint": args.checkpoint,
@@ -235,14 +270,8 @@ def main() -> None:
         "total_s": time.perf_counter() - started,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    for row in rows:
-        print(
-            f"{row['budget_avg_bits']:g} bits  {row['source']:<13} {row['options']:<28} "
-            f"{row['top1_pct']:6.2f} %  {row['paired_vs_diagonal_pct']:+6.2f} ± "
-            f"{row['paired_vs_diagonal_se_pct']:.2f}  ({row['layers_changed']} layers changed)"
-        )
+    _study.write_json(args.out, result)
+    _print_rows(rows)
 
 
 if __name__ == "__main__":

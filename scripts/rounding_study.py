@@ -16,39 +16,31 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TypedDict
 
 import _study
 
 from lcpaq.allocation.budgets import parse_budget
-from lcpaq.config import RunConfig
-from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
-from lcpaq.model.zoo import load_model
+from lcpaq.model.data import Dataset
+from lcpaq.model.evaluate import Accuracy
 from lcpaq.stages import pipeline
 
 BUDGETS = (2.0, 2.5, 3.0, 4.0)
 
 
-def _quantized_accuracy(
-    run_dir: Path, config: RunConfig, formats: list[str], calib, test
-) -> tuple[Accuracy, float]:
-    """Quantize ``formats`` (one per layer) the way export does, correct, evaluate (seconds)."""
-    start = time.perf_counter()
-    model = load_model(config.analysis.model, config.analysis.checkpoint)
-    layers, _ = pipeline.read_layers(run_dir)
-    assignment = pipeline.weight_assignment([layer.name for layer in layers], formats)
-    quantized, _ = pipeline.quantize_and_recover(
-        model,
-        layers,
-        assignment,
-        config,
-        calib.inputs[: config.recovery.num_samples],
-        input_hessians=pipeline.read_input_hessians(run_dir, config),
-    )
-    seconds = time.perf_counter() - start
-    return evaluate_accuracy(quantized, test), seconds
+class Entry(TypedDict):
+    """One checkpoint at one budget: a row per model, paired against round-to-nearest."""
+
+    model: str
+    budget: str
+    rows: dict[str, dict[str, object]]
+    paired_vs_nearest: dict[str, _study.Paired]
+    test_images: int
 
 
-def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dict[str, object]:
+def study(
+    shared: Path, model: str, bits: float, work: Path, calib: Dataset, test: Dataset
+) -> Entry:
     base = _study.base_config(shared, model)
     rows: dict[str, dict[str, object]] = {}
     accuracy: dict[str, Accuracy] = {}
@@ -62,8 +54,8 @@ def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dic
         analyze_s = time.perf_counter() - start
         allocation = pipeline.allocate(run_dir, [parse_budget(f"avg-bits={bits:g}")])
         allocations[rounding] = list(allocation.formats)
-        accuracy[rounding], quantize_s = _quantized_accuracy(
-            run_dir, config, list(allocation.formats), calib, test
+        accuracy[rounding], quantize_s = _study.run_accuracy(
+            run_dir, config, allocation.formats, calib, test
         )
         layers_json = json.loads((run_dir / "layers.json").read_text())
         rows[rounding] = {
@@ -77,7 +69,7 @@ def study(shared: Path, model: str, bits: float, work: Path, calib, test) -> dic
         }
     gptq_dir = work / f"{model}-{bits:g}-gptq"
     gptq_config = pipeline.read_config(gptq_dir)
-    accuracy["gptq_on_nearest_allocation"], _ = _quantized_accuracy(
+    accuracy["gptq_on_nearest_allocation"], _ = _study.run_accuracy(
         gptq_dir, gptq_config, allocations["nearest"], calib, test
     )
     rows["gptq_on_nearest_allocation"] = {

@@ -19,7 +19,8 @@ from pathlib import Path
 import _study
 
 from lcpaq.allocation.budgets import parse_budget
-from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
+from lcpaq.model.data import Dataset
+from lcpaq.model.evaluate import Accuracy
 from lcpaq.model.zoo import load_model
 from lcpaq.stages import pipeline
 
@@ -27,15 +28,15 @@ BUDGETS = (2.0, 2.25, 2.5, 3.0)
 SCORERS = ("hawq_v2", "diagonal", "output")
 
 
-def study(shared: Path, model: str, budgets, work: Path, calib, test) -> dict[str, object]:
+def study(
+    shared: Path, model: str, budgets: list[float], work: Path, calib: Dataset, test: Dataset
+) -> dict[str, object]:
     config = _study.base_config(shared, model)
     run_dir = work / model
     pipeline.analyze(config, run_dir, progress=False)
-    layers, _ = pipeline.read_layers(run_dir)
-    names = [layer.name for layer in layers]
-    input_hessians = pipeline.read_input_hessians(run_dir, config)
     fp_model = load_model(config.analysis.model, config.analysis.checkpoint)
-    measured: dict[tuple[str, ...], Accuracy] = {}
+    calib_inputs = calib.inputs[: config.recovery.num_samples]
+    measured = _study.cached_accuracy(fp_model, run_dir, config, calib_inputs, test)
     entries = []
     for bits in budgets:
         rows: dict[str, dict[str, object]] = {}
@@ -44,24 +45,13 @@ def study(shared: Path, model: str, budgets, work: Path, calib, test) -> dict[st
             allocation = pipeline.allocate(
                 run_dir, [parse_budget(f"avg-bits={bits:g}")], scorer=scorer
             )
-            key = tuple(allocation.formats)
             start = time.perf_counter()
-            if key not in measured:
-                quantized, _ = pipeline.quantize_and_recover(
-                    fp_model,
-                    layers,
-                    pipeline.weight_assignment(names, list(key)),
-                    config,
-                    calib.inputs[: config.recovery.num_samples],
-                    input_hessians=input_hessians,
-                )
-                measured[key] = evaluate_accuracy(quantized, test)
-            accuracy[scorer] = measured[key]
+            accuracy[scorer] = measured(allocation.formats)
             rows[scorer] = {
                 "top1_pct": 100 * accuracy[scorer].top1,
                 "average_bits": allocation.average_bits,
                 "predicted_loss_increase": allocation.predicted_loss_increase,
-                "formats": list(key),
+                "formats": list(allocation.formats),
                 "seconds": time.perf_counter() - start,
             }
         paired = {

@@ -1,0 +1,120 @@
+"""Flags of the subcommands that are not part of a run configuration: the sweep's and the search's.
+
+Declared like the configuration's options (`lcpaq.config.options`); `lcpaq.cli` builds
+`SweepSettings` from the parsed flags and hands `SearchSettings`' values to
+`lcpaq.search.SearchOptions`, whose defaults they must equal (tests/test_config.py checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lcpaq.allocation.costs import COST_METRICS
+from lcpaq.config.options import option
+
+SEARCH_GROUP = "search"
+
+
+def _sweep_points(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (no sweep) or at least 2, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The model-level curve after a run (`lcpaq.stages.pipeline.sweep`'s options)."""
+
+    num_points: int = field(
+        default=8,
+        metadata=option(
+            "--sweep-points",
+            type=_sweep_points,
+            help="budgets on the model-level curve (default %(default)s; 0 skips the sweep)",
+        ),
+    )
+    min_bits: float | None = field(default=None, metadata=option("--sweep-min-bits"))
+    metrics: list[str] | None = field(
+        default=None,
+        metadata=option(
+            "--sweep-metric",
+            repeat=True,
+            choices=COST_METRICS,
+            help="budget metric to sweep (repeatable; default: the metrics of the run's budgets, "
+            "the other budgets held fixed)",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """``lcpaq search``'s own flags (the run options it holds fixed come from the configs)."""
+
+    out: Path = field(metadata=option("--out", required=True, help="search folder"))
+    trials: int = field(
+        default=60, metadata=option("--trials", help="finished trials (default %(default)s)")
+    )
+    eval: str | None = field(
+        default=None,
+        metadata=option("--eval", help="labelled data for the full evaluation of the top-k"),
+    )
+    top_k: int = field(default=3, metadata=option("--top-k", help="configurations fully evaluated"))
+    min_gain_se: float = field(
+        default=1.0,
+        metadata=option(
+            "--min-gain-se",
+            help="the best of the full evaluation replaces the default configuration only when it "
+            "beats it by more than this many paired standard errors (default %(default)g)",
+        ),
+    )
+    proxy: Literal["kl", "loss", "sqnr"] = field(default="kl", metadata=option("--proxy"))
+    proxy_samples: str = field(
+        default="128,384,1152",
+        metadata=option(
+            "--proxy-samples",
+            help="growing proxy slices for successive halving (default %(default)s)",
+        ),
+    )
+    fix: list[str] | None = field(
+        default=None,
+        metadata=option(
+            "--fix",
+            repeat=True,
+            metavar="NAME=VALUE",
+            help="pin a search dimension, e.g. --fix formats=int-pow2 (docs/05-search.md)",
+        ),
+    )
+    also: list[str] | None = field(
+        default=None,
+        metadata=option(
+            "--also",
+            repeat=True,
+            metavar="NAME",
+            help="search an optional dimension too (estimator: Hutchinson traces; pairwise: "
+            "inter-layer terms and their window; act_formats: quantized activations, with "
+            "act_clipping their ranges; each costs extra curvature-like passes)",
+        ),
+    )
+    size_cap: Literal["default", "none"] = field(
+        default="default",
+        metadata=option(
+            "--size-cap",
+            help="hold every trial to the default configuration's size (default) unless a size "
+            "budget is given",
+        ),
+    )
+    storage: str | None = field(
+        default=None,
+        metadata=option("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db)"),
+    )
+    study_name: str = field(default="lcpaq-search", metadata=option("--study-name"))
+    resume: bool = field(
+        default=False, metadata=option("--resume", help="continue an existing study")
+    )
