@@ -14,6 +14,14 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "load_quantized": "lcpaq.quant.checkpoint",
+    # The Python API over objects in memory (docs/api.md).
+    "quantize": "lcpaq.api",
+    "QuantizeResult": "lcpaq.api",
+    "analyze": "lcpaq.api",
+    "allocate": "lcpaq.api",
+    "export": "lcpaq.api",
+    "evaluate": "lcpaq.api",
+    "as_dataset": "lcpaq.api",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -25,6 +25,19 @@ from lcpaq.sensitivity.curvature import CurvatureEstimate
 
 SCHEMA_VERSION = 1
 
+#: Files derived from an analysis; a new analysis removes them so nothing stale is reported.
+DOWNSTREAM_ARTIFACTS = (
+    "frontiers.npz",
+    "allocation.json",
+    "evaluation.json",
+    "onnx.json",
+    "sweep.json",
+    "infeasible.json",
+    "report.md",
+    "report.json",
+    "timings.json",
+)
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:

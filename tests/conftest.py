@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +218,29 @@ def shared_dir() -> Path:
             "(set LCPAQ_SHARED to the folder holding checkpoints/ and data/)"
         )
     return path
+
+
+# -- PNG checks shared by the figure tests (tests/stages) --------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, folder: Path) -> None:
+    """A complete PNG at ``path`` and no temporary file left in ``folder``."""
+    assert path.is_file()
+    assert path.stat().st_size > 5_000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    leftovers = [
+        p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")
+    ]
+    assert leftovers == []
+
+
+def read_png(path: Path) -> np.ndarray:
+    """Decode the PNG (proves it is complete and readable); returns [H, W, channels]."""
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+    assert float(image[..., :3].std()) > 0.01  # not a blank canvas
+    return image

@@ -435,7 +435,7 @@ def test_min_max_activation_ranges_and_old_configurations(digits_files, tmp_path
     from lcpaq.errors import InputError
     from lcpaq.model.zoo import build_model
     from lcpaq.sensitivity.activation import load_activation_sensitivity
-    from lcpaq.stages import pipeline
+    from lcpaq.stages import folder, pipeline
 
     out = tmp_path / "run"
     args = ["-q", "run", "--model", "demo-digits", "--checkpoint", str(digits_files["checkpoint"])]
@@ -456,7 +456,7 @@ def test_min_max_activation_ranges_and_old_configurations(digits_files, tmp_path
         )
     layers, _ = pipeline.read_layers(out)
     allocation, _ = pipeline.read_allocation(out)
-    model, calib = pipeline._load_model_and_data(config, 16)
+    model, calib = folder.load_model_and_data(config, 16)
     in_memory, _ = pipeline.quantize_and_recover(
         model,
         layers,

@@ -117,7 +117,8 @@ def test_flags_parse_into_their_fields():
 
 
 def test_search_settings_defaults_are_search_options_defaults():
-    from lcpaq.search import DEFAULT_RUNGS, PROXIES, SearchOptions
+    from lcpaq.search import DEFAULT_RUNGS, SearchOptions
+    from lcpaq.search.proxy import PROXIES
 
     expected = {f.name: f.default for f in dataclasses.fields(SearchOptions)}
     settings = {f.name: f.default for f in dataclasses.fields(SearchSettings)}

@@ -143,7 +143,7 @@ class AnalysisCache:
         # ``analyze`` writes candidates.npz last, so its presence marks a complete analysis.
         if not (folder / "candidates.npz").is_file():
             start = time.perf_counter()
-            with quiet("lcpaq.stages.pipeline"):
+            with quiet("lcpaq.stages"):
                 pipeline.analyze(_analysis_config_of(config), folder, progress=False)
             self.analyze_calls += 1
             seconds = time.perf_counter() - start
@@ -168,7 +168,7 @@ class AnalysisCache:
             return path, 0.0
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        with quiet("lcpaq.stages.pipeline"):
+        with quiet("lcpaq.stages"):
             pipeline.analyze_interactions(
                 config,
                 self.model,

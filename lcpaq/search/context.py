@@ -146,7 +146,7 @@ class SearchContext:
     def allocate(self, config: RunConfig, run_dir: Path) -> Allocation:
         """The ordinary ``allocate`` stage on an analysed ``run_dir``, its log lines silenced."""
         budgets = [parse_budget(text) for text in config.allocation.budgets]
-        with quiet("lcpaq.stages.pipeline"):
+        with quiet("lcpaq.stages"):
             return pipeline.allocate(run_dir, budgets, **config.allocation.options())
 
     def prepare(self, config: RunConfig, run_dir: Path, *, build: bool = True) -> Prepared:
@@ -168,7 +168,7 @@ class SearchContext:
             _link_or_copy(pairs_path, run_dir / "interactions.npz")
         budgets = [parse_budget(text) for text in config.allocation.budgets]
         try:
-            with quiet("lcpaq.stages.pipeline"):
+            with quiet("lcpaq.stages"):
                 allocation = pipeline.allocate(run_dir, budgets, **config.allocation.options())
         except InputError as error:
             timings["ilp_s"] = time.perf_counter() - start

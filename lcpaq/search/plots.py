@@ -2,7 +2,7 @@
 parameter importances, and proxy against full-evaluation accuracy; `search_plots` draws all
 three for a finished search into ``OUT/plots/``.
 
-Like `lcpaq.stages.plot`: Agg canvas without pyplot, axis labels with units, a title naming the model
+Like `lcpaq.stages.figures`: Agg canvas without pyplot, axis labels with units, a title naming the model
 and the budget, written atomically.
 """
 

@@ -36,7 +36,7 @@ from lcpaq.model.zoo import load_model
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, load_interactions, select_pairs
 from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
 from lcpaq.stages import pipeline
-from lcpaq.stages.plot import plot_interaction_heatmap
+from lcpaq.stages.heatmaps import plot_interaction_heatmap
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

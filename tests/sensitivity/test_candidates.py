@@ -193,7 +193,7 @@ def test_activation_term_of_pairs_from_activations_npz(tmp_path) -> None:
     """The ILP score of (w, a) = weight score + ½·T_l·σ²_l(a) from activations.npz (trace scorer),
     ½·weighted[l, a] with the diagonal scorer; 0 for an unmeasured format and unpaired tables."""
     from lcpaq.sensitivity.activation import ActivationSensitivity, save_activation_sensitivity
-    from lcpaq.stages.pipeline import activation_term
+    from lcpaq.stages.allocate import activation_term
 
     model = make_tiny_conv_net()
     layers = discover_layers(model, conv_inputs(2))

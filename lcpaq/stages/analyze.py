@@ -1,0 +1,256 @@
+"""The ``analyze`` stage: curvature, cross-checks, activation sensitivity, input Hessians, the
+candidate table and the inter-layer terms of one model on its calibration data.
+
+`analyze_model` works on a model and data in memory and returns an `Analysis`; `analyze` is its
+run-folder wrapper: it loads the model and data a `RunConfig` names, removes what a previous
+analysis left downstream (`lcpaq.runfolder.DOWNSTREAM_ARTIFACTS`) and writes ``run_config.json``,
+``layers.json``, ``curvature.npz``, ``candidates.npz`` and, when measured, ``hutchinson.npz``,
+``pyhessian.json``, ``activations.npz``, ``input_hessians.safetensors`` and ``interactions.npz``.
+The next stage is ``allocate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lcpaq import runfolder
+from lcpaq.allocation.budgets import counts_activation_bits
+from lcpaq.allocation.table import CandidateTable
+from lcpaq.config import RunConfig
+from lcpaq.model.data import Dataset
+from lcpaq.model.graph import LayerInfo, discover_layers
+from lcpaq.model.zoo import file_sha256
+from lcpaq.sensitivity import distributed
+from lcpaq.sensitivity.activation import save_activation_sensitivity
+from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
+from lcpaq.stages.folder import (
+    INPUT_HESSIANS_FILE,
+    LayersFile,
+    ensure_writable,
+    load_model_and_data,
+    timed,
+)
+from lcpaq.stages.measure import (
+    Measurements,
+    layer_input_hessians,
+    measure_interactions,
+    measure_sensitivity,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What ``analyze`` measured on one model under ``config``: its layers, sizes in bits, the
+    `Measurements` (curvature, cross-checks, activation sensitivity), the candidate table, the
+    GPTQ input Hessians and the inter-layer terms (None when not asked for), with wall times in
+    seconds."""
+
+    config: RunConfig
+    layers: tuple[LayerInfo, ...]
+    fp32_size_bits: int
+    unquantized_size_bits: int
+    measurements: Measurements
+    candidates: CandidateTable
+    input_hessians: dict[str, torch.Tensor] | None = None
+    input_hessians_seconds: float | None = None
+    interactions: InteractionTerms | None = None
+    interactions_seconds: float | None = None
+
+
+def with_default_activations(config: RunConfig) -> RunConfig:
+    """A run whose budgets count activation bits (BitOps, EBOPs, latency) and that names no
+    ``--act-formats`` quantizes its layer inputs to INT8: the cost model counts 8-bit
+    activations, so the checkpoint gets what the budget paid for (INT8 inputs cost no measurable
+    accuracy on the shared ResNets, docs/results.md). ``--act-formats fp32`` keeps them FP32,
+    counted as 32 bits. The search does the same (`lcpaq.search.search_space`)."""
+    if config.analysis.act_formats or not counts_activation_bits(config.allocation.budgets):
+        return config
+    logger.info(
+        "%s counts activation bits: layer inputs are quantized to INT8 (--act-formats int8; "
+        "--act-formats fp32 keeps them FP32)",
+        ", ".join(config.allocation.budgets),
+    )
+    return config.with_analysis(act_formats=("int8",))
+
+
+def model_sizes(model: nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, int]:
+    """(bits of the whole FP32 state, bits of the state the layers do not quantize)."""
+    weight_keys = {layer.weight_key for layer in layers}
+    state = model.state_dict()
+    unquantized_bits = sum(
+        t.numel() * t.element_size() * 8 for key, t in state.items() if key not in weight_keys
+    )
+    fp32_bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
+    return fp32_bits, unquantized_bits
+
+
+def analyze_model(
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    calib: Dataset,
+    *,
+    pair_data: Dataset | None = None,
+    progress: bool = True,
+) -> Analysis:
+    """Measure ``model`` on the calibration images ``calib`` (``num_samples`` of them) as the
+    options of ``config.analysis`` say. ``pair_data``: the images of the inter-layer terms
+    (``pair_samples``; default the first ones of ``calib``)."""
+    analysis = config.analysis
+    fp32_bits, unquantized_bits = model_sizes(model, layers)
+    measured = measure_sensitivity(config, model, layers, calib, progress=progress)
+    start = time.perf_counter()
+    input_hessians = layer_input_hessians(config, model, layers, calib.inputs)
+    input_hessians_seconds = time.perf_counter() - start if input_hessians else None
+    table = measure_candidates(
+        model,
+        layers,
+        analysis.formats,
+        analysis.scheme,
+        measured.curvature.diagonal,
+        activation_formats=analysis.act_formats,
+        input_hessians=input_hessians,
+    )
+    interactions = interactions_seconds = None
+    if analysis.pairwise != "none":
+        if pair_data is None:
+            pair_data = calib.subset(0, min(analysis.pair_samples, len(calib)))
+        start = time.perf_counter()
+        interactions = measure_interactions(config, model, layers, pair_data, input_hessians)
+        interactions_seconds = time.perf_counter() - start
+    return Analysis(
+        config,
+        tuple(layers),
+        fp32_bits,
+        unquantized_bits,
+        measured,
+        table,
+        input_hessians,
+        input_hessians_seconds,
+        interactions,
+        interactions_seconds,
+    )
+
+
+def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[LayerInfo, ...]]:
+    """The model (on this process's GPU when CUDA is available), calibration data and layers."""
+    model, calib = load_model_and_data(config, config.analysis.num_samples)
+    layers = discover_layers(model, calib.inputs)
+    return model.to(distributed.default_device()), calib, layers
+
+
+def _pair_data(config: RunConfig) -> Dataset | None:
+    """The ``pair_samples`` images of the inter-layer terms (None without ``--pairwise``)."""
+    if config.analysis.pairwise == "none":
+        return None
+    return load_model_and_data(config, config.analysis.pair_samples)[1]
+
+
+def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
+    """Measure curvature and per-candidate weight errors; write the analysis artifacts.
+
+    Under torchrun (`lcpaq.sensitivity.distributed`) every process measures a share of the calibration
+    batches; only rank 0 writes the run folder.
+    """
+    if not distributed.is_main_process():
+        model, calib, layers = _analysis_inputs(config)
+        measure_sensitivity(config, model, layers, calib, progress=False)
+        return
+    ensure_writable(run_dir)
+    for name in runfolder.DOWNSTREAM_ARTIFACTS:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in ("quantized", "plots"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    with timed(run_dir, "analyze"):
+        model, calib, layers = _analysis_inputs(config)
+        result = analyze_model(
+            config, model, layers, calib, pair_data=_pair_data(config), progress=progress
+        )
+        write_analysis(run_dir, config, result)
+    curvature = result.measurements.curvature
+    flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
+    if flagged:
+        logger.warning("curvature flagged for %d layer(s): %s", len(flagged), ", ".join(flagged))
+
+
+def analyze_interactions(
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    run_dir: Path,
+    progress: bool = True,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
+) -> float | None:
+    """Write ``interactions.npz`` (``--pairwise``) or remove a stale one; returns the seconds.
+    ``input_hessians``: what ``--rounding gptq`` needs (`layer_input_hessians`)."""
+    path = run_dir / "interactions.npz"
+    data = _pair_data(config)
+    if data is None:
+        path.unlink(missing_ok=True)
+        return None
+    start = time.perf_counter()
+    save_interactions(path, measure_interactions(config, model, layers, data, input_hessians))
+    return time.perf_counter() - start
+
+
+def _write_optional(run_dir: Path, result: Analysis) -> None:
+    """The files only some analyses measure; a stale one from an earlier analysis is removed."""
+    measured = result.measurements
+    stale: list[str] = []
+    if measured.hutchinson is not None:
+        runfolder.save_curvature(run_dir / "hutchinson.npz", measured.hutchinson)
+    else:
+        stale.append("hutchinson.npz")
+    if measured.pyhessian is not None:
+        runfolder.write_json(run_dir / "pyhessian.json", measured.pyhessian.to_dict())
+    else:
+        stale.append("pyhessian.json")
+    if measured.activations is not None:
+        save_activation_sensitivity(run_dir / "activations.npz", measured.activations)
+    else:
+        stale.append("activations.npz")
+    if result.input_hessians is not None:
+        runfolder.save_tensors(run_dir / INPUT_HESSIANS_FILE, result.input_hessians)
+    else:
+        stale.append(INPUT_HESSIANS_FILE)
+    if result.interactions is not None:
+        save_interactions(run_dir / "interactions.npz", result.interactions)
+    else:
+        stale.append("interactions.npz")
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def write_analysis(run_dir: Path, config: RunConfig, result: Analysis) -> None:
+    """The analysis files of ``result``."""
+    analysis = config.analysis
+    measured = result.measurements
+    _write_optional(run_dir, result)
+    checkpoint_sha = file_sha256(Path(analysis.checkpoint)) if analysis.checkpoint else None
+    runfolder.write_json(run_dir / "run_config.json", config.to_dict())
+    layers_file: LayersFile = {
+        "model": analysis.model,
+        "checkpoint_sha256": checkpoint_sha,
+        "fp32_size_bits": result.fp32_size_bits,
+        "unquantized_size_bits": result.unquantized_size_bits,
+        "curvature_seconds": measured.curvature_seconds,
+        "hutchinson_seconds": measured.hutchinson_seconds,
+        "activations_seconds": measured.activations_seconds,
+        "interactions_seconds": result.interactions_seconds,
+        "input_hessians_seconds": result.input_hessians_seconds,
+        "layers": [layer.to_dict() for layer in result.layers],
+    }
+    runfolder.write_json(run_dir / "layers.json", layers_file)
+    runfolder.save_curvature(run_dir / "curvature.npz", measured.curvature)
+    runfolder.save_candidates(run_dir / "candidates.npz", result.candidates)

@@ -1,0 +1,150 @@
+"""The model-level figure of the ``plot`` stage (``plots/model_curve*.png``): predicted loss and
+measured top-1 of the ``sweep`` stage's mixed-precision optima and uniform baselines against one
+budget metric, the exported allocation marked. Shared styles: `lcpaq.stages.figure_style`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+
+from lcpaq.stages.figure_style import CHOSEN, annotate_points, log_floor, new_figure, save
+
+#: Axis labels of the budget metrics (`lcpaq.allocation.costs.COST_METRICS`).
+METRIC_LABELS = {
+    "avg-bits": "average weight bits",
+    "size-mb": "model size (MB)",
+    "size-frac": "size (fraction of FP32)",
+    "bitops-g": "BitOps (GBOPs per sample)",
+    "ebops-g": "EBOPs (G per sample)",
+    "latency-ms": "latency estimate (ms per sample)",
+}
+
+
+def _metric_of(point: Mapping[str, Any], metric: str) -> float | None:
+    """A point's value of a cost metric: ``costs[metric]``, or ``avg_bits`` for older points."""
+    costs = point.get("costs") or {}
+    if metric in costs:
+        return float(costs[metric])
+    if metric == "avg-bits" and point.get("avg_bits") is not None:
+        return float(point["avg_bits"])
+    if metric == "size-mb" and point.get("size_bytes") is not None:
+        return float(point["size_bytes"]) / 1e6
+    return None
+
+
+def plot_model_curve(
+    path: str | os.PathLike[str],
+    *,
+    sweep: Sequence[Mapping[str, Any]],
+    uniform: Sequence[Mapping[str, Any]],
+    chosen: Mapping[str, Any] | None,
+    fp32_top1: float | None,
+    title: str,
+    metric: str = "avg-bits",
+) -> Path:
+    """Plot whole-model predicted loss and measured accuracy against one budget metric.
+
+    Args:
+        path: Destination PNG file; parent folders are created.
+        sweep: Mixed-precision allocations over a budget sweep; each mapping has ``costs``
+            (metric → value; older points: ``avg_bits``), ``predicted_loss_increase`` (nats) and
+            ``top1`` (fraction in [0, 1] or None).
+        uniform: Single-format baselines, the same keys plus ``format`` (e.g. ``"int8"``); FP
+            formats (names starting with ``fp``) are drawn as diamonds, INT ones as squares.
+        chosen: The exported allocation (same keys as ``sweep``), or None.
+        fp32_top1: Top-1 accuracy of the unquantized model as a fraction, or None.
+        title: Figure title; should name the model and the budget.
+        metric: The x axis, one of `METRIC_LABELS`; points without it are left out.
+
+    Returns:
+        The path of the written PNG.
+    """
+    sweep = [p for p in sweep if _metric_of(p, metric) is not None]
+    uniform = [p for p in uniform if _metric_of(p, metric) is not None]
+    if chosen is not None and _metric_of(chosen, metric) is None:
+        chosen = None
+    sweep = sorted(sweep, key=lambda point: _metric_of(point, metric) or 0.0)
+    everything = [*sweep, *uniform, *([chosen] if chosen is not None else [])]
+    losses = np.array([float(p["predicted_loss_increase"]) for p in everything], dtype=float)
+    panel = _Panel(metric, log_floor(losses))
+    fig = new_figure(12.0, 5.0)
+    left, right = fig.subplots(1, 2, sharex=True)
+    for ax, key in ((left, "predicted_loss_increase"), (right, "top1")):
+        panel.draw(ax, key, sweep, uniform, chosen)
+
+    left.set_yscale("log")
+    left.set_ylabel("predicted loss increase (nats, log)")
+    left.set_title("predicted cost", fontsize=10)
+    right.set_ylabel("top-1 accuracy (%)")
+    right.set_title("measured accuracy", fontsize=10)
+    if fp32_top1 is not None:
+        fp32 = 100.0 * fp32_top1
+        right.axhline(fp32, ls="--", color="black", lw=1.2, label=f"FP32 ({fp32:.2f}%)")
+    if not any(p.get("top1") is not None for p in everything):
+        centre = {"transform": right.transAxes, "ha": "center", "va": "center", "color": "gray"}
+        right.text(0.5, 0.5, "accuracy not measured", fontsize=13, **centre)
+        right.set_yticks([])
+        right.grid(False)
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=12)
+    return save(fig, path)
+
+
+def _is_fp(point: Mapping[str, Any]) -> bool:
+    return str(point.get("weight_format", point.get("format", ""))).startswith("fp")
+
+
+class _Panel:
+    """One side of the figure: ``key`` (predicted loss, log with a floor, or top-1 in %)
+    against ``metric``."""
+
+    def __init__(self, metric: str, floor: float) -> None:
+        self.metric = metric
+        self.floor = floor
+
+    def xy(self, points: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = [p for p in points if p.get(key) is not None]
+        x = np.array([_metric_of(p, self.metric) for p in rows], dtype=float)
+        y = np.array([float(p[key]) for p in rows], dtype=float)
+        return x, (np.maximum(y, self.floor) if key == "predicted_loss_increase" else 100.0 * y)
+
+    def draw(
+        self,
+        ax: Axes,
+        key: str,
+        sweep: Sequence[Mapping[str, Any]],
+        uniform: Sequence[Mapping[str, Any]],
+        chosen: Mapping[str, Any] | None,
+    ) -> None:
+        sx, sy = self.xy(sweep, key)
+        if sx.size:
+            ax.plot(sx, sy, "o-", color="tab:blue", ms=5, label="lcpaq mixed precision")
+        for fp, marker, color, text in (
+            (False, "s", "tab:orange", "uniform INT format"),
+            (True, "D", "tab:purple", "uniform FP format"),
+        ):
+            ux, uy = self.xy([p for p in uniform if _is_fp(p) == fp], key)
+            if ux.size:
+                ax.plot(ux, uy, marker, color=color, ms=7, mec="black", lw=0, label=text)
+        ux, uy = self.xy(uniform, key)
+        if ux.size:  # one pass, so coinciding INT and FP points share one label
+            names = [str(p.get("format", "")) for p in uniform if p.get(key) is not None]
+            annotate_points(ax, ux, uy, names)
+        if chosen is not None and chosen.get(key) is not None:
+            cx, cy = self.xy([chosen], key)
+            ax.plot(
+                cx,
+                cy,
+                label=f"chosen ({_metric_of(chosen, self.metric):.4g} {self.metric})",
+                **{**CHOSEN, "ms": 16},
+            )
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.1)
+        ax.set_xlabel(METRIC_LABELS.get(self.metric, self.metric))
