@@ -2,7 +2,7 @@
 
 ``torchrun --nproc-per-node N -m lcpaq.cli analyze …`` (or the ``lcpaq`` entry point under torchrun)
 initialises the group from torchrun's variables (`init_from_environment`); the analyze stage
-(`lcpaq.stages.pipeline.measure_sensitivity`) then computes every collective measurement
+(`lcpaq.stages.measure.measure_sensitivity`) then computes every collective measurement
 (Gauss–Newton, Hutchinson, activation curvature) in all processes and writes the artifacts from
 rank 0 only.
 
