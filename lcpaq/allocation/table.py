@@ -10,19 +10,20 @@ column per weight format, named after it (``int4``), and the cost models assume 
 (`DEFAULT_ACTIVATION_FORMAT`). With activation formats every weight format is paired with every
 activation format and the column is named ``weight/activation`` (``int4/fp8_e4m3``).
 
-Numpy only at import. The bit widths of named formats come from the format registry
-(`lcpaq.quant.formats`), which imports torch: it is imported where a width is first asked for,
-so importing this module (and `lcpaq.allocation`) never imports torch.
+Numpy only: the bit widths of named formats come from the format registry
+(`lcpaq.quant.formats`, plain Python), so building, costing and solving an allocation never
+imports torch (tests/allocation/test_torch_free.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from lcpaq.errors import InputError
+from lcpaq.quant.formats import FORMATS, get_format
 
 #: What the cost models assume for activations when no activation formats are given.
 DEFAULT_ACTIVATION_FORMAT = "int8"
@@ -35,8 +36,6 @@ def activation_bits(name: str) -> int:
     """Width of one activation in ``name`` (a weight format name or fp32/fp16/bf16)."""
     if name in UNQUANTIZED_ACTIVATIONS:
         return UNQUANTIZED_ACTIVATIONS[name]
-    from lcpaq.quant.formats import FORMATS  # the registry imports torch: only when asked
-
     if name not in FORMATS:
         known = ", ".join([*FORMATS, *UNQUANTIZED_ACTIVATIONS])
         raise InputError(f"unknown activation format {name!r}; known formats: {known}")
@@ -48,8 +47,6 @@ def activation_sign_bits(name: str) -> int:
     unsigned codes (asymmetric, after ReLU), as HGQ's EBOPs count them."""
     if name in UNQUANTIZED_ACTIVATIONS:
         return 1
-    from lcpaq.quant.formats import get_format  # the registry imports torch: only when asked
-
     return 1 if get_format(name).kind == "fp" else 0
 
 
@@ -132,8 +129,6 @@ class CandidateTable:
 
     def weight_sign_bits(self, symmetric: bool) -> np.ndarray:
         """[C] 1 where the weight codes carry a sign bit: FP formats, and INT when symmetric."""
-        from lcpaq.quant.formats import get_format  # the registry imports torch: only when asked
-
         return np.array(
             [get_format(name).kind != "int" or symmetric for name in self.weight_formats],
             dtype=np.int64,
@@ -205,3 +200,80 @@ class CandidateTable:
             activation_formats=tuple(activation_formats),
             output_error=self.output_error[:, picked],
         )
+
+
+def parse_activation_formats(text: str) -> tuple[str, ...]:
+    """Parse ``"int8,int4,fp8_e4m3"`` into validated, de-duplicated names sorted by width."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise InputError("the activation format list is empty")
+    return tuple(sorted(names, key=lambda name: (activation_bits(name), name)))
+
+
+def pair_candidates(table: CandidateTable, activation_formats: Sequence[str]) -> CandidateTable:
+    """Pair every weight format of an unpaired table with every activation format.
+
+    Column order: weight formats in table order, activation formats in the given order within
+    each. An empty ``activation_formats`` returns the table unchanged (default activations).
+    """
+    if not activation_formats:
+        return table
+    if table.paired:
+        raise ValueError("the table is already paired with activation formats")
+    for name in activation_formats:
+        activation_bits(name)  # validates the name
+    weights = list(range(len(table.format_names)))
+    source = [w for w in weights for _ in activation_formats]
+    acts = [a for _ in weights for a in activation_formats]
+    names = [candidate_name(table.weight_formats[w], a, True) for w, a in zip(source, acts)]
+    return table.take(source, names, acts)
+
+
+def assign_activations(table: CandidateTable, activation_formats: Sequence[str]) -> CandidateTable:
+    """A paired table with one given activation format per column of an unpaired table (e.g.
+    the uniform baselines W8A8, W4A4)."""
+    if table.paired:
+        raise ValueError("the table is already paired with activation formats")
+    if len(activation_formats) != len(table.format_names):
+        raise ValueError("give one activation format per candidate")
+    for name in activation_formats:
+        activation_bits(name)  # validates the name
+    names = [candidate_name(w, a, True) for w, a in zip(table.weight_formats, activation_formats)]
+    return table.take(range(len(names)), names, activation_formats)
+
+
+def expand_weight_matrix(
+    table: CandidateTable, weight_names: Sequence[str], matrix: np.ndarray
+) -> np.ndarray:
+    """Expand a [F_w, F_w] pairwise matrix over weight formats to [C, C] over candidates.
+
+    Pairwise weight terms C_ij(f, g) depend on the weight formats only; every candidate pair
+    inherits the term of its two weight formats.
+    """
+    index = {name: k for k, name in enumerate(weight_names)}
+    try:
+        rows = [index[name] for name in table.weight_formats]
+    except KeyError as error:
+        raise InputError(f"pairwise terms have no weight format {error.args[0]!r}") from None
+    return np.asarray(matrix)[np.ix_(rows, rows)]
+
+
+def activation_score_matrix(
+    table: CandidateTable, scores_by_format: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """[L, C] activation term of every candidate from per-format layer scores ``{format: [L]}``.
+
+    A candidate whose activation format has no entry (e.g. the default assumption, or fp32) adds
+    0: unquantized activations add no noise, and an unmeasured default is not penalised.
+    """
+    result = np.zeros((len(table.layer_names), len(table.format_names)))
+    for column, name in enumerate(table.activation_formats):
+        if name in scores_by_format:
+            values = np.asarray(scores_by_format[name], dtype=float)
+            if values.shape != (len(table.layer_names),):
+                raise ValueError(
+                    f"activation scores for {name} have shape {values.shape}, "
+                    f"expected ({len(table.layer_names)},)"
+                )
+            result[:, column] = values
+    return result

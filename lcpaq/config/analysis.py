@@ -70,7 +70,7 @@ SCHEME_OPTIONS: dict[str, Option] = {
 
 def _activation_formats(text: str | None) -> tuple[str, ...]:
     # local: keeps config's imports minimal
-    from lcpaq.sensitivity.candidates import parse_activation_formats
+    from lcpaq.allocation.table import parse_activation_formats
 
     return parse_activation_formats(text) if text else ()
 

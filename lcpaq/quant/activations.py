@@ -23,7 +23,8 @@ from torch import nn
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module, model_device
-from lcpaq.quant.formats import FORMATS, NumberFormat, QuantScheme, get_format, round_to_grid
+from lcpaq.quant.formats import FORMATS, NumberFormat, QuantScheme, get_format
+from lcpaq.quant.grids import round_to_grid
 from lcpaq.quant.rounding import mse_ranges, round_trip, scale_and_zero
 
 #: Activation "formats" that stay floating point: their noise is that of a dtype cast (0 for fp32).

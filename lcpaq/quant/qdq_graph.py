@@ -38,7 +38,8 @@ from lcpaq.quant.activations import (
     ActivationQuantizer,
     activation_scale_and_zero,
 )
-from lcpaq.quant.formats import code_range, fp_decode, get_format
+from lcpaq.quant.formats import code_range, get_format
+from lcpaq.quant.grids import fp_decode
 from lcpaq.quant.weights import QuantizedWeight, decoded_scale
 
 if TYPE_CHECKING:

@@ -20,11 +20,10 @@ from lcpaq.quant.formats import (
     NumberFormat,
     QuantScheme,
     code_range,
-    fp_decode,
-    fp_round_codes,
     has_zero_point,
     mx_element_emax,
 )
+from lcpaq.quant.grids import fp_decode, fp_round_codes
 
 #: Bounds of INT codes: both numbers (one code range) or both tensors (a range per row).
 CodeBound = TypeVar("CodeBound", float, torch.Tensor)

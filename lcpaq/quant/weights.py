@@ -23,12 +23,12 @@ from lcpaq.quant.formats import (
     NumberFormat,
     QuantScheme,
     fan_in,
-    fp_decode,
     get_format,
     has_zero_point,
     num_scale_groups,
 )
 from lcpaq.quant.gptq import gptq_codes
+from lcpaq.quant.grids import fp_decode
 from lcpaq.quant.rounding import (
     from_groups,
     mse_ranges,

@@ -15,10 +15,10 @@ from typing import Any
 
 from lcpaq.allocation.budgets import parse_budget
 from lcpaq.allocation.frontier import SCORERS
+from lcpaq.allocation.table import parse_activation_formats
 from lcpaq.config import DEFAULT_FORMATS, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import parse_format_list
-from lcpaq.sensitivity.candidates import parse_activation_formats
 
 #: Candidate format sets (``--formats`` of the pipeline). Every set holds int2 (so budgets down to
 #: 2 average bits stay feasible) and int8 (``--first-last keep-8bit`` needs it).

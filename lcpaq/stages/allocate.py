@@ -35,7 +35,7 @@ from lcpaq.allocation.pairwise import (
 )
 from lcpaq.allocation.problem import AllocationProblem
 from lcpaq.allocation.result import Allocation
-from lcpaq.allocation.table import CandidateTable
+from lcpaq.allocation.table import CandidateTable, activation_score_matrix
 from lcpaq.config import FirstLastPolicy
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo
@@ -44,7 +44,6 @@ from lcpaq.sensitivity.activation import (
     activation_scores,
     load_activation_sensitivity,
 )
-from lcpaq.sensitivity.candidates import activation_score_matrix
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, load_interactions
 from lcpaq.stages.folder import read_config, read_layers, read_layers_file, timed

@@ -26,11 +26,12 @@ from lcpaq.allocation.curves import (
     uniform_points,
 )
 from lcpaq.allocation.frontier import score_candidates
+from lcpaq.allocation.table import assign_activations
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.evaluate import evaluate_accuracy
 from lcpaq.model.recovery import collect_reference_stats
-from lcpaq.sensitivity.candidates import assign_activations, measure_candidates
+from lcpaq.sensitivity.candidates import measure_candidates
 from lcpaq.stages.allocate import (
     ProblemData,
     activation_term_of,

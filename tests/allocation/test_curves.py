@@ -17,9 +17,8 @@ from lcpaq.allocation.curves import (
     uniform_points,
 )
 from lcpaq.allocation.problem import AllocationProblem
-from lcpaq.allocation.table import CandidateTable
+from lcpaq.allocation.table import CandidateTable, pair_candidates
 from lcpaq.errors import InputError
-from lcpaq.sensitivity.candidates import pair_candidates
 
 
 def table(num_layers: int = 3) -> CandidateTable:

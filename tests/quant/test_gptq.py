@@ -8,14 +8,9 @@ import torch
 from quant_cases import scheme_id, spread_weight
 
 from lcpaq.errors import InputError
-from lcpaq.quant.formats import (
-    QuantScheme,
-    code_range,
-    fp_decode,
-    fp_round_codes,
-    get_format,
-)
+from lcpaq.quant.formats import QuantScheme, code_range, get_format
 from lcpaq.quant.gptq import gptq_round
+from lcpaq.quant.grids import fp_decode, fp_round_codes
 from lcpaq.quant.weights import (
     decoded_scale,
     dequantize_weight,

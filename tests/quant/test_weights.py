@@ -13,14 +13,13 @@ from lcpaq.quant.formats import (
     FORMATS,
     QuantScheme,
     code_range,
-    fp_grid,
     get_format,
     has_zero_point,
     mx_element_emax,
     num_scale_groups,
-    round_to_grid,
     scale_overhead_bits,
 )
+from lcpaq.quant.grids import fp_grid, round_to_grid
 from lcpaq.quant.weights import (
     code_offset,
     decoded_scale,

@@ -14,7 +14,10 @@ from lcpaq.allocation.table import (
     DEFAULT_ACTIVATION_FORMAT,
     activation_bits,
     activation_format_of,
+    activation_score_matrix,
     activation_sign_bits,
+    expand_weight_matrix,
+    parse_activation_formats,
     weight_format_of,
 )
 from lcpaq.config import AnalysisConfig
@@ -24,13 +27,7 @@ from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
 from lcpaq.quant.weights import fake_quantize
 from lcpaq.runfolder import load_candidates, save_candidates
-from lcpaq.sensitivity.candidates import (
-    activation_score_matrix,
-    expand_weight_matrix,
-    measure_candidates,
-    output_error,
-    parse_activation_formats,
-)
+from lcpaq.sensitivity.candidates import measure_candidates, output_error
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
