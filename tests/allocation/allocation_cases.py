@@ -24,3 +24,22 @@ def table(num_layers: int = 3) -> CandidateTable:
         error_sq=error,
         weighted_error=np.full(error.shape, np.nan),
     )
+
+
+def random_int_table(
+    layer_names: tuple[str, ...], num_params: np.ndarray, bits: np.ndarray, rng: np.random.Generator
+) -> CandidateTable:
+    """Layers of ``num_params`` weights at the integer formats of ``bits``, 32 bits of overhead
+    each, random squared errors drawn from ``rng`` (the solvers ignore them)."""
+    weight = num_params[:, None] * bits[None, :].astype(float)
+    shape = (len(layer_names), len(bits))
+    return CandidateTable(
+        layer_names=layer_names,
+        format_names=tuple(f"int{b}" for b in bits),
+        num_params=num_params,
+        bits=bits,
+        weight_bits=weight,
+        size_bits=weight + 32.0,
+        error_sq=rng.random(shape),
+        weighted_error=np.zeros(shape),
+    )
