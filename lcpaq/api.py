@@ -161,19 +161,11 @@ def _analyze(config: RunConfig, model: nn.Module, calib: object, progress: bool)
     return analyze_model(config, model, layers, subset, pair_data=pair_data, progress=progress)
 
 
-def _allocation_options(config: AllocationConfig) -> dict[str, Any]:
-    return {
-        name: getattr(config, name)
-        for name in ("first_last", "scorer", "tie_rule", "latency_table", "pairwise_weight")
-        + ("pair_z", "pair_clip", "pairwise_mode")
-    } | {"ties": [list(group) for group in config.ties]}
-
-
 def _solve(
     analysis: Analysis, config: AllocationConfig
 ) -> tuple[AllocationProblem | AugmentedProblem, Allocation, np.ndarray, np.ndarray]:
     data = ProblemData.of_analysis(analysis, analysis.config.analysis.scheme.symmetric)
-    problem, scores, kept = problem_of(data, **_allocation_options(config))
+    problem, scores, kept = problem_of(data, **config.problem_options())
     budgets = [parse_budget(text) for text in config.budgets]
     weights = dict(config.cost_weights) or None
     check_solvable(problem, budgets, weights)
@@ -275,7 +267,7 @@ def _write_run(
         run_dir / "frontiers.npz",
         {"scores": scores, "kept": kept, "allowed": np.asarray(problem.allowed)},
     )
-    record_options = options_record(**_allocation_options(config.allocation))
+    record_options = options_record(**config.allocation.problem_options())
     budgets = [Budget(use.metric, use.limit) for use in allocation.budgets]
     weights = dict(config.allocation.cost_weights) or None
     record = allocation_record(problem, budgets, allocation, weights, record_options)

@@ -80,8 +80,7 @@ def _term_statistics(run_dir: Path) -> dict[str, object]:
     """How large and how certain the stored terms are, and how their diagonal compares with the
     HAWQ-V2 score the ILP uses (same layers and formats)."""
     terms = load_interactions(run_dir / "interactions.npz")
-    blocks = np.array([terms.cross[pair] for pair in terms.pairs])
-    errors = np.array([terms.stderr[pair] for pair in terms.pairs])
+    blocks, errors = terms.stacked()
     significant = np.abs(blocks) >= 2 * errors
     table = runfolder.load_candidates(run_dir / "candidates.npz")
     curvature = runfolder.load_curvature(run_dir / "curvature.npz")
@@ -91,11 +90,7 @@ def _term_statistics(run_dir: Path) -> dict[str, object]:
     diagonal = terms.diagonal * (1.0 if terms.method == "measured" else 0.5)
     reference = hawq[:, columns]
     return {
-        "method": terms.method,
-        "num_samples": terms.num_samples,
-        "formats": list(terms.format_names),
-        "num_pairs": len(terms.pairs),
-        "num_terms": int(blocks.size),
+        **terms.header(),
         "num_significant_2se": int(significant.sum()),
         "num_negative_significant_2se": int((significant & (blocks < 0)).sum()),
         "sum_abs_cross": float(np.abs(blocks).sum()),

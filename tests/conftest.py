@@ -141,6 +141,35 @@ def write_digits_files(folder: Path, num_images: int = 64) -> tuple[Path, Path]:
     return checkpoint, data
 
 
+#: What ``analyze`` and ``allocate`` leave in a run folder.
+ALLOCATED_RUN_FILES = (
+    "run_config.json",
+    "layers.json",
+    "curvature.npz",
+    "candidates.npz",
+    "frontiers.npz",
+    "allocation.json",
+)
+
+
+def digits_command(command: str, checkpoint: Path, calib: Path, *flags: str) -> list[str]:
+    """``lcpaq -q COMMAND`` arguments on ``--model demo-digits`` with the files of
+    `write_digits_files` (raw pixels: ``--normalize none``), then ``flags``."""
+    return [
+        "-q",
+        command,
+        "--model",
+        "demo-digits",
+        "--checkpoint",
+        str(checkpoint),
+        "--calib",
+        str(calib),
+        "--normalize",
+        "none",
+        *flags,
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact oracles.
 

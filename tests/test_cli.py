@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_digits_files
+from conftest import ALLOCATED_RUN_FILES, digits_command, write_digits_files
 from safetensors.torch import save_file
 
 from lcpaq import load_quantized, runfolder
@@ -33,17 +33,10 @@ def digits_files(tmp_path: Path) -> dict[str, Path]:
 def _run(
     files: dict[str, Path], out: Path, *extra: str, checkpoint: Path | None = None
 ) -> list[str]:
-    return [
-        "-q",
+    return digits_command(
         "run",
-        "--model",
-        "demo-digits",
-        "--checkpoint",
-        str(checkpoint or files["checkpoint"]),
-        "--calib",
-        str(files["data"]),
-        "--normalize",
-        "none",
+        checkpoint or files["checkpoint"],
+        files["data"],
         "--num-samples",
         "32",
         "--correction-samples",
@@ -55,7 +48,7 @@ def _run(
         "--out",
         str(out),
         *extra,
-    ]
+    )
 
 
 def _assert_clean_error(capsys, code: int, *needles: str) -> str:
@@ -74,12 +67,7 @@ def test_run_on_small_model_writes_every_artifact(digits_files, tmp_path):
     out = tmp_path / "run"
     assert main(_run(digits_files, out, "--eval", str(digits_files["data"]))) == 0
     for name in (
-        "run_config.json",
-        "layers.json",
-        "curvature.npz",
-        "candidates.npz",
-        "frontiers.npz",
-        "allocation.json",
+        *ALLOCATED_RUN_FILES,
         "quantized/model.safetensors",
         "quantized/manifest.json",
         "evaluation.json",

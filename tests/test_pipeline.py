@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_png, write_digits_files
+from conftest import ALLOCATED_RUN_FILES, read_png, write_digits_files
 
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import parse_budget
@@ -59,12 +59,7 @@ def _json(path: Path) -> dict:
 def test_run_writes_every_stage_in_order(finished_run) -> None:
     _, run_dir = finished_run
     names = {
-        "run_config.json",
-        "layers.json",
-        "curvature.npz",
-        "candidates.npz",
-        "frontiers.npz",
-        "allocation.json",
+        *ALLOCATED_RUN_FILES,
         "evaluation.json",
         "sweep.json",
         "report.md",

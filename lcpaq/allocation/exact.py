@@ -285,11 +285,8 @@ class ChainSolver:
         first_gap: float = 1e-4,
         local_search: bool = True,
     ) -> list[Solution | None]:
-        """The optimum under each row of ``budgets`` [P, M] (inf where absent; the same metrics
-        finite in every row), or None where no assignment meets the row. ``uppers``: known
-        feasible (choice, value) per row. ``hull``: shared hull points for single-budget sweeps.
-        Proven exact (`lcpaq.allocation.labels.solve_points` says why).
-        """
+        """`lcpaq.allocation.labels.solve_points` on this chain: the proven optimum under each
+        row of ``budgets`` [P, M], or None where no assignment meets the row."""
         from lcpaq.allocation.labels import solve_points  # labels needs this module's types
 
         return solve_points(

@@ -39,6 +39,12 @@ PairClip = Literal["none", "negative", "psd"]
 PAIR_CLIPS: tuple[str, ...] = ("none", "negative", "psd")
 PairwiseMode = Literal["ilp", "augmented"]
 PAIRWISE_MODES: tuple[str, ...] = ("ilp", "augmented")
+# The defaults of the pair options, here once (`lcpaq.config.AllocationConfig`, the stage functions):
+# λ = 1 keeps the measured terms at their scale; z = 2 drops terms within two standard errors of 0.
+DEFAULT_PAIRWISE_WEIGHT = 1.0
+DEFAULT_PAIR_Z = 2.0
+DEFAULT_PAIR_CLIP: PairClip = "none"
+DEFAULT_PAIRWISE_MODE: PairwiseMode = "augmented"
 
 
 def align_terms(
@@ -130,9 +136,9 @@ def prepare_pairwise(
     cross: Mapping[Pair, np.ndarray],
     stderr: Mapping[Pair, np.ndarray],
     *,
-    weight: float = 1.0,
-    z: float = 2.0,
-    clip: PairClip = "none",
+    weight: float = DEFAULT_PAIRWISE_WEIGHT,
+    z: float = DEFAULT_PAIR_Z,
+    clip: PairClip = DEFAULT_PAIR_CLIP,
 ) -> tuple[np.ndarray, Pairwise]:
     """Scores and pairwise terms for the ILP: significance filter, then λ, then clipping."""
     if weight < 0 or not np.isfinite(weight):
@@ -291,7 +297,7 @@ class AugmentedProblem:
 
 
 def pair_views(
-    terms: InteractionTerms, chosen: Sequence[str] | None = None, z: float = 2.0
+    terms: InteractionTerms, chosen: Sequence[str] | None = None, z: float = DEFAULT_PAIR_Z
 ) -> dict[str, np.ndarray]:
     """Per-pair summaries for plots and the report, in ``terms.pairs`` order.
 

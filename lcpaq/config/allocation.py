@@ -11,6 +11,16 @@ from typing import Any, Literal
 
 from lcpaq.allocation.budgets import TIE_RULES, parse_budget, parse_tie
 from lcpaq.allocation.frontier import SCORERS
+from lcpaq.allocation.pairwise import (
+    DEFAULT_PAIR_CLIP,
+    DEFAULT_PAIR_Z,
+    DEFAULT_PAIRWISE_MODE,
+    DEFAULT_PAIRWISE_WEIGHT,
+    PAIR_CLIPS,
+    PAIRWISE_MODES,
+    PairClip,
+    PairwiseMode,
+)
 from lcpaq.config.options import ALLOCATION_GROUP, option
 from lcpaq.errors import InputError
 
@@ -106,7 +116,7 @@ class AllocationConfig:
     )
     cost_weights: tuple[tuple[str, float], ...] = ()  # not on the command line: run_config.json
     pairwise_weight: float = field(
-        default=1.0,
+        default=DEFAULT_PAIRWISE_WEIGHT,
         metadata=option(
             "--pairwise-weight",
             group=ALLOCATION_GROUP,
@@ -115,23 +125,23 @@ class AllocationConfig:
         ),
     )
     pair_z: float = field(
-        default=2.0,
+        default=DEFAULT_PAIR_Z,
         metadata=option(
             "--pair-z",
             group=ALLOCATION_GROUP,
             help="set a pair term to 0 when |C| < z·SE (default %(default)g; 0 keeps all)",
         ),
     )
-    pair_clip: Literal["none", "negative", "psd"] = field(
-        default="none",
+    pair_clip: PairClip = field(
+        default=DEFAULT_PAIR_CLIP,
         metadata=option(
             "--pair-clip",
             group=ALLOCATION_GROUP,
             help="clip negative pair terms, or project Ω to PSD (CLADO); default %(default)s",
         ),
     )
-    pairwise_mode: Literal["ilp", "augmented"] = field(
-        default="augmented",
+    pairwise_mode: PairwiseMode = field(
+        default=DEFAULT_PAIRWISE_MODE,
         metadata=option(
             "--pairwise-mode",
             group=ALLOCATION_GROUP,
@@ -143,8 +153,6 @@ class AllocationConfig:
     def __post_init__(self) -> None:
         if self.first_last not in ("search", "keep-8bit"):
             raise InputError(f"first-last must be 'search' or 'keep-8bit', got {self.first_last!r}")
-        from lcpaq.allocation.pairwise import PAIR_CLIPS, PAIRWISE_MODES
-
         for name, value in (("pairwise-weight", self.pairwise_weight), ("pair-z", self.pair_z)):
             if not 0 <= value < float("inf"):
                 raise InputError(f"{name} must be a finite number >= 0, got {value}")
@@ -162,7 +170,14 @@ class AllocationConfig:
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `lcpaq.stages.pipeline.allocate` (everything but the budgets)."""
-        options: dict[str, Any] = {
+        options = self.problem_options()
+        if self.cost_weights:
+            options["cost_weights"] = dict(self.cost_weights)
+        return options
+
+    def problem_options(self) -> dict[str, Any]:
+        """Keyword arguments of `lcpaq.stages.allocate.problem_of` (and ``options_record``)."""
+        return {
             "first_last": self.first_last,
             "scorer": self.scorer,
             "ties": [list(group) for group in self.ties],
@@ -173,9 +188,6 @@ class AllocationConfig:
             "pair_clip": self.pair_clip,
             "pairwise_mode": self.pairwise_mode,
         }
-        if self.cost_weights:
-            options["cost_weights"] = dict(self.cost_weights)
-        return options
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AllocationConfig:

@@ -41,6 +41,23 @@ class InteractionTerms:
     def pairs(self) -> tuple[Pair, ...]:
         return tuple(sorted(self.cross))
 
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cross terms and their standard errors in `pairs` order, [P, F, F] each."""
+        return (
+            np.array([self.cross[pair] for pair in self.pairs]),
+            np.array([self.stderr[pair] for pair in self.pairs]),
+        )
+
+    def header(self) -> dict[str, object]:
+        """What every summary of the terms starts with: their source, samples and counts."""
+        return {
+            "method": self.method,
+            "num_samples": self.num_samples,
+            "formats": list(self.format_names),
+            "num_pairs": len(self.pairs),
+            "num_terms": int(self.stacked()[0].size),
+        }
+
     def significant(self, num_stderr: float = 2.0) -> dict[Pair, np.ndarray]:
         """Cross terms with entries below ``num_stderr`` standard errors set to 0 (METHOD §1c)."""
         return {

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,10 @@ from lcpaq.allocation.curves import budget_table
 from lcpaq.allocation.diagnose import infeasibility_report
 from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.pairwise import (
+    DEFAULT_PAIR_CLIP,
+    DEFAULT_PAIR_Z,
+    DEFAULT_PAIRWISE_MODE,
+    DEFAULT_PAIRWISE_WEIGHT,
     AugmentedProblem,
     PairClip,
     PairwiseMode,
@@ -159,9 +163,9 @@ def pairwise_scores(
     table: CandidateTable,
     scores: np.ndarray,
     *,
-    weight: float = 1.0,
-    z: float = 2.0,
-    clip: PairClip = "none",
+    weight: float = DEFAULT_PAIRWISE_WEIGHT,
+    z: float = DEFAULT_PAIR_Z,
+    clip: PairClip = DEFAULT_PAIR_CLIP,
 ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
     """The ILP's scores and pairwise terms (none without terms or with λ = 0)."""
     if weight == 0 or terms is None:
@@ -178,10 +182,10 @@ def problem_of(
     ties: Sequence[Sequence[str]] = (),
     tie_rule: str = "none",
     latency_table: str | None = None,
-    pairwise_weight: float = 1.0,
-    pair_z: float = 2.0,
-    pair_clip: PairClip = "none",
-    pairwise_mode: PairwiseMode = "augmented",
+    pairwise_weight: float = DEFAULT_PAIRWISE_WEIGHT,
+    pair_z: float = DEFAULT_PAIR_Z,
+    pair_clip: PairClip = DEFAULT_PAIR_CLIP,
+    pairwise_mode: PairwiseMode = DEFAULT_PAIRWISE_MODE,
 ) -> tuple[AllocationProblem | AugmentedProblem, np.ndarray, np.ndarray]:
     """The ILP of an analysis (`lcpaq.allocation.build.build_problem`) with its [L, C] scores
     and Pareto mask: scores, activation part, inter-layer terms, costs, ties, first/last."""
@@ -242,10 +246,10 @@ def allocate(
     ties: Sequence[Sequence[str]] = (),
     tie_rule: str = "none",
     latency_table: str | None = None,
-    pairwise_weight: float = 1.0,
-    pair_z: float = 2.0,
-    pair_clip: PairClip = "none",
-    pairwise_mode: PairwiseMode = "augmented",
+    pairwise_weight: float = DEFAULT_PAIRWISE_WEIGHT,
+    pair_z: float = DEFAULT_PAIR_Z,
+    pair_clip: PairClip = DEFAULT_PAIR_CLIP,
+    pairwise_mode: PairwiseMode = DEFAULT_PAIRWISE_MODE,
     cost_weights: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Solve the ILP under ``budgets`` and write ``frontiers.npz`` and ``allocation.json``.
@@ -256,18 +260,21 @@ def allocate(
     """
     if not budgets:
         raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
+    # The same options build the problem and are recorded in allocation.json.
+    choices: dict[str, Any] = {
+        "first_last": first_last,
+        "scorer": scorer,
+        "ties": ties,
+        "tie_rule": tie_rule,
+        "latency_table": latency_table,
+        "pairwise_weight": pairwise_weight,
+        "pair_z": pair_z,
+        "pair_clip": pair_clip,
+        "pairwise_mode": pairwise_mode,
+    }
     with timed(run_dir, "allocate"):
         problem, scores, kept = problem_of(
-            read_problem_data(run_dir, pairwise_weight=pairwise_weight),
-            first_last=first_last,
-            scorer=scorer,
-            ties=ties,
-            tie_rule=tie_rule,
-            latency_table=latency_table,
-            pairwise_weight=pairwise_weight,
-            pair_z=pair_z,
-            pair_clip=pair_clip,
-            pairwise_mode=pairwise_mode,
+            read_problem_data(run_dir, pairwise_weight=pairwise_weight), **choices
         )
         check_solvable(problem, budgets, cost_weights)
         try:
@@ -283,18 +290,9 @@ def allocate(
             run_dir / "frontiers.npz",
             {"scores": scores, "kept": kept, "allowed": np.asarray(problem.allowed)},
         )
-        options = options_record(
-            first_last=first_last,
-            scorer=scorer,
-            ties=ties,
-            tie_rule=tie_rule,
-            latency_table=latency_table,
-            pairwise_weight=pairwise_weight,
-            pair_z=pair_z,
-            pair_clip=pair_clip,
-            pairwise_mode=pairwise_mode,
+        record = allocation_record(
+            problem, budgets, allocation, cost_weights, options_record(**choices)
         )
-        record = allocation_record(problem, budgets, allocation, cost_weights, options)
         runfolder.write_json(run_dir / "allocation.json", record)
     logger.info(
         "allocated %.3f average bits, %.4f MB, predicted loss increase %.4g (%s, %.3f s)",

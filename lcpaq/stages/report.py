@@ -15,9 +15,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from lcpaq import runfolder
-from lcpaq.allocation.pairwise import pair_views
+from lcpaq.allocation.pairwise import DEFAULT_PAIR_Z, pair_views
 from lcpaq.allocation.table import weight_format_of
-from lcpaq.config import AllocationConfig
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import report_sections as sections
@@ -186,18 +185,13 @@ def interaction_summary(
         return None
     terms = load_interactions(run_dir / "interactions.npz")
     used = dict(allocation.get("pairwise") or {}) if allocation else {}
-    z = float(used.get("pair_z", AllocationConfig().pair_z))
+    z = float(used.get("pair_z", DEFAULT_PAIR_Z))
     chosen = [weight_format_of(str(f)) for f in allocation["formats"]] if allocation else None
     views = pair_views(terms, chosen, z)
     order = np.argsort(-np.abs(views["chosen"] if chosen else views["largest"]))[:top]
-    blocks = np.array([terms.cross[pair] for pair in terms.pairs])
-    errors = np.array([terms.stderr[pair] for pair in terms.pairs])
+    blocks, errors = terms.stacked()
     return {
-        "method": terms.method,
-        "num_samples": terms.num_samples,
-        "formats": list(terms.format_names),
-        "num_pairs": len(terms.pairs),
-        "num_terms": int(blocks.size),
+        **terms.header(),
         "num_significant": int((np.abs(blocks) >= z * errors).sum()),
         "num_negative_significant": int(((blocks < 0) & (np.abs(blocks) >= z * errors)).sum()),
         "median_ratio_to_diagonal": float(np.nanmedian(views["ratio"])) if len(order) else None,

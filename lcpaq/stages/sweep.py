@@ -83,18 +83,7 @@ def sweep(
     metrics = list(dict.fromkeys(metrics or [budget.metric for budget in fixed] or ["avg-bits"]))
     with timed(run_dir, "sweep"):
         data = read_problem_data(run_dir, pairwise_weight=options.pairwise_weight)
-        problem, _, _ = problem_of(
-            data,
-            first_last=options.first_last,
-            scorer=options.scorer,
-            ties=[list(group) for group in options.ties],
-            tie_rule=options.tie_rule,
-            latency_table=options.latency_table,
-            pairwise_weight=options.pairwise_weight,
-            pair_z=options.pair_z,
-            pair_clip=options.pair_clip,
-            pairwise_mode=options.pairwise_mode,
-        )
+        problem, _, _ = problem_of(data, **options.problem_options())
         curves = {
             metric: sweep_metric(
                 problem,

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytest
+from allocation_cases import table
 
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.costs import BITS_PER_MB, CostModel, build_cost_model
@@ -15,25 +16,6 @@ from lcpaq.allocation.problem import AllocationProblem
 from lcpaq.allocation.result import Outcome
 from lcpaq.allocation.table import CandidateTable
 from lcpaq.errors import InputError
-
-
-def table(num_layers: int = 3) -> CandidateTable:
-    """Layers of 10, 20, 30… weights at int2, int4, int8 (size = weight bits, no overhead)."""
-    num_params = 10 * np.arange(1, num_layers + 1)
-    bits = np.array([2, 4, 8])
-    weight_bits = num_params[:, None] * bits[None, :].astype(float)
-    rng = np.random.default_rng(3)
-    error = rng.uniform(0.5, 2.0, (num_layers, 1)) * np.array([[16.0, 4.0, 0.25]])
-    return CandidateTable(
-        layer_names=tuple(f"layer{k}" for k in range(num_layers)),
-        format_names=("int2", "int4", "int8"),
-        num_params=num_params,
-        bits=bits,
-        weight_bits=weight_bits,
-        size_bits=weight_bits,
-        error_sq=error,
-        weighted_error=np.full(error.shape, np.nan),
-    )
 
 
 def problem_for(candidates: CandidateTable, costs: CostModel) -> AllocationProblem:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from allocation_cases import random_int_table
 
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.problem import AllocationProblem
-from lcpaq.allocation.table import CandidateTable
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -22,17 +22,7 @@ def small_problem(linearization: str) -> AllocationProblem:
     rng = np.random.default_rng(7)
     bits = np.array([2, 4, 8])
     params = np.array([100, 300, 200])
-    weight = params[:, None] * bits[None, :].astype(float)
-    table = CandidateTable(
-        layer_names=("a", "b", "c"),
-        format_names=("int2", "int4", "int8"),
-        num_params=params,
-        bits=bits,
-        weight_bits=weight,
-        size_bits=weight + 32.0,
-        error_sq=rng.random((3, 3)),
-        weighted_error=np.zeros((3, 3)),
-    )
+    table = random_int_table(("a", "b", "c"), params, bits, rng)
     scores = 2.0 ** -bits[None, :] * rng.uniform(0.5, 2.0, (3, 3))
     pairs = {(0, 1): rng.normal(0, 0.01, (3, 3)), (1, 2): rng.normal(0, 0.01, (3, 3))}
     allowed = np.ones((3, 3), bool)

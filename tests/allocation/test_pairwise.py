@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_digits_files
+from conftest import digits_command, write_digits_files
 
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import Budget
@@ -436,25 +436,13 @@ def test_config_round_trip_and_old_files(digits_files) -> None:
 
 
 def _analyze_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [
-        "-q",
+    return digits_command(
         "analyze",
-        "--model",
-        "demo-digits",
-        "--checkpoint",
-        str(files["checkpoint"]),
-        "--calib",
-        str(files["data"]),
-        "--normalize",
-        "none",
-        "--num-samples",
-        "32",
-        "--batch-size",
-        "16",
-        "--out",
-        str(out),
+        files["checkpoint"],
+        files["data"],
+        *("--num-samples", "32", "--batch-size", "16", "--out", str(out)),
         *extra,
-    ]
+    )
 
 
 def test_cli_flags_reach_the_run_folder(digits_files, capsys) -> None:

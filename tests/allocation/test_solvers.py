@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from allocation_cases import random_int_table
 
 from lcpaq.allocation import solvers
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.exact import LabelLimit
 from lcpaq.allocation.problem import AllocationProblem
-from lcpaq.allocation.table import CandidateTable
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -19,17 +19,7 @@ def problem_with(solver: str) -> AllocationProblem:
     rng = np.random.default_rng(11)
     bits = np.array([2, 3, 4, 8])
     params = rng.integers(50, 500, 6)
-    weight = params[:, None] * bits[None, :].astype(float)
-    table = CandidateTable(
-        layer_names=tuple(f"l{k}" for k in range(6)),
-        format_names=("int2", "int3", "int4", "int8"),
-        num_params=params,
-        bits=bits,
-        weight_bits=weight,
-        size_bits=weight + 32.0,
-        error_sq=rng.random((6, 4)),
-        weighted_error=np.zeros((6, 4)),
-    )
+    table = random_int_table(tuple(f"l{k}" for k in range(6)), params, bits, rng)
     scores = 2.0 ** -bits[None, :] * rng.uniform(0.5, 2.0, (6, 4))
     return AllocationProblem(table, scores, np.ones((6, 4), bool), solver=solver)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO_ROOT, conv_inputs, make_tiny_conv_net
+from conftest import REPO_ROOT, conv_inputs, digits_command, make_tiny_conv_net
 from safetensors.torch import save_file
 
 from lcpaq.cli import main
@@ -78,17 +78,10 @@ def test_without_process_group_it_is_the_single_process_function() -> None:
 
 
 def _analyze_args(files: Path, out: Path) -> list[str]:
-    return [
-        "-q",
+    return digits_command(
         "analyze",
-        "--model",
-        "demo-digits",
-        "--checkpoint",
-        str(files / "net.safetensors"),
-        "--calib",
-        str(files / "data.npz"),
-        "--normalize",
-        "none",
+        files / "net.safetensors",
+        files / "data.npz",
         "--num-samples",
         "40",
         "--batch-size",
@@ -101,7 +94,7 @@ def _analyze_args(files: Path, out: Path) -> list[str]:
         "6",
         "--out",
         str(out),
-    ]
+    )
 
 
 def test_torchrun_equals_single_process(tmp_path: Path, single_thread) -> None:

@@ -80,31 +80,20 @@ def test_gauss_newton_streaming_gives_the_same_result(kind: str) -> None:
         np.testing.assert_allclose(parts.diagonal[name], whole.diagonal[name], rtol=1e-6)
 
 
-def test_gauss_newton_aligned_micro_batches_give_the_same_result(
-    monkeypatch: pytest.MonkeyPatch,
+# Micro-batches of 6 (sample, factor) pairs = 2 samples x 3 classes, and of 7 pairs with 3
+# classes: 7 is not a multiple of 3, so a sample's factors straddle two micro-batches.
+@pytest.mark.parametrize(("pairs_per_batch", "trace_rtol"), [(6, 1e-12), (7, 1e-6)])
+def test_gauss_newton_micro_batches_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, pairs_per_batch: int, trace_rtol: float
 ) -> None:
     model, inputs = build("tiny_conv")
     layers = discover_layers(model, inputs)
     whole = gauss_newton_traces(model, layers, [inputs])
     largest = max(layer.num_params for layer in layers)
-    # Micro-batches of 6 (sample, factor) pairs = 2 samples x 3 classes.
-    monkeypatch.setattr(per_sample, "PER_SAMPLE_ELEMENTS_LIMIT", 6 * largest)
+    monkeypatch.setattr(per_sample, "PER_SAMPLE_ELEMENTS_LIMIT", pairs_per_batch * largest)
     split = gauss_newton_traces(model, layers, [inputs])
-    np.testing.assert_allclose(split.trace, whole.trace, rtol=1e-12)
+    np.testing.assert_allclose(split.trace, whole.trace, rtol=trace_rtol)
     np.testing.assert_allclose(split.sample_traces, whole.sample_traces, rtol=1e-6)
-
-
-def test_gauss_newton_unaligned_micro_batches_give_the_same_result(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    model, inputs = build("tiny_conv")
-    layers = discover_layers(model, inputs)
-    whole = gauss_newton_traces(model, layers, [inputs])
-    largest = max(layer.num_params for layer in layers)
-    # Micro-batches of 7 (sample, factor) pairs with 3 classes: 7 is not a multiple of 3.
-    monkeypatch.setattr(per_sample, "PER_SAMPLE_ELEMENTS_LIMIT", 7 * largest)
-    split = gauss_newton_traces(model, layers, [inputs])
-    np.testing.assert_allclose(split.trace, whole.trace, rtol=1e-6)
 
 
 @pytest.mark.parametrize("limit_factors", [1, 2])

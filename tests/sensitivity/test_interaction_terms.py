@@ -9,6 +9,7 @@ from interaction_cases import FORMATS, model_and_data
 from lcpaq.model.graph import discover_layers
 from lcpaq.sensitivity.cross_terms import hessian_cross_terms
 from lcpaq.sensitivity.interaction_terms import (
+    InteractionTerms,
     load_interactions,
     residual_block,
     save_interactions,
@@ -70,3 +71,28 @@ def test_block_rule_pairs_layers_of_one_residual_block() -> None:
     assert select_pairs(len(names), "block", layer_names=names) == ((1, 2), (1, 3), (2, 3), (4, 5))
     with pytest.raises(ValueError, match="layer name"):
         select_pairs(3, "block")
+
+
+def test_stacked_and_header_follow_pair_order() -> None:
+    cross = {(1, 2): np.full((2, 2), 3.0), (0, 1): np.eye(2)}
+    terms = InteractionTerms(
+        layer_names=("a", "b", "c"),
+        format_names=("int4", "int8"),
+        cross=cross,
+        stderr={pair: 0.1 * block for pair, block in cross.items()},
+        diagonal=np.zeros((3, 2)),
+        diagonal_stderr=np.zeros((3, 2)),
+        method="hessian",
+        num_samples=7,
+    )
+    blocks, errors = terms.stacked()
+    assert blocks.shape == errors.shape == (2, 2, 2)
+    np.testing.assert_array_equal(blocks[0], np.eye(2))  # (0, 1) before (1, 2)
+    np.testing.assert_allclose(errors[1], np.full((2, 2), 0.3))
+    assert terms.header() == {
+        "method": "hessian",
+        "num_samples": 7,
+        "formats": ["int4", "int8"],
+        "num_pairs": 2,
+        "num_terms": 8,
+    }

@@ -24,35 +24,46 @@ SCORES = np.array(
 KEPT = np.array([[True, True, False, True], [True, False, True, True], [True, True, False, True]])
 
 
-@pytest.mark.parametrize("chosen", [["int4", "fp4", "int2"], None])
-def test_plot_layer_frontiers(tmp_path: Path, chosen: list[str] | None) -> None:
-    out = tmp_path / "nested" / "frontiers.png"
-    result = plot_layer_frontiers(
+def _frontiers(
+    out: Path, chosen: list[str] | None, title: str, layer_names: list[str] = LAYERS
+) -> Path:
+    """The frontier figure of the module's table (``layer_names``: to pass a wrong count)."""
+    return plot_layer_frontiers(
         out,
-        layer_names=LAYERS,
+        layer_names=layer_names,
         format_names=FORMATS,
         bits=BITS,
         scores=SCORES,
         kept=KEPT,
         chosen=chosen,
-        title="tinynet, budget 4.0 bits",
+        title=title,
     )
+
+
+def _uniform_allocation(out: Path) -> Path:
+    """The bit-allocation figure of three 4-bit layers."""
+    return plot_bit_allocation(
+        out,
+        layer_names=LAYERS,
+        bits=[4, 4, 4],
+        num_params=np.ones(3),
+        trace=np.ones(3),
+        trace_stderr=np.zeros(3),
+        title="tinynet",
+    )
+
+
+@pytest.mark.parametrize("chosen", [["int4", "fp4", "int2"], None])
+def test_plot_layer_frontiers(tmp_path: Path, chosen: list[str] | None) -> None:
+    out = tmp_path / "nested" / "frontiers.png"
+    result = _frontiers(out, chosen, "tinynet, budget 4.0 bits")
     assert result == out
     assert_png(out, out.parent)
 
 
 def test_plot_layer_frontiers_rejects_bad_shape(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        plot_layer_frontiers(
-            tmp_path / "bad.png",
-            layer_names=LAYERS[:2],
-            format_names=FORMATS,
-            bits=BITS,
-            scores=SCORES,
-            kept=KEPT,
-            chosen=None,
-            title="bad",
-        )
+        _frontiers(tmp_path / "bad.png", None, "bad", layer_names=LAYERS[:2])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -74,15 +85,7 @@ def test_plot_bit_allocation(tmp_path: Path) -> None:
 def test_overwrites_existing_file(tmp_path: Path) -> None:
     out = tmp_path / "alloc.png"
     out.write_bytes(b"stale")
-    plot_bit_allocation(
-        out,
-        layer_names=LAYERS,
-        bits=[4, 4, 4],
-        num_params=np.ones(3),
-        trace=np.ones(3),
-        trace_stderr=np.zeros(3),
-        title="tinynet",
-    )
+    _uniform_allocation(out)
     assert_png(out, tmp_path)
 
 
@@ -103,16 +106,7 @@ def test_single_layer_all_zero_scores(tmp_path: Path) -> None:
 
 def test_chosen_must_match_layers(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        plot_layer_frontiers(
-            tmp_path / "bad.png",
-            layer_names=LAYERS,
-            format_names=FORMATS,
-            bits=BITS,
-            scores=SCORES,
-            kept=KEPT,
-            chosen=["int4"],
-            title="bad",
-        )
+        _frontiers(tmp_path / "bad.png", ["int4"], "bad")
 
 
 def test_failed_render_leaves_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,15 +117,7 @@ def test_failed_render_leaves_no_files(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(Figure, "savefig", broken)
     with pytest.raises(RuntimeError):
-        plot_bit_allocation(
-            tmp_path / "alloc.png",
-            layer_names=LAYERS,
-            bits=[4, 4, 4],
-            num_params=np.ones(3),
-            trace=np.ones(3),
-            trace_stderr=np.zeros(3),
-            title="tinynet",
-        )
+        _uniform_allocation(tmp_path / "alloc.png")
     assert list(tmp_path.iterdir()) == []
 
 
