@@ -103,7 +103,7 @@ class SearchContext:
         )
         return cls(cache, slices, scorer)
 
-    # -- allocation on a run folder --------------------------------------------------------
+    # -- best/'s run folder ----------------------------------------------------------------
     def write_analysis(
         self,
         run_dir: Path,
