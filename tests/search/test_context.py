@@ -16,7 +16,7 @@ from search_helpers import (
 from lcpaq import load_quantized
 from lcpaq.errors import InputError
 from lcpaq.model.demo import DigitsNet
-from lcpaq.search.context import SearchContext
+from lcpaq.search.context import Infeasible, SearchContext
 from lcpaq.search.dimensions import ACTIVATION_SETS
 from lcpaq.search.keys import curvature_key, model_key
 from lcpaq.search.space import SearchSpace
@@ -68,6 +68,15 @@ def test_activation_formats_are_cached_and_quantize_the_trial_model(
         torch.testing.assert_close(loaded(inputs), first.quantized(inputs))
     weights_only = context.prepare(base, build=False)
     assert not any("/" in name for name in weights_only.allocation.formats)
+    # Infeasible budgets: the trial fails with the message the allocate stage gives on a folder.
+    impossible = base.with_allocation(budgets=("avg-bits=0.5",))
+    with pytest.raises(Infeasible) as caught:
+        context.prepare(impossible, build=False)
+    folder, estimate, _ = context.cache.curvature(base)
+    context.write_analysis(tmp_path / "t3", base, folder, context.cache.table(base, estimate))
+    with pytest.raises(InputError) as on_folder:
+        pipeline.allocate(tmp_path / "t3", [pipeline.parse_budget("avg-bits=0.5")])
+    assert str(caught.value) == str(on_folder.value)
     assert model_key(a4, first.allocation) != model_key(base, weights_only.allocation)
     minmax = a4.with_analysis(act_clipping="minmax")
     assert curvature_key(minmax, {}) == curvature_key(a4, {})
