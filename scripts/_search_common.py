@@ -70,13 +70,13 @@ def trial_base_of(base: RunConfig, folder: Path) -> RunConfig:
 
 
 def measure(
-    context: SearchContext, config: RunConfig, work: Path, test: Dataset, *, proxy: bool = True
+    context: SearchContext, config: RunConfig, test: Dataset, *, proxy: bool = True
 ) -> dict[str, Any]:
     """Prepare (cached), full-slice proxy, top-1 on the test set; each part timed (wall and, for
     prepare and evaluation, CPU seconds)."""
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        prepared = context.prepare(config, work)
+        prepared = context.prepare(config)
         quantized = context.build(prepared)
     except Infeasible as error:
         return {"infeasible": str(error), "prepare_s": time.perf_counter() - start}

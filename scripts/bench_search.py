@@ -93,7 +93,7 @@ def phase_search(
         "default_nearest": {**summary["default"]["params"], "rounding": "nearest"},
     }
     measured = {
-        name: measure(context, space.config(trial_base, params), folder / "bench" / name, test)
+        name: measure(context, space.config(trial_base, params), test)
         for name, params in picks.items()
     }
     accuracy = {name: row["_accuracy"] for name, row in measured.items()}
@@ -132,9 +132,7 @@ def phase_rank(args: argparse.Namespace, test) -> dict[str, object]:
     trial_base = trial_base_of(base, folder)
     rows = []
     for index, params in enumerate(random_configurations(space, args.rank_configs, args.seed)):
-        row = measure(
-            context, space.config(trial_base, params), folder / "rank" / f"{index:03d}", test
-        )
+        row = measure(context, space.config(trial_base, params), test)
         row["params"] = params
         rows.append(row)
         print(f"rank {index}: {row.get('proxy')} {row.get('top1')}", flush=True)
@@ -175,14 +173,12 @@ def _cost_cached(
     trials: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The sampled configurations fully evaluated through the search's caches."""
-    folder = args.out / "resnet20-3"
     cached = []
     for trial in trials:
         params = {name: trial[name] for name in space.names}
         row = measure(
             context,
             space.config(trial_base, params),
-            folder / "cost" / f"{trial['number']:05d}",
             test,
         )
         row["params"] = params

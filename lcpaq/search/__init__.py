@@ -9,9 +9,9 @@ same hard budgets, so proxy scores compare like for like. One trial (`lcpaq.sear
   (`lcpaq.search.cache`, keys in `lcpaq.search.keys`);
 - candidate table from cached quantized weights (``cache/weights/<scheme>/<format>.safetensors``,
   pure weight arithmetic, once per (scheme, format));
-- the ordinary ``allocate`` stage (HiGHS) on a trial folder ``trials/NNNNN/`` that holds the
-  analysis artifacts (hard links into the cache), so it is a run folder ``lcpaq export`` accepts
-  (`lcpaq.search.context`);
+- the ``allocate`` stage's solve (HiGHS) over that cached analysis in memory
+  (`lcpaq.stages.allocate.ProblemData`, `lcpaq.search.context`): a trial writes no run folder,
+  its per-layer formats stay in the study (the trial's ``assignment`` attribute);
 - the quantized model from the cached weights, statistics correction as ``export`` does it;
 - the proxy (`lcpaq.search.proxy`) on a held-out calibration slice disjoint from the curvature
   and correction images (the file's tail, `lcpaq.search.slices`): mean KL(p_FP ‖ p_Q) by

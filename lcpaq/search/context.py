@@ -1,16 +1,16 @@
 """One configuration through the stages, from the caches: what a trial measures.
 
-Input: a trial's `RunConfig` and a trial folder. Output: `Prepared`: the allocation of the
-ordinary ``allocate`` stage (HiGHS) on a folder holding the analysis artifacts (hard links into
-the cache, so it is a run folder ``lcpaq export`` accepts), the timings, and on request the
-quantized and corrected model, built from the cached weights by the export stage's recovery
-(`lcpaq.stages.pipeline.recover_quantized`).
+Input: a trial's `RunConfig`. Output: `Prepared`: the allocation of the ``allocate`` stage's
+solve (HiGHS) over the cached analysis in memory (`lcpaq.stages.allocate.ProblemData`, no run
+folder written), the timings, and on request the quantized and corrected model, built from the
+cached weights by the export stage's recovery (`lcpaq.stages.export.recover_quantized`).
+`SearchContext.write_analysis` writes the analysed run folder of ``best/`` (the search's output,
+which ``lcpaq export`` and the other stages accept).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -30,25 +30,17 @@ from lcpaq.model.data import load_dataset
 from lcpaq.model.recovery import ReferenceStats, collect_reference_stats
 from lcpaq.model.zoo import file_sha256, load_model, num_classes_of
 from lcpaq.quant.activations import activation_quantizers
-from lcpaq.search.cache import AnalysisCache, layer_weight, quiet
+from lcpaq.search.cache import AnalysisCache, layer_weight
 from lcpaq.search.proxy import ProxyScorer
 from lcpaq.search.slices import Slices, plan_slices, space_head
 from lcpaq.search.space import SearchSpace
+from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import pipeline
+from lcpaq.stages.allocate import ProblemData, check_solvable, optimum, problem_of
+from lcpaq.stages.folder import read_layers, read_layers_file
 
-#: Analysis artifacts a trial folder takes from the curvature cache folder as they are.
+#: Analysis artifacts ``best/`` takes from the curvature cache folder as they are.
 _CURVATURE_FILES = ("layers.json", "curvature.npz", "hutchinson.npz")
-
-
-def _link_or_copy(source: Path, target: Path, *, copy_only: bool = False) -> None:
-    target.unlink(missing_ok=True)
-    if not copy_only:
-        try:
-            os.link(source, target)
-            return
-        except OSError:
-            pass  # another file system, or links not allowed: copy instead
-    shutil.copyfile(source, target)
 
 
 class Infeasible(Exception):
@@ -111,65 +103,89 @@ class SearchContext:
         )
         return cls(cache, slices, scorer)
 
-    # -- allocation on a run folder --------------------------------------------------------
+    # -- best/'s run folder ----------------------------------------------------------------
     def write_analysis(
         self,
         run_dir: Path,
         config: RunConfig,
         cache_folder: Path,
         table: CandidateTable,
-        *,
-        copy_files: bool = False,
     ) -> None:
-        """Make ``run_dir`` an analysed run folder: the artifacts ``analyze`` would write."""
+        """Make ``run_dir`` an analysed run folder: the artifacts ``analyze`` would write,
+        copied from the caches (``best/`` outlives a cleared cache)."""
         cache = self.cache
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         for name in _CURVATURE_FILES:
             if (cache_folder / name).is_file():
-                _link_or_copy(cache_folder / name, run_dir / name, copy_only=copy_files)
+                shutil.copyfile(cache_folder / name, run_dir / name)
         if cache.input_hessians(config) is not None:  # export (of best/) reads them from here
-            _link_or_copy(
+            shutil.copyfile(
                 cache.input_hessians_path(config.analysis.num_samples),
                 run_dir / pipeline.INPUT_HESSIANS_FILE,
-                copy_only=copy_files,
             )
         if config.analysis.act_formats:  # the allocation's score and export read it
             cache.activations(config)  # cached; measured here for the size cap and a resumed best/
-            _link_or_copy(
-                cache.activations_path(config), run_dir / "activations.npz", copy_only=copy_files
-            )
+            shutil.copyfile(cache.activations_path(config), run_dir / "activations.npz")
         runfolder.save_candidates(run_dir / "candidates.npz", table)
         runfolder.write_json(run_dir / "run_config.json", config.to_dict())
 
-    def allocate(self, config: RunConfig, run_dir: Path) -> Allocation:
-        """The ordinary ``allocate`` stage on an analysed ``run_dir``, its log lines silenced."""
-        budgets = [parse_budget(text) for text in config.allocation.budgets]
-        with quiet("lcpaq.stages"):
-            return pipeline.allocate(run_dir, budgets, **config.allocation.options())
+    # -- allocation in memory ---------------------------------------------------------------
+    def problem_data(
+        self, config: RunConfig, table: CandidateTable, interactions: Path | None = None
+    ) -> ProblemData:
+        """What the ``allocate`` stage reads from an analysed run folder, from the caches:
+        the layer list and sizes (of the curvature cache folder), the candidate table, the
+        curvature, the activation sensitivity (paired tables) and, when they enter
+        (``pairwise_weight`` ≠ 0), the inter-layer terms of ``interactions``."""
+        cache = self.cache
+        folder, estimate, _ = cache.curvature(config)
+        layers, unquantized_bits = read_layers(folder)
+        fp32_bits = float(read_layers_file(folder, "layer list")["fp32_size_bits"])
+        activations = cache.activations(config)[0] if table.paired else None
+        weight = config.allocation.pairwise_weight
+        return ProblemData(
+            layers,
+            unquantized_bits,
+            fp32_bits,
+            table,
+            estimate,
+            activations,
+            load_interactions(interactions) if interactions and weight != 0 else None,
+            config.analysis.scheme.symmetric,
+            source=str(cache.activations_path(config)),
+        )
 
-    def prepare(self, config: RunConfig, run_dir: Path, *, build: bool = True) -> Prepared:
-        """Curvature (cached), candidates (cached weights), the allocate stage on ``run_dir``,
-        then (``build``) the quantized and corrected model, as ``export`` builds it."""
+    def allocate(self, config: RunConfig, data: ProblemData) -> Allocation:
+        """The ``allocate`` stage's solve over ``data`` (`problem_of`, `check_solvable`,
+        `optimum`), nothing written."""
+        budgets = [parse_budget(text) for text in config.allocation.budgets]
+        options = config.allocation.options()
+        cost_weights = options.pop("cost_weights", None)
+        problem, _, _ = problem_of(data, **options)
+        check_solvable(problem, budgets, cost_weights)
+        return optimum(problem, budgets, cost_weights)
+
+    def prepare(self, config: RunConfig, *, build: bool = True) -> Prepared:
+        """Curvature (cached), candidates (cached weights), the allocate stage's solve over
+        them in memory, then (``build``) the quantized and corrected model, as ``export``
+        builds it."""
         cache = self.cache
         timings = {}
-        folder, estimate, timings["hessian_s"] = cache.curvature(config)
+        _, estimate, timings["hessian_s"] = cache.curvature(config)
         _, seconds = cache.activations(config)
         timings["hessian_s"] += seconds  # curvature work, in the report's Hessian share
         start = time.perf_counter()
         table = cache.table(config, estimate)
         timings["candidates_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.write_analysis(run_dir, config, folder, table)
+        pairs_path = None
         if config.analysis.pairwise != "none":
             pairs_path, seconds = cache.interactions(config)
             timings["hessian_s"] += seconds  # curvature work, in the report's Hessian share
-            _link_or_copy(pairs_path, run_dir / "interactions.npz")
-        budgets = [parse_budget(text) for text in config.allocation.budgets]
         try:
-            with quiet("lcpaq.stages"):
-                allocation = pipeline.allocate(run_dir, budgets, **config.allocation.options())
+            allocation = self.allocate(config, self.problem_data(config, table, pairs_path))
         except InputError as error:
             timings["ilp_s"] = time.perf_counter() - start
             raise Infeasible(str(error), timings) from None

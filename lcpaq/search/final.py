@@ -121,7 +121,7 @@ def _evaluate(
     for trial in trials:
         start = time.perf_counter()
         config = search.space.config(search.trial_base(), trial.params)
-        prepared = context.prepare(config, search.trial_dir(trial.number))
+        prepared = context.prepare(config)
         final_timings["final_prepare_s"] += time.perf_counter() - start
         start = time.perf_counter()
         quantized = context.build(prepared)
@@ -166,7 +166,7 @@ def run_best(search: Search, best: FrozenTrial, config: RunConfig) -> dict[str, 
     best_dir = search.options.out / "best"
     folder, estimate, _ = cache.curvature(config)
     table = cache.table(config, estimate)
-    context.write_analysis(best_dir, config, folder, table, copy_files=True)
+    context.write_analysis(best_dir, config, folder, table)
     budgets = [parse_budget(text) for text in config.allocation.budgets]
     allocation = pipeline.allocate(best_dir, budgets, **config.allocation.options())
     expected = best.user_attrs.get("assignment")

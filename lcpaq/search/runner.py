@@ -14,7 +14,6 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,13 +95,12 @@ class Search:
         if "size_cap_mb" not in attrs:
             default = self.space.config(self.base, self.space.default_params())
             cache = self.context.cache
-            folder, estimate, seconds = cache.curvature(default)
+            _, estimate, seconds = cache.curvature(default)
             _, activation_seconds = cache.activations(default)
             self.process_timings["hessian_s"] = seconds + activation_seconds
             table = cache.table(default, estimate)
-            work = self.options.out / "cache" / "default-allocation"
-            self.context.write_analysis(work, default, folder, table)
-            allocation = self.context.allocate(default, work)
+            data = self.context.problem_data(default, table)
+            allocation = self.context.allocate(default, data)
             self.study.set_user_attr("size_cap_mb", ceil_budget_mb(allocation.size_bytes))
         cap = Budget("size-mb", float(self.study.user_attrs["size_cap_mb"]))
         return self.base.with_allocation(budgets=(*self.base.allocation.budgets, str(cap)))
@@ -159,9 +157,6 @@ class Search:
         trials = self.study.get_trials(deepcopy=False, states=states)
         return sum("duplicate_of" not in trial.user_attrs for trial in trials)
 
-    def trial_dir(self, number: int) -> Path:
-        return self.options.out / "trials" / f"{number:05d}"
-
     def _duplicate(self, params: Mapping[str, Any], number: int) -> optuna.trial.FrozenTrial | None:
         states = (TrialState.COMPLETE, TrialState.PRUNED)
         for other in self.study.get_trials(deepcopy=False, states=states):
@@ -182,7 +177,7 @@ class Search:
             return self._replay(trial, duplicate)
         config = self.space.config(self.trial_base(), params)
         try:
-            prepared = self.context.prepare(config, self.trial_dir(trial.number), build=False)
+            prepared = self.context.prepare(config, build=False)
         except Infeasible as error:
             # Pruned before the first slice: it counts as a trial (it cost an ILP solve) and TPE
             # ranks pruned trials without intermediate values last, so it learns to avoid them.

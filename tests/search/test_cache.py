@@ -26,6 +26,7 @@ from lcpaq.search.cache import candidate_table
 from lcpaq.search.context import SearchContext
 from lcpaq.search.space import SearchSpace
 from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.interaction_terms import load_interactions
 from lcpaq.stages import pipeline
 
 
@@ -142,19 +143,25 @@ def test_pairwise_terms_are_cached_per_scheme_and_reach_the_trial_folder(
     space = space.fix({"correction": "off"}, base)
     context = SearchContext.open(base, tmp_path / "s", space, "kl", (16, 48))
     w1 = space.config(base, {**space.default_params(), "pairwise": "gn-w1"})
-    first = context.prepare(w1, tmp_path / "t1", build=False)
-    again = context.prepare(w1, tmp_path / "t2", build=False)
+    first = context.prepare(w1, build=False)
+    again = context.prepare(w1, build=False)
     assert calls == [1]  # the second trial reuses the cached terms
     assert first.timings["hessian_s"] > 0 and again.timings["hessian_s"] == 0
-    for folder in ("t1", "t2"):
-        terms = pipeline.load_interactions(tmp_path / folder / "interactions.npz")
-        assert terms.pairs == tuple((i, i + 1) for i in range(4))
-    context.prepare(w1.with_analysis(pair_window=2), tmp_path / "t3", build=False)
+    assert again.allocation.formats == first.allocation.formats
+    path, seconds = context.cache.interactions(w1)
+    assert seconds == 0
+    assert load_interactions(path).pairs == tuple((i, i + 1) for i in range(4))
+    # The terms enter the trial's problem: without them (λ = 0) the data holds none.
+    _, estimate, _ = context.cache.curvature(w1)
+    table = context.cache.table(w1, estimate)
+    assert context.problem_data(w1, table, path).interactions is not None
+    unweighted = w1.with_allocation(pairwise_weight=0.0)
+    assert context.problem_data(unweighted, table, path).interactions is None
+    context.prepare(w1.with_analysis(pair_window=2), build=False)
     other_scheme = w1.with_analysis(scheme=QuantScheme(symmetric=True))
-    context.prepare(other_scheme, tmp_path / "t4", build=False)
+    context.prepare(other_scheme, build=False)
     assert calls == [1, 2, 1]
-    none = context.prepare(base, tmp_path / "t5", build=False)
-    assert not (tmp_path / "t5" / "interactions.npz").exists()
+    none = context.prepare(base, build=False)
     assert none.allocation.formats
 
 

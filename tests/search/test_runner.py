@@ -25,6 +25,7 @@ from search_helpers import (
 
 from lcpaq import load_quantized
 from lcpaq.cli import main
+from lcpaq.config import RunConfig
 from lcpaq.model.data import load_dataset
 from lcpaq.model.demo import DigitsNet
 from lcpaq.model.zoo import load_model
@@ -160,8 +161,9 @@ def test_proxy_slice_is_disjoint_from_curvature_and_correction(searched):
     assert (head_start, head_stop) == (0, HEAD)
     assert (proxy_start, proxy_stop) == (NUM_IMAGES - 48, NUM_IMAGES)
     assert head_stop <= proxy_start
-    for trial_dir in (searched["out"] / "trials").iterdir():
-        config = pipeline.read_config(trial_dir)
+    assert not (searched["out"] / "trials").exists()  # trials run in memory
+    for name in ("best_config.json", "best/run_config.json"):
+        config = RunConfig.from_dict(json.loads((searched["out"] / name).read_text()))
         assert head_samples(config) <= proxy_start
 
 
@@ -174,11 +176,11 @@ def test_resume_after_interruption_continues_the_same_study(
     original_prepare = SearchContext.prepare
     calls = {"prepare": 0, "analyze": 0}
 
-    def interrupted(self, config, run_dir, **kwargs):
+    def interrupted(self, config, **kwargs):
         calls["prepare"] += 1
         if calls["prepare"] == 3:
             raise KeyboardInterrupt
-        return original_prepare(self, config, run_dir, **kwargs)
+        return original_prepare(self, config, **kwargs)
 
     monkeypatch.setattr(SearchContext, "prepare", interrupted)
     assert main(search_args(files, out, *fixed, trials=4)) == 130
