@@ -237,16 +237,16 @@ def _sweep(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> No
 
 
 def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
-    """Export, evaluate, sweep, plot and report after an allocation."""
-    pipeline.export(run_dir)
-    if eval_path:
-        pipeline.evaluate(run_dir, eval_path)
-    if args.sweep_points:
-        _sweep(run_dir, eval_path, args)
-    else:
-        (run_dir / "sweep.json").unlink(missing_ok=True)
-    pipeline.plot(run_dir)
-    path = pipeline.report(run_dir)
+    """The stages after an allocation (`lcpaq.stages.pipeline.finish`)."""
+    settings: SweepSettings = build(SweepSettings, args)
+    path = pipeline.finish(
+        run_dir,
+        eval_path,
+        sweep_points=settings.num_points,
+        sweep_min_bits=settings.min_bits,
+        sweep_metrics=settings.metrics,
+        progress=not args.quiet,
+    )
     print(f"report: {path}")
 
 
@@ -280,18 +280,18 @@ def _run(args: argparse.Namespace) -> None:
         config = config.with_allocation(
             budgets=tuple(str(budget) for budget in _budgets(args.budget))
         )
-    if not config.allocation.budgets:
-        raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
-    config = pipeline.with_default_activations(config)
-    pipeline.analyze(config, args.out, progress=not args.quiet)
-    if not distributed.is_main_process():
-        return
-    pipeline.allocate(
+    settings: SweepSettings = build(SweepSettings, args)
+    path = pipeline.run(
+        config,
         args.out,
-        _budgets(list(config.allocation.budgets)),
-        **config.allocation.options(),
+        args.eval,
+        sweep_points=settings.num_points,
+        sweep_min_bits=settings.min_bits,
+        sweep_metrics=settings.metrics,
+        progress=not args.quiet,
     )
-    _finish(args.out, args.eval, args)
+    if path is not None:  # None on a torchrun rank other than 0
+        print(f"report: {path}")
 
 
 def _allocate(args: argparse.Namespace) -> None:
