@@ -24,7 +24,7 @@ from lcpaq.model.evaluate import Accuracy, evaluate_accuracy, paired_difference
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.zoo import load_model
 from lcpaq.quant.activations import ActivationQuantizer, activation_quantizers
-from lcpaq.sensitivity.activation import load_activation_sensitivity
+from lcpaq.sensitivity.activation_file import load_activation_sensitivity
 from lcpaq.stages import pipeline
 
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}

@@ -422,7 +422,7 @@ def test_min_max_activation_ranges_and_old_configurations(digits_files, tmp_path
     from lcpaq.config import RunConfig
     from lcpaq.errors import InputError
     from lcpaq.model.zoo import build_model
-    from lcpaq.sensitivity.activation import load_activation_sensitivity
+    from lcpaq.sensitivity.activation_file import load_activation_sensitivity
     from lcpaq.stages import folder, pipeline
 
     out = tmp_path / "run"

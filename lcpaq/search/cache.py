@@ -36,8 +36,8 @@ from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.weights import fake_quantize_formats
 from lcpaq.search.keys import activations_key, curvature_key, interactions_key, scheme_slug
-from lcpaq.sensitivity.activation import (
-    ActivationSensitivity,
+from lcpaq.sensitivity.activation import ActivationSensitivity
+from lcpaq.sensitivity.activation_file import (
     load_activation_sensitivity,
     save_activation_sensitivity,
 )

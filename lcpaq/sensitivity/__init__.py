@@ -10,7 +10,8 @@ Curvature of the loss per layer (``curvature.npz``, result type `curvature.Curva
   per_sample       per-sample weight gradients from recorded layer inputs and output gradients
   batch_share      which batches a process computes and how partial results are combined
   distributed      torchrun: the process group and this process's `BatchShare`
-  activation       curvature with respect to each layer's input activation (``activations.npz``)
+  activation       curvature with respect to each layer's input activation (one or many processes)
+  activation_file  ``activations.npz``: save and load the activation sensitivity
 Inter-layer terms (``interactions.npz``):
   interactions     `compute_interactions`, the entry point over the sources below, and pair formats
   interaction_terms  `InteractionTerms`, pair selection, the file (numpy only)

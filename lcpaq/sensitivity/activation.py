@@ -28,17 +28,14 @@ against `torch.autograd.functional.hessian`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lcpaq import runfolder
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module, model_device
 from lcpaq.quant.activations import (
@@ -48,6 +45,7 @@ from lcpaq.quant.activations import (
     range_sample_size,
     range_statistics,
 )
+from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.losses import (
     LossName,
     factor_chunk,
@@ -309,6 +307,7 @@ def activation_sensitivity(
     clipping: str = "minmax",
     symmetric: bool = False,
     seed: int = 0,
+    share: BatchShare = SINGLE_PROCESS,
     progress: bool = False,
 ) -> ActivationSensitivity:
     """Per-layer activation curvature (exact Gauss–Newton trace w.r.t. the layer input, SE over
@@ -320,15 +319,27 @@ def activation_sensitivity(
         loss: as `lcpaq.sensitivity.gauss_newton.gauss_newton_traces` (cross_entropy, mse, kl).
         clipping: how each format's range is calibrated (`clipped_ranges`: minmax or mse).
         symmetric: symmetric INT activation codes (default asymmetric, METHOD §0).
+        share: this process's batches under torchrun (`lcpaq.sensitivity.distributed.batch_share`):
+            ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and the
+            per-sample rows gathered in batch order, so the result equals the single-process one
+            (the sampled Fisher past 64 classes: in distribution only, as for Gauss–Newton).
     Returns:
         an `ActivationSensitivity`; `activation_scores` turns it into [L, A] scores.
     """
     batches = list(batches)
     if not batches:
         raise ValueError("no calibration samples were given")
+    mine = share.indices(len(batches))
     low, high, samples = range_statistics(
-        model, layers, list(enumerate(batches)), keep=range_sample_size(clipping), seed=seed
+        model,
+        layers,
+        [(index, batches[index]) for index in mine],
+        keep=range_sample_size(clipping),
+        seed=seed,
     )
+    if share.world > 1:
+        low, high = share.smallest(low), share.largest(high)
+        samples = share.in_batch_order(samples, len(batches))
     state = ActivationState.start(
         model,
         layers,
@@ -338,61 +349,15 @@ def activation_sensitivity(
         samples=samples,
         clipping=clipping,
         symmetric=symmetric,
-        seed=seed,
+        seed=seed + share.rank,
     )
-    for inputs in tqdm(batches, desc="activation curvature", disable=not progress, unit="batch"):
-        state.add_batch(model, inputs, loss)
+    for index in tqdm(mine, desc="activation curvature", disable=not progress, unit="batch"):
+        state.add_batch(model, batches[index], loss)
+    if share.world > 1:
+        gathered = share.in_batch_order(
+            [(state.num_elements, row) for row in state.rows], len(batches)
+        )
+        state.num_elements = gathered[0][0]
+        state.rows = [row for _, row in gathered]
+        state.sampled = bool(share.add_up(np.array([float(state.sampled)]))[0])
     return state.finish()
-
-
-#: The artifact: the per-layer arrays of ``activations.npz``, in the order the file stores them.
-_LAYER_ARRAYS = (
-    "trace",
-    "trace_stderr",
-    "num_elements",
-    "noise",
-    "weighted",
-    "weighted_stderr",
-    "low",
-    "high",
-)
-#: Arrays only newer analyses have (None in the dataclass when absent).
-_OPTIONAL_ARRAYS = ("sample_traces", "clip_low", "clip_high")
-
-
-def save_activation_sensitivity(path: Path, sensitivity: ActivationSensitivity) -> Path:
-    """Write ``activations.npz`` (atomically)."""
-    meta = {
-        "num_samples": sensitivity.num_samples,
-        "method": sensitivity.method,
-        "symmetric": sensitivity.symmetric,
-        "clipping": sensitivity.clipping,
-    }
-    arrays = {
-        "layer_names": np.array(sensitivity.layer_names),
-        "format_names": np.array(sensitivity.format_names),
-        **{name: getattr(sensitivity, name) for name in _LAYER_ARRAYS},
-        "scores": activation_scores(sensitivity),
-        "meta": np.array(json.dumps(meta)),
-    }
-    for name in _OPTIONAL_ARRAYS:
-        if getattr(sensitivity, name) is not None:
-            arrays[name] = getattr(sensitivity, name)
-    return runfolder.write_npz(path, arrays)
-
-
-def load_activation_sensitivity(path: Path) -> ActivationSensitivity:
-    arrays = runfolder.read_npz(path, "activation sensitivity (lcpaq analyze --act-formats)")
-    meta = json.loads(str(arrays["meta"]))
-    return ActivationSensitivity(
-        layer_names=tuple(str(name) for name in arrays["layer_names"]),
-        format_names=tuple(str(name) for name in arrays["format_names"]),
-        **{name: arrays[name] for name in _LAYER_ARRAYS},
-        num_samples=int(meta["num_samples"]),
-        method=str(meta["method"]),
-        symmetric=bool(meta["symmetric"]),
-        clipping=str(meta.get("clipping", "minmax")),
-        sample_traces=arrays.get("sample_traces"),
-        clip_low=arrays.get("clip_low"),
-        clip_high=arrays.get("clip_high"),
-    )

@@ -1,7 +1,8 @@
 """Which calibration batches one process computes, and how its partial results are combined.
 
 `BatchShare` is the one seam between the curvature estimators and torch.distributed: the estimators
-(`lcpaq.sensitivity.gauss_newton`, `lcpaq.sensitivity.hutchinson`) take one and never call
+(`lcpaq.sensitivity.gauss_newton`, `lcpaq.sensitivity.hutchinson`,
+`lcpaq.sensitivity.activation`) take one and never call
 torch.distributed themselves; `lcpaq.sensitivity.distributed.batch_share` builds the one of this
 process from its process group. The default is a single process with every batch.
 """
@@ -29,7 +30,8 @@ class BatchShare:
     """The calibration batches one process computes, and how per-batch results are combined.
 
     Batches ``rank, rank + world, …`` are this process's. ``reduce_sum`` adds a float64 array over
-    the processes (every process gets the sum), ``reduce_tensor_sum`` the same for a tensor (kept
+    the processes (every process gets the sum; ``reduce_min``/``reduce_max`` the elementwise
+    minimum/maximum), ``reduce_tensor_sum`` the same for a tensor (kept
     on its device and dtype), and ``gather`` collects every process's (batch index, result) pairs
     in every process. With the Hutchinson estimators every process draws the same probes from the
     same seed, sums its batches and all-reduces, so every process sees the same estimate and stops
@@ -40,6 +42,8 @@ class BatchShare:
     rank: int = 0
     world: int = 1
     reduce_sum: Callable[[np.ndarray], np.ndarray] | None = None
+    reduce_min: Callable[[np.ndarray], np.ndarray] | None = None
+    reduce_max: Callable[[np.ndarray], np.ndarray] | None = None
     reduce_tensor_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
     gather: Callable[[IndexedRows], list[IndexedRows]] | None = None
 
@@ -52,6 +56,13 @@ class BatchShare:
 
     def add_up(self, values: np.ndarray) -> np.ndarray:
         return values if self.reduce_sum is None else self.reduce_sum(values)
+
+    def smallest(self, values: np.ndarray) -> np.ndarray:
+        """The elementwise minimum over the processes (the activation ranges' low ends)."""
+        return values if self.reduce_min is None else self.reduce_min(values)
+
+    def largest(self, values: np.ndarray) -> np.ndarray:
+        return values if self.reduce_max is None else self.reduce_max(values)
 
     def add_up_tensor(self, values: torch.Tensor) -> torch.Tensor:
         return values if self.reduce_tensor_sum is None else self.reduce_tensor_sum(values)

@@ -26,19 +26,12 @@ device is used; NCCL needs each rank's model on its own GPU). Under ``torchrun``
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from tqdm.auto import tqdm
 
-from lcpaq.model.graph import LayerInfo
-from lcpaq.quant.activations import range_sample_size, range_statistics
-from lcpaq.sensitivity.activation import ActivationSensitivity, ActivationState
 from lcpaq.sensitivity.batch_share import BatchShare, IndexedRows
-from lcpaq.sensitivity.losses import LossName
 
 
 def init_from_environment(backend: str | None = None) -> bool:
@@ -125,60 +118,8 @@ def batch_share(group: dist.ProcessGroup | None = None) -> BatchShare:
         rank=rank,
         world=world,
         reduce_sum=lambda values: _all_reduce(values, dist.ReduceOp.SUM, group),
+        reduce_min=lambda values: _all_reduce(values, dist.ReduceOp.MIN, group),
+        reduce_max=lambda values: _all_reduce(values, dist.ReduceOp.MAX, group),
         reduce_tensor_sum=lambda values: _all_reduce_tensor(values, group),
         gather=lambda rows: _all_gather(rows, group),
     )
-
-
-def activation_sensitivity_distributed(
-    model: nn.Module,
-    layers: Sequence[LayerInfo],
-    batches: Sequence[torch.Tensor],
-    format_names: Sequence[str],
-    *,
-    loss: LossName = "cross_entropy",
-    clipping: str = "minmax",
-    symmetric: bool = False,
-    seed: int = 0,
-    group: dist.ProcessGroup | None = None,
-    progress: bool = False,
-) -> ActivationSensitivity:
-    """`lcpaq.sensitivity.activation.activation_sensitivity` with the batches split across the process group.
-
-    The activation ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and
-    the per-sample rows gathered in batch order,
-    so the result equals the single-process one (the sampled Fisher past 64 classes: in
-    distribution only, as for the Gauss–Newton traces).
-    """
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no calibration samples were given")
-    share = batch_share(group)
-    mine = share.indices(len(batches))
-    indexed = [(index, batches[index]) for index in mine]
-    keep = range_sample_size(clipping)
-    low, high, samples = range_statistics(model, layers, indexed, keep=keep, seed=seed)
-    if share.world > 1:
-        low = _all_reduce(low, dist.ReduceOp.MIN, group)
-        high = _all_reduce(high, dist.ReduceOp.MAX, group)
-        samples = share.in_batch_order(samples, len(batches))
-    state = ActivationState.start(
-        model,
-        layers,
-        format_names,
-        low,
-        high,
-        samples=samples,
-        clipping=clipping,
-        symmetric=symmetric,
-        seed=seed + share.rank,
-    )
-    for index in tqdm(mine, desc="activation curvature", disable=not progress, unit="batch"):
-        state.add_batch(model, batches[index], loss)
-    if share.world == 1:
-        return state.finish()
-    gathered = share.in_batch_order([(state.num_elements, row) for row in state.rows], len(batches))
-    state.num_elements = gathered[0][0]
-    state.rows = [row for _, row in gathered]
-    state.sampled = bool(share.add_up(np.array([float(state.sampled)]))[0])
-    return state.finish()

@@ -43,11 +43,8 @@ from lcpaq.allocation.table import CandidateTable, activation_score_matrix
 from lcpaq.config import FirstLastPolicy
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo
-from lcpaq.sensitivity.activation import (
-    ActivationSensitivity,
-    activation_scores,
-    load_activation_sensitivity,
-)
+from lcpaq.sensitivity.activation import ActivationSensitivity, activation_scores
+from lcpaq.sensitivity.activation_file import load_activation_sensitivity
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, load_interactions
 from lcpaq.stages.folder import read_config, read_layers, read_layers_file, timed

@@ -29,7 +29,7 @@ from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, discover_layers
 from lcpaq.model.zoo import file_sha256
 from lcpaq.sensitivity import distributed
-from lcpaq.sensitivity.activation import save_activation_sensitivity
+from lcpaq.sensitivity.activation_file import save_activation_sensitivity
 from lcpaq.sensitivity.candidates import measure_candidates
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
 from lcpaq.stages.folder import (

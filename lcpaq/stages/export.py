@@ -31,7 +31,8 @@ from lcpaq.quant.activations import (
 )
 from lcpaq.quant.checkpoint import quantize_model, write_quantized_checkpoint
 from lcpaq.quant.weights import QuantizedWeight
-from lcpaq.sensitivity.activation import ActivationSensitivity, load_activation_sensitivity
+from lcpaq.sensitivity.activation import ActivationSensitivity
+from lcpaq.sensitivity.activation_file import load_activation_sensitivity
 from lcpaq.stages.folder import (
     load_model_and_data,
     read_allocation,

@@ -20,7 +20,7 @@ from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.sensitivity import distributed
-from lcpaq.sensitivity.activation import ActivationSensitivity
+from lcpaq.sensitivity.activation import ActivationSensitivity, activation_sensitivity
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
 from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
@@ -189,7 +189,7 @@ def measure_activations(
     curvature's images, in its batches), as ``analyze`` writes them to ``activations.npz``."""
     analysis = config.analysis
     starts = range(0, len(inputs), analysis.batch_size)
-    return distributed.activation_sensitivity_distributed(
+    return activation_sensitivity(
         model,
         layers,
         [inputs[start : start + analysis.batch_size] for start in starts],
@@ -197,6 +197,7 @@ def measure_activations(
         loss=analysis.loss,
         clipping=analysis.act_clipping,
         seed=analysis.seed,
+        share=distributed.batch_share(),
         progress=progress,
     )
 

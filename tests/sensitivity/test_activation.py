@@ -25,10 +25,8 @@ from lcpaq.quant.activations import (
     quantize_activation,
     range_statistics,
 )
-from lcpaq.sensitivity.activation import (
-    ActivationState,
-    activation_scores,
-    activation_sensitivity,
+from lcpaq.sensitivity.activation import ActivationState, activation_scores, activation_sensitivity
+from lcpaq.sensitivity.activation_file import (
     load_activation_sensitivity,
     save_activation_sensitivity,
 )

@@ -189,7 +189,8 @@ def test_pair_table_round_trip_and_old_files(tmp_path) -> None:
 def test_activation_term_of_pairs_from_activations_npz(tmp_path) -> None:
     """The ILP score of (w, a) = weight score + ½·T_l·σ²_l(a) from activations.npz (trace scorer),
     ½·weighted[l, a] with the diagonal scorer; 0 for an unmeasured format and unpaired tables."""
-    from lcpaq.sensitivity.activation import ActivationSensitivity, save_activation_sensitivity
+    from lcpaq.sensitivity.activation import ActivationSensitivity
+    from lcpaq.sensitivity.activation_file import save_activation_sensitivity
     from lcpaq.stages.allocate import activation_term
 
     model = make_tiny_conv_net()

@@ -23,7 +23,6 @@ from lcpaq.model.graph import discover_layers
 from lcpaq.sensitivity.activation import activation_sensitivity
 from lcpaq.sensitivity.batch_share import BatchShare
 from lcpaq.sensitivity.distributed import (
-    activation_sensitivity_distributed,
     batch_share,
     is_main_process,
     rank_and_world,
@@ -51,8 +50,8 @@ def measure_all(share_all: bool) -> dict[str, object]:
     share = batch_share()
     if share_all:
         gauss_newton = gauss_newton_traces(model, layers, batches, share=share)
-        activations = activation_sensitivity_distributed(
-            model, layers, batches, ACTIVATION_FORMATS, loss="kl"
+        activations = activation_sensitivity(
+            model, layers, batches, ACTIVATION_FORMATS, loss="kl", share=share
         )
     else:
         gauss_newton = gauss_newton_traces(model, layers, batches)

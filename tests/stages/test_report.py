@@ -11,7 +11,7 @@ from conftest import write_digits_files
 
 from lcpaq.cli import main
 from lcpaq.runfolder import load_candidates
-from lcpaq.sensitivity.activation import load_activation_sensitivity
+from lcpaq.sensitivity.activation_file import load_activation_sensitivity
 
 
 @pytest.fixture()
