@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from lcpaq.runfolder import atomic_path
 from lcpaq.search.summary import rows_of
+from lcpaq.stages.figure_style import new_figure, save
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -26,28 +24,11 @@ if TYPE_CHECKING:
     from lcpaq.model.evaluate import Accuracy
     from lcpaq.search.runner import Search
 
-_DPI = 120
 PROXY_LABELS = {
     "kl": "mean KL(p_FP32 ‖ p_quantized), nats",
     "loss": "cross-entropy of the quantized model",
     "sqnr": "−SQNR of the logits, dB (lower is better)",
 }
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    target = Path(path)
-    try:
-        with atomic_path(target) as temp:
-            fig.savefig(temp, format="png", dpi=_DPI)
-    finally:
-        fig.clear()
-    return target
 
 
 class _Scored(NamedTuple):
@@ -87,7 +68,7 @@ def plot_proxy_per_trial(
         rungs: the proxy slice sizes, in images.
         best, default: trial numbers to mark.
     """
-    fig = _figure(8.0, 4.5)
+    fig = new_figure(8.0, 4.5)
     ax = fig.add_subplot()
     colors = {rung: f"C{k}" for k, rung in enumerate(rungs)}
     scored = _scored(trials)
@@ -138,14 +119,14 @@ def plot_proxy_per_trial(
     ax.set_title(_wrap(title), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_importances(
     path: str | os.PathLike[str], *, importances: Mapping[str, float], title: str
 ) -> Path:
     """Horizontal bars, most important on top (fractions summing to 1)."""
-    fig = _figure(7.0, 0.45 * max(len(importances), 2) + 1.3)
+    fig = new_figure(7.0, 0.45 * max(len(importances), 2) + 1.3)
     ax = fig.add_subplot()
     if importances:
         names = list(importances)[::-1]
@@ -157,7 +138,7 @@ def plot_importances(
         ax.text(0.5, 0.5, "too few scored trials for importances", ha="center", va="center")
     ax.set_xlabel("importance (fraction of the proxy's variance explained, fANOVA)")
     ax.set_title(_wrap(title), fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _wrap(title: str) -> str:
@@ -177,7 +158,7 @@ def plot_proxy_vs_accuracy(
     title: str,
 ) -> Path:
     """Top-1 (%) against the proxy for the configurations that got a full evaluation."""
-    fig = _figure(6.5, 4.5)
+    fig = new_figure(6.5, 4.5)
     ax = fig.add_subplot()
     labels: dict[tuple[float, float], list[str]] = {}
     # The chosen point last, so it stays on top of configurations with the same model.
@@ -211,7 +192,7 @@ def plot_proxy_vs_accuracy(
     ax.set_title(_wrap(title), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def search_plots(
