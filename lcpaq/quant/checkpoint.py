@@ -117,7 +117,7 @@ def write_quantized_checkpoint(
     holds the layers whose inputs are quantized at inference, with their calibration ranges.
     """
     out_dir = Path(out_dir)
-    build_dir = _make_build_dir(out_dir)
+    build_dir = make_build_dir(out_dir)
     try:
         by_name = {layer.name: layer for layer in layers}
         tied = tied_aliases(state_dict, {by_name[name].weight_key for name in codes})
@@ -162,7 +162,7 @@ def write_quantized_checkpoint(
     return out_dir
 
 
-def _make_build_dir(out_dir: Path) -> Path:
+def make_build_dir(out_dir: Path) -> Path:
     """A fresh hidden folder next to ``out_dir`` (same file system, so the final rename is atomic)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
