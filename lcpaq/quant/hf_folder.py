@@ -64,19 +64,26 @@ def copy_side_files(source_dir: Path, target_dir: Path) -> list[str]:
     return copied
 
 
-def write_hf_folder(model: nn.Module, out_dir: Path, source_dir: Path | None = None) -> Path:
-    """``model`` (holding the dequantized weights, e.g. from `lcpaq.load_quantized`) as a Hugging
-    Face folder at ``out_dir``, with the side files of ``source_dir`` (written atomically)."""
+def save_hf_files(model: nn.Module, folder: Path, source_dir: Path | None = None) -> None:
+    """Write ``model``'s Hugging Face files into ``folder``: config and weights by transformers'
+    ``save_pretrained``, then the side files of ``source_dir`` (`copy_side_files`)."""
     hf_model = hf_model_of(model)
     if source_dir is not None and not source_dir.is_dir():
         raise InputError(f"the model's source folder {source_dir} does not exist")
+    # nn.Module does not declare it: looked up, so the type checker sees transformers' method.
+    save_pretrained = getattr(hf_model, "save_pretrained")  # noqa: B009
+    save_pretrained(folder)
+    if source_dir is not None:
+        copy_side_files(source_dir, folder)
+
+
+def write_hf_folder(model: nn.Module, out_dir: Path, source_dir: Path | None = None) -> Path:
+    """``model`` (holding the dequantized weights, e.g. from `lcpaq.load_quantized`) as a Hugging
+    Face folder at ``out_dir``, with the side files of ``source_dir`` (written atomically)."""
+    hf_model_of(model)  # refused before anything is written
     build_dir = make_build_dir(out_dir)
     try:
-        # nn.Module does not declare it: looked up, so the type checker sees transformers' method.
-        save_pretrained = getattr(hf_model, "save_pretrained")  # noqa: B009
-        save_pretrained(build_dir)
-        if source_dir is not None:
-            copy_side_files(source_dir, build_dir)
+        save_hf_files(model, build_dir, source_dir)
         build_dir.chmod(0o755)
         replace_dir_atomically(build_dir, out_dir)
     except BaseException:
