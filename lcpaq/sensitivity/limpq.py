@@ -14,7 +14,8 @@ Design choices [D] (docs/formats.md, "Learned step sizes"):
 - one step size per output channel (the pipeline's quantizers are per channel, so the learned steps
   can also quantize, ``--learn-scales``); the layer's indicator is their mean, the per-layer
   reduction of LIMPQ's per-tensor step size;
-- signed codes [−2^(b−1), 2^(b−1) − 1] with zero point 0, LSQ's weight grid; the step starts at
+- signed codes [−2^(b−1), 2^(b−1) − 1], LSQ's weight grid and the asymmetric scheme's codes with
+  the zero point at mid-range (±(2^(b−1) − 1) under ``--symmetric``); the step starts at
   LSQ's 2·mean|w_c|/√(2^(b−1) − 1) and is learned as log s with Adam under a cosine-decaying
   rate (LSQ's gradient scaling 1/√(n·Q_P) only rescales the gradient, which Adam normalises
   away);
@@ -43,7 +44,7 @@ from torch.func import functional_call
 from lcpaq import runfolder
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo
-from lcpaq.quant.formats import get_format
+from lcpaq.quant.formats import code_range, get_format
 
 #: Adam's learning rate on log s: a step moves a step size by about this fraction.
 LOG_STEP_LEARNING_RATE = 1e-2
@@ -79,12 +80,15 @@ class LearnedStepSizes:
         return np.stack([steps.mean(axis=1) for steps in self.step_sizes]).astype(float)
 
 
-def code_bounds(format_name: str) -> tuple[int, int]:
-    """LSQ's signed weight grid of an integer format: [−2^(b−1), 2^(b−1) − 1]."""
+def code_bounds(format_name: str, symmetric: bool = False) -> tuple[int, int]:
+    """The signed grid of an integer format: LSQ's [−2^(b−1), 2^(b−1) − 1] (the asymmetric
+    scheme's codes [0, 2^b − 1] with zero point 2^(b−1)), or the symmetric scheme's restricted
+    ±(2^(b−1) − 1), so that learned steps are scales the pipeline's checkpoint can store."""
     fmt = get_format(format_name)
     if fmt.kind != "int":
         raise InputError(f"learned step sizes need integer formats; {format_name!r} is not one")
-    return -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
+    low, high = code_range(fmt, symmetric)
+    return (low, high) if symmetric else (low - 2 ** (fmt.bits - 1), high - 2 ** (fmt.bits - 1))
 
 
 def lsq_quantize(weight: torch.Tensor, step: torch.Tensor, low: int, high: int) -> torch.Tensor:
@@ -95,11 +99,10 @@ def lsq_quantize(weight: torch.Tensor, step: torch.Tensor, low: int, high: int) 
     return (scaled + (rounded - scaled).detach()) * scale
 
 
-def initial_steps(weight: torch.Tensor, format_names: Sequence[str]) -> torch.Tensor:
-    """[F, C_out] LSQ's start 2·mean|w_c| / √Q_P per format and output channel."""
+def initial_steps(weight: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[F, C_out] LSQ's start 2·mean|w_c| / √Q_P per grid (code ``bounds``) and output channel."""
     mean_abs = weight.detach().abs().reshape(weight.shape[0], -1).mean(dim=1).clamp_min(1e-8)
-    rows = [2 * mean_abs / math.sqrt(max(code_bounds(name)[1], 1)) for name in format_names]
-    return torch.stack(rows)
+    return torch.stack([2 * mean_abs / math.sqrt(max(high, 1)) for _, high in bounds])
 
 
 def kl_to_reference(logits: torch.Tensor, reference_log_probs: torch.Tensor) -> torch.Tensor:
@@ -111,13 +114,19 @@ def kl_to_reference(logits: torch.Tensor, reference_log_probs: torch.Tensor) -> 
 class _Policies:
     """The quantized weights of a policy (one format index per layer) under the current steps."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[LayerInfo], format_names: Sequence[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[LayerInfo],
+        format_names: Sequence[str],
+        symmetric: bool,
+    ) -> None:
         params = dict(model.named_parameters())
         self.keys = [layer.weight_key for layer in layers]
         self.weights = [params[key].detach() for key in self.keys]
-        self.bounds = [code_bounds(name) for name in format_names]
+        self.bounds = [code_bounds(name, symmetric) for name in format_names]
         self.log_steps = [
-            nn.Parameter(initial_steps(weight, format_names).log()) for weight in self.weights
+            nn.Parameter(initial_steps(weight, self.bounds).log()) for weight in self.weights
         ]
 
     def weights_of(self, policy: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -154,12 +163,14 @@ def learn_step_sizes(
     *,
     steps: int,
     batch_size: int,
+    symmetric: bool = False,
     seed: int = 0,
 ) -> LearnedStepSizes:
     """Learn every layer's step size for every format of ``format_names`` (integer formats) jointly.
 
     ``model`` stays as it is (eval mode, weights unchanged); ``inputs`` are calibration inputs on
-    the model's device. Deterministic for a given ``seed`` on one device.
+    the model's device. ``symmetric``: the grid of the symmetric scheme (`code_bounds`).
+    Deterministic for a given ``seed`` on one device.
     """
     if steps < 1:
         raise InputError(f"limpq-steps must be at least 1 to learn step sizes, got {steps}")
@@ -168,7 +179,7 @@ def learn_step_sizes(
     start_s = time.perf_counter()
     was_training = model.training
     model.eval()
-    policies = _Policies(model, layers, format_names)
+    policies = _Policies(model, layers, format_names, symmetric)
     before = _objective(model, policies, inputs, batch_size)
     optimizer = torch.optim.Adam(policies.log_steps, lr=LOG_STEP_LEARNING_RATE)
     # Cosine decay to zero, as LSQ trains: the last steps refine instead of jittering.

@@ -173,6 +173,7 @@ def learned_steps(
         formats,
         steps=analysis.limpq_steps,
         batch_size=analysis.batch_size,
+        symmetric=analysis.scheme.symmetric,
         seed=analysis.seed,
     )
 

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_code_bounds_are_lsq_signed_grid() -> None:
     assert code_bounds("int2") == (-2, 1)
     assert code_bounds("int8") == (-128, 127)
+    assert code_bounds("int2", symmetric=True) == (-1, 1)
     with pytest.raises(InputError, match="fp8_e4m3"):
         code_bounds("fp8_e4m3")
 
