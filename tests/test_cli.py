@@ -474,8 +474,8 @@ def test_gptq_rounding_end_to_end(digits_files, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from lcpaq.model.data import load_dataset
-    from lcpaq.model.recovery import collect_input_hessians
     from lcpaq.quant.formats import QuantScheme, get_format
+    from lcpaq.quant.input_stats import collect_input_hessians
     from lcpaq.quant.weights import dequantize_weight, quantize_weight
 
     out = tmp_path / "run"

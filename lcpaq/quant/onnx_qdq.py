@@ -60,7 +60,7 @@ def export_onnx(
     from lcpaq.model.zoo import load_state_dict_strict
 
     load_state_dict_strict(
-        model, decoded_state_dict(codes, others), f"quantized checkpoint {checkpoint_dir}"
+        model, decoded_state_dict(codes, others, manifest), f"quantized checkpoint {checkpoint_dir}"
     )
     model = model.eval()
     batch = torch.export.Dim("batch", min=1)

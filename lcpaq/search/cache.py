@@ -32,8 +32,8 @@ from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.input_stats import collect_input_hessians
 from lcpaq.quant.weights import fake_quantize_formats
 from lcpaq.search.keys import activations_key, curvature_key, interactions_key, scheme_slug
 from lcpaq.sensitivity.activation import ActivationSensitivity

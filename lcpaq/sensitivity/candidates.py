@@ -29,7 +29,7 @@ from lcpaq.sensitivity.per_sample import module_weight
 
 def output_error(delta: torch.Tensor, input_hessian: torch.Tensor) -> float:
     """Σ_g tr(Δ_g S_g Δ_gᵀ) / s̄: the layer's mean squared output error E‖ΔW x‖² over its input
-    positions (S_g = E[x xᵀ] of group g, `lcpaq.model.recovery.collect_input_hessians`), divided by the
+    positions (S_g = E[x xᵀ] of group g, `lcpaq.quant.input_stats.collect_input_hessians`), divided by the
     mean input energy per element s̄ = Σ_g tr(S_g) / (G·k), so that white inputs (S = σ²I) give
     exactly ‖ΔW‖²: the unit of the HAWQ-V2 score, which this refines with the input correlations
     (GPTQ moves its error where the inputs are small)."""
