@@ -174,7 +174,8 @@ def load_curvature(path: Path) -> CurvatureEstimate:
 
 
 def save_candidates(path: Path, table: CandidateTable) -> Path:
-    assert table.output_error is not None  # CandidateTable fills it (NaN) when not measured
+    # CandidateTable fills these (NaN) when not measured
+    assert table.output_error is not None and table.learned_step is not None
     return write_npz(
         path,
         {
@@ -187,6 +188,7 @@ def save_candidates(path: Path, table: CandidateTable) -> Path:
             "error_sq": table.error_sq,
             "weighted_error": table.weighted_error,
             "output_error": table.output_error,
+            "learned_step": table.learned_step,
             "weight_formats": np.array(table.weight_formats),
             "activation_formats": np.array(table.activation_formats),
         },
@@ -208,4 +210,5 @@ def load_candidates(path: Path) -> CandidateTable:
         weight_formats=tuple(str(name) for name in arrays.get("weight_formats", ())),
         activation_formats=tuple(str(name) for name in arrays.get("activation_formats", ())),
         output_error=arrays.get("output_error"),  # NaN-filled for older tables
+        learned_step=arrays.get("learned_step"),
     )

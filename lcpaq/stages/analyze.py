@@ -5,7 +5,8 @@ candidate table and the inter-layer terms of one model on its calibration data.
 run-folder wrapper: it loads the model and data a `RunConfig` names, removes what a previous
 analysis left downstream (`lcpaq.runfolder.DOWNSTREAM_ARTIFACTS`) and writes ``run_config.json``,
 ``layers.json``, ``curvature.npz``, ``candidates.npz`` and, when measured, ``hutchinson.npz``,
-``pyhessian.json``, ``activations.npz``, ``input_hessians.safetensors`` and ``interactions.npz``.
+``pyhessian.json``, ``activations.npz``, ``input_hessians.safetensors``, ``interactions.npz`` and
+``step_sizes.npz``.
 The next stage is ``allocate``.
 """
 
@@ -15,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,10 +29,17 @@ from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, discover_layers
 from lcpaq.model.zoo import file_sha256
+from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation_file import save_activation_sensitivity
 from lcpaq.sensitivity.candidates import measure_candidates
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
+from lcpaq.sensitivity.limpq import (
+    LearnedStepSizes,
+    indicator_columns,
+    learn_step_sizes,
+    save_step_sizes,
+)
 from lcpaq.stages.folder import (
     INPUT_HESSIANS_FILE,
     LayersFile,
@@ -53,8 +61,8 @@ logger = logging.getLogger(__name__)
 class Analysis:
     """What ``analyze`` measured on one model under ``config``: its layers, sizes in bits, the
     `Measurements` (curvature, cross-checks, activation sensitivity), the candidate table, the
-    GPTQ input Hessians and the inter-layer terms (None when not asked for), with wall times in
-    seconds."""
+    GPTQ input Hessians, the inter-layer terms and the learned step sizes (None when not asked
+    for), with wall times in seconds."""
 
     config: RunConfig
     layers: tuple[LayerInfo, ...]
@@ -66,6 +74,7 @@ class Analysis:
     input_hessians_seconds: float | None = None
     interactions: InteractionTerms | None = None
     interactions_seconds: float | None = None
+    step_sizes: LearnedStepSizes | None = None
 
 
 def with_default_activations(config: RunConfig) -> RunConfig:
@@ -122,6 +131,10 @@ def analyze_model(
         activation_formats=analysis.act_formats,
         input_hessians=input_hessians,
     )
+    step_sizes = learned_steps(config, model, layers, calib)
+    if step_sizes is not None:
+        indicator = indicator_columns(step_sizes, table.layer_names, table.weight_formats)
+        table = replace(table, learned_step=indicator)
     interactions = interactions_seconds = None
     if analysis.pairwise != "none":
         if pair_data is None:
@@ -140,6 +153,28 @@ def analyze_model(
         input_hessians_seconds,
         interactions,
         interactions_seconds,
+        step_sizes,
+    )
+
+
+def learned_steps(
+    config: RunConfig, model: nn.Module, layers: Sequence[LayerInfo], calib: Dataset
+) -> LearnedStepSizes | None:
+    """LIMPQ's step sizes of the integer candidate formats (``--limpq-steps``; None when 0)."""
+    analysis = config.analysis
+    if analysis.limpq_steps == 0:
+        return None
+    formats = [name for name in analysis.formats if get_format(name).kind == "int"]
+    device = next(model.parameters()).device
+    return learn_step_sizes(
+        model,
+        layers,
+        calib.inputs.to(device),
+        formats,
+        steps=analysis.limpq_steps,
+        batch_size=analysis.batch_size,
+        symmetric=analysis.scheme.symmetric,
+        seed=analysis.seed,
     )
 
 
@@ -228,6 +263,10 @@ def _write_optional(run_dir: Path, result: Analysis) -> None:
         save_interactions(run_dir / "interactions.npz", result.interactions)
     else:
         stale.append("interactions.npz")
+    if result.step_sizes is not None:
+        save_step_sizes(run_dir / "step_sizes.npz", result.step_sizes)
+    else:
+        stale.append("step_sizes.npz")
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
 
