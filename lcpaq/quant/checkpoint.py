@@ -156,6 +156,9 @@ def write_quantized_checkpoint(
         for path in build_dir.iterdir():
             path.chmod(0o644)
         replace_dir_atomically(build_dir, out_dir)
+    except OSError as error:  # disk full, a folder in the way: nothing half-written is left
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise InputError(f"cannot write {out_dir}: {error.strerror or error}") from None
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise

@@ -40,6 +40,7 @@ from lcpaq.sensitivity.limpq import (
     learn_step_sizes,
     save_step_sizes,
 )
+from lcpaq.stages.feasibility import check_budgets
 from lcpaq.stages.folder import (
     INPUT_HESSIANS_FILE,
     LayersFile,
@@ -179,9 +180,12 @@ def learned_steps(
 
 
 def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[LayerInfo, ...]]:
-    """The model (on this process's GPU when CUDA is available), calibration data and layers."""
+    """The model (on this process's GPU when CUDA is available), calibration data and layers;
+    the run's budgets are checked against the candidates' costs here, before any measurement."""
     model, calib = load_model_and_data(config, config.analysis.num_samples)
     layers = discover_layers(model, calib.inputs)
+    fp32_bits, unquantized_bits = model_sizes(model, layers)
+    check_budgets(config, layers, fp32_size_bits=fp32_bits, unquantized_size_bits=unquantized_bits)
     return model.to(distributed.default_device()), calib, layers
 
 
@@ -203,12 +207,13 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
         measure_sensitivity(config, model, layers, calib, progress=False)
         return
     ensure_writable(run_dir)
-    for name in runfolder.DOWNSTREAM_ARTIFACTS:
-        (run_dir / name).unlink(missing_ok=True)
-    for folder in ("quantized", "plots"):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
     with timed(run_dir, "analyze"):
+        # Bad inputs and infeasible budgets fail here, before anything of the folder is removed.
         model, calib, layers = _analysis_inputs(config)
+        for name in runfolder.DOWNSTREAM_ARTIFACTS:
+            (run_dir / name).unlink(missing_ok=True)
+        for folder in ("quantized", "plots"):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
         result = analyze_model(
             config, model, layers, calib, pair_data=_pair_data(config), progress=progress
         )

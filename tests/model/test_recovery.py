@@ -143,7 +143,7 @@ def test_linear_bias_gets_mean_output_difference() -> None:
 
 
 @pytest.mark.parametrize("batch_size", [256, 7])
-def test_single_pass_and_prefix_passes_agree(batch_size: int) -> None:
+def test_single_pass_and_micro_batches_in_lockstep_agree(batch_size: int) -> None:
     fp_model = make_tiny_conv_net()
     inputs = conv_inputs(64, seed=6)
     base = _quantized(fp_model, inputs)
@@ -162,14 +162,13 @@ def test_single_pass_and_prefix_passes_agree(batch_size: int) -> None:
     for key, value in base.state_dict().items():
         if not torch.equal(single_state[key], value):
             changed += 1
-        # Equal up to float rounding: the single pass adds the bias delta to conv2's output,
-        # the prefix pass re-runs conv2 with the corrected bias.
+        # Equal up to float rounding: micro-batches sum their moments in another order.
         torch.testing.assert_close(prefix_state[key], single_state[key], rtol=1e-6, atol=1e-8)
     # running_mean/var of bn1, bn2 and the biases of conv2 and fc were corrected.
     assert changed == 6
 
 
-def test_prefix_passes_in_micro_batches_match_fp32_moments() -> None:
+def test_micro_batches_in_lockstep_match_fp32_moments() -> None:
     inputs = conv_inputs(50, seed=7)
     fp_model = calibrated_conv_net(inputs)
     quantized = _quantized(fp_model, inputs)
