@@ -94,14 +94,15 @@ def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
 
 def _analysis_config_of(config: RunConfig) -> RunConfig:
     """The configuration the curvature cache runs ``analyze`` with: the same curvature options,
-    the cheapest candidate table (one min-max format) and no inter-layer terms."""
+    the cheapest candidate table (one min-max format), no inter-layer terms and no budgets (each
+    trial's own candidates are checked against the budgets when it allocates)."""
     changes: dict[str, Any] = {"formats": ("int8",), "scheme": QuantScheme(clipping="minmax")}
     names = {item.name for item in fields(config.analysis)}
     if "act_formats" in names:
         changes["act_formats"] = ()
     if "pairwise" in names:
         changes["pairwise"] = "none"
-    return config.with_analysis(**changes)
+    return config.with_analysis(**changes).with_allocation(budgets=())
 
 
 class AnalysisCache:
