@@ -159,7 +159,7 @@ def test_run_config_round_trips_with_an_unchanged_layout():
         "allow_unsafe_pickle", "pairwise", "pair_rule", "pair_window", "pair_samples",
         "pair_loss", "pair_max_bits", "limpq_steps",
     ]  # fmt: skip
-    assert list(data["recovery"]) == ["enabled", "num_samples"]
+    assert list(data["recovery"]) == ["enabled", "num_samples", "learn_scales"]
     assert list(data["allocation"]) == [
         "budgets", "first_last", "scorer", "ties", "tie_rule", "latency_table", "cost_weights",
         "pairwise_weight", "pair_z", "pair_clip", "pairwise_mode",

@@ -31,9 +31,12 @@ from lcpaq.quant.activations import (
     attach_activation_quantizers,
 )
 from lcpaq.quant.checkpoint import quantize_model, write_quantized_checkpoint
-from lcpaq.quant.weights import QuantizedWeight
+from lcpaq.quant.formats import get_format
+from lcpaq.quant.learned_steps import quantize_at_steps
+from lcpaq.quant.weights import QuantizedWeight, dequantize_weight
 from lcpaq.sensitivity.activation import ActivationSensitivity
 from lcpaq.sensitivity.activation_file import load_activation_sensitivity
+from lcpaq.sensitivity.limpq import LearnedStepSizes, load_step_sizes
 from lcpaq.stages.folder import (
     load_model_and_data,
     read_allocation,
@@ -102,13 +105,20 @@ def quantize_and_recover(
     reference: ReferenceStats | None = None,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
     activation_quantizers: Mapping[str, ActivationQuantizer] | None = None,
+    learned_steps: LearnedStepSizes | None = None,
 ) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
     """The quantized model (weights to ``assignment``, inputs through ``activation_quantizers``)
     with its BN statistics corrected on ``correction_inputs``: the correction sees the
-    quantized activations, so it also removes the mean shift their rounding causes."""
+    quantized activations, so it also removes the mean shift their rounding causes.
+    ``learned_steps`` (``--learn-scales``): layers whose format has a learned step are quantized
+    at it instead of the scheme's clipping (`apply_learned_steps`)."""
     quantized_model, codes = quantize_model(
         model, layers, assignment, config.analysis.scheme, input_hessians
     )
+    if learned_steps is not None:
+        apply_learned_steps(
+            quantized_model, layers, assignment, codes, learned_steps, config, input_hessians
+        )
     recover_quantized(
         model,
         quantized_model,
@@ -119,6 +129,43 @@ def quantize_and_recover(
         activation_quantizers,
     )
     return quantized_model, codes
+
+
+def apply_learned_steps(
+    quantized_model: nn.Module,
+    layers: Sequence[LayerInfo],
+    assignment: Mapping[str, str],
+    codes: dict[str, QuantizedWeight],
+    learned: LearnedStepSizes,
+    config: RunConfig,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Requantize, in place, every assigned layer whose format has a learned step size at those
+    steps (`lcpaq.quant.learned_steps.quantize_at_steps`, rounded as the scheme says); the others
+    keep the scheme's quantizer."""
+    parameters = dict(quantized_model.named_parameters())
+    rows = {name: index for index, name in enumerate(learned.layer_names)}
+    with torch.no_grad():
+        for layer in layers:
+            name = assignment.get(layer.name)
+            if name not in learned.format_names or layer.name not in rows:
+                continue
+            steps = learned.step_sizes[rows[layer.name]][learned.format_names.index(name)]
+            weight = parameters[layer.weight_key]
+            hessian = input_hessians.get(layer.name) if input_hessians else None
+            quantized = quantize_at_steps(
+                weight, get_format(name), config.analysis.scheme, torch.from_numpy(steps), hessian
+            )
+            weight.copy_(dequantize_weight(quantized, weight.dtype))
+            codes[layer.name] = quantized
+
+
+def read_learned_steps(run_dir: Path, config: RunConfig) -> LearnedStepSizes | None:
+    """The run's learned step sizes when ``--learn-scales`` asks for them (``step_sizes.npz``,
+    written by ``analyze --limpq-steps``), else None."""
+    if not config.recovery.learn_scales:
+        return None
+    return load_step_sizes(run_dir / "step_sizes.npz")
 
 
 def recover_quantized(
@@ -149,9 +196,11 @@ def export_model(
     *,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
     activations: ActivationSensitivity | None = None,
+    learned_steps: LearnedStepSizes | None = None,
 ) -> QuantizedModel:
     """``model`` quantized to ``allocation`` (weights and, for paired candidates, layer inputs
-    with the ranges of ``activations``), statistics corrected on ``correction_inputs``."""
+    with the ranges of ``activations``; at ``learned_steps`` when given), statistics corrected on
+    ``correction_inputs``."""
     input_quantizers = {}
     formats = paired_activation_formats(allocation.layer_names, allocation.formats)
     if formats:
@@ -165,6 +214,7 @@ def export_model(
         correction_inputs,
         input_hessians=input_hessians,
         activation_quantizers=input_quantizers,
+        learned_steps=learned_steps,
     )
     return QuantizedModel(quantized_model, codes, input_quantizers)
 
@@ -214,6 +264,7 @@ def manifest_extra(
         "recovery": {
             "statistics_correction": config.recovery.enabled,
             "num_samples": correction_samples,
+            "learned_scales": config.recovery.learn_scales,
         },
         "totals": {
             "average_bits": allocation.average_bits,
@@ -246,6 +297,7 @@ def export(
             calib.inputs,
             input_hessians=read_input_hessians(run_dir, config),
             activation_quantizers=input_quantizers,
+            learned_steps=read_learned_steps(run_dir, config),
         )
         quantized = QuantizedModel(quantized_model, codes, input_quantizers)
         layer_data = read_layers_file(run_dir, "layer list")

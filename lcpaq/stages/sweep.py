@@ -39,7 +39,12 @@ from lcpaq.stages.allocate import (
     problem_of,
     read_problem_data,
 )
-from lcpaq.stages.export import activation_quantizers_of, quantize_and_recover, weight_assignment
+from lcpaq.stages.export import (
+    activation_quantizers_of,
+    quantize_and_recover,
+    read_learned_steps,
+    weight_assignment,
+)
 from lcpaq.stages.folder import (
     allocation_config_of,
     load_eval,
@@ -136,6 +141,7 @@ def measure_top1(
         collect_reference_stats(model, calib.inputs, names) if config.recovery.enabled else None
     )
     input_hessians = read_input_hessians(run_dir, config)
+    learned_steps = read_learned_steps(run_dir, config)
     layer_names = data.table.layer_names
 
     def measure(candidates: Sequence[str]) -> float:
@@ -149,6 +155,7 @@ def measure_top1(
             input_hessians,
             # The ranges were read once for every point (``data.activations``).
             activation_quantizers_of(run_dir, layer_names, candidates, data.activations),
+            learned_steps,
         )
         return evaluate_accuracy(quantized_model, dataset).top1
 

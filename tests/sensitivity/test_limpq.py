@@ -3,6 +3,7 @@ lower, the indicator they give, its file, and the scorer through analyze and the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import parse_budget
-from lcpaq.config import AnalysisConfig, RunConfig
+from lcpaq.config import AnalysisConfig, RecoveryConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
 from lcpaq.sensitivity.limpq import (
@@ -27,6 +28,7 @@ from lcpaq.sensitivity.limpq import (
     save_step_sizes,
 )
 from lcpaq.stages import pipeline
+from lcpaq.stages.folder import load_model_and_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -148,7 +150,8 @@ def test_limpq_scorer_through_analyze_and_the_ilp(tmp_path: Path) -> None:
             batch_size=16,
             formats=("int2", "int4", "int8"),
             limpq_steps=3,
-        )
+        ),
+        recovery=RecoveryConfig(num_samples=16, learn_scales=True),
     )
     run_dir = tmp_path / "run"
     pipeline.analyze(config, run_dir, progress=False)
@@ -161,8 +164,30 @@ def test_limpq_scorer_through_analyze_and_the_ilp(tmp_path: Path) -> None:
     assert allocation.average_bits <= 4 + 1e-9
     scores = expected[np.arange(len(table.layer_names)), table.columns_of(allocation.formats)]
     assert allocation.predicted_loss_increase == pytest.approx(scores.sum())
-    # Without learned steps the scorer says what to run.
+    # --learn-scales: export quantizes every layer at its learned steps for its format.
+    model, calib = load_model_and_data(config, 16)
+    layers, _ = pipeline.read_layers(run_dir)
+    assignment = pipeline.weight_assignment(allocation.layer_names, allocation.formats)
+    _, codes = pipeline.quantize_and_recover(
+        model,
+        layers,
+        assignment,
+        config,
+        calib.inputs,
+        input_hessians=pipeline.read_input_hessians(run_dir, config),
+        learned_steps=learned,
+    )
+    for row, name in enumerate(learned.layer_names):
+        steps = learned.step_sizes[row][learned.format_names.index(assignment[name])]
+        np.testing.assert_array_equal(codes[name].scale.numpy(), steps)
+    pipeline.export(run_dir)
+    manifest = json.loads((run_dir / "quantized" / "manifest.json").read_text())
+    assert manifest["recovery"]["learned_scales"] is True
+    # Without learned steps the scorer and --learn-scales say what to run.
     pipeline.analyze(config.with_analysis(limpq_steps=0), run_dir, progress=False)
     assert not (run_dir / "step_sizes.npz").exists()
     with pytest.raises(InputError, match="--limpq-steps"):
         pipeline.allocate(run_dir, [parse_budget("avg-bits=4")], scorer="limpq")
+    pipeline.allocate(run_dir, [parse_budget("avg-bits=4")])
+    with pytest.raises(InputError, match="limpq-steps"):
+        pipeline.export(run_dir)
