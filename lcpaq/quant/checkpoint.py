@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from torch import nn
 
 from lcpaq import __version__
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, get_module, layer_weight
+from lcpaq.model.graph import TRANSPOSED_KINDS, LayerInfo, weight_of
 from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.weights import (
@@ -71,7 +71,7 @@ def quantize_model(
         for layer in layers:
             if layer.name not in assignment:
                 continue
-            weight = layer_weight(get_module(quantized_model, layer.name))
+            weight = weight_of(quantized_model, layer)
             hessian = input_hessians.get(layer.name) if input_hessians else None
             quantized = quantize_weight(weight, get_format(assignment[layer.name]), scheme, hessian)
             weight.copy_(dequantize_weight(quantized, weight.dtype))
@@ -213,6 +213,8 @@ def _layer_entry(
         "granularity": quantized.granularity,
         "group_size": quantized.group_size,
         "symmetric": quantized.zero_point is None,
+        # Codes are [out, in]; the module stores [in, out] (transformers' Conv1D), only then set.
+        **({"stored_transposed": True} if layer.kind in TRANSPOSED_KINDS else {}),
         "clipping": scheme.clipping,
         "num_params": layer.num_params,
         "shape": list(layer.weight_shape),
@@ -298,10 +300,21 @@ def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) ->
 
 
 def decoded_state_dict(
-    weights: Mapping[str, QuantizedWeight], others: Mapping[str, torch.Tensor]
+    weights: Mapping[str, QuantizedWeight],
+    others: Mapping[str, torch.Tensor],
+    transposed: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """`read_checkpoint`'s weights decoded to float, with the other tensors: a state dict."""
-    return {**{key: dequantize_weight(quantized) for key, quantized in weights.items()}, **others}
+    """`read_checkpoint`'s weights decoded to float, with the other tensors: a state dict
+    (``transposed``: weight keys the module stores [in, out], manifest ``stored_transposed``)."""
+    decoded = {key: dequantize_weight(quantized) for key, quantized in weights.items()}
+    for key in transposed:
+        decoded[key] = decoded[key].t().contiguous()
+    return {**decoded, **others}
+
+
+def transposed_keys(manifest: Mapping[str, Any]) -> list[str]:
+    """Weight keys whose module stores the weight [in, out] (manifest ``stored_transposed``)."""
+    return [entry["weight_key"] for entry in manifest["layers"] if entry.get("stored_transposed")]
 
 
 def load_quantized(
@@ -315,7 +328,7 @@ def load_quantized(
     """
     path = Path(path)
     manifest, weights, others = read_checkpoint(path)
-    state_dict = decoded_state_dict(weights, others)
+    state_dict = decoded_state_dict(weights, others, transposed_keys(manifest))
     if model is None:
         return state_dict
     from lcpaq.model.zoo import load_state_dict_strict
