@@ -58,6 +58,7 @@ def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
     import lcpaq
     from lcpaq.errors import InputError
     from lcpaq.model.graph import survey_weights
+    from lcpaq.quant.formats import QuantScheme
 
     torch.manual_seed(0)
     size = image_size(name, args.image_size)
@@ -81,6 +82,7 @@ def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
             num_samples=args.images,
             batch_size=args.images,
             formats=("int4", "int8"),
+            scheme=QuantScheme(rounding=args.rounding, clipping=args.clipping),
         )
         timings["analyze"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
@@ -109,8 +111,14 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated names (default: every model)")
     parser.add_argument("--max-params", type=float, default=100e6)
     parser.add_argument("--images", type=int, default=2, help="calibration = evaluation images")
-    parser.add_argument("--image-size", type=int, default=64, help="for convolutional models")
+    parser.add_argument("--image-size", type=int, default=32, help="for convolutional models")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    parser.add_argument(
+        "--rounding",
+        default="nearest",
+        help="nearest (default: GPTQ's Cholesky of 4608-wide inputs dominates a 2-core run) or gptq",
+    )
+    parser.add_argument("--clipping", default="minmax", help="weight range clipping (minmax, mse)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -120,7 +128,8 @@ def main() -> None:
     results = []
     for name in names:
         command = [sys.executable, __file__, "--one", name, "--images", str(args.images)]
-        command += ["--image-size", str(args.image_size)]
+        command += ["--image-size", str(args.image_size), "--rounding", args.rounding]
+        command += ["--clipping", args.clipping]
         start = time.perf_counter()
         try:
             done = subprocess.run(

@@ -8,7 +8,8 @@ layers come out in execution order. Everything downstream refers to layers by th
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -213,6 +214,22 @@ def discover_layers(
             + (" (after --include/--exclude)" if include or exclude else "")
         )
     return survey.layers
+
+
+@contextmanager
+def failing_layer(name: str, kind: str, what: str) -> Iterator[None]:
+    """Turn a failure inside one layer's treatment into a one-line `InputError` that names the
+    layer, its type and what to do (lcpaq's own `InputError` passes through unchanged)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"{what} failed on layer {name!r} ({kind}): {type(error).__name__}: {detail}; "
+            f"keep it in FP32 with --exclude '{name}'"
+        ) from None
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -14,6 +14,7 @@ from torch import nn
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import (
+    failing_layer,
     get_module,
     layer_parameter_of,
     layer_weight,
@@ -77,8 +78,10 @@ def collect_input_hessians(
             model(batch)
         mask = token_mask(model, batch)
         for name, calls in capture.calls.items():
+            kind = type(get_module(model, name)).__name__
             for call in calls:
-                patches = _input_patches(call, kernels[name], len(batch), mask)
+                with failing_layer(name, kind, "the GPTQ input statistics"):
+                    patches = _input_patches(call, kernels[name], len(batch), mask)
                 # float32 products per batch (4x faster than float64), summed in float64
                 moment = (patches.transpose(1, 2) @ patches).double()
                 sums[name] = sums[name] + moment if name in sums else moment

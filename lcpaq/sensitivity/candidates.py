@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lcpaq.allocation.table import CandidateTable, activation_bits, pair_candidates
-from lcpaq.model.graph import LayerInfo, weight_of
+from lcpaq.model.graph import LayerInfo, failing_layer, weight_of
 from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
 from lcpaq.quant.weights import fake_quantize_formats
 
@@ -79,15 +79,15 @@ def measure_candidates(
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
     weights = {layer.name: weight_of(model, layer).detach() for layer in layers}
-    quantized = {
-        layer.name: fake_quantize_formats(
-            weights[layer.name],
-            formats,
-            scheme,
-            input_hessians.get(layer.name) if input_hessians else None,
-        )
-        for layer in layers
-    }
+    quantized = {}
+    for layer in layers:
+        with failing_layer(layer.name, layer.kind, "quantizing"):
+            quantized[layer.name] = fake_quantize_formats(
+                weights[layer.name],
+                formats,
+                scheme,
+                input_hessians.get(layer.name) if input_hessians else None,
+            )
     return table_from_weights(
         layers,
         weights,

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, layer_parameter, weight_of
+from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, weight_of
 from lcpaq.model.op_capture import OpCall, OpCapture
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
@@ -154,6 +154,7 @@ class GaussNewtonState:
     names: tuple[str, ...]
     weights: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
+    kinds: dict[str, str]
     generator: torch.Generator
     diagonal: dict[str, torch.Tensor]
     keep_diagonal: bool
@@ -173,6 +174,7 @@ class GaussNewtonState:
             names=tuple(weights),
             weights=weights,
             shapes={name: tuple(view.shape) for name, view in views.items()},
+            kinds={layer.name: layer.kind for layer in layers},
             generator=torch.Generator(device=device).manual_seed(seed),
             # float64 sums: the multi-process reduction then matches the single-process sum.
             diagonal={
@@ -210,9 +212,10 @@ class GaussNewtonState:
                 layer_grads = grads[cursor : cursor + len(calls)]
                 cursor += len(calls)
                 for part in micro_batches(count, self.max_elements * grads[0].shape[0]):
-                    norms, diagonal = _squared_norms_over_calls(
-                        calls, layer_grads, part, count, self.shapes[name], self.keep_diagonal
-                    )
+                    with failing_layer(name, self.kinds[name], "the curvature"):
+                        norms, diagonal = _squared_norms_over_calls(
+                            calls, layer_grads, part, count, self.shapes[name], self.keep_diagonal
+                        )
                     per_sample[part, layer_index] += norms.double()
                     if diagonal is not None:
                         self.diagonal[name] += diagonal
