@@ -98,8 +98,20 @@ class ZooNet(nn.Module):
         return self.head(self.vit(tokens)[:, 0])
 
 
-def gpt2_block() -> nn.Module:
-    """transformers' Conv1D (weight stored [in, out]) in a two-layer MLP on [N, T, 6]."""
-    from transformers.pytorch_utils import Conv1D
+class GPT2MLP(nn.Module):
+    """transformers' Conv1D (weight stored [in, out]) in GPT-2's MLP on [N, T, 6] tokens, mean
+    pooled to [N, 6] outputs."""
 
-    return nn.Sequential(Conv1D(12, 6), nn.GELU(), Conv1D(6, 12))
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc = Conv1D(12, 6)
+        self.c_proj = Conv1D(6, 12)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(tokens))).mean(1)
+
+
+def gpt2_block() -> nn.Module:
+    return GPT2MLP()

@@ -318,6 +318,18 @@ class AnalysisConfig:
         ),
     )
 
+    # LIMPQ's learned step sizes (`lcpaq.sensitivity.limpq`, METHOD §9): off by default.
+    limpq_steps: int = field(
+        default=0,
+        metadata=option(
+            "--limpq-steps",
+            group=ANALYSIS_GROUP,
+            help="learn a step size per layer, integer format and output channel for this many "
+            "steps on the calibration images (KL to FP32; each step costs one forward+backward "
+            "pass per format plus one) into step_sizes.npz, for --scorer limpq (0: off)",
+        ),
+    )
+
     def __post_init__(self) -> None:
         for name in (
             "num_samples",
@@ -331,6 +343,8 @@ class AnalysisConfig:
                     f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
         _check_pair_options(self)
+        if self.limpq_steps < 0:
+            raise InputError(f"limpq-steps must be 0 (off) or positive, got {self.limpq_steps}")
         if self.hutchinson_probes < 0 or self.hutchinson_probes == 1:
             raise InputError(
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"

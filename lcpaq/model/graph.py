@@ -18,11 +18,10 @@ from torch import nn
 
 from lcpaq.errors import InputError
 from lcpaq.model.op_capture import OpCall, OpCapture
+from lcpaq.quant.state_keys import TRANSPOSED_KINDS
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
-#: Layer kinds (module type names) that store their weight [in, out] (transformers' GPT-2 Conv1D).
-TRANSPOSED_KINDS = ("Conv1D",)
 
 
 @dataclass(frozen=True)
@@ -281,12 +280,12 @@ def weight_of(model: nn.Module, layer: LayerInfo) -> torch.Tensor:
 
 
 def channel_axis(module: nn.Module) -> int:
-    """The axis of a layer's inputs and outputs that holds channels: the last one for Linear-like
-    layers (inputs of any rank [N, ..., C]: Linear, transformers' Conv1D, attention projections),
-    1 for convolutions ([N, C, ...])."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return 1
-    return -1
+    """The axis of a module's inputs and outputs that holds channels: the last one for
+    Linear-like layers on inputs of any rank [N, ..., C] (Linear, transformers' Conv1D,
+    nn.MultiheadAttention's projections), 1 for convolutions and BatchNorm ([N, C, ...])
+    (contract §3)."""
+    linear_like = isinstance(module, nn.Linear | nn.MultiheadAttention)
+    return -1 if linear_like or type(module).__name__ in TRANSPOSED_KINDS else 1
 
 
 def token_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:

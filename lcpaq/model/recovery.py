@@ -9,14 +9,18 @@ quantized model on the same calibration inputs and, in execution order:
 
 This corrects the *shift*; re-estimating BN statistics from scratch on calibration (training) images
 instead drifts even INT8 ResNet20 by ~3 points (shared/README). Each correction sees the earlier ones
-already applied. When the calibration activations fit in memory the whole correction is one forward
-pass (each hook corrects its module just before it runs); otherwise one prefix pass per corrected
-module over micro-batches.
+already applied. Statistics are per channel along the module's channel axis (axis 1 for
+convolutions and BatchNorm, the last axis for Linear on inputs of any rank, e.g. [N, T, C] tokens or
+channels-last images), and with a token mask ([N, T] bool, contract §2) over real tokens only.
+
+When the calibration activations fit in memory the whole correction is one forward pass (each hook
+corrects its module just before it runs). Otherwise the inputs are split into micro-batches that run
+through the model in lockstep (`lcpaq.model.lockstep`): each micro-batch runs once, pausing at every
+correction point until all have added their moments; linear in depth, memory independent of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,16 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lcpaq.model.channel_stats import Moments, channel_axis
 from lcpaq.model.graph import NORM_TYPES, get_module
+from lcpaq.model.lockstep import Lockstep
 
 logger = logging.getLogger(__name__)
 
 #: Use the single-pass correction when its activations stay below this many bytes.
 SINGLE_PASS_MAX_BYTES = 3 << 30
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the module of interest has run."""
 
 
 @dataclass(frozen=True)
@@ -42,40 +44,6 @@ class RecoveryReport:
     corrected_norms: int
     corrected_biases: int
     single_pass: bool
-
-
-def _channel_stats(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel (axis 1) sum and sum of squares in float64, and the count per channel.
-
-    Mean and variance per (sample, channel) over the trailing axes in one fused reduction in the
-    tensor's precision (short, centred sums: accurate), then combined over samples in float64.
-    The former transposed float64 copy took as long as the forward pass itself on ResNet20."""
-    samples, channels = tensor.shape[:2]
-    grouped = tensor.detach().reshape(samples, channels, -1)
-    variance, mean = torch.var_mean(grouped, dim=2, correction=0)
-    per_sample = grouped.shape[2]
-    mean = mean.double()
-    total = mean.sum(0) * per_sample
-    total_sq = (variance.double() + mean.pow(2)).sum(0) * per_sample
-    return total, total_sq, samples * per_sample
-
-
-class _Moments:
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.total_sq: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, tensor: torch.Tensor) -> None:
-        total, total_sq, count = _channel_stats(tensor)
-        self.total = total if self.total is None else self.total + total
-        self.total_sq = total_sq if self.total_sq is None else self.total_sq + total_sq
-        self.count += count
-
-    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.total is not None and self.total_sq is not None
-        mean = self.total / self.count
-        return mean, (self.total_sq / self.count - mean.pow(2)).clamp_min(0.0)
 
 
 def correction_points(model: nn.Module, quantized_names: Sequence[str]) -> list[tuple[str, str]]:
@@ -91,24 +59,41 @@ def correction_points(model: nn.Module, quantized_names: Sequence[str]) -> list[
     return points
 
 
+def _point_axis(module: nn.Module, kind: str) -> int:
+    """The channel axis of a correction point: BatchNorm inputs on axis 1, layer outputs on the
+    layer's `channel_axis`."""
+    return 1 if kind == "norm" else channel_axis(module)
+
+
+def _mask_of(token_mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if token_mask is None else token_mask[start:stop]
+
+
 def _collect_fp_stats(
-    model: nn.Module, points: list[tuple[str, str]], inputs: torch.Tensor, batch_size: int
-) -> dict[str, _Moments]:
+    model: nn.Module,
+    points: list[tuple[str, str]],
+    inputs: torch.Tensor,
+    batch_size: int,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, Moments]:
     """Reference moments of FP32 BN inputs and biased-layer outputs, plus their execution order."""
-    moments = {name: _Moments() for name, _ in points}
+    moments = {name: Moments() for name, _ in points}
     order: list[str] = []
     handles = []
+    current: list[torch.Tensor | None] = [None]  # the running micro-batch's token mask
     for name, kind in points:
         module = get_module(model, name)
 
-        def hook(_m, args, output, name=name, kind=kind):
+        def hook(module, args, output, name=name, kind=kind):
             if name not in order:
                 order.append(name)
-            moments[name].add(args[0] if kind == "norm" else output)
+            value = args[0] if kind == "norm" else output
+            moments[name].add(value, _point_axis(module, kind), current[0])
 
         handles.append(module.register_forward_hook(hook))
     try:
         for start in range(0, len(inputs), batch_size):
+            current[0] = _mask_of(token_mask, start, start + batch_size)
             model(inputs[start : start + batch_size])
     finally:
         for handle in handles:
@@ -117,7 +102,7 @@ def _collect_fp_stats(
     return {name: moments[name] for name in order}
 
 
-def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
+def _apply_norm(module: nn.Module, fp: Moments, quantized: Moments) -> None:
     """Set running stats so BN maps the quantized inputs' moments to FP32's output moments.
 
     With s = √(var+eps): s' = s·σ_q/σ_fp and rm' = μ_q − (σ_q/σ_fp)(μ_fp − rm) give
@@ -139,7 +124,7 @@ def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
     )
 
 
-def _apply_bias(module: nn.Module, fp: _Moments, quantized: _Moments) -> torch.Tensor:
+def _apply_bias(module: nn.Module, fp: Moments, quantized: Moments) -> torch.Tensor:
     bias = module.bias
     assert isinstance(bias, torch.Tensor), "bias correction is only planned for layers with a bias"
     delta = (fp.mean_var()[0] - quantized.mean_var()[0]).to(bias.dtype)
@@ -153,7 +138,7 @@ class ReferenceStats:
     of the same model that quantize the same set of layers."""
 
     points: dict[str, str]
-    moments: dict[str, _Moments]
+    moments: dict[str, Moments]
 
 
 @torch.no_grad()
@@ -163,11 +148,14 @@ def collect_reference_stats(
     quantized_names: Sequence[str],
     *,
     batch_size: int = 256,
+    token_mask: torch.Tensor | None = None,
 ) -> ReferenceStats:
+    """``token_mask`` [N, T] bool: statistics over real tokens only (contract §2)."""
     fp_model.eval()
     points = dict(correction_points(fp_model, quantized_names))
     return ReferenceStats(
-        points, _collect_fp_stats(fp_model, list(points.items()), inputs, batch_size)
+        points,
+        _collect_fp_stats(fp_model, list(points.items()), inputs, batch_size, token_mask),
     )
 
 
@@ -181,24 +169,25 @@ def correct_statistics(
     batch_size: int = 256,
     single_pass_max_bytes: int = SINGLE_PASS_MAX_BYTES,
     reference: ReferenceStats | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> RecoveryReport:
     """Correct BN statistics and biases of ``quantized_model`` in place (see module docstring).
 
     ``reference`` (from `collect_reference_stats` on the same inputs) skips the FP32 pass.
+    ``token_mask`` [N, T] bool: statistics over real tokens only (contract §2).
     """
     quantized_model.eval()
     if reference is None:
         reference = collect_reference_stats(
-            fp_model, inputs, quantized_names, batch_size=batch_size
+            fp_model, inputs, quantized_names, batch_size=batch_size, token_mask=token_mask
         )
     points, fp_moments = reference.points, reference.moments
     order = list(fp_moments)
     activation_bytes = _largest_activation_bytes(quantized_model, inputs[:1]) * len(inputs) * 3
     single_pass = activation_bytes <= single_pass_max_bytes
-    if single_pass:
-        _correct_in_one_pass(quantized_model, inputs, order, points, fp_moments)
-    else:
-        _correct_in_prefix_passes(quantized_model, inputs, order, points, fp_moments, batch_size)
+    step = len(inputs) if single_pass else batch_size
+    bounds = [(start, min(start + step, len(inputs))) for start in range(0, len(inputs), step)]
+    _correct_in_lockstep(quantized_model, inputs, bounds, points, fp_moments, token_mask)
     kinds = [points[name] for name in order]
     return RecoveryReport(
         num_samples=len(inputs),
@@ -224,72 +213,68 @@ def _largest_activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
     return largest[0]
 
 
-def _correct_in_one_pass(
+def _correct_in_lockstep(
     model: nn.Module,
     inputs: torch.Tensor,
-    order: list[str],
+    bounds: list[tuple[int, int]],
     points: dict[str, str],
-    fp_moments: dict[str, _Moments],
+    fp_moments: dict[str, Moments],
+    token_mask: torch.Tensor | None,
 ) -> None:
-    done: set[str] = set()
+    """Every micro-batch ``inputs[start:stop]`` runs once; at each correction point (its first
+    call in a micro-batch) all micro-batches add their moments, the last applies the correction
+    (`Lockstep.meet`), and a biased layer's output gets the bias change it would have had."""
+    lockstep = Lockstep(len(bounds))
+    done: list[set[str]] = [set() for _ in bounds]
+    masks = [_mask_of(token_mask, start, stop) for start, stop in bounds]
+
+    def moments_of(tensor: torch.Tensor, axis: int) -> Moments:
+        moments = Moments()
+        moments.add(tensor, axis, masks[lockstep.index])
+        return moments
+
+    def first_call(name: str) -> bool:
+        seen = done[lockstep.index]
+        if name in seen:
+            return False
+        seen.add(name)
+        return True
+
+    def norm_hook(module, args, name):
+        if first_call(name):
+            fp = fp_moments[name]
+            lockstep.meet(
+                name,
+                moments_of(args[0], 1),
+                lambda parts: _apply_norm(module, fp, Moments.combined(parts)),
+            )
+
+    def bias_hook(module, _args, output, name):
+        if not first_call(name):
+            return None
+        fp, axis = fp_moments[name], channel_axis(module)
+        delta = lockstep.meet(
+            name,
+            moments_of(output, axis),
+            lambda parts: _apply_bias(module, fp, Moments.combined(parts)),
+        )
+        shape = [1] * output.dim()
+        shape[axis] = -1
+        return output + delta.reshape(shape)
+
     handles = []
-    for name in order:
+    for name in fp_moments:
         module = get_module(model, name)
         if points[name] == "norm":
-
-            def pre_hook(module, args, name=name):
-                if name not in done:
-                    moments = _Moments()
-                    moments.add(args[0])
-                    _apply_norm(module, fp_moments[name], moments)
-                    done.add(name)
-
-            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, a, name=name: norm_hook(m, a, name))
+            )
         else:
-
-            def hook(module, _args, output, name=name):
-                if name not in done:
-                    moments = _Moments()
-                    moments.add(output)
-                    delta = _apply_bias(module, fp_moments[name], moments)
-                    done.add(name)
-                    shape = (1, -1) + (1,) * (output.dim() - 2)
-                    return output + delta.reshape(shape)
-                return None
-
-            handles.append(module.register_forward_hook(hook))
+            handles.append(
+                module.register_forward_hook(lambda m, a, o, name=name: bias_hook(m, a, o, name))
+            )
     try:
-        model(inputs)
+        lockstep.run(lambda index: model(inputs[bounds[index][0] : bounds[index][1]]))
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _correct_in_prefix_passes(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    order: list[str],
-    points: dict[str, str],
-    fp_moments: dict[str, _Moments],
-    batch_size: int,
-) -> None:
-    for name in order:
-        module = get_module(model, name)
-        moments = _Moments()
-        kind = points[name]
-
-        def hook(_m, args, output, moments=moments, kind=kind):
-            moments.add(args[0] if kind == "norm" else output)
-            raise _StopForward
-
-        handle = module.register_forward_hook(hook)
-        try:
-            for start in range(0, len(inputs), batch_size):
-                with contextlib.suppress(_StopForward):
-                    model(inputs[start : start + batch_size])
-        finally:
-            handle.remove()
-        if kind == "norm":
-            _apply_norm(module, fp_moments[name], moments)
-        else:
-            _apply_bias(module, fp_moments[name], moments)

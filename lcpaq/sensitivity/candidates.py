@@ -14,6 +14,7 @@ export quantizes each layer's input to the activation half of its candidate
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -112,10 +113,8 @@ def table_from_weights(
 ) -> CandidateTable:
     """The candidate table of already quantized weights (``quantized[layer][k]``: the layer's
     weight in ``format_names[k]``): costs and `layer_errors` per layer and format."""
-    formats = [get_format(name) for name in format_names]
-    shape = (len(layers), len(formats))
+    shape = (len(layers), len(format_names))
     error_sq, weighted_error, output = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
     for row, layer in enumerate(layers):
         weight = weights[layer.name]
         curvature = (
@@ -127,6 +126,27 @@ def table_from_weights(
         error_sq[row], weighted_error[row], output[row] = layer_errors(
             weight, quantized[layer.name], curvature, hessian
         )
+    costs = cost_table(layers, format_names, scheme)
+    table = dataclasses.replace(
+        costs, error_sq=error_sq, weighted_error=weighted_error, output_error=output
+    )
+    return pair_candidates(table, activation_formats)
+
+
+def cost_table(
+    layers: Sequence[LayerInfo],
+    format_names: Sequence[str],
+    scheme: QuantScheme,
+    activation_formats: Sequence[str] = (),
+) -> CandidateTable:
+    """The candidates' costs from layer shapes alone (errors zero): what a budget's feasibility
+    depends on, known before any measurement."""
+    formats = [get_format(name) for name in format_names]
+    for name in activation_formats:
+        activation_bits(name)  # an unknown name fails before any work
+    shape = (len(layers), len(formats))
+    weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
+    for row, layer in enumerate(layers):
         for column, fmt in enumerate(formats):
             weight_bits[row, column] = layer.num_params * fmt.bits
             size_bits[row, column] = layer.num_params * fmt.bits + scale_overhead_bits(
@@ -139,8 +159,8 @@ def table_from_weights(
         bits=np.array([fmt.bits for fmt in formats], dtype=np.int64),
         weight_bits=weight_bits,
         size_bits=size_bits,
-        error_sq=error_sq,
-        weighted_error=weighted_error,
-        output_error=output,
+        error_sq=np.zeros(shape),
+        weighted_error=np.zeros(shape),
+        output_error=np.zeros(shape),
     )
     return pair_candidates(table, activation_formats)

@@ -5,7 +5,8 @@ written as a quantized checkpoint.
 its codes and its layer-input quantizers); `export` is the run-folder wrapper that reads
 ``run_config.json``, ``layers.json``, ``allocation.json``, ``activations.npz`` and
 ``input_hessians.safetensors`` and writes ``quantized/model.safetensors`` and
-``quantized/manifest.json``. The next stage is ``evaluate``.
+``quantized/manifest.json`` (for a transformers model also the Hugging Face and compressed-tensors
+folders of `lcpaq.stages.hf_export`). The next stage is ``evaluate``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.result import Allocation
 from lcpaq.allocation.table import PAIR_SEPARATOR, activation_format_of, weight_format_of
-from lcpaq.config import RunConfig
+from lcpaq.config import ExportSettings, RunConfig
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.recovery import ReferenceStats, correct_statistics
 from lcpaq.quant.activations import (
@@ -42,6 +43,7 @@ from lcpaq.stages.folder import (
     read_layers_file,
     timed,
 )
+from lcpaq.stages.hf_export import export_hf
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +224,11 @@ def manifest_extra(
     }
 
 
-def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
-    """Quantize to the allocation, correct statistics, write the quantized checkpoint."""
+def export(
+    run_dir: Path, *, out_dir: Path | None = None, settings: ExportSettings | None = None
+) -> Path:
+    """Quantize to the allocation, correct statistics, write the quantized checkpoint (and, for a
+    transformers model, the folders ``settings`` asks for: `lcpaq.stages.hf_export`)."""
     config = read_config(run_dir)
     layers, _ = read_layers(run_dir)
     allocation, allocation_data = read_allocation(run_dir)
@@ -254,5 +259,6 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
             correction_samples=min(config.recovery.num_samples, len(calib)),
         )
         path = write_checkpoint(out_dir, quantized, layers, allocation, config, extra)
+        export_hf(quantized_model, path, config.analysis.model, settings)
     logger.info("wrote quantized checkpoint %s", path)
     return path

@@ -211,15 +211,16 @@ def test_conv1d_weight_is_seen_as_out_by_in_and_written_through() -> None:
     assert view.shape == (12, 6) and layer_parameter(model, first).shape == (6, 12)
     with torch.no_grad():
         view[3, 2] = 7.0
-    assert float(model[0].weight[2, 3].detach()) == 7.0
-    assert layer_weight(model[0]).shape == (12, 6)
+    assert float(model.c_fc.weight[2, 3].detach()) == 7.0
+    assert layer_weight(model.c_fc).shape == (12, 6)
 
 
 def test_channel_axis_token_mask_and_masked_positions() -> None:
     from layer_kinds import gpt2_block
 
-    assert channel_axis(nn.Linear(2, 2)) == -1 and channel_axis(gpt2_block()[0]) == -1
+    assert channel_axis(nn.Linear(2, 2)) == -1 and channel_axis(gpt2_block().c_fc) == -1
     assert channel_axis(nn.Conv2d(1, 1, 1)) == 1 and channel_axis(nn.Conv1d(1, 1, 1)) == 1
+    assert channel_axis(nn.BatchNorm2d(1)) == 1 and channel_axis(nn.MultiheadAttention(2, 1)) == -1
 
     class Masked(nn.Module):
         def token_mask(self, inputs: torch.Tensor) -> torch.Tensor:

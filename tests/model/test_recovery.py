@@ -10,6 +10,7 @@ import torch
 from conftest import TinyConvNet, conv_inputs, make_tiny_conv_net
 from torch import nn
 
+from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers
 from lcpaq.model.recovery import (
     collect_reference_stats,
@@ -143,7 +144,7 @@ def test_linear_bias_gets_mean_output_difference() -> None:
 
 
 @pytest.mark.parametrize("batch_size", [256, 7])
-def test_single_pass_and_prefix_passes_agree(batch_size: int) -> None:
+def test_single_pass_and_micro_batches_in_lockstep_agree(batch_size: int) -> None:
     fp_model = make_tiny_conv_net()
     inputs = conv_inputs(64, seed=6)
     base = _quantized(fp_model, inputs)
@@ -162,14 +163,13 @@ def test_single_pass_and_prefix_passes_agree(batch_size: int) -> None:
     for key, value in base.state_dict().items():
         if not torch.equal(single_state[key], value):
             changed += 1
-        # Equal up to float rounding: the single pass adds the bias delta to conv2's output,
-        # the prefix pass re-runs conv2 with the corrected bias.
+        # Equal up to float rounding: micro-batches sum their moments in another order.
         torch.testing.assert_close(prefix_state[key], single_state[key], rtol=1e-6, atol=1e-8)
     # running_mean/var of bn1, bn2 and the biases of conv2 and fc were corrected.
     assert changed == 6
 
 
-def test_prefix_passes_in_micro_batches_match_fp32_moments() -> None:
+def test_micro_batches_in_lockstep_match_fp32_moments() -> None:
     inputs = conv_inputs(50, seed=7)
     fp_model = calibrated_conv_net(inputs)
     quantized = _quantized(fp_model, inputs)
@@ -208,3 +208,125 @@ def test_unquantized_model_is_left_as_it_is() -> None:
     correct_statistics(fp_model, copy_model, inputs, list(ASSIGNMENT))
     for key, value in fp_model.state_dict().items():
         torch.testing.assert_close(copy_model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_in_lockstep_equal_the_single_pass_in_float64() -> None:
+    """The lockstep path computes what the single pass computes: in float64 the corrected
+    statistics agree to rounding of the sums (1e-12)."""
+    fp_model = make_tiny_conv_net(torch.float64)
+    inputs = conv_inputs(40, torch.float64, seed=11)
+    base = _quantized(fp_model, inputs)
+    single, stepped = copy.deepcopy(base), copy.deepcopy(base)
+    correct_statistics(fp_model, single, inputs, list(ASSIGNMENT))
+    correct_statistics(
+        fp_model, stepped, inputs, list(ASSIGNMENT), batch_size=6, single_pass_max_bytes=0
+    )
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(stepped.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+
+
+def _deep_net(blocks: int) -> nn.Sequential:
+    torch.manual_seed(3)
+    layers: list[nn.Module] = [nn.Conv2d(1, 4, 3, padding=1)]
+    for _ in range(blocks):
+        layers += [nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+
+
+def test_each_micro_batch_runs_every_module_once() -> None:
+    """Linear in depth: with micro-batches every module runs once per micro-batch (the former
+    prefix passes ran the first module once per corrected module)."""
+    fp_model = _deep_net(6)
+    inputs = conv_inputs(30, seed=12)
+    names = [name for name, m in fp_model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    layers = discover_layers(fp_model, inputs)
+    scheme = QuantScheme(symmetric=True, granularity="channel", clipping="mse")
+    quantized, _ = quantize_model(fp_model, layers, dict.fromkeys(names, "int3"), scheme)
+    calls: dict[str, int] = {}
+    for name, module in quantized.named_children():
+        module.register_forward_hook(
+            lambda *_args, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)
+        )
+    reference = collect_reference_stats(fp_model, inputs, names)
+    calls.clear()  # only what the correction runs counts (one probe sample, then the passes)
+    report = correct_statistics(
+        fp_model,
+        quantized,
+        inputs,
+        names,
+        batch_size=8,
+        single_pass_max_bytes=0,
+        reference=reference,
+    )
+    assert not report.single_pass and report.corrected_norms == 6
+    assert set(calls.values()) == {1 + 4}  # the size probe, then 4 micro-batches of <= 8
+    _assert_moments_match(fp_model, quantized, inputs, ["1", "4", str(len(quantized) - 1)])
+
+
+def test_a_failure_inside_a_micro_batch_is_raised() -> None:
+    fp_model = make_tiny_conv_net()
+    inputs = conv_inputs(20, seed=13)
+    quantized = _quantized(fp_model, inputs)
+    reference = collect_reference_stats(fp_model, inputs, list(ASSIGNMENT))
+
+    def fail(_module, args):
+        if args[0].shape[0] < 7:  # the last micro-batch only
+            raise InputError("stop here")
+
+    quantized.bn2.register_forward_pre_hook(fail)
+    with pytest.raises(InputError, match="stop here"):
+        correct_statistics(
+            fp_model,
+            quantized,
+            inputs,
+            list(ASSIGNMENT),
+            batch_size=7,
+            single_pass_max_bytes=0,
+            reference=reference,
+        )
+
+
+class _TokenNet(nn.Module):
+    """A Linear on token inputs [N, T, C] (channels last), then a head on the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.proj = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(x)).mean(1))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("batch_size", [256, 3])
+def test_linear_bias_on_tokens_is_corrected_along_the_last_axis(masked, batch_size) -> None:
+    """Linear on [N, T, C]: the correction is per output channel (last axis), over real tokens
+    when a token mask is given (padded positions do not count)."""
+    fp_model = _TokenNet().eval()
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(10, 7, 6, generator=generator) + 0.3
+    mask = torch.rand(10, 7, generator=generator) > 0.4 if masked else None
+    if mask is not None:
+        inputs[~mask] = 50.0  # padding that would dominate any mean it entered
+    layers = discover_layers(fp_model, inputs)
+    scheme = QuantScheme(symmetric=True, granularity="channel", clipping="mse")
+    quantized, _ = quantize_model(fp_model, layers, {"proj": "int2"}, scheme)
+    with torch.no_grad():
+        difference = fp_model.proj(inputs) - quantized.proj(inputs)
+    real = difference[mask] if mask is not None else difference.reshape(-1, 5)
+    expected = real.double().mean(0)
+    old_bias = quantized.proj.bias.detach().clone()
+    correct_statistics(
+        fp_model,
+        quantized,
+        inputs,
+        ["proj"],
+        batch_size=batch_size,
+        single_pass_max_bytes=0 if batch_size < 10 else 1 << 40,
+        token_mask=mask,
+    )
+    torch.testing.assert_close(
+        (quantized.proj.bias.detach() - old_bias).double(), expected, rtol=1e-5, atol=1e-6
+    )
