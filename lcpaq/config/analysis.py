@@ -68,6 +68,18 @@ SCHEME_OPTIONS: dict[str, Option] = {
 }
 
 
+def _patterns(texts: list[str] | None) -> tuple[str, ...]:
+    """``--include``/``--exclude`` glob patterns on layer names (`fnmatch`), empty ones refused."""
+    patterns = tuple(text.strip() for text in texts or [])
+    if any(not pattern for pattern in patterns):
+        raise InputError("--include/--exclude need a non-empty glob pattern on layer names")
+    return patterns
+
+
+def _pattern_list(values: tuple[str, ...]) -> list[str] | None:
+    return list(values) or None
+
+
 def _activation_formats(text: str | None) -> tuple[str, ...]:
     # local: keeps config's imports minimal
     from lcpaq.allocation.table import parse_activation_formats
@@ -182,6 +194,32 @@ class AnalysisConfig:
             group=ANALYSIS_GROUP,
             help="static range of each layer's input per activation format: the MSE-optimal "
             "clipping of the calibration activations (default) or their observed min/max",
+        ),
+    )
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "--include",
+            group=MODEL_GROUP,
+            repeat=True,
+            metavar="PATTERN",
+            parse=_patterns,
+            show=_pattern_list,
+            help="quantize only layers whose name matches this glob (e.g. 'features.*'); repeat "
+            "for several (default: every supported layer)",
+        ),
+    )
+    exclude: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "--exclude",
+            group=MODEL_GROUP,
+            repeat=True,
+            metavar="PATTERN",
+            parse=_patterns,
+            show=_pattern_list,
+            help="keep layers whose name matches this glob in FP32 (e.g. '*.attn', 'head'); the "
+            "report lists them; repeat for several",
         ),
     )
     scheme: QuantScheme = field(default=DEFAULT_SCHEME, metadata={NESTED: SCHEME_OPTIONS})

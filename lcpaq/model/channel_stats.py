@@ -11,15 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
+from lcpaq.model.graph import channel_axis
 
-def channel_axis(module: nn.Module) -> int:
-    """The axis of a module's channels in its inputs and outputs: the last one for Linear (and
-    transformers' Conv1D) on any rank, 1 for convolutions and BatchNorm (contract §3)."""
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-        return -1
-    return 1
+__all__ = ["channel_axis"]  # the one definition lives in `lcpaq.model.graph`
 
 
 def _channel_stats(

@@ -41,7 +41,7 @@ from torch import nn
 
 from lcpaq import __version__
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, get_module, layer_weight
+from lcpaq.model.graph import LayerInfo, failing_layer, weight_of
 from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.state_keys import fit_wrapper_prefix, renamed, stores_transposed, tied_aliases
@@ -76,9 +76,11 @@ def quantize_model(
         for layer in layers:
             if layer.name not in assignment:
                 continue
-            weight = layer_weight(get_module(quantized_model, layer.name))
+            weight = weight_of(quantized_model, layer)
             hessian = input_hessians.get(layer.name) if input_hessians else None
-            quantized = quantize_weight(weight, get_format(assignment[layer.name]), scheme, hessian)
+            with failing_layer(layer.name, layer.kind, "quantizing"):
+                fmt = get_format(assignment[layer.name])
+                quantized = quantize_weight(weight, fmt, scheme, hessian)
             weight.copy_(dequantize_weight(quantized, weight.dtype))
             codes[layer.name] = quantized
     return quantized_model, codes

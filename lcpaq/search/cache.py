@@ -32,6 +32,7 @@ from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import layer_weight as graph_layer_weight
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.input_stats import collect_input_hessians
 from lcpaq.quant.weights import fake_quantize_formats
@@ -86,10 +87,8 @@ def quiet(name: str) -> Iterator[None]:
 
 
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight tensor of layer ``name`` (every analysed layer has one)."""
-    weight = get_module(model, name).weight
-    assert isinstance(weight, torch.Tensor), f"layer {name} has no weight tensor"
-    return weight
+    """The weight tensor of layer ``name`` as the quantizer sees it (`lcpaq.model.graph.layer_weight`)."""
+    return graph_layer_weight(get_module(model, name))
 
 
 def _analysis_config_of(config: RunConfig) -> RunConfig:

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from lcpaq.allocation.table import CandidateTable, activation_bits, pair_candidates
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, failing_layer, weight_of
 from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
 from lcpaq.quant.weights import fake_quantize_formats
-from lcpaq.sensitivity.per_sample import module_weight
 
 
 def output_error(delta: torch.Tensor, input_hessian: torch.Tensor) -> float:
@@ -80,18 +79,16 @@ def measure_candidates(
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
-    weights = {
-        layer.name: module_weight(get_module(model, layer.name)).detach() for layer in layers
-    }
-    quantized = {
-        layer.name: fake_quantize_formats(
-            weights[layer.name],
-            formats,
-            scheme,
-            input_hessians.get(layer.name) if input_hessians else None,
-        )
-        for layer in layers
-    }
+    weights = {layer.name: weight_of(model, layer).detach() for layer in layers}
+    quantized = {}
+    for layer in layers:
+        with failing_layer(layer.name, layer.kind, "quantizing"):
+            quantized[layer.name] = fake_quantize_formats(
+                weights[layer.name],
+                formats,
+                scheme,
+                input_hessians.get(layer.name) if input_hessians else None,
+            )
     return table_from_weights(
         layers,
         weights,

@@ -27,7 +27,7 @@ from lcpaq.allocation.budgets import counts_activation_bits
 from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
-from lcpaq.model.graph import LayerInfo, discover_layers
+from lcpaq.model.graph import KeptWeight, LayerInfo, Survey, discover_layers, survey_weights
 from lcpaq.model.zoo import file_sha256
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
@@ -179,14 +179,25 @@ def learned_steps(
     )
 
 
-def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[LayerInfo, ...]]:
-    """The model (on this process's GPU when CUDA is available), calibration data and layers;
-    the run's budgets are checked against the candidates' costs here, before any measurement."""
+def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, Survey]:
+    """The model (on this process's GPU when CUDA is available), calibration data and its
+    weights: the layers to quantize (``--include``/``--exclude``) and those kept in FP32; the
+    run's budgets are checked against the candidates' costs here, before any measurement."""
     model, calib = load_model_and_data(config, config.analysis.num_samples)
-    layers = discover_layers(model, calib.inputs)
+    survey = survey_weights(
+        model, calib.inputs, include=config.analysis.include, exclude=config.analysis.exclude
+    )
+    layers = discover_layers(model, calib.inputs[:0], survey=survey)  # fails if none is left
+    if survey.kept:
+        logger.warning(
+            "%d weight tensor(s) kept in FP32 (%.1f %% of weight parameters): %s",
+            len(survey.kept),
+            100 * (1 - survey.quantized_share()),
+            "; ".join(f"{kept.key}: {kept.reason}" for kept in survey.kept),
+        )
     fp32_bits, unquantized_bits = model_sizes(model, layers)
     check_budgets(config, layers, fp32_size_bits=fp32_bits, unquantized_size_bits=unquantized_bits)
-    return model.to(distributed.default_device()), calib, layers
+    return model.to(distributed.default_device()), calib, survey
 
 
 def _pair_data(config: RunConfig) -> Dataset | None:
@@ -203,21 +214,21 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
     batches; only rank 0 writes the run folder.
     """
     if not distributed.is_main_process():
-        model, calib, layers = _analysis_inputs(config)
-        measure_sensitivity(config, model, layers, calib, progress=False)
+        model, calib, survey = _analysis_inputs(config)
+        measure_sensitivity(config, model, survey.layers, calib, progress=False)
         return
     ensure_writable(run_dir)
     with timed(run_dir, "analyze"):
         # Bad inputs and infeasible budgets fail here, before anything of the folder is removed.
-        model, calib, layers = _analysis_inputs(config)
+        model, calib, survey = _analysis_inputs(config)
         for name in runfolder.DOWNSTREAM_ARTIFACTS:
             (run_dir / name).unlink(missing_ok=True)
         for folder in ("quantized", "plots"):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
         result = analyze_model(
-            config, model, layers, calib, pair_data=_pair_data(config), progress=progress
+            config, model, survey.layers, calib, pair_data=_pair_data(config), progress=progress
         )
-        write_analysis(run_dir, config, result)
+        write_analysis(run_dir, config, result, survey.kept)
     curvature = result.measurements.curvature
     flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
     if flagged:
@@ -276,8 +287,10 @@ def _write_optional(run_dir: Path, result: Analysis) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def write_analysis(run_dir: Path, config: RunConfig, result: Analysis) -> None:
-    """The analysis files of ``result``."""
+def write_analysis(
+    run_dir: Path, config: RunConfig, result: Analysis, kept: Sequence[KeptWeight] = ()
+) -> None:
+    """The analysis files of ``result``; ``kept``: the weights left in FP32 and why."""
     analysis = config.analysis
     measured = result.measurements
     _write_optional(run_dir, result)
@@ -294,6 +307,7 @@ def write_analysis(run_dir: Path, config: RunConfig, result: Analysis) -> None:
         "interactions_seconds": result.interactions_seconds,
         "input_hessians_seconds": result.input_hessians_seconds,
         "layers": [layer.to_dict() for layer in result.layers],
+        "kept_fp32": [weight.to_dict() for weight in kept],
     }
     runfolder.write_json(run_dir / "layers.json", layers_file)
     runfolder.save_curvature(run_dir / "curvature.npz", measured.curvature)

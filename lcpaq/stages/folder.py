@@ -42,6 +42,9 @@ class LayersFile(TypedDict):
     interactions_seconds: float | None
     input_hessians_seconds: float | None
     layers: list[dict[str, Any]]
+    #: Weight tensors left in FP32 (`lcpaq.model.graph.KeptWeight`): key, num_params, reason
+    #: (absent in files from before it existed: read with ``.get``).
+    kept_fp32: list[dict[str, Any]]
 
 
 def ensure_writable(run_dir: Path) -> None:
