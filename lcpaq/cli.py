@@ -181,10 +181,13 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
         storage=args.storage,
         study_name=args.study_name,
         resume=args.resume,
+        worker=args.worker,
         top_k=args.top_k,
         min_gain_se=args.min_gain_se,
         proxy=args.proxy,
         rungs=parse_rungs(args.proxy_samples),
+        fidelity=args.fidelity,
+        cheap_samples=args.cheap_samples,
         fixed=parse_fix(args.fix or []),
         also=tuple(args.also or ()),
         size_cap=args.size_cap == "default",
@@ -326,7 +329,10 @@ def _plot(args: argparse.Namespace) -> None:
 def _search(args: argparse.Namespace) -> None:
     from lcpaq.search import run_search
 
-    run_search(_search_options(args), progress=not args.quiet)
+    summary = run_search(_search_options(args), progress=not args.quiet)
+    if args.worker:
+        print(f"worker {summary['worker']} done; trials by state: {summary['trials']}")
+        return
     print(f"best configuration: {args.out / 'best_config.json'}")
     print(f"report: {args.out / 'search_report.md'}")
 

@@ -111,6 +111,23 @@ class SearchSettings:
             help="growing proxy slices for successive halving (default %(default)s)",
         ),
     )
+    fidelity: Literal["full", "multi"] = field(
+        default="full",
+        metadata=option(
+            "--fidelity",
+            help="multi: the first proxy slice on a cheap configuration (--cheap-samples "
+            "curvature, GPTQ and correction images), full fidelity only for the trials the "
+            "pruner keeps (default %(default)s: every slice at the trial's own settings)",
+        ),
+    )
+    cheap_samples: int = field(
+        default=128,
+        metadata=option(
+            "--cheap-samples",
+            help="images of the cheap first rung's curvature, GPTQ and correction "
+            "(default %(default)s)",
+        ),
+    )
     fix: list[str] | None = field(
         default=None,
         metadata=option(
@@ -146,4 +163,12 @@ class SearchSettings:
     study_name: str = field(default="lcpaq-search", metadata=option("--study-name"))
     resume: bool = field(
         default=False, metadata=option("--resume", help="continue an existing study")
+    )
+    worker: bool = field(
+        default=False,
+        metadata=option(
+            "--worker",
+            help="one of several processes on a shared --storage: create the study or join it, "
+            "run trials until --trials are scored, skip the final step (run --resume after)",
+        ),
     )

@@ -77,6 +77,9 @@ class Dimension:
     why: str = ""
     #: Optional dimensions stay at their default unless ``--also NAME`` asks for them.
     optional: bool = False
+    #: The dimension changes what the budgets count (bits, BitOps, size), so it can make a
+    #: configuration that does not fit the budgets fit (`lcpaq.search.start`).
+    changes_costs: bool = False
 
 
 def _positive_int(text: str) -> int:
@@ -244,6 +247,7 @@ def _scheme_dimensions() -> tuple[Dimension, ...]:
             lambda config, value: _scheme(config, symmetric=bool(value)),
             _boolean,
             "zero points cost 16 bits per scale group but fit skewed channels",
+            changes_costs=True,
         ),
         Dimension(
             "granularity",
@@ -253,6 +257,7 @@ def _scheme_dimensions() -> tuple[Dimension, ...]:
             _apply_granularity,
             _choice_text(GRANULARITY_CHOICES),
             "finer scales cut the error but cost scale bits",
+            changes_costs=True,
         ),
         Dimension(
             "rounding",
@@ -271,6 +276,7 @@ def _scheme_dimensions() -> tuple[Dimension, ...]:
             _apply_formats,
             _parse_formats,
             "INT-only and INT+FP candidate sets",
+            changes_costs=True,
         ),
     )
 
@@ -286,6 +292,7 @@ def _allocation_dimensions() -> tuple[Dimension, ...]:
             lambda config, value: config.with_allocation(first_last=value),
             _choice_text({"search": 0, "keep-8bit": 0}),
             "fixing the first and last layer at INT8 is common practice",
+            changes_costs=True,
         ),
         Dimension(
             "scorer",
@@ -340,6 +347,7 @@ def _optional_dimensions() -> tuple[Dimension, ...]:
             "activation formats every layer input may be quantized to (one activation "
             "sensitivity pass per set: opt-in)",
             optional=True,
+            changes_costs=True,
         ),
         Dimension(
             "act_clipping",

@@ -42,8 +42,14 @@ def finish(search: Search) -> dict[str, object]:
         t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
     ]
     if not complete:
+        errors = [str(t.user_attrs["error"]) for t in trials if "error" in t.user_attrs]
+        reason = (
+            f"; {len(errors)} configuration(s) did not fit the budgets, e.g. {errors[0]}"
+            if errors
+            else ""
+        )
         raise InputError(
-            f"study {options.study_name!r} has no complete trial: nothing to choose from"
+            f"study {options.study_name!r} has no complete trial: nothing to choose from{reason}"
         )
     ranked = sorted(complete, key=lambda t: (_value(t), t.number))
     top = ranked[: options.top_k]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
+from lcpaq.search.fidelity import FIDELITIES
 from lcpaq.search.proxy import PROXIES
 
 DEFAULT_RUNGS = (128, 384, 1152)
@@ -30,9 +31,15 @@ class SearchOptions:
     storage: str | None = None
     study_name: str = DEFAULT_STUDY_NAME
     resume: bool = False
+    #: Create or join the study, run trials until ``trials`` are scored, and skip the final
+    #: step (a later ``--resume`` does it over every worker's trials).
+    worker: bool = False
     top_k: int = 3
     proxy: str = "kl"
     rungs: tuple[int, ...] = DEFAULT_RUNGS
+    #: "multi": the first rung on a cheap configuration (`lcpaq.search.fidelity`).
+    fidelity: str = "full"
+    cheap_samples: int = 128
     fixed: Mapping[str, str] = field(default_factory=dict)
     also: tuple[str, ...] = ()
     size_cap: bool = True
@@ -48,6 +55,12 @@ class SearchOptions:
             raise InputError(f"--trials must be at least 1, got {self.trials}")
         if self.top_k < 1:
             raise InputError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.fidelity not in FIDELITIES:
+            raise InputError(
+                f"--fidelity must be one of {', '.join(FIDELITIES)}, got {self.fidelity!r}"
+            )
+        if self.cheap_samples < 1:
+            raise InputError(f"--cheap-samples must be at least 1, got {self.cheap_samples}")
         if self.proxy not in PROXIES:
             raise InputError(f"--proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
         if not self.base.allocation.budgets:

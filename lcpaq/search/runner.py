@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import optuna
@@ -23,10 +23,12 @@ from optuna.trial import TrialState
 from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import RunConfig
 from lcpaq.search.context import Infeasible, SearchContext
+from lcpaq.search.fidelity import cheap_config, cheap_rung
 from lcpaq.search.final import finish
 from lcpaq.search.keys import model_key
 from lcpaq.search.options import SearchOptions
 from lcpaq.search.space import SearchSpace, search_space
+from lcpaq.search.start import find_start
 from lcpaq.search.study import fail_stale_trials, open_study, worker_name
 from lcpaq.stages import pipeline
 
@@ -70,6 +72,7 @@ class Search:
         self.wall_start, self.cpu_start = started
         self.process_timings: dict[str, float] = {"setup_s": time.perf_counter() - self.wall_start}
         self._trial_base: RunConfig | None = None
+        self._start_logged = False
 
     @classmethod
     def start(cls, options: SearchOptions, *, progress: bool = True) -> Search:
@@ -82,26 +85,42 @@ class Search:
         return cls(options, space, context, study, created, started=started, progress=progress)
 
     # -- budgets ---------------------------------------------------------------------------
+    def starting_point(self) -> dict[str, Any] | None:
+        """Trial 0's parameters (`lcpaq.search.start`), found once per study and stored in it;
+        the space's defaults become them, so the final step compares against them. None when
+        no configuration near lcpaq's default fits the budgets."""
+        stored = self.study.user_attrs.get("start")
+        if stored is None:
+            start = find_start(self.space, self.base, self.context)
+            self.process_timings["hessian_s"] = start.seconds
+            stored = start.to_attrs()
+            self.study.set_user_attr("start", stored)
+        if stored["note"] and not self._start_logged:
+            logger.warning("search: %s", stored["note"])
+            self._start_logged = True
+        params = stored["params"]
+        if params is not None:
+            for name, value in params.items():
+                if value != self.space.dimension(name).default:
+                    self.space = self.space.with_default(name, value)
+        return params
+
     def with_size_cap(self) -> RunConfig:
         """The base configuration with the size cap of this study (METHOD §5: fixed budgets).
 
         ``avg-bits`` counts code bits only; finer scale groups and zero points then come for
         free. Unless the user gave a size budget, every trial is also held to the size (codes,
-        scales, zero points) of lcpaq's default configuration at the same budgets.
+        scales, zero points) of the starting configuration (lcpaq's default when it fits) at
+        the same budgets; without a starting configuration there is no cap.
         """
-        attrs = self.study.user_attrs
+        params = self.starting_point()
         if not self.options.size_cap or has_size_budget(self.base.allocation.budgets):
             return self.base
-        if "size_cap_mb" not in attrs:
-            default = self.space.config(self.base, self.space.default_params())
-            cache = self.context.cache
-            _, estimate, seconds = cache.curvature(default)
-            _, activation_seconds = cache.activations(default)
-            self.process_timings["hessian_s"] = seconds + activation_seconds
-            table = cache.table(default, estimate)
-            data = self.context.problem_data(default, table)
-            allocation = self.context.allocate(default, data)
-            self.study.set_user_attr("size_cap_mb", ceil_budget_mb(allocation.size_bytes))
+        if params is None:
+            return self.base
+        if "size_cap_mb" not in self.study.user_attrs:
+            start = self.context.prepare(self.space.config(self.base, params), build=False)
+            self.study.set_user_attr("size_cap_mb", ceil_budget_mb(start.allocation.size_bytes))
         cap = Budget("size-mb", float(self.study.user_attrs["size_cap_mb"]))
         return self.base.with_allocation(budgets=(*self.base.allocation.budgets, str(cap)))
 
@@ -114,9 +133,10 @@ class Search:
     # -- trials ----------------------------------------------------------------------------
     def run_trials(self) -> None:
         options = self.options
-        self.trial_base()  # the size cap, measured before the first trial
-        if self.created:
-            self.study.enqueue_trial(self.space.default_params(), user_attrs={"default": True})
+        self.trial_base()  # the starting point and size cap, before the first trial
+        start = self.starting_point()
+        if self.created and start is not None:
+            self.study.enqueue_trial(start, user_attrs={"default": True})
         else:
             stale = fail_stale_trials(self.study)
             if stale:
@@ -151,6 +171,11 @@ class Search:
                 gc_after_trial=False,
             )
 
+    def trial_states(self) -> dict[str, int]:
+        """How many trials of the study are in each state (a worker's summary)."""
+        states = [trial.state.name for trial in self.study.get_trials(deepcopy=False)]
+        return {name: states.count(name) for name in sorted(set(states))}
+
     def _count_finished(self) -> int:
         """Scored configurations: complete or pruned trials that are not repeats."""
         states = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -176,16 +201,12 @@ class Search:
             logger.info("trial %d: same configuration as trial %d", trial.number, duplicate.number)
             return self._replay(trial, duplicate)
         config = self.space.config(self.trial_base(), params)
+        first_full = self._cheap_first_rung(trial, config)  # index of the first full-fidelity rung
         try:
             prepared = self.context.prepare(config, build=False)
         except Infeasible as error:
-            # Pruned before the first slice: it counts as a trial (it cost an ILP solve) and TPE
-            # ranks pruned trials without intermediate values last, so it learns to avoid them.
-            trial.set_user_attr("error", str(error))
-            for name, seconds in error.timings.items():
-                trial.set_user_attr(name, seconds)
-            logger.info("trial %d: infeasible, pruned (%s)", trial.number, error)
-            raise optuna.TrialPruned() from None
+            self._infeasible(trial, error)
+        trial.set_user_attr("full_fidelity", True)
         timings = prepared.timings
         allocation = prepared.allocation
         trial.set_user_attr("avg_bits", allocation.average_bits)
@@ -214,6 +235,9 @@ class Search:
                 value = scorer.value(sums, done)
                 recorded[str(rung)] = [float(x) for x in sums]
                 trial.set_user_attr("proxy_sums", recorded)
+                if index < first_full:  # the cheap rung reported this step
+                    trial.set_user_attr("full_first_rung", value)
+                    continue
                 trial.report(value, rung)
                 if index < len(self.options.rungs) - 1 and trial.should_prune():
                     logger.info(
@@ -238,6 +262,40 @@ class Search:
             sum(timings.values()),
         )
         return value
+
+    def _infeasible(self, trial: optuna.Trial, error: Infeasible) -> NoReturn:
+        """Pruned before the first slice: it counts as a trial (it cost an ILP solve) and TPE
+        ranks pruned trials without intermediate values last, so it learns to avoid them."""
+        trial.set_user_attr("error", str(error))
+        for name, seconds in error.timings.items():
+            trial.set_user_attr(name, seconds)
+        logger.info("trial %d: infeasible, pruned (%s)", trial.number, error)
+        raise optuna.TrialPruned() from None
+
+    def _cheap_first_rung(self, trial: optuna.Trial, config: RunConfig) -> int:
+        """With ``--fidelity multi``, the first rung on the cheap configuration
+        (`lcpaq.search.fidelity`), pruned as any rung; returns the index of the first rung
+        measured at full fidelity (0 when the cheap configuration is the configuration)."""
+        rungs = self.options.rungs
+        cheap = cheap_config(config, self.options.cheap_samples)
+        if self.options.fidelity != "multi" or len(rungs) < 2 or cheap == config:
+            return 0
+        try:
+            value = cheap_rung(self.context, trial, cheap, rungs[0])
+        except Infeasible as error:
+            self._infeasible(trial, error)
+        trial.report(value, rungs[0])
+        if trial.should_prune():
+            kind = self.context.scorer.kind
+            logger.info(
+                "trial %d: %s %.5g on %d images (cheap rung), pruned",
+                trial.number,
+                kind,
+                value,
+                rungs[0],
+            )
+            raise optuna.TrialPruned()
+        return 1
 
     def _known_sums(self, key: str, number: int) -> tuple[dict[int, list[float]], int | None]:
         """Proxy sums per slice already measured for this quantized model by another trial."""
@@ -275,6 +333,8 @@ def run_search(options: SearchOptions, *, progress: bool = True) -> dict[str, ob
     try:
         search = Search.start(options, progress=progress)
         search.run_trials()
+        if options.worker:  # the final step is the --resume's, over every worker's trials
+            return {"worker": worker_name(), "trials": search.trial_states()}
         return finish(search)
     finally:
         optuna.logging.set_verbosity(verbosity)

@@ -1,9 +1,10 @@
 """The Optuna study: its RDB storage, creation or resumption, and stale trials.
 
-Input: `SearchOptions` (``--storage``, ``--study-name``, ``--resume``, the seed and rungs) and
-the searched space. Output: an `optuna.Study` (TPE, multivariate, seeded; successive halving
-over the proxy rungs) in ``search.db`` unless ``--storage`` names another database, so several
-processes can share it and an interrupted search resumes.
+Input: `SearchOptions` (``--storage``, ``--study-name``, ``--resume``, ``--worker``, the seed
+and rungs) and the searched space. Output: an `optuna.Study` (TPE, multivariate, seeded;
+successive halving over the proxy rungs) in ``search.db`` unless ``--storage`` names another
+database (PostgreSQL for several machines), so several processes can share it and an interrupted
+search resumes.
 """
 
 from __future__ import annotations
@@ -25,14 +26,28 @@ HEARTBEAT_S = 10
 GRACE_S = 60
 
 
+def with_driver(url: str) -> str:
+    """``postgresql://…`` with the driver lcpaq[postgres] installs (psycopg2): SQLAlchemy 2.1
+    picks psycopg 3 for a URL without one. Other URLs are returned as they are."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage with heartbeats (stale running trials can be detected)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat options are flagged experimental
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+                with_driver(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
             )
+    except ImportError:
+        hint = " (pip install 'lcpaq[postgres]')" if url.startswith("postgres") else ""
+        raise InputError(
+            f"cannot open --storage {url!r}: its database driver is not installed{hint}"
+        ) from None
     except Exception as error:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot open --storage {url!r}: {message}") from None
@@ -81,12 +96,14 @@ def _study_settings(options: SearchOptions, space: SearchSpace) -> dict[str, obj
         "space": space.describe(),
         "proxy": options.proxy,
         "rungs": list(options.rungs),
+        "fidelity": [options.fidelity, options.cheap_samples],
         "size_cap": options.size_cap,
     }
 
 
 def open_study(options: SearchOptions, space: SearchSpace) -> tuple[optuna.Study, bool]:
-    """Create the study (error if it exists without --resume) or load it (--resume)."""
+    """Create the study (error if it exists without --resume) or load it (--resume); a
+    ``--worker`` creates it or joins it, whichever applies (True: this call created it)."""
     storage = open_storage(options.storage_url)
     sampler = optuna.samplers.TPESampler(
         multivariate=True, seed=options.seed, constant_liar=True, n_startup_trials=10
@@ -102,8 +119,13 @@ def open_study(options: SearchOptions, space: SearchSpace) -> tuple[optuna.Study
     )
     names = optuna.study.get_all_study_names(storage)
     settings = json.loads(json.dumps(_study_settings(options, space), default=str))
+    if options.worker and options.study_name not in names:
+        try:  # the first of several workers started together creates the study
+            return _create(options, storage, sampler, pruner, settings), True
+        except optuna.exceptions.DuplicatedStudyError:
+            names = [options.study_name]  # another worker was first: join its study
     if options.study_name in names:
-        if not options.resume:
+        if not (options.resume or options.worker):
             raise InputError(
                 f"study {options.study_name!r} already exists in {options.storage_url}: pass "
                 "--resume to continue it, or choose another --study-name or --out"
@@ -123,6 +145,16 @@ def open_study(options: SearchOptions, space: SearchSpace) -> tuple[optuna.Study
         raise InputError(
             f"--resume: there is no study {options.study_name!r} in {options.storage_url}"
         )
+    return _create(options, storage, sampler, pruner, settings), True
+
+
+def _create(
+    options: SearchOptions,
+    storage: optuna.storages.RDBStorage,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    settings: dict[str, object],
+) -> optuna.Study:
     study = optuna.create_study(
         study_name=options.study_name,
         storage=storage,
@@ -131,7 +163,7 @@ def open_study(options: SearchOptions, space: SearchSpace) -> tuple[optuna.Study
         direction="minimize",
     )
     study.set_user_attr("settings", settings)
-    return study, True
+    return study
 
 
 def _short(value: object) -> str:

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lcpaq import runfolder
 from lcpaq.model.evaluate import Accuracy, paired_difference
+from lcpaq.search.fidelity import agreement
 
 if TYPE_CHECKING:
     from lcpaq.search.runner import Search
@@ -96,6 +97,8 @@ def summary_of(
         "budgets": list(search.space.config(search.trial_base(), best.params).allocation.budgets),
         "user_budgets": list(search.base.allocation.budgets),
         "size_cap_mb": search.study.user_attrs.get("size_cap_mb"),
+        # trial 0's parameters (lcpaq's default unless it does not fit the budgets) and why
+        "start": search.study.user_attrs.get("start"),
         "proxy": options.proxy,
         "slices": search.context.slices.to_dict(),
         "space": search.space.describe(),
@@ -112,6 +115,8 @@ def summary_of(
         "full_evaluations": len(evaluations),
         "eval_data": options.eval_path,
         "spearman_proxy_vs_top1": _spearman(trials, evaluations),
+        # per-rung cost and rank agreement of the cheap first rung (--fidelity multi)
+        "fidelity": {"mode": options.fidelity, **agreement(trials)},
         "importances": importances_of(search, trials),
         "wall_time_split_s": _time_split(search, trials, final_timings),
         "this_process_wall_s": time.perf_counter() - search.wall_start,
@@ -244,11 +249,12 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         "",
         f"Budgets (hard, every trial): {', '.join(summary['budgets'])}"
         + (
-            f" (the size cap is lcpaq's default configuration's size at {', '.join(summary['user_budgets'])})"
+            f" (the size cap is {_start_name(summary.get('start'))}'s size at {', '.join(summary['user_budgets'])})"
             if summary.get("size_cap_mb")
             else ""
         )
         + ".",
+        *_start_lines(summary.get("start")),
         f"Proxy: `{summary['proxy']}` on calibration images {summary['slices']['proxy']} "
         f"(rungs {summary['slices']['proxy_rungs']}); curvature and correction use images "
         f"{summary['slices']['curvature_and_correction']}.",
@@ -307,3 +313,18 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         ]
     lines += ["", f"Ordinary run folder of the best configuration: `{best['run']['folder']}`.", ""]
     return "\n".join(lines)
+
+
+def _start_lines(start: Mapping[str, Any] | None) -> list[str]:
+    """The report's line on the starting configuration, when it is not lcpaq's default."""
+    if not start or not start.get("note"):
+        return []
+    return [f"Start: {start['note']}."]
+
+
+def _start_name(start: Mapping[str, Any] | None) -> str:
+    return (
+        "the starting configuration"
+        if start and start.get("note")
+        else "lcpaq's default configuration"
+    )

@@ -18,7 +18,7 @@ from lcpaq.config import AllocationConfig, AnalysisConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.search.options import SearchOptions
 from lcpaq.search.space import SearchSpace
-from lcpaq.search.study import fail_stale_trials, open_study, worker_name
+from lcpaq.search.study import fail_stale_trials, open_study, with_driver, worker_name
 
 
 def test_resume_without_a_study_is_an_error(tmp_path, capsys):
@@ -77,3 +77,26 @@ def test_trials_of_dead_processes_are_failed(tmp_path):
     assert fail_stale_trials(study) == [stale.number, mine.number]
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states[alive.number] == states[elsewhere.number] == optuna.trial.TrialState.RUNNING
+
+
+def test_postgresql_urls_name_the_installed_driver():
+    assert (
+        with_driver("postgresql://u@/db?host=/tmp/x") == "postgresql+psycopg2://u@/db?host=/tmp/x"
+    )
+    assert with_driver("postgres://u@h/db") == "postgresql+psycopg2://u@h/db"
+    for url in ("postgresql+psycopg://u@h/db", "sqlite:///x.db", "mysql://u@h/db"):
+        assert with_driver(url) == url
+
+
+def test_workers_create_or_join_the_study(tmp_path):
+    base = RunConfig(
+        AnalysisConfig(model="m", checkpoint=None, calib="c"),
+        allocation=AllocationConfig(budgets=("avg-bits=3",)),
+    )
+    options = SearchOptions(base=base, out=tmp_path, worker=True)
+    space = SearchSpace.default()
+    study, created = open_study(options, space)
+    joined, joined_created = open_study(options, space)
+    assert created and not joined_created and joined.study_name == study.study_name
+    with pytest.raises(InputError, match="different proxy"):
+        open_study(replace(options, proxy="loss"), space)
