@@ -226,12 +226,14 @@ def _budgets(texts: list[str] | None) -> list[Budget]:
 
 def _sweep(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
     settings: SweepSettings = build(SweepSettings, args)
+    # ``lcpaq sweep --eval`` asks for measured points: all images unless a number is given.
     pipeline.sweep(
         run_dir,
         eval_path,
         num_points=settings.num_points,
         min_bits=settings.min_bits,
         metrics=settings.metrics,
+        eval_samples=settings.eval_samples or None,
         progress=not args.quiet,
     )
 
@@ -245,6 +247,7 @@ def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> N
         sweep_points=settings.num_points,
         sweep_min_bits=settings.min_bits,
         sweep_metrics=settings.metrics,
+        sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
     )
     print(f"report: {path}")
@@ -288,6 +291,7 @@ def _run(args: argparse.Namespace) -> None:
         sweep_points=settings.num_points,
         sweep_min_bits=settings.min_bits,
         sweep_metrics=settings.metrics,
+        sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
     )
     if path is not None:  # None on a torchrun rank other than 0

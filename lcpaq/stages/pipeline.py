@@ -103,10 +103,12 @@ def finish(
     sweep_points: int = 0,
     sweep_min_bits: float | None = None,
     sweep_metrics: Sequence[str] | None = None,
+    sweep_eval_samples: int | None = 0,
     progress: bool = True,
 ) -> Path:
     """The stages after ``allocate`` in `ORDER`: ``evaluate`` needs ``eval_path``, ``sweep``
-    needs ``sweep_points`` (without it a stale ``sweep.json`` is removed). Returns the report."""
+    needs ``sweep_points`` (without it a stale ``sweep.json`` is removed) and measures its points
+    on ``sweep_eval_samples`` images (0: none, None: all). Returns the report."""
     export(run_dir)
     if eval_path:
         evaluate(run_dir, eval_path)
@@ -117,6 +119,7 @@ def finish(
             num_points=sweep_points,
             min_bits=sweep_min_bits,
             metrics=sweep_metrics,
+            eval_samples=sweep_eval_samples,
             progress=progress,
         )
     else:
@@ -133,6 +136,7 @@ def run(
     sweep_points: int = 0,
     sweep_min_bits: float | None = None,
     sweep_metrics: Sequence[str] | None = None,
+    sweep_eval_samples: int | None = 0,
     progress: bool = True,
 ) -> Path | None:
     """Every stage of `ORDER` on ``run_dir`` under ``config.allocation.budgets`` (with
@@ -154,5 +158,6 @@ def run(
         sweep_points=sweep_points,
         sweep_min_bits=sweep_min_bits,
         sweep_metrics=sweep_metrics,
+        sweep_eval_samples=sweep_eval_samples,
         progress=progress,
     )
