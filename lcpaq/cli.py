@@ -232,12 +232,14 @@ def _budgets(texts: list[str] | None) -> list[Budget]:
 
 def _sweep(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
     settings: SweepSettings = build(SweepSettings, args)
+    # ``lcpaq sweep --eval`` asks for measured points: all images unless a number is given.
     pipeline.sweep(
         run_dir,
         eval_path,
         num_points=settings.num_points,
         min_bits=settings.min_bits,
         metrics=settings.metrics,
+        eval_samples=settings.eval_samples or None,
         progress=not args.quiet,
     )
 
@@ -251,6 +253,7 @@ def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> N
         sweep_points=settings.num_points,
         sweep_min_bits=settings.min_bits,
         sweep_metrics=settings.metrics,
+        sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
         export_settings=build(ExportSettings, args),
     )
@@ -295,6 +298,7 @@ def _run(args: argparse.Namespace) -> None:
         sweep_points=settings.num_points,
         sweep_min_bits=settings.min_bits,
         sweep_metrics=settings.metrics,
+        sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
         export_settings=build(ExportSettings, args),
     )

@@ -30,6 +30,18 @@ def _sweep_points(text: str) -> int:
     return value
 
 
+def _eval_samples(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'all', got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     """The model-level curve after a run (`lcpaq.stages.pipeline.sweep`'s options)."""
@@ -51,6 +63,16 @@ class SweepSettings:
             choices=COST_METRICS,
             help="budget metric to sweep (repeatable; default: the metrics of the run's budgets, "
             "the other budgets held fixed)",
+        ),
+    )
+    eval_samples: int | None = field(
+        default=0,
+        metadata=option(
+            "--sweep-eval-samples",
+            type=_eval_samples,
+            help="evaluation images each sweep point's top-1 is measured on, or 'all' (default "
+            "%(default)s: run/demo draw the predicted curve and take the chosen budget's top-1 "
+            "from evaluate; lcpaq sweep --eval measures all images unless a number > 0 is given)",
         ),
     )
 

@@ -104,11 +104,13 @@ def finish(
     sweep_points: int = 0,
     sweep_min_bits: float | None = None,
     sweep_metrics: Sequence[str] | None = None,
+    sweep_eval_samples: int | None = 0,
     progress: bool = True,
     export_settings: ExportSettings | None = None,
 ) -> Path:
     """The stages after ``allocate`` in `ORDER`: ``evaluate`` needs ``eval_path``, ``sweep``
-    needs ``sweep_points`` (without it a stale ``sweep.json`` is removed). Returns the report."""
+    needs ``sweep_points`` (without it a stale ``sweep.json`` is removed) and measures its points
+    on ``sweep_eval_samples`` images (0: none, None: all). Returns the report."""
     export(run_dir, settings=export_settings)
     if eval_path:
         evaluate(run_dir, eval_path)
@@ -119,6 +121,7 @@ def finish(
             num_points=sweep_points,
             min_bits=sweep_min_bits,
             metrics=sweep_metrics,
+            eval_samples=sweep_eval_samples,
             progress=progress,
         )
     else:
@@ -135,6 +138,7 @@ def run(
     sweep_points: int = 0,
     sweep_min_bits: float | None = None,
     sweep_metrics: Sequence[str] | None = None,
+    sweep_eval_samples: int | None = 0,
     progress: bool = True,
     export_settings: ExportSettings | None = None,
 ) -> Path | None:
@@ -157,6 +161,7 @@ def run(
         sweep_points=sweep_points,
         sweep_min_bits=sweep_min_bits,
         sweep_metrics=sweep_metrics,
+        sweep_eval_samples=sweep_eval_samples,
         progress=progress,
         export_settings=export_settings,
     )
