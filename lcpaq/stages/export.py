@@ -31,7 +31,7 @@ from lcpaq.quant.activations import (
     attach_activation_quantizers,
 )
 from lcpaq.quant.checkpoint import quantize_model, write_quantized_checkpoint
-from lcpaq.quant.formats import get_format
+from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.learned_steps import quantize_at_steps
 from lcpaq.quant.weights import QuantizedWeight, dequantize_weight
 from lcpaq.sensitivity.activation import ActivationSensitivity
@@ -117,7 +117,7 @@ def quantize_and_recover(
     )
     if learned_steps is not None:
         apply_learned_steps(
-            quantized_model, layers, assignment, codes, learned_steps, config, input_hessians
+            model, quantized_model, layers, assignment, codes, learned_steps, config, input_hessians
         )
     recover_quantized(
         model,
@@ -131,7 +131,28 @@ def quantize_and_recover(
     return quantized_model, codes
 
 
+def learned_codes(
+    weight: torch.Tensor,
+    layer_name: str,
+    format_name: str,
+    learned: LearnedStepSizes,
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
+) -> QuantizedWeight | None:
+    """The FP32 ``weight`` quantized to ``format_name`` at the step sizes learned for it
+    (`lcpaq.quant.learned_steps.quantize_at_steps`, rounded as the scheme says); None when no
+    step was learned for this layer and format (the scheme's quantizer applies)."""
+    if format_name not in learned.format_names or layer_name not in learned.layer_names:
+        return None
+    row = learned.layer_names.index(layer_name)
+    steps = learned.step_sizes[row][learned.format_names.index(format_name)]
+    return quantize_at_steps(
+        weight, get_format(format_name), scheme, torch.from_numpy(steps), input_hessian
+    )
+
+
 def apply_learned_steps(
+    model: nn.Module,
     quantized_model: nn.Module,
     layers: Sequence[LayerInfo],
     assignment: Mapping[str, str],
@@ -140,22 +161,28 @@ def apply_learned_steps(
     config: RunConfig,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Requantize, in place, every assigned layer whose format has a learned step size at those
-    steps (`lcpaq.quant.learned_steps.quantize_at_steps`, rounded as the scheme says); the others
-    keep the scheme's quantizer."""
+    """Requantize, in place, every assigned layer whose format has a learned step size: the FP32
+    weight of ``model`` (not the already rounded one) at those steps; the others keep the
+    scheme's quantizer."""
+    fp_parameters = dict(model.named_parameters())
     parameters = dict(quantized_model.named_parameters())
-    rows = {name: index for index, name in enumerate(learned.layer_names)}
     with torch.no_grad():
         for layer in layers:
             name = assignment.get(layer.name)
-            if name not in learned.format_names or layer.name not in rows:
+            if name is None:
                 continue
-            steps = learned.step_sizes[rows[layer.name]][learned.format_names.index(name)]
-            weight = parameters[layer.weight_key]
             hessian = input_hessians.get(layer.name) if input_hessians else None
-            quantized = quantize_at_steps(
-                weight, get_format(name), config.analysis.scheme, torch.from_numpy(steps), hessian
+            quantized = learned_codes(
+                fp_parameters[layer.weight_key].detach(),
+                layer.name,
+                name,
+                learned,
+                config.analysis.scheme,
+                hessian,
             )
+            if quantized is None:
+                continue
+            weight = parameters[layer.weight_key]
             weight.copy_(dequantize_weight(quantized, weight.dtype))
             codes[layer.name] = quantized
 

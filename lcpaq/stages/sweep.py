@@ -44,6 +44,7 @@ from lcpaq.model.recovery import collect_reference_stats
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.weights import dequantize_weight, quantize_weight
 from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.limpq import LearnedStepSizes
 from lcpaq.stages.allocate import (
     ProblemData,
     activation_term_of,
@@ -51,16 +52,13 @@ from lcpaq.stages.allocate import (
     problem_of,
     read_problem_data,
 )
-<<<<<<< HEAD
 from lcpaq.stages.export import (
     activation_quantizers_of,
-    quantize_and_recover,
+    learned_codes,
     read_learned_steps,
+    recover_quantized,
     weight_assignment,
 )
-=======
-from lcpaq.stages.export import activation_quantizers_of, recover_quantized, weight_assignment
->>>>>>> h-failfast
 from lcpaq.stages.folder import (
     allocation_config_of,
     load_eval,
@@ -156,10 +154,12 @@ class _WeightCache:
         model: nn.Module,
         scheme: QuantScheme,
         input_hessians: Mapping[str, torch.Tensor] | None,
+        learned_steps: LearnedStepSizes | None = None,
     ) -> None:
         self.model = model
         self.scheme = scheme
         self.input_hessians = input_hessians or {}
+        self.learned_steps = learned_steps
         self.weights: dict[tuple[str, str], torch.Tensor] = {}
 
     def quantized_model(self, layers: Sequence[LayerInfo], assignment: Mapping[str, str]):
@@ -176,9 +176,14 @@ class _WeightCache:
     def _weight(self, name: str, format_name: str, weight: torch.Tensor) -> torch.Tensor:
         key = (name, format_name)
         if key not in self.weights:
-            codes = quantize_weight(
-                weight, get_format(format_name), self.scheme, self.input_hessians.get(name)
-            )
+            hessian = self.input_hessians.get(name)
+            codes = None
+            if self.learned_steps is not None:  # --learn-scales: at the learned steps
+                codes = learned_codes(
+                    weight, name, format_name, self.learned_steps, self.scheme, hessian
+                )
+            if codes is None:
+                codes = quantize_weight(weight, get_format(format_name), self.scheme, hessian)
             self.weights[key] = dequantize_weight(codes, weight.dtype)
         return self.weights[key]
 
@@ -203,12 +208,12 @@ def measure_top1(
     reference = (
         collect_reference_stats(model, calib.inputs, names) if config.recovery.enabled else None
     )
-<<<<<<< HEAD
-    input_hessians = read_input_hessians(run_dir, config)
-    learned_steps = read_learned_steps(run_dir, config)
-=======
-    weights = _WeightCache(model, config.analysis.scheme, read_input_hessians(run_dir, config))
->>>>>>> h-failfast
+    weights = _WeightCache(
+        model,
+        config.analysis.scheme,
+        read_input_hessians(run_dir, config),
+        read_learned_steps(run_dir, config),
+    )
     layer_names = data.table.layer_names
 
     def measure(candidates: Sequence[str]) -> tuple[float, float]:
@@ -224,7 +229,6 @@ def measure_top1(
             reference,
             # The ranges were read once for every point (``data.activations``).
             activation_quantizers_of(run_dir, layer_names, candidates, data.activations),
-            learned_steps,
         )
         accuracy = evaluate_accuracy(quantized_model, dataset)
         return accuracy.top1, accuracy.stderr
