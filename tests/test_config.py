@@ -157,7 +157,7 @@ def test_run_config_round_trips_with_an_unchanged_layout():
         "loss", "formats", "act_formats", "act_clipping", "scheme", "hutchinson_probes",
         "hutchinson_samples", "estimator", "hutchinson_rel_tol", "pyhessian_iters", "seed",
         "allow_unsafe_pickle", "pairwise", "pair_rule", "pair_window", "pair_samples",
-        "pair_loss", "pair_max_bits", "limpq_steps",
+        "pair_loss", "pair_max_bits", "limpq_steps", "include", "exclude",
     ]  # fmt: skip
     assert list(data["recovery"]) == ["enabled", "num_samples", "learn_scales"]
     assert list(data["allocation"]) == [

@@ -196,32 +196,6 @@ class AnalysisConfig:
             "clipping of the calibration activations (default) or their observed min/max",
         ),
     )
-    include: tuple[str, ...] = field(
-        default=(),
-        metadata=option(
-            "--include",
-            group=MODEL_GROUP,
-            repeat=True,
-            metavar="PATTERN",
-            parse=_patterns,
-            show=_pattern_list,
-            help="quantize only layers whose name matches this glob (e.g. 'features.*'); repeat "
-            "for several (default: every supported layer)",
-        ),
-    )
-    exclude: tuple[str, ...] = field(
-        default=(),
-        metadata=option(
-            "--exclude",
-            group=MODEL_GROUP,
-            repeat=True,
-            metavar="PATTERN",
-            parse=_patterns,
-            show=_pattern_list,
-            help="keep layers whose name matches this glob in FP32 (e.g. '*.attn', 'head'); the "
-            "report lists them; repeat for several",
-        ),
-    )
     scheme: QuantScheme = field(default=DEFAULT_SCHEME, metadata={NESTED: SCHEME_OPTIONS})
     hutchinson_probes: int = field(
         default=0,
@@ -327,6 +301,32 @@ class AnalysisConfig:
             help="learn a step size per layer, integer format and output channel for this many "
             "steps on the calibration images (KL to FP32; each step costs one forward+backward "
             "pass per format plus one) into step_sizes.npz, for --scorer limpq (0: off)",
+        ),
+    )
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "--include",
+            group=MODEL_GROUP,
+            repeat=True,
+            metavar="PATTERN",
+            parse=_patterns,
+            show=_pattern_list,
+            help="quantize only layers whose name matches this glob (e.g. 'features.*'); repeat "
+            "for several (default: every supported layer)",
+        ),
+    )
+    exclude: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "--exclude",
+            group=MODEL_GROUP,
+            repeat=True,
+            metavar="PATTERN",
+            parse=_patterns,
+            show=_pattern_list,
+            help="keep layers whose name matches this glob in FP32 (e.g. '*.attn', 'head'); the "
+            "report lists them; repeat for several",
         ),
     )
 

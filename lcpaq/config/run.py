@@ -76,6 +76,8 @@ class RunConfig:
             analysis["scheme"] = QuantScheme.from_dict(analysis["scheme"])
             analysis["formats"] = tuple(analysis["formats"])
             analysis["act_formats"] = tuple(analysis.get("act_formats", ()))
+            for key in ("include", "exclude"):  # JSON lists; absent from older configurations
+                analysis[key] = tuple(analysis.get(key, ()))
             analysis.setdefault("act_clipping", "minmax")  # what older configurations did
             return cls(
                 analysis=AnalysisConfig(**analysis),

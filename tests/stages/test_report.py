@@ -27,6 +27,7 @@ def test_run_with_activation_pairs_and_a_bitops_budget(digits_run_files, tmp_pat
     args += ["--calib", str(digits_run_files["data"]), "--num-samples", "16"]
     args += ["--correction-samples", "16", "--formats", "int2,int4,int8,fp4_e2m1"]
     args += ["--act-formats", "int4,int8", "--first-last", "keep-8bit", "--sweep-points", "3"]
+    args += ["--sweep-eval-samples", "all"]  # the points measured, not only predicted
     args += ["--budget", "bitops-g=0.006", "--eval", str(digits_run_files["data"])]
     assert main([*args, "--out", str(out)]) == 0
     allocation = json.loads((out / "allocation.json").read_text())
