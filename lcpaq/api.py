@@ -156,7 +156,7 @@ def _analyze(config: RunConfig, model: nn.Module, calib: object, progress: bool)
     options = config.analysis
     subset = data.subset(0, min(options.num_samples, len(data)))
     model.eval()
-    layers = discover_layers(model, subset.inputs)
+    layers = discover_layers(model, subset.inputs, include=options.include, exclude=options.exclude)
     pair_data = data.subset(0, min(options.pair_samples, len(data)))
     return analyze_model(config, model, layers, subset, pair_data=pair_data, progress=progress)
 

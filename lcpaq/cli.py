@@ -23,6 +23,7 @@ from lcpaq.allocation.budgets import Budget, parse_budget
 from lcpaq.config import (
     AllocationConfig,
     AnalysisConfig,
+    ExportSettings,
     RecoveryConfig,
     RunConfig,
     SearchSettings,
@@ -84,6 +85,7 @@ def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--eval", help="labelled evaluation data (.npz, .pt or ImageFolder dir)")
     run.add_argument("--out", type=Path, required=True, help="run folder")
     add_arguments(run, declared_options(SweepSettings))
+    add_arguments(run, declared_options(ExportSettings))
 
     analyze = commands.add_parser("analyze", help="curvature and candidate table into a run folder")
     add_arguments(analyze, _analysis_options())
@@ -99,6 +101,7 @@ def _add_stage_parsers(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="write the quantized checkpoint")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, help="checkpoint folder (default RUN/quantized)")
+    add_arguments(export, declared_options(ExportSettings))
 
     evaluate = commands.add_parser("evaluate", help="top-1 of FP32 and of the exported checkpoint")
     evaluate.add_argument("run_dir", type=Path)
@@ -229,12 +232,14 @@ def _budgets(texts: list[str] | None) -> list[Budget]:
 
 def _sweep(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> None:
     settings: SweepSettings = build(SweepSettings, args)
+    # ``lcpaq sweep --eval`` asks for measured points: all images unless a number is given.
     pipeline.sweep(
         run_dir,
         eval_path,
         num_points=settings.num_points,
         min_bits=settings.min_bits,
         metrics=settings.metrics,
+        eval_samples=settings.eval_samples or None,
         progress=not args.quiet,
     )
 
@@ -248,7 +253,9 @@ def _finish(run_dir: Path, eval_path: str | None, args: argparse.Namespace) -> N
         sweep_points=settings.num_points,
         sweep_min_bits=settings.min_bits,
         sweep_metrics=settings.metrics,
+        sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
+        export_settings=build(ExportSettings, args),
     )
     print(f"report: {path}")
 
@@ -291,7 +298,9 @@ def _run(args: argparse.Namespace) -> None:
         sweep_points=settings.num_points,
         sweep_min_bits=settings.min_bits,
         sweep_metrics=settings.metrics,
+        sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
+        export_settings=build(ExportSettings, args),
     )
     if path is not None:  # None on a torchrun rank other than 0
         print(f"report: {path}")
@@ -340,7 +349,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
         _config_from_flags(args), args.out, progress=not args.quiet
     ),
     "allocate": _allocate,
-    "export": lambda args: pipeline.export(args.run_dir, out_dir=args.out),
+    "export": lambda args: pipeline.export(
+        args.run_dir, out_dir=args.out, settings=build(ExportSettings, args)
+    ),
     "evaluate": lambda args: pipeline.evaluate(
         args.run_dir, args.eval, quantized_dir=args.quantized
     ),

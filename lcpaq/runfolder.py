@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,23 +41,79 @@ DOWNSTREAM_ARTIFACTS = (
 )
 
 
+#: The stage that writes each run-folder file, named in "file is damaged" messages.
+WRITTEN_BY = {
+    "frontiers.npz": "allocate",
+    "allocation.json": "allocate",
+    "infeasible.json": "allocate",
+    "evaluation.json": "evaluate",
+    "onnx.json": "onnx",
+    "sweep.json": "sweep",
+    "timings.json": "analyze",
+}
+
+#: What reading a truncated or edited file raises (besides InputError, which passes through).
+_DAMAGE = (
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    EOFError,
+    OSError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+def damaged(path: Path, reason: object) -> InputError:
+    """The one-line error for a run-folder file that exists but cannot be used."""
+    stage = WRITTEN_BY.get(path.name, "analyze")
+    text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return InputError(
+        f"run folder {path.parent}: file {path.name} is damaged ({text}); rerun `lcpaq {stage}`"
+    )
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn whatever a truncated or hand-edited ``path`` makes its reader raise into `damaged`."""
+    try:
+        yield
+    except InputError:
+        raise
+    except _DAMAGE as error:
+        reason = f"missing {error}" if isinstance(error, KeyError) else error
+        raise damaged(path, reason) from None
+
+
+def check_length(path: Path, key: str, values: np.ndarray, length: int, axis: int = 0) -> None:
+    """``values`` has ``length`` entries along ``axis``, else ``path`` is damaged."""
+    if values.ndim <= axis or values.shape[axis] != length:
+        raise damaged(path, f"{key!r} has shape {values.shape}, expected {length} along {axis}")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
 
-    The file gets the ordinary 0644 mode (mkstemp creates 0600).
+    The file gets the ordinary 0644 mode (mkstemp creates 0600). An OSError while writing (disk
+    full, a folder in the way) becomes an `InputError` naming ``path``.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror}") from None
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(fd)
     temp = Path(name)
     try:
         yield temp
         os.chmod(temp, 0o644)
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -91,8 +149,10 @@ def read_json(path: Path, what: str) -> dict[str, object]:
         raise InputError(f"{path} is missing: run the stage that writes the {what} first")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise damaged(path, f"not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise damaged(path, f"holds a JSON {type(data).__name__}, not an object")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise InputError(f"{path}: schema version {data.get('schema_version')} is not supported")
     return data
@@ -108,7 +168,7 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
 def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputError(f"{path} is missing: run the stage that writes the {what} first")
-    with np.load(path, allow_pickle=False) as archive:
+    with reading(path), np.load(path, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
 
 
@@ -155,7 +215,15 @@ def save_curvature(path: Path, estimate: CurvatureEstimate) -> Path:
 
 def load_curvature(path: Path) -> CurvatureEstimate:
     arrays = read_npz(path, "curvature estimate (lcpaq analyze)")
-    meta = json.loads(str(arrays["meta"]))
+    with reading(path):
+        meta = json.loads(str(arrays["meta"]))
+        count = len(arrays["layer_names"])
+        for key in ("trace", "trace_stderr", "flags"):
+            check_length(path, key, arrays[key], count)
+        return _curvature(arrays, meta)
+
+
+def _curvature(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> CurvatureEstimate:
     return CurvatureEstimate(
         layer_names=tuple(str(name) for name in arrays["layer_names"]),
         trace=arrays["trace"],
@@ -174,7 +242,8 @@ def load_curvature(path: Path) -> CurvatureEstimate:
 
 
 def save_candidates(path: Path, table: CandidateTable) -> Path:
-    assert table.output_error is not None  # CandidateTable fills it (NaN) when not measured
+    # CandidateTable fills these (NaN) when not measured
+    assert table.output_error is not None and table.learned_step is not None
     return write_npz(
         path,
         {
@@ -187,6 +256,7 @@ def save_candidates(path: Path, table: CandidateTable) -> Path:
             "error_sq": table.error_sq,
             "weighted_error": table.weighted_error,
             "output_error": table.output_error,
+            "learned_step": table.learned_step,
             "weight_formats": np.array(table.weight_formats),
             "activation_formats": np.array(table.activation_formats),
         },
@@ -195,6 +265,17 @@ def save_candidates(path: Path, table: CandidateTable) -> Path:
 
 def load_candidates(path: Path) -> CandidateTable:
     arrays = read_npz(path, "candidate table (lcpaq analyze)")
+    with reading(path):
+        rows, columns = len(arrays["layer_names"]), len(arrays["format_names"])
+        check_length(path, "num_params", arrays["num_params"], rows)
+        check_length(path, "bits", arrays["bits"], columns)
+        for key in ("weight_bits", "size_bits", "error_sq", "weighted_error"):
+            check_length(path, key, arrays[key], rows)
+            check_length(path, key, arrays[key], columns, axis=1)
+        return _candidates(arrays)
+
+
+def _candidates(arrays: Mapping[str, np.ndarray]) -> CandidateTable:
     return CandidateTable(
         layer_names=tuple(str(name) for name in arrays["layer_names"]),
         format_names=tuple(str(name) for name in arrays["format_names"]),
@@ -208,4 +289,5 @@ def load_candidates(path: Path) -> CandidateTable:
         weight_formats=tuple(str(name) for name in arrays.get("weight_formats", ())),
         activation_formats=tuple(str(name) for name in arrays.get("activation_formats", ())),
         output_error=arrays.get("output_error"),  # NaN-filled for older tables
+        learned_step=arrays.get("learned_step"),
     )

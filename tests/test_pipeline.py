@@ -46,7 +46,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, P
     config = _config(folder)
     run_dir = folder / "run"
     report = pipeline.run(
-        config, run_dir, eval_path=config.analysis.calib, sweep_points=3, progress=False
+        config, run_dir, eval_path=config.analysis.calib, sweep_points=4, progress=False
     )
     assert report == run_dir / "report.md"
     return config, run_dir
@@ -90,7 +90,62 @@ def test_sweep_curve_trades_bits_for_predicted_loss(finished_run) -> None:
     # More bits never predict a larger loss: each point is an optimum at a looser budget.
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
     assert {point["format"] for point in sweep["uniform"]} >= {"int2", "int4", "int8"}
-    assert all(0 <= point["top1"] <= 1 for point in points + sweep["uniform"])
+    # By default run measures no sweep point: the exported allocation's point takes the top-1
+    # that evaluate measured, every other point is predicted only.
+    evaluation = _json(run_dir / "evaluation.json")["quantized"]
+    chosen = _json(run_dir / "allocation.json")["formats"]
+    everything = points + sweep["uniform"]
+    reused = [
+        point
+        for point in everything
+        if point.get("formats", [point.get("format")] * len(chosen)) == chosen
+    ]
+    assert reused, "the allocation's budget is on the curve"
+    for point in everything:
+        if point in reused:
+            assert (point["top1"], point["top1_stderr"]) == (
+                evaluation["top1"],
+                evaluation["stderr"],
+            )
+            assert point["eval_images"] == evaluation["num_samples"]
+        else:
+            assert point.get("top1") is None
+
+
+def test_sweep_measures_points_on_a_subset_as_export_does(finished_run, tmp_path) -> None:
+    """--sweep-eval-samples N: every point measured on the first N images with its binomial
+    standard error; its top-1 is what quantize_and_recover + evaluate give on those images
+    (the shared weight cache changes nothing)."""
+    import shutil
+
+    from lcpaq.model.evaluate import evaluate_accuracy
+    from lcpaq.stages.export import quantize_and_recover
+    from lcpaq.stages.folder import load_eval, read_input_hessians, read_layers
+
+    config, original = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    eval_path = config.analysis.calib
+    sweep = pipeline.sweep(run_dir, eval_path, num_points=3, eval_samples=16, progress=False)
+    uniform = {point["format"]: point for point in sweep["uniform"]}
+    for point in [*sweep["points"], *uniform.values()]:
+        assert point["eval_images"] in (16, 48)  # 48: the allocation's, from evaluation.json
+        p = point["top1"]
+        expected = np.sqrt(p * (1 - p) / point["eval_images"])
+        assert point["top1_stderr"] == pytest.approx(expected)
+    measured = next(name for name, point in uniform.items() if point["eval_images"] == 16)
+    model, calib = load_model_and_data(config, config.recovery.num_samples)
+    layers, _ = read_layers(run_dir)
+    quantized, _ = quantize_and_recover(
+        model,
+        layers,
+        {layer.name: measured for layer in layers},
+        config,
+        calib.inputs,
+        input_hessians=read_input_hessians(run_dir, config),
+    )
+    subset = load_eval(config, model, eval_path).subset(0, 16)
+    assert uniform[measured]["top1"] == evaluate_accuracy(quantized, subset).top1
 
 
 def test_report_and_figures_show_the_allocation(finished_run) -> None:

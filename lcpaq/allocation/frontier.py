@@ -52,10 +52,27 @@ def output_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
     return 0.5 * (trace / table.num_params)[:, None] * output_error
 
 
+def limpq_score(table: CandidateTable, trace: np.ndarray) -> np.ndarray:
+    """LIMPQ's indicator: the learned step size of the candidate's weight format
+    (``learned_step``, `lcpaq.sensitivity.limpq`). Not a loss increase: the ILP minimises the sum of
+    step sizes, so a layer's bits go where its step shrinks most per bit of cost."""
+    learned = table.learned_step
+    assert learned is not None  # CandidateTable.__post_init__ fills it (NaN when unmeasured)
+    missing = sorted({table.format_names[c] for c in np.flatnonzero(np.isnan(learned).any(axis=0))})
+    if missing:
+        raise InputError(
+            "the 'limpq' scorer needs learned step sizes for every candidate: run analyze with "
+            f"--limpq-steps N (integer formats only); missing for {', '.join(missing)}"
+        )
+    del trace  # the indicator is learned, not derived from the curvature
+    return learned.astype(float)
+
+
 SCORERS: dict[str, Scorer] = {
     "hawq_v2": hawq_v2_score,
     "diagonal": diagonal_score,
     "output": output_score,
+    "limpq": limpq_score,
 }
 
 

@@ -94,11 +94,13 @@ class CandidateTable:
     weight_formats: tuple[str, ...] = ()
     activation_formats: tuple[str, ...] = ()
     output_error: np.ndarray | None = None
+    learned_step: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: fill the defaults of older tables in place, once.
-        if self.output_error is None:
-            object.__setattr__(self, "output_error", np.full(np.shape(self.error_sq), np.nan))
+        for name in ("output_error", "learned_step"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.full(np.shape(self.error_sq), np.nan))
         if not self.weight_formats:
             object.__setattr__(
                 self, "weight_formats", tuple(weight_format_of(n) for n in self.format_names)
@@ -186,7 +188,7 @@ class CandidateTable:
         picked = list(source)
         if not len(picked) == len(format_names) == len(activation_formats):
             raise ValueError("give one name and one activation format per new column")
-        assert self.output_error is not None  # filled by __post_init__
+        assert self.output_error is not None and self.learned_step is not None  # __post_init__
         return CandidateTable(
             layer_names=self.layer_names,
             format_names=tuple(format_names),
@@ -199,6 +201,7 @@ class CandidateTable:
             weight_formats=tuple(self.weight_formats[c] for c in picked),
             activation_formats=tuple(activation_formats),
             output_error=self.output_error[:, picked],
+            learned_step=self.learned_step[:, picked],
         )
 
 

@@ -80,8 +80,9 @@ class AllocationConfig:
             group=ALLOCATION_GROUP,
             choices=tuple(SCORERS),
             help="per-layer score: trace/n × weight error (hawq_v2), the curvature diagonal × "
-            "error (diagonal), or trace/n × the error seen through the layer's input correlations "
-            "(output; needs GPTQ's input second moments)",
+            "error (diagonal), trace/n × the error seen through the layer's input correlations "
+            "(output; needs GPTQ's input second moments), or LIMPQ's learned step sizes (limpq; "
+            "needs analyze --limpq-steps)",
         ),
     )
     ties: tuple[tuple[str, ...], ...] = field(

@@ -68,6 +68,18 @@ SCHEME_OPTIONS: dict[str, Option] = {
 }
 
 
+def _patterns(texts: list[str] | None) -> tuple[str, ...]:
+    """``--include``/``--exclude`` glob patterns on layer names (`fnmatch`), empty ones refused."""
+    patterns = tuple(text.strip() for text in texts or [])
+    if any(not pattern for pattern in patterns):
+        raise InputError("--include/--exclude need a non-empty glob pattern on layer names")
+    return patterns
+
+
+def _pattern_list(values: tuple[str, ...]) -> list[str] | None:
+    return list(values) or None
+
+
 def _activation_formats(text: str | None) -> tuple[str, ...]:
     # local: keeps config's imports minimal
     from lcpaq.allocation.table import parse_activation_formats
@@ -184,6 +196,32 @@ class AnalysisConfig:
             "clipping of the calibration activations (default) or their observed min/max",
         ),
     )
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "--include",
+            group=MODEL_GROUP,
+            repeat=True,
+            metavar="PATTERN",
+            parse=_patterns,
+            show=_pattern_list,
+            help="quantize only layers whose name matches this glob (e.g. 'features.*'); repeat "
+            "for several (default: every supported layer)",
+        ),
+    )
+    exclude: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "--exclude",
+            group=MODEL_GROUP,
+            repeat=True,
+            metavar="PATTERN",
+            parse=_patterns,
+            show=_pattern_list,
+            help="keep layers whose name matches this glob in FP32 (e.g. '*.attn', 'head'); the "
+            "report lists them; repeat for several",
+        ),
+    )
     scheme: QuantScheme = field(default=DEFAULT_SCHEME, metadata={NESTED: SCHEME_OPTIONS})
     hutchinson_probes: int = field(
         default=0,
@@ -280,6 +318,18 @@ class AnalysisConfig:
         ),
     )
 
+    # LIMPQ's learned step sizes (`lcpaq.sensitivity.limpq`, METHOD §9): off by default.
+    limpq_steps: int = field(
+        default=0,
+        metadata=option(
+            "--limpq-steps",
+            group=ANALYSIS_GROUP,
+            help="learn a step size per layer, integer format and output channel for this many "
+            "steps on the calibration images (KL to FP32; each step costs one forward+backward "
+            "pass per format plus one) into step_sizes.npz, for --scorer limpq (0: off)",
+        ),
+    )
+
     def __post_init__(self) -> None:
         for name in (
             "num_samples",
@@ -293,6 +343,8 @@ class AnalysisConfig:
                     f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
         _check_pair_options(self)
+        if self.limpq_steps < 0:
+            raise InputError(f"limpq-steps must be 0 (off) or positive, got {self.limpq_steps}")
         if self.hutchinson_probes < 0 or self.hutchinson_probes == 1:
             raise InputError(
                 f"hutchinson-probes must be 0 (off) or at least 2, got {self.hutchinson_probes}"

@@ -1,7 +1,8 @@
-"""Flags of the subcommands that are not part of a run configuration: the sweep's and the search's.
+"""Flags of the subcommands that are not part of a run configuration: the sweep's, the export's
+and the search's.
 
 Declared like the configuration's options (`lcpaq.config.options`); `lcpaq.cli` builds
-`SweepSettings` from the parsed flags and hands `SearchSettings`' values to
+`SweepSettings` and `ExportSettings` from the parsed flags and hands `SearchSettings`' values to
 `lcpaq.search.SearchOptions`, whose defaults they must equal (tests/test_config.py checks).
 """
 
@@ -16,6 +17,7 @@ from lcpaq.allocation.costs import COST_METRICS
 from lcpaq.config.options import option
 
 SEARCH_GROUP = "search"
+EXPORT_GROUP = "export of transformers models"
 
 
 def _sweep_points(text: str) -> int:
@@ -25,6 +27,18 @@ def _sweep_points(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0 or value == 1:
         raise argparse.ArgumentTypeError(f"must be 0 (no sweep) or at least 2, got {value}")
+    return value
+
+
+def _eval_samples(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'all', got {value}")
     return value
 
 
@@ -49,6 +63,43 @@ class SweepSettings:
             choices=COST_METRICS,
             help="budget metric to sweep (repeatable; default: the metrics of the run's budgets, "
             "the other budgets held fixed)",
+        ),
+    )
+    eval_samples: int | None = field(
+        default=0,
+        metadata=option(
+            "--sweep-eval-samples",
+            type=_eval_samples,
+            help="evaluation images each sweep point's top-1 is measured on, or 'all' (default "
+            "%(default)s: run/demo draw the predicted curve and take the chosen budget's top-1 "
+            "from evaluate; lcpaq sweep --eval measures all images unless a number > 0 is given)",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What ``export`` writes beside the lcpaq checkpoint for a transformers model
+    (`lcpaq.stages.hf_export`); other models get the checkpoint only."""
+
+    hf_folder: bool = field(
+        default=True,
+        metadata=option(
+            "--no-hf-folder",
+            group=EXPORT_GROUP,
+            parse=lambda skip: not skip,
+            show=lambda write: not write,
+            help="skip the ready-to-load Hugging Face folder of dequantized weights (QUANTIZED/hf)",
+        ),
+    )
+    compressed_tensors: Literal["off", "dequantize", "refuse"] = field(
+        default="dequantize",
+        metadata=option(
+            "--compressed-tensors",
+            group=EXPORT_GROUP,
+            help="the compressed-tensors folder vLLM serves (QUANTIZED/compressed-tensors): "
+            "layers in formats it cannot express are written dequantized (default), or refused "
+            "(refuse), or no folder is written (off)",
         ),
     )
 

@@ -38,6 +38,15 @@ class RecoveryConfig:
             help="calibration images for BN statistics / bias correction after quantization",
         ),
     )
+    learn_scales: bool = field(
+        default=False,
+        metadata=option(
+            "--learn-scales",
+            group=CORRECTION_GROUP,
+            help="quantize integer formats at the step sizes analyze --limpq-steps learned "
+            "(step_sizes.npz) instead of the scheme's clipping; per-channel scales only",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

@@ -1,5 +1,7 @@
-"""Calibration and evaluation data: ``.npz`` (``x`` uint8 NCHW, ``y`` labels), ``.pt`` tensors, or an
-ImageFolder directory, normalised per channel. Every problem is reported as `InputError` naming the file.
+"""Calibration and evaluation data: ``.npz`` (``x`` integer NCHW pixels 0..255 or float
+features, ``y`` integer labels), ``.pt`` tensors, or an ImageFolder directory, normalised per
+channel. Every problem (dtype, shape, value range, label range, empty, a shape the model cannot
+take) is reported as `InputError` naming the file and the value.
 """
 
 from __future__ import annotations
@@ -69,16 +71,43 @@ def _normalise(pixels: torch.Tensor, normalization: str, path: Path) -> torch.Te
     return (pixels - mean_t) / std_t
 
 
+def _as_tensor(array: np.ndarray | torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """A numeric tensor of ``array``, or an error naming the array and its dtype."""
+    if isinstance(array, torch.Tensor):
+        return array
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":  # strings, bytes, objects, dates, complex
+        raise InputError(
+            f"{path}: array {key!r} has dtype {array.dtype}; expected numbers "
+            "(uint8 images or float features for 'x', integer labels for 'y')"
+        )
+    return torch.as_tensor(array)
+
+
+def _pixels(x_t: torch.Tensor, path: Path) -> torch.Tensor:
+    """Integer images as float pixels in [0, 1]: any integer dtype whose values lie in 0..255."""
+    if x_t.dim() != 4:
+        raise InputError(f"{path}: integer images 'x' must be NCHW, got shape {tuple(x_t.shape)}")
+    low, high = int(x_t.min()), int(x_t.max())
+    if low < 0 or high > 255:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"{path}: integer images 'x' must hold pixel values 0..255, found {bad} "
+            "(pass float features for other ranges)"
+        )
+    return x_t.float() / 255.0
+
+
 def _from_arrays(
     x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, path: Path, normalization: str
 ) -> Dataset:
-    x_t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-    y_t = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
-    if x_t.shape[0] == 0:
+    x_t, y_t = _as_tensor(x, "x", path), _as_tensor(y, "y", path)
+    if x_t.dim() == 0 or x_t.shape[0] == 0:
         raise InputError(f"{path}: the data set is empty (0 samples)")
-    if x_t.dim() < 2:
+    if x_t.dim() < 2 or x_t[0].numel() == 0:
         raise InputError(
-            f"{path}: 'x' must have a sample axis and feature axes, got shape {tuple(x_t.shape)}"
+            f"{path}: 'x' must have a sample axis and non-empty feature axes, "
+            f"got shape {tuple(x_t.shape)}"
         )
     if y_t.dim() != 1 or y_t.shape[0] != x_t.shape[0]:
         raise InputError(
@@ -89,18 +118,32 @@ def _from_arrays(
         raise InputError(f"{path}: labels 'y' must be integers, got {y_t.dtype}")
     if int(y_t.min()) < 0:
         raise InputError(f"{path}: label {int(y_t.min())} is negative")
-    if x_t.dtype == torch.uint8:
-        if x_t.dim() != 4:
-            raise InputError(f"{path}: uint8 images 'x' must be NCHW, got shape {tuple(x_t.shape)}")
-        inputs = _normalise(x_t.float() / 255.0, normalization, path)
-    elif x_t.is_floating_point():
+    if x_t.dtype == torch.bool:
+        raise InputError(f"{path}: 'x' must be uint8 images or float features, got {x_t.dtype}")
+    if x_t.is_floating_point():
         # Float inputs are taken as already preprocessed.
         inputs = x_t.float()
     else:
-        raise InputError(f"{path}: 'x' must be uint8 images or float features, got {x_t.dtype}")
+        inputs = _normalise(_pixels(x_t, path), normalization, path)
     if not torch.isfinite(inputs).all():
         raise InputError(f"{path}: 'x' contains NaN or Inf values")
     return Dataset(inputs.contiguous(), y_t.long(), str(path))
+
+
+@torch.no_grad()
+def check_inputs_fit(model: torch.nn.Module, dataset: Dataset, model_name: str) -> None:
+    """One sample through ``model``: data whose shape the model cannot take fails here, naming
+    the file and the shape, instead of deep inside a stage."""
+    sample = dataset.inputs[:1]
+    try:
+        device = next(model.parameters()).device
+        model(sample.to(device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"{dataset.source}: samples of shape {tuple(sample.shape[1:])} do not fit the model "
+            f"{model_name} ({reason})"
+        ) from None
 
 
 def _load_image_folder(path: Path, normalization: str, image_size: int | None) -> Dataset:

@@ -7,7 +7,9 @@ layers come out in execution order. Everything downstream refers to layers by th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 from lcpaq.errors import InputError
+from lcpaq.model.op_capture import OpCall, OpCapture
+from lcpaq.quant.state_keys import TRANSPOSED_KINDS
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -50,16 +54,135 @@ class LayerInfo:
         return cls(**values)
 
 
-def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
-    """MACs for one sample: each output element costs one dot product of the kernel's fan-in."""
-    per_sample_outputs = int(output[0].numel())
-    # For convolutions weight[0] holds in_channels/groups x kernel elements: the fan-in.
-    fan_in = int(layer_weight(module)[0].numel())
-    return per_sample_outputs * fan_in
+@dataclass(frozen=True)
+class KeptWeight:
+    """A weight tensor (≥ 2 dimensions) that stays in FP32, and why (listed in the report and the
+    manifest; the size budgets count it with the unquantized tensors)."""
+
+    key: str
+    num_params: int
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """Every weight of a model: the layers lcpaq quantizes and the weights kept in FP32."""
+
+    layers: tuple[LayerInfo, ...]
+    kept: tuple[KeptWeight, ...]
+
+    def quantized_share(self) -> float:
+        """Share of the weight parameters (tensors of ≥ 2 dimensions) that are quantized."""
+        quantized = sum(layer.num_params for layer in self.layers)
+        total = quantized + sum(kept.num_params for kept in self.kept)
+        return quantized / total if total else 0.0
+
+
+#: Module types whose weights are known not to be supported, with the reason shown to the user.
+UNSUPPORTED_REASONS: dict[type[nn.Module], str] = {
+    nn.Embedding: "embedding table (a lookup, not a matmul)",
+    nn.EmbeddingBag: "embedding table (a lookup, not a matmul)",
+    nn.Conv3d: "Conv3d is not supported",
+    nn.ConvTranspose1d: "transposed convolutions are not supported",
+    nn.ConvTranspose2d: "transposed convolutions are not supported",
+    nn.ConvTranspose3d: "transposed convolutions are not supported",
+}
+
+
+def _layer_name(model: nn.Module, key: str) -> str | None:
+    """The layer name of a weight used by a captured operation, or None if it is not supported:
+    ``<module>.weight`` → the module's path; ``nn.MultiheadAttention.in_proj_weight`` → the
+    attention module's path (its ``out_proj`` is a Linear ``weight``)."""
+    owner_path, _, attribute = key.rpartition(".")
+    if attribute == "weight" and owner_path:
+        return owner_path
+    owner = model.get_submodule(owner_path) if owner_path else model
+    if attribute == "in_proj_weight" and isinstance(owner, nn.MultiheadAttention) and owner_path:
+        return owner_path
+    return None
+
+
+def _kept_reason(model: nn.Module, key: str, used: bool) -> str:
+    owner_path = key.rpartition(".")[0]
+    owner = model.get_submodule(owner_path) if owner_path else model
+    for kind, reason in UNSUPPORTED_REASONS.items():
+        if isinstance(owner, kind):
+            return reason
+    if used:
+        return (
+            f"a bare Parameter of {type(owner).__name__} used in F.linear/F.conv "
+            "(not a Linear/Conv module weight)"
+        )
+    return "not the weight of a linear or convolution operation (or did not run)"
+
+
+def _call_macs(call: OpCall, weight: torch.Tensor) -> int:
+    """MACs of one call on a batch of one: each output element costs one fan-in dot product."""
+    fan_in = weight.shape[0] if call.op == "addmm" else int(weight[0].numel())
+    return int(call.output.numel()) * int(fan_in)
+
+
+def survey_weights(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Survey:
+    """Trace one forward pass of one sample and sort every weight tensor (≥ 2 dims) into
+    quantizable layers (in execution order) and weights kept in FP32, with the reason.
+
+    A weight is a layer when the operation it meets is F.linear, F.conv1d, F.conv2d or
+    transformers' Conv1D (`lcpaq.model.op_capture`). ``include``/``exclude``: glob patterns on
+    layer names (`fnmatch`); a layer is kept when it matches an include (or none are given) and
+    no exclude.
+    """
+    weights = {key: value for key, value in model.named_parameters() if value.dim() >= 2}
+    with torch.no_grad(), OpCapture(weights) as capture:
+        model(example_batch[:1])
+    layers: list[LayerInfo] = []
+    kept: list[KeptWeight] = []
+    used = capture.calls
+    for key, weight in weights.items():
+        name = _layer_name(model, key) if key in used else None
+        count = int(weight.numel())
+        if name is None:
+            kept.append(KeptWeight(key, count, _kept_reason(model, key, key in used)))
+            continue
+        if not _selected(name, include, exclude):
+            kept.append(KeptWeight(key, count, "excluded by --include/--exclude"))
+            continue
+        owner = model.get_submodule(name)
+        view = weight_view(weight, type(owner).__name__)
+        bias = getattr(owner, "in_proj_bias" if key.endswith("in_proj_weight") else "bias", None)
+        layers.append(
+            LayerInfo(
+                name=name,
+                weight_key=key,
+                kind=type(owner).__name__,
+                weight_shape=tuple(int(size) for size in view.shape),
+                num_params=count,
+                macs_per_sample=sum(_call_macs(call, weight) for call in used[key]),
+                execution_index=list(used).index(key),
+                has_bias=isinstance(bias, torch.Tensor),
+            )
+        )
+    layers.sort(key=lambda layer: layer.execution_index)
+    return Survey(tuple(layers), tuple(kept))
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
 def quantizable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose weights lcpaq quantizes, by module path, in registration order."""
+    """Linear/Conv modules by path, in registration order (a quick look without running the model;
+    `survey_weights` is what decides)."""
     return {
         name: module
         for name, module in model.named_modules()
@@ -67,48 +190,45 @@ def quantizable_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def discover_layers(model: nn.Module, example_batch: torch.Tensor) -> tuple[LayerInfo, ...]:
-    """Trace one forward pass and describe every quantizable layer, in execution order.
+def discover_layers(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    survey: Survey | None = None,
+) -> tuple[LayerInfo, ...]:
+    """The quantizable layers of `survey_weights` (or of ``survey`` when given), in execution
+    order; an error if there are none.
 
     Layers that are registered but never run in the forward pass are left out (they cannot affect
     the loss, so they have no sensitivity to measure).
     """
-    modules = quantizable_modules(model)
-    if not modules:
-        raise InputError("the model has no Conv1d, Conv2d or Linear layer to quantize")
-    seen: dict[str, tuple[int, int]] = {}
-
-    def make_hook(name: str):
-        def hook(
-            module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor
-        ) -> None:
-            if name not in seen:
-                seen[name] = (len(seen), _layer_macs(module, output))
-
-        return hook
-
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            model(example_batch[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    layers = [
-        LayerInfo(
-            name=name,
-            weight_key=f"{name}.weight",
-            kind=type(module).__name__,
-            weight_shape=tuple(int(size) for size in layer_weight(module).shape),
-            num_params=int(layer_weight(module).numel()),
-            macs_per_sample=seen[name][1],
-            execution_index=seen[name][0],
-            has_bias=module.bias is not None,
+    if survey is None:
+        survey = survey_weights(model, example_batch, include=include, exclude=exclude)
+    if not survey.layers:
+        raise InputError(
+            "the model has no Conv1d, Conv2d or Linear layer to quantize (no weight meets "
+            "F.linear, F.conv1d or F.conv2d)"
+            + (" (after --include/--exclude)" if include or exclude else "")
         )
-        for name, module in modules.items()
-        if name in seen
-    ]
-    return tuple(sorted(layers, key=lambda layer: layer.execution_index))
+    return survey.layers
+
+
+@contextmanager
+def failing_layer(name: str, kind: str, what: str) -> Iterator[None]:
+    """Turn a failure inside one layer's treatment into a one-line `InputError` that names the
+    layer, its type and what to do (lcpaq's own `InputError` passes through unchanged)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"{what} failed on layer {name!r} ({kind}): {type(error).__name__}: {detail}; "
+            f"keep it in FP32 with --exclude '{name}'"
+        ) from None
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -120,11 +240,70 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def layer_weight(module: nn.Module) -> torch.Tensor:
-    """The weight tensor of a quantizable module (every one of `QUANTIZABLE_TYPES` has one)."""
-    weight = getattr(module, "weight", None)
+    """The weight tensor of a quantizable module as the quantizer sees it, [out, in, ...]
+    (`weight_view`); ``nn.MultiheadAttention``: its in-projection [3·E, E]."""
+    attribute = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+    weight = getattr(module, attribute, None)
     if not isinstance(weight, torch.Tensor):
         raise InputError(f"{type(module).__name__} has no weight tensor to quantize")
+    return weight_view(weight, type(module).__name__)
+
+
+def layer_parameter_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter layer ``name`` quantizes, in the module's own layout (``weight``, or
+    ``in_proj_weight`` of nn.MultiheadAttention)."""
+    module = get_module(model, name)
+    attribute = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+    weight = getattr(module, attribute, None)
+    if not isinstance(weight, torch.Tensor):
+        raise InputError(f"layer {name!r} ({type(module).__name__}) has no weight to quantize")
     return weight
+
+
+def weight_view(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A layer's weight as [out, in, ...]: transformers' Conv1D stores [in, out], so it is the
+    transposed view (writes through it land in the module's own layout)."""
+    return weight.t() if kind in TRANSPOSED_KINDS else weight
+
+
+def layer_parameter(model: nn.Module, layer: LayerInfo) -> torch.Tensor:
+    """The parameter a layer quantizes, in the module's own layout (autograd differentiates it)."""
+    try:
+        return model.get_parameter(layer.weight_key)
+    except AttributeError:
+        raise InputError(f"the model has no parameter named {layer.weight_key!r}") from None
+
+
+def weight_of(model: nn.Module, layer: LayerInfo) -> torch.Tensor:
+    """The layer's weight as [out, in, ...] (`weight_view` of `layer_parameter`)."""
+    return weight_view(layer_parameter(model, layer), layer.kind)
+
+
+def channel_axis(module: nn.Module) -> int:
+    """The axis of a module's inputs and outputs that holds channels: the last one for
+    Linear-like layers on inputs of any rank [N, ..., C] (Linear, transformers' Conv1D,
+    nn.MultiheadAttention's projections), 1 for convolutions and BatchNorm ([N, C, ...])
+    (contract §3)."""
+    linear_like = isinstance(module, nn.Linear | nn.MultiheadAttention)
+    return -1 if linear_like or type(module).__name__ in TRANSPOSED_KINDS else 1
+
+
+def token_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The [N, T] bool mask of real (not padding) tokens when the model defines
+    ``token_mask(inputs)`` (`lcpaq.model.text.TextModel`), else None."""
+    method = getattr(model, "token_mask", None)
+    if not callable(method):
+        return None
+    mask = method(inputs)
+    return mask.bool() if isinstance(mask, torch.Tensor) else None
+
+
+def masked_positions(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A captured [N, T, ...] tensor restricted to mask-true positions [M, ...] when its first
+    two dims are the mask's; otherwise unchanged (padding never enters a statistic)."""
+    if mask is None or tensor.dim() < 2 or tuple(tensor.shape[:2]) != tuple(mask.shape):
+        return tensor
+    return tensor[mask.to(tensor.device)]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -9,14 +9,18 @@ quantized model on the same calibration inputs and, in execution order:
 
 This corrects the *shift*; re-estimating BN statistics from scratch on calibration (training) images
 instead drifts even INT8 ResNet20 by ~3 points (shared/README). Each correction sees the earlier ones
-already applied. When the calibration activations fit in memory the whole correction is one forward
-pass (each hook corrects its module just before it runs); otherwise one prefix pass per corrected
-module over micro-batches.
+already applied. Statistics are per channel along the module's channel axis (axis 1 for
+convolutions and BatchNorm, the last axis for Linear on inputs of any rank, e.g. [N, T, C] tokens or
+channels-last images), and with a token mask ([N, T] bool, contract §2) over real tokens only.
+
+When the calibration activations fit in memory the whole correction is one forward pass (each hook
+corrects its module just before it runs). Otherwise the inputs are split into micro-batches that run
+through the model in lockstep (`lcpaq.model.lockstep`): each micro-batch runs once, pausing at every
+correction point until all have added their moments; linear in depth, memory independent of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,17 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lcpaq.errors import InputError
-from lcpaq.model.graph import NORM_TYPES, get_module, model_device
+from lcpaq.model.channel_stats import Moments, channel_axis
+from lcpaq.model.graph import NORM_TYPES, get_module
+from lcpaq.model.lockstep import Lockstep
 
 logger = logging.getLogger(__name__)
 
 #: Use the single-pass correction when its activations stay below this many bytes.
 SINGLE_PASS_MAX_BYTES = 3 << 30
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the module of interest has run."""
 
 
 @dataclass(frozen=True)
@@ -43,40 +44,6 @@ class RecoveryReport:
     corrected_norms: int
     corrected_biases: int
     single_pass: bool
-
-
-def _channel_stats(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel (axis 1) sum and sum of squares in float64, and the count per channel.
-
-    Mean and variance per (sample, channel) over the trailing axes in one fused reduction in the
-    tensor's precision (short, centred sums: accurate), then combined over samples in float64.
-    The former transposed float64 copy took as long as the forward pass itself on ResNet20."""
-    samples, channels = tensor.shape[:2]
-    grouped = tensor.detach().reshape(samples, channels, -1)
-    variance, mean = torch.var_mean(grouped, dim=2, correction=0)
-    per_sample = grouped.shape[2]
-    mean = mean.double()
-    total = mean.sum(0) * per_sample
-    total_sq = (variance.double() + mean.pow(2)).sum(0) * per_sample
-    return total, total_sq, samples * per_sample
-
-
-class _Moments:
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.total_sq: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, tensor: torch.Tensor) -> None:
-        total, total_sq, count = _channel_stats(tensor)
-        self.total = total if self.total is None else self.total + total
-        self.total_sq = total_sq if self.total_sq is None else self.total_sq + total_sq
-        self.count += count
-
-    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.total is not None and self.total_sq is not None
-        mean = self.total / self.count
-        return mean, (self.total_sq / self.count - mean.pow(2)).clamp_min(0.0)
 
 
 def correction_points(model: nn.Module, quantized_names: Sequence[str]) -> list[tuple[str, str]]:
@@ -92,24 +59,41 @@ def correction_points(model: nn.Module, quantized_names: Sequence[str]) -> list[
     return points
 
 
+def _point_axis(module: nn.Module, kind: str) -> int:
+    """The channel axis of a correction point: BatchNorm inputs on axis 1, layer outputs on the
+    layer's `channel_axis`."""
+    return 1 if kind == "norm" else channel_axis(module)
+
+
+def _mask_of(token_mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if token_mask is None else token_mask[start:stop]
+
+
 def _collect_fp_stats(
-    model: nn.Module, points: list[tuple[str, str]], inputs: torch.Tensor, batch_size: int
-) -> dict[str, _Moments]:
+    model: nn.Module,
+    points: list[tuple[str, str]],
+    inputs: torch.Tensor,
+    batch_size: int,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, Moments]:
     """Reference moments of FP32 BN inputs and biased-layer outputs, plus their execution order."""
-    moments = {name: _Moments() for name, _ in points}
+    moments = {name: Moments() for name, _ in points}
     order: list[str] = []
     handles = []
+    current: list[torch.Tensor | None] = [None]  # the running micro-batch's token mask
     for name, kind in points:
         module = get_module(model, name)
 
-        def hook(_m, args, output, name=name, kind=kind):
+        def hook(module, args, output, name=name, kind=kind):
             if name not in order:
                 order.append(name)
-            moments[name].add(args[0] if kind == "norm" else output)
+            value = args[0] if kind == "norm" else output
+            moments[name].add(value, _point_axis(module, kind), current[0])
 
         handles.append(module.register_forward_hook(hook))
     try:
         for start in range(0, len(inputs), batch_size):
+            current[0] = _mask_of(token_mask, start, start + batch_size)
             model(inputs[start : start + batch_size])
     finally:
         for handle in handles:
@@ -118,7 +102,7 @@ def _collect_fp_stats(
     return {name: moments[name] for name in order}
 
 
-def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
+def _apply_norm(module: nn.Module, fp: Moments, quantized: Moments) -> None:
     """Set running stats so BN maps the quantized inputs' moments to FP32's output moments.
 
     With s = √(var+eps): s' = s·σ_q/σ_fp and rm' = μ_q − (σ_q/σ_fp)(μ_fp − rm) give
@@ -140,7 +124,7 @@ def _apply_norm(module: nn.Module, fp: _Moments, quantized: _Moments) -> None:
     )
 
 
-def _apply_bias(module: nn.Module, fp: _Moments, quantized: _Moments) -> torch.Tensor:
+def _apply_bias(module: nn.Module, fp: Moments, quantized: Moments) -> torch.Tensor:
     bias = module.bias
     assert isinstance(bias, torch.Tensor), "bias correction is only planned for layers with a bias"
     delta = (fp.mean_var()[0] - quantized.mean_var()[0]).to(bias.dtype)
@@ -154,7 +138,7 @@ class ReferenceStats:
     of the same model that quantize the same set of layers."""
 
     points: dict[str, str]
-    moments: dict[str, _Moments]
+    moments: dict[str, Moments]
 
 
 @torch.no_grad()
@@ -164,11 +148,14 @@ def collect_reference_stats(
     quantized_names: Sequence[str],
     *,
     batch_size: int = 256,
+    token_mask: torch.Tensor | None = None,
 ) -> ReferenceStats:
+    """``token_mask`` [N, T] bool: statistics over real tokens only (contract §2)."""
     fp_model.eval()
     points = dict(correction_points(fp_model, quantized_names))
     return ReferenceStats(
-        points, _collect_fp_stats(fp_model, list(points.items()), inputs, batch_size)
+        points,
+        _collect_fp_stats(fp_model, list(points.items()), inputs, batch_size, token_mask),
     )
 
 
@@ -182,24 +169,25 @@ def correct_statistics(
     batch_size: int = 256,
     single_pass_max_bytes: int = SINGLE_PASS_MAX_BYTES,
     reference: ReferenceStats | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> RecoveryReport:
     """Correct BN statistics and biases of ``quantized_model`` in place (see module docstring).
 
     ``reference`` (from `collect_reference_stats` on the same inputs) skips the FP32 pass.
+    ``token_mask`` [N, T] bool: statistics over real tokens only (contract §2).
     """
     quantized_model.eval()
     if reference is None:
         reference = collect_reference_stats(
-            fp_model, inputs, quantized_names, batch_size=batch_size
+            fp_model, inputs, quantized_names, batch_size=batch_size, token_mask=token_mask
         )
     points, fp_moments = reference.points, reference.moments
     order = list(fp_moments)
     activation_bytes = _largest_activation_bytes(quantized_model, inputs[:1]) * len(inputs) * 3
     single_pass = activation_bytes <= single_pass_max_bytes
-    if single_pass:
-        _correct_in_one_pass(quantized_model, inputs, order, points, fp_moments)
-    else:
-        _correct_in_prefix_passes(quantized_model, inputs, order, points, fp_moments, batch_size)
+    step = len(inputs) if single_pass else batch_size
+    bounds = [(start, min(start + step, len(inputs))) for start in range(0, len(inputs), step)]
+    _correct_in_lockstep(quantized_model, inputs, bounds, points, fp_moments, token_mask)
     kinds = [points[name] for name in order]
     return RecoveryReport(
         num_samples=len(inputs),
@@ -225,145 +213,68 @@ def _largest_activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
     return largest[0]
 
 
-def _correct_in_one_pass(
+def _correct_in_lockstep(
     model: nn.Module,
     inputs: torch.Tensor,
-    order: list[str],
+    bounds: list[tuple[int, int]],
     points: dict[str, str],
-    fp_moments: dict[str, _Moments],
+    fp_moments: dict[str, Moments],
+    token_mask: torch.Tensor | None,
 ) -> None:
-    done: set[str] = set()
+    """Every micro-batch ``inputs[start:stop]`` runs once; at each correction point (its first
+    call in a micro-batch) all micro-batches add their moments, the last applies the correction
+    (`Lockstep.meet`), and a biased layer's output gets the bias change it would have had."""
+    lockstep = Lockstep(len(bounds))
+    done: list[set[str]] = [set() for _ in bounds]
+    masks = [_mask_of(token_mask, start, stop) for start, stop in bounds]
+
+    def moments_of(tensor: torch.Tensor, axis: int) -> Moments:
+        moments = Moments()
+        moments.add(tensor, axis, masks[lockstep.index])
+        return moments
+
+    def first_call(name: str) -> bool:
+        seen = done[lockstep.index]
+        if name in seen:
+            return False
+        seen.add(name)
+        return True
+
+    def norm_hook(module, args, name):
+        if first_call(name):
+            fp = fp_moments[name]
+            lockstep.meet(
+                name,
+                moments_of(args[0], 1),
+                lambda parts: _apply_norm(module, fp, Moments.combined(parts)),
+            )
+
+    def bias_hook(module, _args, output, name):
+        if not first_call(name):
+            return None
+        fp, axis = fp_moments[name], channel_axis(module)
+        delta = lockstep.meet(
+            name,
+            moments_of(output, axis),
+            lambda parts: _apply_bias(module, fp, Moments.combined(parts)),
+        )
+        shape = [1] * output.dim()
+        shape[axis] = -1
+        return output + delta.reshape(shape)
+
     handles = []
-    for name in order:
+    for name in fp_moments:
         module = get_module(model, name)
         if points[name] == "norm":
-
-            def pre_hook(module, args, name=name):
-                if name not in done:
-                    moments = _Moments()
-                    moments.add(args[0])
-                    _apply_norm(module, fp_moments[name], moments)
-                    done.add(name)
-
-            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, a, name=name: norm_hook(m, a, name))
+            )
         else:
-
-            def hook(module, _args, output, name=name):
-                if name not in done:
-                    moments = _Moments()
-                    moments.add(output)
-                    delta = _apply_bias(module, fp_moments[name], moments)
-                    done.add(name)
-                    shape = (1, -1) + (1,) * (output.dim() - 2)
-                    return output + delta.reshape(shape)
-                return None
-
-            handles.append(module.register_forward_hook(hook))
+            handles.append(
+                module.register_forward_hook(lambda m, a, o, name=name: bias_hook(m, a, o, name))
+            )
     try:
-        model(inputs)
+        lockstep.run(lambda index: model(inputs[bounds[index][0] : bounds[index][1]]))
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _correct_in_prefix_passes(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    order: list[str],
-    points: dict[str, str],
-    fp_moments: dict[str, _Moments],
-    batch_size: int,
-) -> None:
-    for name in order:
-        module = get_module(model, name)
-        moments = _Moments()
-        kind = points[name]
-
-        def hook(_m, args, output, moments=moments, kind=kind):
-            moments.add(args[0] if kind == "norm" else output)
-            raise _StopForward
-
-        handle = module.register_forward_hook(hook)
-        try:
-            for start in range(0, len(inputs), batch_size):
-                with contextlib.suppress(_StopForward):
-                    model(inputs[start : start + batch_size])
-        finally:
-            handle.remove()
-        if kind == "norm":
-            _apply_norm(module, fp_moments[name], moments)
-        else:
-            _apply_bias(module, fp_moments[name], moments)
-
-
-# ---------------------------------------------------------------------------------------------
-# Input second moments for GPTQ rounding (`lcpaq.quant.gptq.gptq_round`).
-
-
-def _input_patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The vectors each output element sees, [groups, positions, fan_in per group]: rows of the
-    input for Linear, im2col patches (channel-major, then kernel offsets, as the weight is
-    flattened) for Conv1d/Conv2d, with the module's own padding applied first."""
-    if isinstance(module, nn.Linear):
-        return inputs.reshape(1, -1, inputs.shape[-1])
-    if not isinstance(module, nn.Conv1d | nn.Conv2d):
-        raise InputError(f"GPTQ rounding supports Conv1d, Conv2d and Linear, not {type(module)}")
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    padded = nn.functional.pad(inputs, module._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(module, nn.Conv1d):  # as a 1 x k two-dimensional convolution
-        padded = padded.unsqueeze(2)
-        kernel, stride, dilation = (
-            (1, *module.kernel_size),
-            (1, *module.stride),
-            (1, *module.dilation),
-        )
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    patches = nn.functional.unfold(padded, kernel, dilation=dilation, stride=stride)
-    samples, width, positions = patches.shape
-    per_group = width // module.groups
-    return (
-        patches.reshape(samples, module.groups, per_group, positions)
-        .permute(1, 0, 3, 2)
-        .reshape(module.groups, samples * positions, per_group)
-    )
-
-
-@torch.no_grad()
-def collect_input_hessians(
-    model: nn.Module, names: Sequence[str], inputs: torch.Tensor, *, batch_size: int = 128
-) -> dict[str, torch.Tensor]:
-    """H = E[x xᵀ] over every position of the FP32 model's input to each named layer on
-    ``inputs``: float32 [fan_in, fan_in], or [groups, fan_in / groups, ...] for a grouped conv.
-
-    The FP32 model's inputs, not the partly quantized model's (GPTQ's own sequential variant):
-    each layer's codes then depend on its own format only, so the candidates of every layer and
-    format are computed once and stay valid for every allocation the ILP tries.
-    """
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    handles = []
-    for name in names:
-        module = get_module(model, name)
-
-        def hook(module, args, name=name):
-            patches = _input_patches(module, args[0].detach())
-            # float32 products per batch (4x faster than float64), summed over batches in float64
-            moment = (patches.transpose(1, 2) @ patches).double()
-            sums[name] = sums[name] + moment if name in sums else moment
-            counts[name] += patches.shape[1]
-
-        handles.append(module.register_forward_pre_hook(hook))
-    device = model_device(model)
-    try:
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start : start + batch_size].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in names if name not in sums]
-    if missing:
-        raise InputError(f"layer(s) never ran on the calibration inputs: {', '.join(missing)}")
-    means = {name: (sums[name] / counts[name]).float() for name in names}
-    return {name: mean[0] if len(mean) == 1 else mean for name, mean in means.items()}

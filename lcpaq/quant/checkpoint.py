@@ -10,11 +10,15 @@ leaves a partial checkpoint):
   (float32 [1] per tensor, [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents
   [C_out, blocks] for MX) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
   every other tensor of the state dict as it is (including BatchNorm statistics after correction).
+  A tensor held under several keys (a tied embedding and LM head) is stored once
+  (`lcpaq.quant.state_keys.tied_aliases`): one tensor, one format.
 * ``manifest.json``: every quantized layer with its state-dict name, weight format, activation
   format (the activation half of its candidate, what the cost models counted), activation
   quantizer (format and calibration range of the layer's input, or null where activations stay
   FP32: runs without ``--act-formats``, whose cost models assume 8 bits, and fp32 candidates), kind
-  (int/fp), bits, granularity and group size; totals (average bits, size in bytes), the budget, the
+  (int/fp), bits, granularity and group size, and ``transposed: true`` where the module stores the
+  weight in×out (transformers ``Conv1D``: codes are out×in); ``tied`` (alias key → stored key)
+  where tensors are tied; totals (average bits, size in bytes), the budget, the
   source checkpoint's sha256, the lcpaq version. `lcpaq.quant.weights.dequantize_weight` decodes every
   weight; `load_quantized` puts the activation quantizers back as forward pre-hooks.
 """
@@ -37,9 +41,10 @@ from torch import nn
 
 from lcpaq import __version__
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, get_module, layer_weight
+from lcpaq.model.graph import LayerInfo, failing_layer, weight_of
 from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
 from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.state_keys import fit_wrapper_prefix, renamed, stores_transposed, tied_aliases
 from lcpaq.quant.weights import (
     QuantizedWeight,
     code_offset,
@@ -71,9 +76,11 @@ def quantize_model(
         for layer in layers:
             if layer.name not in assignment:
                 continue
-            weight = layer_weight(get_module(quantized_model, layer.name))
+            weight = weight_of(quantized_model, layer)
             hessian = input_hessians.get(layer.name) if input_hessians else None
-            quantized = quantize_weight(weight, get_format(assignment[layer.name]), scheme, hessian)
+            with failing_layer(layer.name, layer.kind, "quantizing"):
+                fmt = get_format(assignment[layer.name])
+                quantized = quantize_weight(weight, fmt, scheme, hessian)
             weight.copy_(dequantize_weight(quantized, weight.dtype))
             codes[layer.name] = quantized
     return quantized_model, codes
@@ -112,10 +119,11 @@ def write_quantized_checkpoint(
     holds the layers whose inputs are quantized at inference, with their calibration ranges.
     """
     out_dir = Path(out_dir)
-    build_dir = _make_build_dir(out_dir)
+    build_dir = make_build_dir(out_dir)
     try:
         by_name = {layer.name: layer for layer in layers}
-        tensors = _checkpoint_tensors(state_dict, by_name, codes)
+        tied = tied_aliases(state_dict, {by_name[name].weight_key for name in codes})
+        tensors = _checkpoint_tensors(state_dict, by_name, codes, tied)
         entries = [
             _layer_entry(
                 by_name[name],
@@ -141,6 +149,8 @@ def write_quantized_checkpoint(
                 for name in sorted({quantized.format_name for quantized in codes.values()})
             },
             "layers": entries,
+            # Written only where tensors are tied, so other checkpoints keep their bytes.
+            **({"tied": tied} if tied else {}),
         }
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         # mkdtemp creates the folder owner-only; give the checkpoint the ordinary modes.
@@ -148,13 +158,16 @@ def write_quantized_checkpoint(
         for path in build_dir.iterdir():
             path.chmod(0o644)
         replace_dir_atomically(build_dir, out_dir)
+    except OSError as error:  # disk full, a folder in the way: nothing half-written is left
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise InputError(f"cannot write {out_dir}: {error.strerror or error}") from None
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     return out_dir
 
 
-def _make_build_dir(out_dir: Path) -> Path:
+def make_build_dir(out_dir: Path) -> Path:
     """A fresh hidden folder next to ``out_dir`` (same file system, so the final rename is atomic)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -169,12 +182,16 @@ def _checkpoint_tensors(
     state_dict: Mapping[str, torch.Tensor],
     by_name: Mapping[str, LayerInfo],
     codes: Mapping[str, QuantizedWeight],
+    tied: Mapping[str, str],
 ) -> dict[str, torch.Tensor]:
     """What ``model.safetensors`` holds: packed codes, scales and zero points of every quantized
-    weight, then every other tensor of the state dict as it is."""
+    weight, then every other tensor of the state dict as it is; keys in ``tied`` (aliases of a
+    stored key) are left out."""
     tensors: dict[str, torch.Tensor] = {}
     for name, quantized in codes.items():
         key = by_name[name].weight_key
+        if key in tied:
+            continue
         tensors[key + CODES_SUFFIX] = pack_codes(quantized)
         # float32, or uint8 E8M0 exponents for MX: stored as they are.
         tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
@@ -182,7 +199,7 @@ def _checkpoint_tensors(
             tensors[key + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
     quantized_keys = {by_name[name].weight_key for name in codes}
     for key, tensor in state_dict.items():
-        if key not in quantized_keys:
+        if key not in quantized_keys and key not in tied:
             tensors[key] = tensor.detach().contiguous().cpu()
     return tensors
 
@@ -196,6 +213,8 @@ def _layer_entry(
 ) -> dict[str, object]:
     """One layer's record in ``manifest.json`` (the keys and their order are the file format)."""
     fmt = get_format(quantized.format_name)
+    # Only where it holds, so checkpoints of other models keep their bytes.
+    layout = {"transposed": True} if stores_transposed(layer.kind) else {}
     return {
         "name": layer.name,
         "weight_key": layer.weight_key,
@@ -216,6 +235,7 @@ def _layer_entry(
         "clipping": scheme.clipping,
         "num_params": layer.num_params,
         "shape": list(layer.weight_shape),
+        **layout,
     }
 
 
@@ -260,8 +280,11 @@ def read_checkpoint(
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
         raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
     weights: dict[str, QuantizedWeight] = {}
+    tied = manifest.get("tied", {})
     for entry in manifest["layers"]:
         key = entry["weight_key"]
+        if key in tied:  # the codes of the key it is tied to decode it
+            continue
         try:
             weights[key] = QuantizedWeight(
                 codes=_stored_codes(tensors.pop(key + CODES_SUFFIX), entry, path),
@@ -298,10 +321,24 @@ def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) ->
 
 
 def decoded_state_dict(
-    weights: Mapping[str, QuantizedWeight], others: Mapping[str, torch.Tensor]
+    weights: Mapping[str, QuantizedWeight],
+    others: Mapping[str, torch.Tensor],
+    manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`read_checkpoint`'s weights decoded to float, with the other tensors: a state dict."""
-    return {**{key: dequantize_weight(quantized) for key, quantized in weights.items()}, **others}
+    """`read_checkpoint`'s weights decoded to float, with the other tensors: a state dict. With
+    the ``manifest``, weights of transposed layers are put back in their module's layout and tied
+    keys get the tensor of the key they alias (the same tensor object)."""
+    manifest = manifest or {}
+    transposed = {
+        entry["weight_key"] for entry in manifest.get("layers", []) if entry.get("transposed")
+    }
+    state_dict = {**others}
+    for key, quantized in weights.items():
+        decoded = dequantize_weight(quantized)
+        state_dict[key] = decoded.t().contiguous() if key in transposed else decoded
+    for alias, kept in manifest.get("tied", {}).items():
+        state_dict[alias] = state_dict[kept]
+    return state_dict
 
 
 def load_quantized(
@@ -311,16 +348,21 @@ def load_quantized(
 
     Returns the dequantized float state dict with the original key names, or, given ``model``, that
     model with the state dict loaded (strictly), the manifest's activation quantizers attached
-    (`manifest_activation_quantizers`; a state dict cannot carry them) and in eval mode.
+    (`manifest_activation_quantizers`; a state dict cannot carry them) and in eval mode. A
+    checkpoint of lcpaq's transformers wrapper (keys ``model.<HF key>``) loads into the bare
+    Hugging Face model, and one of a bare model into the wrapper (`fit_wrapper_prefix`).
     """
     path = Path(path)
     manifest, weights, others = read_checkpoint(path)
-    state_dict = decoded_state_dict(weights, others)
+    state_dict = decoded_state_dict(weights, others, manifest)
     if model is None:
         return state_dict
     from lcpaq.model.zoo import load_state_dict_strict
 
     quantizers = manifest_activation_quantizers(manifest, path / "manifest.json")
+    change = fit_wrapper_prefix(state_dict, set(model.state_dict()))
+    state_dict = {renamed(key, change): tensor for key, tensor in state_dict.items()}
+    quantizers = {renamed(name, change): quantizer for name, quantizer in quantizers.items()}
     load_state_dict_strict(model, state_dict, f"quantized checkpoint {path}")
     attach_activation_quantizers(model, quantizers)
     return model.eval()

@@ -138,7 +138,7 @@ class QuantScheme:
     (asymmetric INT), linear interpolation between order statistics; p = 100 is min-max.
     ``rounding="gptq"`` keeps the clipping's scales but chooses the codes by GPTQ's
     error-compensating rounding against the layer's input second moments
-    (`lcpaq.quant.gptq.gptq_round`); it needs them (`lcpaq.model.recovery.collect_input_hessians`).
+    (`lcpaq.quant.gptq.gptq_round`); it needs them (`lcpaq.quant.input_stats.collect_input_hessians`).
     ``gptq_damp`` is GPTQ's dampening: this fraction of the mean diagonal of H is added to its
     diagonal.
     """

@@ -3,7 +3,7 @@
 `gptq_round` is GPTQ (Frantar et al., ICLR 2023) over one matrix and the second moments of its
 input; `gptq_codes` applies it to a weight on the grids round-to-nearest clipping fixed (scales and
 zero points stay those of `lcpaq.quant.weights`, only the codes change). The input second moments
-come from `lcpaq.model.recovery.collect_input_hessians`; `lcpaq.quant.weights.quantize_weight` calls
+come from `lcpaq.quant.input_stats.collect_input_hessians`; `lcpaq.quant.weights.quantize_weight` calls
 this under ``QuantScheme(rounding="gptq")``.
 """
 

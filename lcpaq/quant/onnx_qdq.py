@@ -50,8 +50,11 @@ def export_onnx(
 ) -> Path:
     """Write ``checkpoint_dir`` (an lcpaq quantized checkpoint of ``model``'s architecture) as an
     ONNX QDQ model at ``out_path`` (atomically); ``example`` is one input batch (any batch size:
-    the batch dimension stays dynamic). ``model`` is left holding the checkpoint's decoded
-    weights, without its input quantizers (they are graph nodes here, hooks in PyTorch)."""
+    the batch dimension stays dynamic, and so does the token axis of a token model's int64
+    [N, 2, T] input). ``model`` is left holding the checkpoint's decoded weights, without its
+    input quantizers (they are graph nodes here, hooks in PyTorch). Layers whose weight the
+    exported graph does not hold (their output is unused, as BERT's pooler under mean pooling)
+    are left out."""
     onnx = _onnx()
     manifest, codes, others = read_checkpoint(checkpoint_dir)
     layer_of = {entry["weight_key"]: entry["name"] for entry in manifest["layers"]}
@@ -60,10 +63,12 @@ def export_onnx(
     from lcpaq.model.zoo import load_state_dict_strict
 
     load_state_dict_strict(
-        model, decoded_state_dict(codes, others), f"quantized checkpoint {checkpoint_dir}"
+        model, decoded_state_dict(codes, others, manifest), f"quantized checkpoint {checkpoint_dir}"
     )
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1)
+    dynamic_axes = {0: torch.export.Dim("batch", min=1)}
+    if not example.is_floating_point() and example.dim() == 3:
+        dynamic_axes[2] = torch.export.Dim("tokens", min=2)
     try:
         exported = torch.onnx.export(
             model,
@@ -71,7 +76,7 @@ def export_onnx(
             dynamo=True,
             optimize=False,  # the optimiser folds BatchNorm into the weights we replace
             opset_version=ONNX_OPSET,
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=(dynamic_axes,),
             input_names=["input"],
             output_names=["logits"],
             verbose=False,
@@ -82,12 +87,24 @@ def export_onnx(
             f"torch.onnx cannot export {type(model).__name__} for {checkpoint_dir}: {reason}"
         ) from None
     assert exported is not None  # the dynamo exporter always returns a program
+    in_graph = {tensor.name for tensor in exported.model_proto.graph.initializer}
+    unused = [layer for layer, (key, _) in weights.items() if key not in in_graph]
+    if weights and len(unused) == len(weights):
+        raise InputError(
+            f"the exported graph of {checkpoint_dir} holds none of the checkpoint's weights "
+            f"(first: {next(iter(weights.values()))[0]!r})"
+        )
+    weights = {layer: weight for layer, weight in weights.items() if layer not in unused}
+    quantizers = {
+        layer: quantizer for layer, quantizer in quantizers.items() if layer not in unused
+    }
     proto = quantize_graph(exported.model_proto, weights, quantizers)
     for node in proto.graph.node:  # the exporter's debug records (stack traces): half the file
         del node.metadata_props[:]
     proto.doc_string = (
         f"lcpaq quantized checkpoint {checkpoint_dir.name}: QDQ weights of "
         f"{len(weights)} layers, quantized inputs of {len(quantizers)}"
+        + (f"; {len(unused)} layers unused by the graph left out" if unused else "")
     )
     onnx.checker.check_model(proto)
     with runfolder.atomic_path(out_path) as temp:
@@ -142,7 +159,9 @@ def check_onnx(
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         began = time.perf_counter()
-        onnx_logits.append(session.run(None, {input_name: batch.float().numpy()})[0])
+        # Token models take their int64 ids and mask as they are.
+        feed = batch.float() if batch.is_floating_point() else batch
+        onnx_logits.append(session.run(None, {input_name: feed.numpy()})[0])
         onnx_seconds += time.perf_counter() - began
         began = time.perf_counter()
         with torch.no_grad():

@@ -86,7 +86,7 @@ def quantize_weight(
     With ``scheme.rounding == "gptq"`` the codes come from `lcpaq.quant.gptq.gptq_round` against
     ``input_hessian``: E[x xᵀ] of the layer's input patches, [fan_in, fan_in], or
     [groups, fan_in, fan_in] for a grouped convolution
-    (`lcpaq.model.recovery.collect_input_hessians`). It is ignored otherwise.
+    (`lcpaq.quant.input_stats.collect_input_hessians`). It is ignored otherwise.
     """
     return quantize_weight_formats(weight, (fmt,), scheme, input_hessian)[0]
 

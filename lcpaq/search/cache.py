@@ -32,8 +32,9 @@ from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.model.recovery import collect_input_hessians
+from lcpaq.model.graph import layer_weight as graph_layer_weight
 from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.input_stats import collect_input_hessians
 from lcpaq.quant.weights import fake_quantize_formats
 from lcpaq.search.keys import activations_key, curvature_key, interactions_key, scheme_slug
 from lcpaq.sensitivity.activation import ActivationSensitivity
@@ -86,22 +87,21 @@ def quiet(name: str) -> Iterator[None]:
 
 
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight tensor of layer ``name`` (every analysed layer has one)."""
-    weight = get_module(model, name).weight
-    assert isinstance(weight, torch.Tensor), f"layer {name} has no weight tensor"
-    return weight
+    """The weight tensor of layer ``name`` as the quantizer sees it (`lcpaq.model.graph.layer_weight`)."""
+    return graph_layer_weight(get_module(model, name))
 
 
 def _analysis_config_of(config: RunConfig) -> RunConfig:
     """The configuration the curvature cache runs ``analyze`` with: the same curvature options,
-    the cheapest candidate table (one min-max format) and no inter-layer terms."""
+    the cheapest candidate table (one min-max format), no inter-layer terms and no budgets (each
+    trial's own candidates are checked against the budgets when it allocates)."""
     changes: dict[str, Any] = {"formats": ("int8",), "scheme": QuantScheme(clipping="minmax")}
     names = {item.name for item in fields(config.analysis)}
     if "act_formats" in names:
         changes["act_formats"] = ()
     if "pairwise" in names:
         changes["pairwise"] = "none"
-    return config.with_analysis(**changes)
+    return config.with_analysis(**changes).with_allocation(budgets=())
 
 
 class AnalysisCache:

@@ -14,6 +14,7 @@ export quantizes each layer's input to the activation half of its candidate
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,15 +22,14 @@ import torch
 from torch import nn
 
 from lcpaq.allocation.table import CandidateTable, activation_bits, pair_candidates
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, failing_layer, weight_of
 from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
 from lcpaq.quant.weights import fake_quantize_formats
-from lcpaq.sensitivity.per_sample import module_weight
 
 
 def output_error(delta: torch.Tensor, input_hessian: torch.Tensor) -> float:
     """Σ_g tr(Δ_g S_g Δ_gᵀ) / s̄: the layer's mean squared output error E‖ΔW x‖² over its input
-    positions (S_g = E[x xᵀ] of group g, `lcpaq.model.recovery.collect_input_hessians`), divided by the
+    positions (S_g = E[x xᵀ] of group g, `lcpaq.quant.input_stats.collect_input_hessians`), divided by the
     mean input energy per element s̄ = Σ_g tr(S_g) / (G·k), so that white inputs (S = σ²I) give
     exactly ‖ΔW‖²: the unit of the HAWQ-V2 score, which this refines with the input correlations
     (GPTQ moves its error where the inputs are small)."""
@@ -79,18 +79,16 @@ def measure_candidates(
     formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
-    weights = {
-        layer.name: module_weight(get_module(model, layer.name)).detach() for layer in layers
-    }
-    quantized = {
-        layer.name: fake_quantize_formats(
-            weights[layer.name],
-            formats,
-            scheme,
-            input_hessians.get(layer.name) if input_hessians else None,
-        )
-        for layer in layers
-    }
+    weights = {layer.name: weight_of(model, layer).detach() for layer in layers}
+    quantized = {}
+    for layer in layers:
+        with failing_layer(layer.name, layer.kind, "quantizing"):
+            quantized[layer.name] = fake_quantize_formats(
+                weights[layer.name],
+                formats,
+                scheme,
+                input_hessians.get(layer.name) if input_hessians else None,
+            )
     return table_from_weights(
         layers,
         weights,
@@ -115,10 +113,8 @@ def table_from_weights(
 ) -> CandidateTable:
     """The candidate table of already quantized weights (``quantized[layer][k]``: the layer's
     weight in ``format_names[k]``): costs and `layer_errors` per layer and format."""
-    formats = [get_format(name) for name in format_names]
-    shape = (len(layers), len(formats))
+    shape = (len(layers), len(format_names))
     error_sq, weighted_error, output = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
     for row, layer in enumerate(layers):
         weight = weights[layer.name]
         curvature = (
@@ -130,6 +126,27 @@ def table_from_weights(
         error_sq[row], weighted_error[row], output[row] = layer_errors(
             weight, quantized[layer.name], curvature, hessian
         )
+    costs = cost_table(layers, format_names, scheme)
+    table = dataclasses.replace(
+        costs, error_sq=error_sq, weighted_error=weighted_error, output_error=output
+    )
+    return pair_candidates(table, activation_formats)
+
+
+def cost_table(
+    layers: Sequence[LayerInfo],
+    format_names: Sequence[str],
+    scheme: QuantScheme,
+    activation_formats: Sequence[str] = (),
+) -> CandidateTable:
+    """The candidates' costs from layer shapes alone (errors zero): what a budget's feasibility
+    depends on, known before any measurement."""
+    formats = [get_format(name) for name in format_names]
+    for name in activation_formats:
+        activation_bits(name)  # an unknown name fails before any work
+    shape = (len(layers), len(formats))
+    weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
+    for row, layer in enumerate(layers):
         for column, fmt in enumerate(formats):
             weight_bits[row, column] = layer.num_params * fmt.bits
             size_bits[row, column] = layer.num_params * fmt.bits + scale_overhead_bits(
@@ -142,8 +159,8 @@ def table_from_weights(
         bits=np.array([fmt.bits for fmt in formats], dtype=np.int64),
         weight_bits=weight_bits,
         size_bits=size_bits,
-        error_sq=error_sq,
-        weighted_error=weighted_error,
-        output_error=output,
+        error_sq=np.zeros(shape),
+        weighted_error=np.zeros(shape),
+        output_error=np.zeros(shape),
     )
     return pair_candidates(table, activation_formats)

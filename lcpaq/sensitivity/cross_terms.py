@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, layer_parameter, weight_of, weight_view
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.weights import fake_quantize_formats
 from lcpaq.sensitivity.interaction_terms import (
@@ -32,7 +32,6 @@ from lcpaq.sensitivity.interaction_terms import (
     check_pairs,
     select_pairs,
 )
-from lcpaq.sensitivity.per_sample import module_weight
 
 
 def weight_perturbations(
@@ -42,15 +41,15 @@ def weight_perturbations(
     scheme: QuantScheme,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
-    """Δw[l][f] = Q_f(W_l) − W_l, on the weight's device and dtype (``input_hessians``: what GPTQ
-    rounding needs, see `lcpaq.quant.weights.quantize_weight`)."""
+    """Δw[l][f] = Q_f(W_l) − W_l, on the weight's device and dtype, in the parameter's own layout
+    (``input_hessians``: what GPTQ rounding needs, see `lcpaq.quant.weights.quantize_weight`)."""
     result = []
     for layer in layers:
-        weight = module_weight(get_module(model, layer.name)).detach()
+        weight = weight_of(model, layer).detach()
         hessian = input_hessians.get(layer.name) if input_hessians else None
         result.append(
             [
-                quantized - weight
+                weight_view(quantized - weight, layer.kind)
                 for quantized in fake_quantize_formats(
                     weight, [get_format(name) for name in format_names], scheme, hessian
                 )
@@ -137,7 +136,7 @@ def _hessian_products(
     Each batch gives its own estimate Δw_iᵀ H_ij^(b) Δw_j of its mean loss; weighted by batch size
     they average to the term of the mean loss over all samples, and their spread gives the SE.
     """
-    weights = [module_weight(get_module(model, layer.name)) for layer in layers]
+    weights = [layer_parameter(model, layer) for layer in layers]
     flags = [weight.requires_grad for weight in weights]
     partners: dict[int, list[int]] = {j: [j] for j in range(len(layers))}
     for i, j in pairs:
@@ -212,7 +211,7 @@ def _gauss_newton_products(
         inputs = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
         changes = []  # changes[l][f]: [N, C] logit change J_l Δw_l(f)
         for layer, layer_deltas in zip(layers, deltas):
-            weight = module_weight(get_module(model, layer.name)).detach()
+            weight = layer_parameter(model, layer).detach()
             key = layer.weight_key
 
             def logits_of(

@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, weight_of
+from lcpaq.model.op_capture import OpCall, OpCapture
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
 from lcpaq.sensitivity.losses import (
@@ -40,11 +41,14 @@ from lcpaq.sensitivity.losses import (
     output_hessian_factors,
 )
 from lcpaq.sensitivity.per_sample import (
-    LayerRecorder,
-    layer_input_columns,
+    LINEAR_OPS,
+    gram_is_cheaper,
+    gram_squared_norms,
+    input_columns,
     micro_batches,
-    module_weight,
+    output_grads,
     per_sample_grads_from_columns,
+    samples_first,
 )
 
 
@@ -89,21 +93,53 @@ def gauss_newton_traces(
     return state.finish()
 
 
-def _per_sample_grads_over_calls(
-    module: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    output_grads: Sequence[torch.Tensor],
+def _call_part(call: OpCall, part: slice, count: int) -> OpCall:
+    """The call restricted to samples ``part`` (samples first)."""
+    if call.op in LINEAR_OPS:
+        rows = samples_first(call.input, call, count)[part]
+        return OpCall("linear", rows, call.output, sample_axis=0)
+    return OpCall(
+        call.op,
+        call.input[part],
+        call.output,
+        call.stride,
+        call.padding,
+        call.dilation,
+        call.groups,
+    )
+
+
+def _squared_norms_over_calls(
+    calls: Sequence[OpCall],
+    output_grad_list: Sequence[torch.Tensor],
     part: slice,
-) -> torch.Tensor:
-    """Per-sample weight gradients [K, n, *weight.shape] of samples ``part``, summed over the
-    layer's calls: a layer called several times (shared weights) gets the sum over its calls."""
+    count: int,
+    weight_shape: tuple[int, ...],
+    diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ_k ‖per-sample ∂/∂W‖² [n] of samples ``part``, summed over the layer's calls (shared
+    weights), and with ``diagonal`` the per-element Σ_{k,n} (∂/∂W)² (weight-shaped).
+
+    Linear layers without the diagonal use the token Gram form when it is cheaper: the calls are
+    concatenated along the token axis (Σ over calls and tokens of g xᵀ is one sum)."""
+    parts = [_call_part(call, part, count) for call in calls]
+    grads = [
+        output_grads(call, grad, count)[:, part] for call, grad in zip(calls, output_grad_list)
+    ]
+    kernel = weight_shape[2:]
+    if not diagonal and calls[0].op in LINEAR_OPS:
+        columns = torch.cat([input_columns(call, kernel, len(call.input)) for call in parts], dim=1)
+        rows = torch.cat(grads, dim=2)
+        if gram_is_cheaper(columns.shape[1], weight_shape[1], weight_shape[0]):
+            return gram_squared_norms(columns, rows), None
     total: torch.Tensor | None = None
-    for call_inputs, grad in zip(inputs, output_grads):
-        columns = layer_input_columns(module, call_inputs[part])
-        grads = per_sample_grads_from_columns(module, columns, grad[:, part])
-        total = grads if total is None else total + grads
+    for call, grad in zip(parts, grads):
+        columns = input_columns(call, kernel, grad.shape[1])
+        per_sample = per_sample_grads_from_columns(call, columns, grad, weight_shape)
+        total = per_sample if total is None else total + per_sample
     assert total is not None, "a recorded layer ran at least once"
-    return total
+    squared = total.pow(2).sum(0)  # [n, *weight.shape], over the factors
+    return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
 
 
 @dataclass
@@ -116,7 +152,9 @@ class GaussNewtonState:
     """
 
     names: tuple[str, ...]
-    modules: dict[str, nn.Module]
+    weights: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    kinds: dict[str, str]
     generator: torch.Generator
     diagonal: dict[str, torch.Tensor]
     keep_diagonal: bool
@@ -129,62 +167,62 @@ class GaussNewtonState:
         cls, model: nn.Module, layers: Sequence[LayerInfo], *, keep_diagonal: bool, seed: int
     ) -> GaussNewtonState:
         model.eval()
-        modules = {layer.name: get_module(model, layer.name) for layer in layers}
+        weights = {layer.name: layer_parameter(model, layer) for layer in layers}
+        views = {layer.name: weight_of(model, layer) for layer in layers}
         device = next(model.parameters()).device
         return cls(
-            names=tuple(modules),
-            modules=modules,
+            names=tuple(weights),
+            weights=weights,
+            shapes={name: tuple(view.shape) for name, view in views.items()},
+            kinds={layer.name: layer.kind for layer in layers},
             generator=torch.Generator(device=device).manual_seed(seed),
             # float64 sums: the multi-process reduction then matches the single-process sum.
             diagonal={
-                name: torch.zeros_like(
-                    module_weight(module), dtype=torch.float64, requires_grad=False
-                )
-                for name, module in modules.items()
+                name: torch.zeros_like(view, dtype=torch.float64, requires_grad=False)
+                for name, view in views.items()
             },
             keep_diagonal=keep_diagonal,
-            max_elements=max(module_weight(module).numel() for module in modules.values()),
+            max_elements=max(view.numel() for view in views.values()),
         )
 
     def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
-        names, modules = self.names, self.modules
+        names = self.names
         device = next(model.parameters()).device
         inputs = inputs.to(device).detach().requires_grad_(True)  # not the caller's tensor
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
-        with LayerRecorder(modules) as recorder:
+        with OpCapture(self.weights, keep_graph=True) as capture:
             logits = model(inputs)
         if logits.dim() != 2:
             raise InputError(
                 f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
                 "of shape [batch, classes]"
             )
-        missing = [name for name in names if name not in recorder.outputs]
+        missing = [name for name in names if name not in capture.calls]
         if missing:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
         factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
         self.sampled = self.sampled or is_sampled
-        outputs = [out for name in names for out in recorder.outputs[name]]
+        outputs = [call.output for name in names for call in capture.calls[name]]
         chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))
         for grads in output_grads_in_chunks(logits, outputs, factors, chunk):
             cursor = 0
             for layer_index, name in enumerate(names):
-                module = modules[name]
-                calls = len(recorder.outputs[name])
-                layer_grads = grads[cursor : cursor + calls]
-                cursor += calls
+                calls = capture.calls[name]
+                layer_grads = grads[cursor : cursor + len(calls)]
+                cursor += len(calls)
                 for part in micro_batches(count, self.max_elements * grads[0].shape[0]):
-                    weight_grad = _per_sample_grads_over_calls(
-                        module, recorder.inputs[name], layer_grads, part
-                    )
-                    squared = weight_grad.pow(2).sum(0)  # [n, *weight.shape], over the chunk
-                    per_sample[part, layer_index] += squared.flatten(1).sum(1).double()
-                    if self.keep_diagonal:
-                        self.diagonal[name] += squared.sum(0)
+                    with failing_layer(name, self.kinds[name], "the curvature"):
+                        norms, diagonal = _squared_norms_over_calls(
+                            calls, layer_grads, part, count, self.shapes[name], self.keep_diagonal
+                        )
+                    per_sample[part, layer_index] += norms.double()
+                    if diagonal is not None:
+                        self.diagonal[name] += diagonal
                 del layer_grads
             del grads
         del outputs, logits
-        recorder.clear()
+        capture.clear()
         self.rows.append(per_sample.cpu().numpy())
 
     def combine(self, share: BatchShare, num_batches: int) -> None:

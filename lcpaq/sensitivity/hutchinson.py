@@ -28,11 +28,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, layer_parameter
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, Batch, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
 from lcpaq.sensitivity.losses import LossName, check_loss, gauss_newton_quadratic, summed_loss
-from lcpaq.sensitivity.per_sample import module_weight
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +47,13 @@ def _probe_setup(
     the total number of calibration samples."""
     check_loss(loss)
     model.eval()
-    modules = {layer.name: get_module(model, layer.name) for layer in layers}
-    weights = [module_weight(module) for module in modules.values()]
+    # The parameters themselves (autograd differentiates them; traces do not depend on layout).
+    weights = [layer_parameter(model, layer) for layer in layers]
     generator = torch.Generator(device=weights[0].device).manual_seed(seed)
     total = sum(int(inputs.shape[0]) for inputs, _ in batches)
     if total == 0:
         raise ValueError("no calibration samples were given")
-    return tuple(modules), weights, generator, total
+    return tuple(layer.name for layer in layers), weights, generator, total
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcpaq.model.graph import LayerInfo, get_module
+from lcpaq.model.graph import LayerInfo, layer_parameter
 from lcpaq.quant.formats import QuantScheme
 from lcpaq.sensitivity.cross_terms import weight_perturbations
 from lcpaq.sensitivity.interaction_terms import (
@@ -27,7 +27,6 @@ from lcpaq.sensitivity.interaction_terms import (
     check_pairs,
     select_pairs,
 )
-from lcpaq.sensitivity.per_sample import module_weight
 
 #: (logits, labels) -> per-sample losses [N]; labels are None when none were given.
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -35,19 +34,19 @@ PerSampleLoss = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 @contextmanager
 def _weights_replaced(
-    modules: dict[int, nn.Module], new: dict[int, torch.Tensor]
+    weights: dict[int, torch.Tensor], new: dict[int, torch.Tensor]
 ) -> Iterator[None]:
     """The layers ``new`` names run with the given weights inside the block; restored after it."""
-    saved = {index: module_weight(modules[index]).detach().clone() for index in new}
+    saved = {index: weights[index].detach().clone() for index in new}
     try:
         with torch.no_grad():
             for index, weight in new.items():
-                module_weight(modules[index]).copy_(weight)
+                weights[index].copy_(weight)
         yield
     finally:
         with torch.no_grad():
             for index, weight in saved.items():
-                module_weight(modules[index]).copy_(weight)
+                weights[index].copy_(weight)
 
 
 class _ForwardLosses:
@@ -122,12 +121,13 @@ def measured_interactions(
     model.eval()
     scheme = scheme or QuantScheme()
     pairs = check_pairs(pairs if pairs is not None else select_pairs(len(layers)), len(layers))
-    modules = {index: get_module(model, layer.name) for index, layer in enumerate(layers)}
-    device = module_weight(modules[0]).device
+    # Parameter layout, as `weight_perturbations` returns its deltas.
+    modules = {index: layer_parameter(model, layer) for index, layer in enumerate(layers)}
+    device = modules[0].device
     inputs = inputs.to(device)
     labels = labels.to(device) if labels is not None else None
     quantized = [
-        [delta + module_weight(modules[k]).detach() for delta in per_layer]
+        [delta + modules[k].detach() for delta in per_layer]
         for k, per_layer in enumerate(
             weight_perturbations(model, layers, format_names, scheme, input_hessians)
         )

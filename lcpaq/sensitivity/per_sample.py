@@ -1,113 +1,101 @@
-"""Per-sample weight gradients of a layer from its recorded inputs and output gradients.
+"""Per-sample weight gradients of a layer from the operation calls its weight met.
 
-Input: a Linear / Conv1d / Conv2d module, the inputs it saw (kept by `LayerRecorder`, forward
-hooks) and gradients with respect to its outputs [K, N, ...]. Output: per-sample weight gradients
-[K, N, *weight.shape] (unfold for convolutions), formed in micro-batches that bound the memory.
+Input: the `lcpaq.model.op_capture.OpCall` records of a layer (what ``F.linear`` / ``F.conv*`` /
+``torch.addmm`` received, with the call's own stride, padding, dilation and groups) and gradients
+with respect to each call's output [K, *output.shape]. Output: per-sample weight gradients
+[K, N, *weight_shape] (the layer's [out, in, ...] view, `lcpaq.model.graph.weight_of`), or, for
+Linear-like layers when the per-element diagonal is not needed, only their squared norms from token
+Gram matrices (METHOD §8): ‖Σ_t g_t x_tᵀ‖² = ⟨Σ_k G_g, G_x⟩ with G_g = g gᵀ, G_x = x xᵀ over the
+sample's tokens, without forming the [out, in] gradient.
 Used by the exact Gauss–Newton traces (`lcpaq.sensitivity.gauss_newton`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lcpaq.model.op_capture import LINEAR_OPS, OpCall, conv_padding, samples_first
 
 #: Per-sample gradients are formed in micro-batches of at most this many float32 elements.
 PER_SAMPLE_ELEMENTS_LIMIT = 1 << 25
 
 
 def module_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a quantized layer (Linear or convolution), typed as the tensor it is."""
+    """The weight of a Linear or convolution module, typed as the tensor it is."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     return weight
 
 
-def layer_input_columns(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The layer input arranged so that per-sample weight gradients are one contraction away.
+def input_columns(call: OpCall, kernel: Sequence[int], count: int) -> torch.Tensor:
+    """The call's input arranged so that per-sample weight gradients are one contraction away.
 
-    Linear: [N, T, in] (T = 1 without a sequence axis). Convolution: the unfolded, padded input
-    [N, groups, in/groups x kernel, positions].
+    Linear: [N, T, in]. Convolution (``kernel``: the weight's spatial shape): the padded, unfolded
+    input [N, groups, in/groups x kernel, positions].
     """
-    count = inputs.shape[0]
-    if isinstance(module, nn.Linear):
-        return inputs.reshape(count, -1, inputs.shape[-1])
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if isinstance(module, nn.Conv1d):  # view a 1-d convolution as a 2-d one of height 1
-            inputs = inputs.unsqueeze(2)
-            kernel, stride, dilation = (
-                (1, *module.kernel_size),
-                (1, *module.stride),
-                (1, *module.dilation),
-            )
-            padding = (*module._reversed_padding_repeated_twice, 0, 0)
-        else:
-            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-            padding = tuple(module._reversed_padding_repeated_twice)
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        if any(padding):
-            inputs = F.pad(inputs, padding, mode=mode)
-        columns = F.unfold(inputs, kernel, dilation=dilation, stride=stride)  # [N, Cin*k, P]
-        return columns.reshape(count, module.groups, -1, columns.shape[-1])
-    raise TypeError(f"per-sample gradients are not implemented for {type(module).__name__}")
+    if call.op in LINEAR_OPS:
+        return samples_first(call.input, call, count)
+    inputs = call.input
+    stride, dilation = call.stride, call.dilation
+    padding = conv_padding(call, kernel)
+    if call.op == "conv1d":  # as a 2-d convolution of height 1
+        inputs, padding = inputs.unsqueeze(2), (*padding, 0, 0)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    if any(padding):
+        inputs = F.pad(inputs, padding)
+    columns = F.unfold(inputs, tuple(kernel), dilation=dilation, stride=stride)  # [N, Cin*k, P]
+    return columns.reshape(inputs.shape[0], call.groups, -1, columns.shape[-1])
+
+
+def output_grads(call: OpCall, grad_outputs: torch.Tensor, count: int) -> torch.Tensor:
+    """Gradients of the call's output [K, *output.shape], samples first: [K, N, T, out] for a
+    Linear call, unchanged [K, N, out, ...] for a convolution."""
+    if call.op not in LINEAR_OPS:
+        return grad_outputs
+    factors = grad_outputs.shape[0]
+    rows = samples_first(grad_outputs, call, count, lead=1)
+    return rows.reshape(factors, count, -1, rows.shape[-1])
 
 
 def per_sample_grads_from_columns(
-    module: nn.Module, columns: torch.Tensor, grad_outputs: torch.Tensor
+    call: OpCall, columns: torch.Tensor, grads: torch.Tensor, weight_shape: Sequence[int]
 ) -> torch.Tensor:
-    """Per-sample weight gradients [K, N, *weight.shape] for K stacked output gradients [K, N, ...]."""
-    factors, count = grad_outputs.shape[:2]
-    if isinstance(module, nn.Linear):
-        grads = grad_outputs.reshape(factors, count, -1, grad_outputs.shape[-1])
+    """Per-sample weight gradients [K, n, *weight_shape] from `input_columns` and `output_grads`
+    restricted to the same n samples."""
+    factors, count = grads.shape[:2]
+    if call.op in LINEAR_OPS:
         return torch.einsum("knto,nti->knoi", grads, columns)
-    conv = cast("nn.Conv1d | nn.Conv2d", module)  # layer_input_columns accepted nothing else
-    groups = conv.groups
-    grads = grad_outputs.reshape(factors, count, groups, conv.out_channels // groups, -1)
+    groups = call.groups
+    grads = grads.reshape(factors, count, groups, weight_shape[0] // groups, -1)
     per_sample = torch.einsum("kngop,ngqp->kngoq", grads, columns)
-    return per_sample.reshape(factors, count, *conv.weight.shape)
+    return per_sample.reshape(factors, count, *weight_shape)
+
+
+def gram_squared_norms(columns: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Σ_k ‖Σ_t g_kt x_tᵀ‖² per sample [n] from columns [n, T, in] and grads [K, n, T, out]:
+    ⟨Σ_k g_k g_kᵀ, x xᵀ⟩ over token pairs, never forming the [out, in] gradient (METHOD §8)."""
+    gram_inputs = columns @ columns.transpose(1, 2)  # [n, T, T]
+    gram_grads = torch.einsum("knto,knso->nts", grads, grads)
+    return (gram_inputs * gram_grads).flatten(1).sum(1)
+
+
+def gram_is_cheaper(tokens: int, inputs: int, outputs: int) -> bool:
+    """T²(in + out) multiply-adds for the Gram form against T·in·out for the materialised one."""
+    return tokens > 1 and tokens * (inputs + outputs) < inputs * outputs
 
 
 def per_sample_weight_grads(
-    module: nn.Module, inputs: torch.Tensor, grad_outputs: torch.Tensor
+    call: OpCall, grad_output: torch.Tensor, weight_shape: Sequence[int], count: int
 ) -> torch.Tensor:
-    """Per-sample ∂/∂W of Σ (grad_outputs · module(inputs)), shape [N, *weight.shape]."""
-    columns = layer_input_columns(module, inputs)
-    return per_sample_grads_from_columns(module, columns, grad_outputs[None])[0]
-
-
-class LayerRecorder:
-    """Forward hooks that keep each layer's inputs and outputs of one forward pass."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.inputs: dict[str, list[torch.Tensor]] = {}
-        self.outputs: dict[str, list[torch.Tensor]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> LayerRecorder:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _hook(
-        self, name: str
-    ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.inputs.setdefault(name, []).append(args[0].detach())
-            self.outputs.setdefault(name, []).append(output)
-
-        return hook
-
-    def clear(self) -> None:
-        self.inputs.clear()
-        self.outputs.clear()
+    """Per-sample ∂/∂W of Σ (grad_output · output) for one call of ``count`` samples,
+    [N, *weight_shape]."""
+    columns = input_columns(call, tuple(weight_shape[2:]), count)
+    grads = output_grads(call, grad_output[None], count)
+    return per_sample_grads_from_columns(call, columns, grads, weight_shape)[0]
 
 
 def micro_batches(count: int, elements_per_sample: int) -> list[slice]:

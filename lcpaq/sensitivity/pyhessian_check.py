@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, get_module
-from lcpaq.sensitivity.per_sample import module_weight
+from lcpaq.model.graph import LayerInfo, layer_parameter
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def pyhessian_check(
 
     if max_iter < 2:
         raise InputError(f"--pyhessian-iters must be at least 2 (or 0 for off), got {max_iter}")
-    weights = [module_weight(get_module(model, layer.name)) for layer in layers]
+    weights = [layer_parameter(model, layer) for layer in layers]
     frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
     flags = [p.requires_grad for p in frozen]
     was_training = model.training

@@ -5,7 +5,8 @@ candidate table and the inter-layer terms of one model on its calibration data.
 run-folder wrapper: it loads the model and data a `RunConfig` names, removes what a previous
 analysis left downstream (`lcpaq.runfolder.DOWNSTREAM_ARTIFACTS`) and writes ``run_config.json``,
 ``layers.json``, ``curvature.npz``, ``candidates.npz`` and, when measured, ``hutchinson.npz``,
-``pyhessian.json``, ``activations.npz``, ``input_hessians.safetensors`` and ``interactions.npz``.
+``pyhessian.json``, ``activations.npz``, ``input_hessians.safetensors``, ``interactions.npz`` and
+``step_sizes.npz``.
 The next stage is ``allocate``.
 """
 
@@ -15,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,12 +27,20 @@ from lcpaq.allocation.budgets import counts_activation_bits
 from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.model.data import Dataset
-from lcpaq.model.graph import LayerInfo, discover_layers
+from lcpaq.model.graph import KeptWeight, LayerInfo, Survey, discover_layers, survey_weights
 from lcpaq.model.zoo import file_sha256
+from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation_file import save_activation_sensitivity
 from lcpaq.sensitivity.candidates import measure_candidates
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
+from lcpaq.sensitivity.limpq import (
+    LearnedStepSizes,
+    indicator_columns,
+    learn_step_sizes,
+    save_step_sizes,
+)
+from lcpaq.stages.feasibility import check_budgets
 from lcpaq.stages.folder import (
     INPUT_HESSIANS_FILE,
     LayersFile,
@@ -53,8 +62,8 @@ logger = logging.getLogger(__name__)
 class Analysis:
     """What ``analyze`` measured on one model under ``config``: its layers, sizes in bits, the
     `Measurements` (curvature, cross-checks, activation sensitivity), the candidate table, the
-    GPTQ input Hessians and the inter-layer terms (None when not asked for), with wall times in
-    seconds."""
+    GPTQ input Hessians, the inter-layer terms and the learned step sizes (None when not asked
+    for), with wall times in seconds."""
 
     config: RunConfig
     layers: tuple[LayerInfo, ...]
@@ -66,6 +75,7 @@ class Analysis:
     input_hessians_seconds: float | None = None
     interactions: InteractionTerms | None = None
     interactions_seconds: float | None = None
+    step_sizes: LearnedStepSizes | None = None
 
 
 def with_default_activations(config: RunConfig) -> RunConfig:
@@ -122,6 +132,10 @@ def analyze_model(
         activation_formats=analysis.act_formats,
         input_hessians=input_hessians,
     )
+    step_sizes = learned_steps(config, model, layers, calib)
+    if step_sizes is not None:
+        indicator = indicator_columns(step_sizes, table.layer_names, table.weight_formats)
+        table = replace(table, learned_step=indicator)
     interactions = interactions_seconds = None
     if analysis.pairwise != "none":
         if pair_data is None:
@@ -140,14 +154,50 @@ def analyze_model(
         input_hessians_seconds,
         interactions,
         interactions_seconds,
+        step_sizes,
     )
 
 
-def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, tuple[LayerInfo, ...]]:
-    """The model (on this process's GPU when CUDA is available), calibration data and layers."""
+def learned_steps(
+    config: RunConfig, model: nn.Module, layers: Sequence[LayerInfo], calib: Dataset
+) -> LearnedStepSizes | None:
+    """LIMPQ's step sizes of the integer candidate formats (``--limpq-steps``; None when 0)."""
+    analysis = config.analysis
+    if analysis.limpq_steps == 0:
+        return None
+    formats = [name for name in analysis.formats if get_format(name).kind == "int"]
+    device = next(model.parameters()).device
+    return learn_step_sizes(
+        model,
+        layers,
+        calib.inputs.to(device),
+        formats,
+        steps=analysis.limpq_steps,
+        batch_size=analysis.batch_size,
+        symmetric=analysis.scheme.symmetric,
+        seed=analysis.seed,
+    )
+
+
+def _analysis_inputs(config: RunConfig) -> tuple[nn.Module, Dataset, Survey]:
+    """The model (on this process's GPU when CUDA is available), calibration data and its
+    weights: the layers to quantize (``--include``/``--exclude``) and those kept in FP32; the
+    run's budgets are checked against the candidates' costs here, before any measurement."""
     model, calib = load_model_and_data(config, config.analysis.num_samples)
-    layers = discover_layers(model, calib.inputs)
-    return model.to(distributed.default_device()), calib, layers
+    survey = survey_weights(
+        model, calib.inputs, include=config.analysis.include, exclude=config.analysis.exclude
+    )
+    layers = discover_layers(model, calib.inputs[:0], survey=survey)  # fails if none is left
+    if survey.kept:
+        logger.warning(
+            "%d weight tensor(s) kept in FP32 (%.1f %% of weight parameters): %s",
+            len(survey.kept),
+            100 * (1 - survey.quantized_share()),
+            "; ".join(f"{kept.key}: {kept.reason}" for kept in survey.kept),
+        )
+    fp32_bits, unquantized_bits = model_sizes(model, layers)
+    check_budgets(config, layers, fp32_size_bits=fp32_bits, unquantized_size_bits=unquantized_bits)
+    return model.to(distributed.default_device()), calib, survey
 
 
 def _pair_data(config: RunConfig) -> Dataset | None:
@@ -164,20 +214,21 @@ def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
     batches; only rank 0 writes the run folder.
     """
     if not distributed.is_main_process():
-        model, calib, layers = _analysis_inputs(config)
-        measure_sensitivity(config, model, layers, calib, progress=False)
+        model, calib, survey = _analysis_inputs(config)
+        measure_sensitivity(config, model, survey.layers, calib, progress=False)
         return
     ensure_writable(run_dir)
-    for name in runfolder.DOWNSTREAM_ARTIFACTS:
-        (run_dir / name).unlink(missing_ok=True)
-    for folder in ("quantized", "plots"):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
     with timed(run_dir, "analyze"):
-        model, calib, layers = _analysis_inputs(config)
+        # Bad inputs and infeasible budgets fail here, before anything of the folder is removed.
+        model, calib, survey = _analysis_inputs(config)
+        for name in runfolder.DOWNSTREAM_ARTIFACTS:
+            (run_dir / name).unlink(missing_ok=True)
+        for folder in ("quantized", "plots"):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
         result = analyze_model(
-            config, model, layers, calib, pair_data=_pair_data(config), progress=progress
+            config, model, survey.layers, calib, pair_data=_pair_data(config), progress=progress
         )
-        write_analysis(run_dir, config, result)
+        write_analysis(run_dir, config, result, survey.kept)
     curvature = result.measurements.curvature
     flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
     if flagged:
@@ -228,12 +279,18 @@ def _write_optional(run_dir: Path, result: Analysis) -> None:
         save_interactions(run_dir / "interactions.npz", result.interactions)
     else:
         stale.append("interactions.npz")
+    if result.step_sizes is not None:
+        save_step_sizes(run_dir / "step_sizes.npz", result.step_sizes)
+    else:
+        stale.append("step_sizes.npz")
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def write_analysis(run_dir: Path, config: RunConfig, result: Analysis) -> None:
-    """The analysis files of ``result``."""
+def write_analysis(
+    run_dir: Path, config: RunConfig, result: Analysis, kept: Sequence[KeptWeight] = ()
+) -> None:
+    """The analysis files of ``result``; ``kept``: the weights left in FP32 and why."""
     analysis = config.analysis
     measured = result.measurements
     _write_optional(run_dir, result)
@@ -250,6 +307,7 @@ def write_analysis(run_dir: Path, config: RunConfig, result: Analysis) -> None:
         "interactions_seconds": result.interactions_seconds,
         "input_hessians_seconds": result.input_hessians_seconds,
         "layers": [layer.to_dict() for layer in result.layers],
+        "kept_fp32": [weight.to_dict() for weight in kept],
     }
     runfolder.write_json(run_dir / "layers.json", layers_file)
     runfolder.save_curvature(run_dir / "curvature.npz", measured.curvature)

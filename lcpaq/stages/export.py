@@ -5,7 +5,8 @@ written as a quantized checkpoint.
 its codes and its layer-input quantizers); `export` is the run-folder wrapper that reads
 ``run_config.json``, ``layers.json``, ``allocation.json``, ``activations.npz`` and
 ``input_hessians.safetensors`` and writes ``quantized/model.safetensors`` and
-``quantized/manifest.json``. The next stage is ``evaluate``.
+``quantized/manifest.json`` (for a transformers model also the Hugging Face and compressed-tensors
+folders of `lcpaq.stages.hf_export`). The next stage is ``evaluate``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from lcpaq.allocation.budgets import Budget
 from lcpaq.allocation.result import Allocation
 from lcpaq.allocation.table import PAIR_SEPARATOR, activation_format_of, weight_format_of
-from lcpaq.config import RunConfig
+from lcpaq.config import ExportSettings, RunConfig
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.recovery import ReferenceStats, correct_statistics
 from lcpaq.quant.activations import (
@@ -30,9 +31,12 @@ from lcpaq.quant.activations import (
     attach_activation_quantizers,
 )
 from lcpaq.quant.checkpoint import quantize_model, write_quantized_checkpoint
-from lcpaq.quant.weights import QuantizedWeight
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.learned_steps import quantize_at_steps
+from lcpaq.quant.weights import QuantizedWeight, dequantize_weight
 from lcpaq.sensitivity.activation import ActivationSensitivity
 from lcpaq.sensitivity.activation_file import load_activation_sensitivity
+from lcpaq.sensitivity.limpq import LearnedStepSizes, load_step_sizes
 from lcpaq.stages.folder import (
     load_model_and_data,
     read_allocation,
@@ -42,6 +46,7 @@ from lcpaq.stages.folder import (
     read_layers_file,
     timed,
 )
+from lcpaq.stages.hf_export import export_hf
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +105,20 @@ def quantize_and_recover(
     reference: ReferenceStats | None = None,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
     activation_quantizers: Mapping[str, ActivationQuantizer] | None = None,
+    learned_steps: LearnedStepSizes | None = None,
 ) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
     """The quantized model (weights to ``assignment``, inputs through ``activation_quantizers``)
     with its BN statistics corrected on ``correction_inputs``: the correction sees the
-    quantized activations, so it also removes the mean shift their rounding causes."""
+    quantized activations, so it also removes the mean shift their rounding causes.
+    ``learned_steps`` (``--learn-scales``): layers whose format has a learned step are quantized
+    at it instead of the scheme's clipping (`apply_learned_steps`)."""
     quantized_model, codes = quantize_model(
         model, layers, assignment, config.analysis.scheme, input_hessians
     )
+    if learned_steps is not None:
+        apply_learned_steps(
+            model, quantized_model, layers, assignment, codes, learned_steps, config, input_hessians
+        )
     recover_quantized(
         model,
         quantized_model,
@@ -117,6 +129,70 @@ def quantize_and_recover(
         activation_quantizers,
     )
     return quantized_model, codes
+
+
+def learned_codes(
+    weight: torch.Tensor,
+    layer_name: str,
+    format_name: str,
+    learned: LearnedStepSizes,
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
+) -> QuantizedWeight | None:
+    """The FP32 ``weight`` quantized to ``format_name`` at the step sizes learned for it
+    (`lcpaq.quant.learned_steps.quantize_at_steps`, rounded as the scheme says); None when no
+    step was learned for this layer and format (the scheme's quantizer applies)."""
+    if format_name not in learned.format_names or layer_name not in learned.layer_names:
+        return None
+    row = learned.layer_names.index(layer_name)
+    steps = learned.step_sizes[row][learned.format_names.index(format_name)]
+    return quantize_at_steps(
+        weight, get_format(format_name), scheme, torch.from_numpy(steps), input_hessian
+    )
+
+
+def apply_learned_steps(
+    model: nn.Module,
+    quantized_model: nn.Module,
+    layers: Sequence[LayerInfo],
+    assignment: Mapping[str, str],
+    codes: dict[str, QuantizedWeight],
+    learned: LearnedStepSizes,
+    config: RunConfig,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Requantize, in place, every assigned layer whose format has a learned step size: the FP32
+    weight of ``model`` (not the already rounded one) at those steps; the others keep the
+    scheme's quantizer."""
+    fp_parameters = dict(model.named_parameters())
+    parameters = dict(quantized_model.named_parameters())
+    with torch.no_grad():
+        for layer in layers:
+            name = assignment.get(layer.name)
+            if name is None:
+                continue
+            hessian = input_hessians.get(layer.name) if input_hessians else None
+            quantized = learned_codes(
+                fp_parameters[layer.weight_key].detach(),
+                layer.name,
+                name,
+                learned,
+                config.analysis.scheme,
+                hessian,
+            )
+            if quantized is None:
+                continue
+            weight = parameters[layer.weight_key]
+            weight.copy_(dequantize_weight(quantized, weight.dtype))
+            codes[layer.name] = quantized
+
+
+def read_learned_steps(run_dir: Path, config: RunConfig) -> LearnedStepSizes | None:
+    """The run's learned step sizes when ``--learn-scales`` asks for them (``step_sizes.npz``,
+    written by ``analyze --limpq-steps``), else None."""
+    if not config.recovery.learn_scales:
+        return None
+    return load_step_sizes(run_dir / "step_sizes.npz")
 
 
 def recover_quantized(
@@ -147,9 +223,11 @@ def export_model(
     *,
     input_hessians: Mapping[str, torch.Tensor] | None = None,
     activations: ActivationSensitivity | None = None,
+    learned_steps: LearnedStepSizes | None = None,
 ) -> QuantizedModel:
     """``model`` quantized to ``allocation`` (weights and, for paired candidates, layer inputs
-    with the ranges of ``activations``), statistics corrected on ``correction_inputs``."""
+    with the ranges of ``activations``; at ``learned_steps`` when given), statistics corrected on
+    ``correction_inputs``."""
     input_quantizers = {}
     formats = paired_activation_formats(allocation.layer_names, allocation.formats)
     if formats:
@@ -163,6 +241,7 @@ def export_model(
         correction_inputs,
         input_hessians=input_hessians,
         activation_quantizers=input_quantizers,
+        learned_steps=learned_steps,
     )
     return QuantizedModel(quantized_model, codes, input_quantizers)
 
@@ -212,6 +291,7 @@ def manifest_extra(
         "recovery": {
             "statistics_correction": config.recovery.enabled,
             "num_samples": correction_samples,
+            "learned_scales": config.recovery.learn_scales,
         },
         "totals": {
             "average_bits": allocation.average_bits,
@@ -222,8 +302,11 @@ def manifest_extra(
     }
 
 
-def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
-    """Quantize to the allocation, correct statistics, write the quantized checkpoint."""
+def export(
+    run_dir: Path, *, out_dir: Path | None = None, settings: ExportSettings | None = None
+) -> Path:
+    """Quantize to the allocation, correct statistics, write the quantized checkpoint (and, for a
+    transformers model, the folders ``settings`` asks for: `lcpaq.stages.hf_export`)."""
     config = read_config(run_dir)
     layers, _ = read_layers(run_dir)
     allocation, allocation_data = read_allocation(run_dir)
@@ -241,6 +324,7 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
             calib.inputs,
             input_hessians=read_input_hessians(run_dir, config),
             activation_quantizers=input_quantizers,
+            learned_steps=read_learned_steps(run_dir, config),
         )
         quantized = QuantizedModel(quantized_model, codes, input_quantizers)
         layer_data = read_layers_file(run_dir, "layer list")
@@ -254,5 +338,6 @@ def export(run_dir: Path, *, out_dir: Path | None = None) -> Path:
             correction_samples=min(config.recovery.num_samples, len(calib)),
         )
         path = write_checkpoint(out_dir, quantized, layers, allocation, config, extra)
+        export_hf(quantized_model, path, config.analysis.model, settings)
     logger.info("wrote quantized checkpoint %s", path)
     return path

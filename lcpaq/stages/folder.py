@@ -19,7 +19,7 @@ from lcpaq import runfolder
 from lcpaq.allocation.result import Allocation
 from lcpaq.config import AllocationConfig, RunConfig
 from lcpaq.errors import InputError
-from lcpaq.model.data import Dataset, load_dataset
+from lcpaq.model.data import Dataset, check_inputs_fit, load_dataset
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.zoo import load_model, num_classes_of
 
@@ -42,6 +42,9 @@ class LayersFile(TypedDict):
     interactions_seconds: float | None
     input_hessians_seconds: float | None
     layers: list[dict[str, Any]]
+    #: Weight tensors left in FP32 (`lcpaq.model.graph.KeptWeight`): key, num_params, reason
+    #: (absent in files from before it existed: read with ``.get``).
+    kept_fp32: list[dict[str, Any]]
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -70,9 +73,12 @@ def timed(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def read_config(run_dir: Path) -> RunConfig:
-    return RunConfig.from_dict(
-        runfolder.read_json(run_dir / "run_config.json", "run configuration")
-    )
+    path = run_dir / "run_config.json"
+    data = runfolder.read_json(path, "run configuration")
+    try:
+        return RunConfig.from_dict(data, source=str(path))
+    except InputError as error:  # written by analyze: a bad value means the file was edited
+        raise runfolder.damaged(path, error) from None
 
 
 def read_layers_file(run_dir: Path, what: str = "layer list (lcpaq analyze)") -> LayersFile:
@@ -82,13 +88,16 @@ def read_layers_file(run_dir: Path, what: str = "layer list (lcpaq analyze)") ->
 def read_layers(run_dir: Path) -> tuple[tuple[LayerInfo, ...], float]:
     """The quantizable layers and the bits of everything they do not quantize."""
     data = read_layers_file(run_dir)
-    layers = tuple(LayerInfo.from_dict(item) for item in data["layers"])
-    return layers, float(data["unquantized_size_bits"])
+    with runfolder.reading(run_dir / "layers.json"):
+        layers = tuple(LayerInfo.from_dict(item) for item in data["layers"])
+        return layers, float(data["unquantized_size_bits"])
 
 
 def read_allocation(run_dir: Path) -> tuple[Allocation, dict[str, object]]:
-    data = runfolder.read_json(run_dir / "allocation.json", "allocation (lcpaq allocate)")
-    return Allocation.from_dict(data), data
+    path = run_dir / "allocation.json"
+    data = runfolder.read_json(path, "allocation (lcpaq allocate)")
+    with runfolder.reading(path):
+        return Allocation.from_dict(data), data
 
 
 def allocation_config_of(allocation_data: dict[str, object]) -> AllocationConfig:
@@ -126,16 +135,19 @@ def load_model_and_data(config: RunConfig, num_samples: int) -> tuple[nn.Module,
         num_classes=num_classes_of(model),
         image_size=analysis.image_size,
     )
+    check_inputs_fit(model, calib, analysis.model)
     return model, calib.subset(0, min(num_samples, len(calib)))
 
 
 def load_eval(config: RunConfig, model: nn.Module, eval_path: str) -> Dataset:
-    return load_dataset(
+    dataset = load_dataset(
         eval_path,
         normalization=config.analysis.normalize,
         num_classes=num_classes_of(model),
         image_size=config.analysis.image_size,
     )
+    check_inputs_fit(model, dataset, config.analysis.model)
+    return dataset
 
 
 def read_input_hessians(run_dir: Path, config: RunConfig) -> dict[str, torch.Tensor] | None:

@@ -18,7 +18,7 @@ from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import LayerInfo
-from lcpaq.model.recovery import collect_input_hessians
+from lcpaq.quant.input_stats import collect_input_hessians
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation import ActivationSensitivity, activation_sensitivity
 from lcpaq.sensitivity.curvature import CurvatureEstimate

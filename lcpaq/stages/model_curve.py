@@ -1,6 +1,8 @@
 """The model-level figure of the ``plot`` stage (``plots/model_curve*.png``): predicted loss and
 measured top-1 of the ``sweep`` stage's mixed-precision optima and uniform baselines against one
-budget metric, the exported allocation marked. Shared styles: `lcpaq.stages.figure_style`."""
+budget metric, the exported allocation marked. Every measured top-1 carries its standard error
+(error bars; FP32 a band), so differences within noise are visible as such. Shared styles:
+`lcpaq.stages.figure_style`."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def plot_model_curve(
     fp32_top1: float | None,
     title: str,
     metric: str = "avg-bits",
+    fp32_stderr: float | None = None,
 ) -> Path:
     """Plot whole-model predicted loss and measured accuracy against one budget metric.
 
@@ -53,13 +56,15 @@ def plot_model_curve(
         path: Destination PNG file; parent folders are created.
         sweep: Mixed-precision allocations over a budget sweep; each mapping has ``costs``
             (metric → value; older points: ``avg_bits``), ``predicted_loss_increase`` (nats) and
-            ``top1`` (fraction in [0, 1] or None).
+            ``top1`` (fraction in [0, 1] or None) with ``top1_stderr`` (its standard error,
+            drawn as an error bar; absent for older points).
         uniform: Single-format baselines, the same keys plus ``format`` (e.g. ``"int8"``); FP
             formats (names starting with ``fp``) are drawn as diamonds, INT ones as squares.
         chosen: The exported allocation (same keys as ``sweep``), or None.
         fp32_top1: Top-1 accuracy of the unquantized model as a fraction, or None.
         title: Figure title; should name the model and the budget.
         metric: The x axis, one of `METRIC_LABELS`; points without it are left out.
+        fp32_stderr: Standard error of ``fp32_top1``, drawn as a band around its line.
 
     Returns:
         The path of the written PNG.
@@ -84,7 +89,11 @@ def plot_model_curve(
     right.set_title("measured accuracy", fontsize=10)
     if fp32_top1 is not None:
         fp32 = 100.0 * fp32_top1
-        right.axhline(fp32, ls="--", color="black", lw=1.2, label=f"FP32 ({fp32:.2f}%)")
+        band = 100.0 * (fp32_stderr or 0.0)
+        label = f"FP32 ({fp32:.2f}" + (f" ± {band:.2f}" if band else "") + "%)"
+        right.axhline(fp32, ls="--", color="black", lw=1.2, label=label)
+        if band:
+            right.axhspan(fp32 - band, fp32 + band, color="black", alpha=0.08, lw=0)
     if not any(p.get("top1") is not None for p in everything):
         centre = {"transform": right.transAxes, "ha": "center", "va": "center", "color": "gray"}
         right.text(0.5, 0.5, "accuracy not measured", fontsize=13, **centre)
@@ -115,6 +124,17 @@ class _Panel:
         y = np.array([float(p[key]) for p in rows], dtype=float)
         return x, (np.maximum(y, self.floor) if key == "predicted_loss_increase" else 100.0 * y)
 
+    def error_bars(self, ax: Axes, points: Sequence[Mapping[str, Any]], key: str) -> None:
+        """Top-1 ± its standard error (points measured without one get none)."""
+        if key != "top1":
+            return
+        rows = [p for p in points if p.get(key) is not None and p.get("top1_stderr") is not None]
+        if not rows:
+            return
+        x, y = self.xy(rows, key)
+        errors = 100.0 * np.array([float(p["top1_stderr"]) for p in rows])
+        ax.errorbar(x, y, yerr=errors, fmt="none", ecolor="dimgray", elinewidth=1, capsize=3)
+
     def draw(
         self,
         ax: Axes,
@@ -123,6 +143,7 @@ class _Panel:
         uniform: Sequence[Mapping[str, Any]],
         chosen: Mapping[str, Any] | None,
     ) -> None:
+        self.error_bars(ax, [*sweep, *uniform, *([chosen] if chosen is not None else [])], key)
         sx, sy = self.xy(sweep, key)
         if sx.size:
             ax.plot(sx, sy, "o-", color="tab:blue", ms=5, label="lcpaq mixed precision")

@@ -19,6 +19,7 @@ scripts/ call) and `run`, which chains them. File layout (all written atomically
     allocation.json   chosen format per layer, solver report   (allocate)
     infeasible.json   why the last budgets could not be met     (allocate, if infeasible)
     quantized/        model.safetensors + manifest.json        (export)
+    quantized/hf/, quantized/compressed-tensors/, exports.json     (export, transformers models)
     evaluation.json   FP32 and quantized top-1                 (evaluate)
     onnx.json         ONNX Runtime check of model.onnx         (onnx)
     sweep.json        model-level Pareto curves, uniform points (sweep)
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcpaq.allocation.budgets import Budget, parse_budget
-from lcpaq.config import RunConfig
+from lcpaq.config import ExportSettings, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.stages.allocate import allocate, candidate_costs
 from lcpaq.stages.analyze import analyze, analyze_interactions, with_default_activations
@@ -103,11 +104,14 @@ def finish(
     sweep_points: int = 0,
     sweep_min_bits: float | None = None,
     sweep_metrics: Sequence[str] | None = None,
+    sweep_eval_samples: int | None = 0,
     progress: bool = True,
+    export_settings: ExportSettings | None = None,
 ) -> Path:
     """The stages after ``allocate`` in `ORDER`: ``evaluate`` needs ``eval_path``, ``sweep``
-    needs ``sweep_points`` (without it a stale ``sweep.json`` is removed). Returns the report."""
-    export(run_dir)
+    needs ``sweep_points`` (without it a stale ``sweep.json`` is removed) and measures its points
+    on ``sweep_eval_samples`` images (0: none, None: all). Returns the report."""
+    export(run_dir, settings=export_settings)
     if eval_path:
         evaluate(run_dir, eval_path)
     if sweep_points:
@@ -117,6 +121,7 @@ def finish(
             num_points=sweep_points,
             min_bits=sweep_min_bits,
             metrics=sweep_metrics,
+            eval_samples=sweep_eval_samples,
             progress=progress,
         )
     else:
@@ -133,7 +138,9 @@ def run(
     sweep_points: int = 0,
     sweep_min_bits: float | None = None,
     sweep_metrics: Sequence[str] | None = None,
+    sweep_eval_samples: int | None = 0,
     progress: bool = True,
+    export_settings: ExportSettings | None = None,
 ) -> Path | None:
     """Every stage of `ORDER` on ``run_dir`` under ``config.allocation.budgets`` (with
     `with_default_activations`). Returns the report's path (None on a torchrun rank other
@@ -154,5 +161,7 @@ def run(
         sweep_points=sweep_points,
         sweep_min_bits=sweep_min_bits,
         sweep_metrics=sweep_metrics,
+        sweep_eval_samples=sweep_eval_samples,
         progress=progress,
+        export_settings=export_settings,
     )

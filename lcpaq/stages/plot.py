@@ -130,6 +130,7 @@ def _model_curves(
         "costs": allocation.costs,
         "predicted_loss_increase": allocation.predicted_loss_increase,
         "top1": evaluation["quantized"]["top1"] if evaluation else None,
+        "top1_stderr": evaluation["quantized"].get("stderr") if evaluation else None,
     }
     curves = sweep_data.get("curves") or {"avg-bits": sweep_data["points"]}
     fixed = ", ".join(sweep_data.get("fixed_budgets", []))
@@ -144,6 +145,7 @@ def _model_curves(
                 uniform=sweep_data["uniform"],
                 chosen=chosen,
                 fp32_top1=evaluation["fp32"]["top1"] if evaluation else None,
+                fp32_stderr=evaluation["fp32"].get("stderr") if evaluation else None,
                 title=f"Model-level Pareto curve over {metric}"
                 + (f" (held: {others})" if others else "")
                 + f": {model_name}",

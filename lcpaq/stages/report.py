@@ -227,7 +227,8 @@ def render_markdown(report: ReportData) -> str:
     lines += sections.curvature_lines(report["curvature"])
     lines += sections.layer_lines(report["layers"])
     if report["sweep"]:
-        lines += sections.sweep_lines(report["sweep"])
+        evaluation = report["evaluation"] or {}
+        lines += sections.sweep_lines(report["sweep"], evaluation.get("fp32"))
     if report.get("interactions"):
         lines += sections.interaction_lines(report["interactions"] or {})
     if report["timings_s"]:

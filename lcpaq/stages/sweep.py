@@ -1,6 +1,13 @@
 """The ``sweep`` stage: model-level Pareto curves of the ILP optima over a range of budgets, and
 uniform baselines, each point with every cost metric, its predicted loss increase and (given
-evaluation data) its measured top-1.
+evaluation data) its measured top-1 with its standard error.
+
+Measuring a point means quantizing, correcting and evaluating the whole model, which made the
+default ``lcpaq run`` spend most of its time here. So: each layer's quantized weight in each
+format is computed once for all points (`_WeightCache`: GPTQ codes depend on the layer and the
+format only); ``eval_samples`` bounds the evaluation images per point (``lcpaq run`` measures
+none by default: the curve is predicted, see ``--sweep-eval-samples``); and the point equal to the
+exported allocation takes the top-1 the ``evaluate`` stage measured on the same data.
 
 Reads the analysis files, ``allocation.json`` (the options and budgets it was solved with) and
 ``input_hessians.safetensors``; writes ``sweep.json``. The next stages are ``plot`` and
@@ -9,11 +16,13 @@ Reads the analysis files, ``allocation.json`` (the options and budgets it was so
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,8 +39,12 @@ from lcpaq.allocation.table import assign_activations
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.evaluate import evaluate_accuracy
+from lcpaq.model.graph import LayerInfo, get_module, layer_weight
 from lcpaq.model.recovery import collect_reference_stats
+from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.weights import dequantize_weight, quantize_weight
 from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.limpq import LearnedStepSizes
 from lcpaq.stages.allocate import (
     ProblemData,
     activation_term_of,
@@ -39,7 +52,13 @@ from lcpaq.stages.allocate import (
     problem_of,
     read_problem_data,
 )
-from lcpaq.stages.export import activation_quantizers_of, quantize_and_recover, weight_assignment
+from lcpaq.stages.export import (
+    activation_quantizers_of,
+    learned_codes,
+    read_learned_steps,
+    recover_quantized,
+    weight_assignment,
+)
 from lcpaq.stages.folder import (
     allocation_config_of,
     load_eval,
@@ -62,6 +81,7 @@ def sweep(
     max_bits: float | None = None,
     min_bits: float | None = None,
     metrics: Sequence[str] | None = None,
+    eval_samples: int | None = None,
     progress: bool = True,
 ) -> dict[str, object]:
     """Model-level Pareto curves and uniform baselines (``sweep.json``).
@@ -72,10 +92,14 @@ def sweep(
     sweep), the run's budgets on other metrics held fixed. Uniform baselines: every weight format
     of the candidates plus `lcpaq.allocation.curves.BASELINE_FORMATS` (INT8, INT4, FP8 E4M3), measured on the
     model when they are not candidates. Every point has every cost metric, the predicted loss
-    increase and, given eval data, top-1 after the same quantization and statistics correction as
-    the export (each distinct weight assignment measured once)."""
+    increase and, given eval data, top-1 ± its standard error after the same quantization and
+    statistics correction as the export (each distinct weight assignment measured once) on the
+    first ``eval_samples`` images (None: all; 0: none, only the exported allocation's point gets
+    the top-1 of ``evaluation.json``)."""
     if num_points < 2:
         raise InputError(f"--sweep-points must be at least 2, got {num_points}")
+    if eval_samples is not None and eval_samples < 0:
+        raise InputError(f"--sweep-eval-samples must be >= 0, got {eval_samples}")
     config = read_config(run_dir)
     allocation, allocation_data = read_allocation(run_dir)
     options = allocation_config_of(allocation_data)
@@ -103,12 +127,14 @@ def sweep(
             uniform += baseline_points(
                 data, model, missing, options.scorer, options.latency_table, config, run_dir
             )
-        if eval_path is not None:
-            everything = [point for curve in curves.values() for point in curve] + uniform
-            measure_top1(run_dir, config, data, everything, eval_path, progress)
+        everything = [point for curve in curves.values() for point in curve] + uniform
+        if eval_path is not None and eval_samples != 0:
+            measure_top1(run_dir, config, data, everything, eval_path, progress, eval_samples)
+        reused = reuse_evaluation(run_dir, everything, allocation.formats, eval_path)
         result: dict[str, object] = {
             "first_last": options.first_last,
-            "eval_data": eval_path,
+            "eval_data": eval_path or reused,
+            "eval_samples": eval_samples,
             "metrics": metrics,
             "fixed_budgets": [str(budget) for budget in fixed],
             "curves": curves,
@@ -119,6 +145,49 @@ def sweep(
     return result
 
 
+class _WeightCache:
+    """Each layer's dequantized weight in each weight format, computed once for every point
+    (GPTQ's codes depend on the layer's FP32 input Hessian and the format only)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheme: QuantScheme,
+        input_hessians: Mapping[str, torch.Tensor] | None,
+        learned_steps: LearnedStepSizes | None = None,
+    ) -> None:
+        self.model = model
+        self.scheme = scheme
+        self.input_hessians = input_hessians or {}
+        self.learned_steps = learned_steps
+        self.weights: dict[tuple[str, str], torch.Tensor] = {}
+
+    def quantized_model(self, layers: Sequence[LayerInfo], assignment: Mapping[str, str]):
+        """A copy of the model whose assigned layers hold their quantized weights."""
+        quantized = copy.deepcopy(self.model).eval()
+        with torch.no_grad():
+            for layer in layers:
+                if layer.name not in assignment:
+                    continue
+                weight = layer_weight(get_module(quantized, layer.name))
+                weight.copy_(self._weight(layer.name, assignment[layer.name], weight))
+        return quantized
+
+    def _weight(self, name: str, format_name: str, weight: torch.Tensor) -> torch.Tensor:
+        key = (name, format_name)
+        if key not in self.weights:
+            hessian = self.input_hessians.get(name)
+            codes = None
+            if self.learned_steps is not None:  # --learn-scales: at the learned steps
+                codes = learned_codes(
+                    weight, name, format_name, self.learned_steps, self.scheme, hessian
+                )
+            if codes is None:
+                codes = quantize_weight(weight, get_format(format_name), self.scheme, hessian)
+            self.weights[key] = dequantize_weight(codes, weight.dtype)
+        return self.weights[key]
+
+
 def measure_top1(
     run_dir: Path,
     config: RunConfig,
@@ -126,39 +195,78 @@ def measure_top1(
     points: Sequence[Point],
     eval_path: str,
     progress: bool = True,
+    eval_samples: int | None = None,
 ) -> None:
-    """Add ``top1`` to every point: its candidates quantized and corrected as ``export`` does,
-    evaluated on ``eval_path`` (each distinct assignment once)."""
+    """Add ``top1``, ``top1_stderr`` and ``eval_images`` to every point: its candidates quantized
+    and corrected as ``export`` does, evaluated on the first ``eval_samples`` images of
+    ``eval_path`` (None: all), each distinct assignment once."""
     model, calib = load_model_and_data(config, config.recovery.num_samples)
     dataset = load_eval(config, model, eval_path)
+    if eval_samples is not None:
+        dataset = dataset.subset(0, min(eval_samples, len(dataset)))
     names = [layer.name for layer in data.layers]
     reference = (
         collect_reference_stats(model, calib.inputs, names) if config.recovery.enabled else None
     )
-    input_hessians = read_input_hessians(run_dir, config)
+    weights = _WeightCache(
+        model,
+        config.analysis.scheme,
+        read_input_hessians(run_dir, config),
+        read_learned_steps(run_dir, config),
+    )
     layer_names = data.table.layer_names
 
-    def measure(candidates: Sequence[str]) -> float:
-        quantized_model, _ = quantize_and_recover(
+    def measure(candidates: Sequence[str]) -> tuple[float, float]:
+        quantized_model = weights.quantized_model(
+            data.layers, weight_assignment(layer_names, candidates)
+        )
+        recover_quantized(
             model,
-            data.layers,
-            weight_assignment(layer_names, candidates),
+            quantized_model,
+            names,
             config,
             calib.inputs,
             reference,
-            input_hessians,
             # The ranges were read once for every point (``data.activations``).
             activation_quantizers_of(run_dir, layer_names, candidates, data.activations),
         )
-        return evaluate_accuracy(quantized_model, dataset).top1
+        accuracy = evaluate_accuracy(quantized_model, dataset)
+        return accuracy.top1, accuracy.stderr
 
-    seen: dict[tuple[str, ...], float] = {}
+    seen: dict[tuple[str, ...], tuple[float, float]] = {}
     for point in tqdm(points, desc="measuring", disable=not progress, unit="point"):
         candidates = _point_candidates(point, len(data.layers))
         key = tuple(candidates)
         if key not in seen:
             seen[key] = measure(candidates)
-        point["top1"] = seen[key]
+        point["top1"], point["top1_stderr"] = seen[key]
+        point["eval_images"] = len(dataset)
+
+
+def reuse_evaluation(
+    run_dir: Path, points: Sequence[Point], chosen: Sequence[str], eval_path: str | None
+) -> str | None:
+    """Give the points whose candidates are the exported allocation's (``chosen``) the top-1 that
+    ``evaluate`` measured (``evaluation.json``) when it used ``eval_path`` (any data when None)
+    and more images than the sweep did. Returns the evaluation data used, or None."""
+    path = run_dir / "evaluation.json"
+    if not path.is_file():
+        return None
+    evaluation = runfolder.read_json(path, "evaluation")
+    source = evaluation.get("eval_data")
+    if eval_path is not None and source != eval_path:
+        return None
+    measured = evaluation.get("quantized")
+    if not isinstance(measured, dict):
+        raise runfolder.damaged(path, "no 'quantized' accuracy")
+    images = int(measured["num_samples"])
+    for point in points:
+        if _point_candidates(point, len(chosen)) == list(chosen) and images > int(
+            point.get("eval_images") or 0
+        ):
+            point["top1"], point["top1_stderr"] = float(measured["top1"]), float(measured["stderr"])
+            point["eval_images"] = images
+    return str(source)
 
 
 def _point_candidates(point: Point, num_layers: int) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from lcpaq.allocation.frontier import (
     score_candidates,
 )
 from lcpaq.allocation.table import CandidateTable
+from lcpaq.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -247,3 +249,14 @@ def test_safe_pruning_compares_pair_terms_format_by_format() -> None:
     np.testing.assert_array_equal(kept, [[False, True], [True, False]])
     low, high = pairwise_score_bounds(scores, allowed, {(0, 1): pair})
     assert not high[0, 1] <= low[0, 0]  # the coarser rule alone would keep format 0
+
+
+def test_limpq_scorer_returns_the_learned_steps_and_needs_them() -> None:
+    table = random_table(np.random.default_rng(3), num_layers=3, num_formats=2)
+    with pytest.raises(InputError, match="--limpq-steps"):
+        score_candidates(table, np.ones(3), "limpq")
+    steps = np.array([[0.4, 0.1], [0.2, 0.1], [0.3, 0.05]])
+    learned = replace(table, learned_step=steps)
+    np.testing.assert_array_equal(score_candidates(learned, np.ones(3), "limpq"), steps)
+    # Selecting columns keeps each column's step.
+    np.testing.assert_array_equal(learned.select([1]).learned_step, steps[:, [1]])

@@ -99,9 +99,10 @@ def test_zero_samples(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("x", "y", "match"),
     [
-        (_images().astype(np.int32), _labels(), "uint8 images or float features, got torch.int32"),
-        (_images()[:, 0], _labels(), "uint8 images 'x' must be NCHW"),
-        (np.zeros(6, np.float32), _labels(), "sample axis and feature axes"),
+        (_images().astype(np.int32) + 256, _labels(), "pixel values 0..255, found 5"),
+        (_images()[:, 0], _labels(), "integer images 'x' must be NCHW"),
+        (np.zeros(6, np.float32), _labels(), "sample axis and non-empty feature axes"),
+        (np.array(["a"] * 6), _labels(), "array 'x' has dtype <U1"),
         (_images(), _labels(5), "x has 6 samples"),
         (_images(), _labels()[:, None], "one label per sample"),
         (_images(), np.array([0, 1, -1, 2, 3, 4]), "label -1 is negative"),
@@ -109,9 +110,10 @@ def test_zero_samples(tmp_path: Path) -> None:
         (np.full((6, 2), np.nan, np.float32), _labels(), "NaN or Inf"),
     ],
     ids=[
-        "int32-x",
+        "int32-x-out-of-range",
         "3d-uint8-x",
         "1d-x",
+        "string-x",
         "length-mismatch",
         "2d-labels",
         "negative-label",

@@ -10,13 +10,20 @@ from torch import nn
 from lcpaq.errors import InputError
 from lcpaq.model.graph import (
     LayerInfo,
+    channel_axis,
     discover_layers,
+    failing_layer,
     first_and_last,
     get_module,
+    layer_parameter,
     layer_weight,
+    masked_positions,
     model_device,
     norm_modules,
     quantizable_modules,
+    survey_weights,
+    token_mask,
+    weight_of,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -131,3 +138,113 @@ def test_layer_weight_and_model_device() -> None:
     with pytest.raises(InputError, match="ReLU has no weight tensor"):
         layer_weight(nn.ReLU())
     assert model_device(model) == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights as the operations meet them (`survey_weights`): attention, F.linear, Conv1D, FP32 list.
+
+
+def test_survey_finds_every_weight_an_operation_meets() -> None:
+    from layer_kinds import ZooNet
+
+    model = ZooNet(with_unsupported=True).eval()
+    survey = survey_weights(model, torch.randn(2, 3, 8, 8))
+    layers = {layer.name: layer for layer in survey.layers}
+    assert list(layers) == [
+        "stem",
+        "block.dwconv",
+        "block.pwconv1",
+        "block.pwconv2",
+        "swin.qkv",
+        "swin.proj",
+        "patch",
+        "vit.attn",
+        "vit.attn.out_proj",
+        "vit.mlp",
+        "head",
+    ]
+    attention = layers["vit.attn"]
+    assert attention.weight_key == "vit.attn.in_proj_weight"
+    assert attention.kind == "MultiheadAttention" and attention.weight_shape == (24, 8)
+    assert attention.has_bias and attention.macs_per_sample == 5 * 24 * 8
+    assert layers["swin.qkv"].macs_per_sample == 16 * 24 * 8  # 16 positions, F.linear
+    kept = {weight.key: weight.reason for weight in survey.kept}
+    assert kept == {
+        "vit.class_token": "not the weight of a linear or convolution operation (or did not run)",
+        "vit.position": "not the weight of a linear or convolution operation (or did not run)",
+        "volume.weight": "Conv3d is not supported",
+        "embed.weight": "embedding table (a lookup, not a matmul)",
+    }
+    total = sum(layer.num_params for layer in survey.layers) + 8 + 40 + 1 + 32
+    assert survey.quantized_share() == pytest.approx(1 - (8 + 40 + 1 + 32) / total)
+
+
+def test_include_and_exclude_patterns() -> None:
+    from layer_kinds import ZooNet
+
+    model = ZooNet().eval()
+    inputs = torch.randn(1, 3, 8, 8)
+    survey = survey_weights(model, inputs, exclude=["vit.*", "swin.qkv"])
+    names = [layer.name for layer in survey.layers]
+    assert "swin.qkv" not in names and not any(name.startswith("vit.") for name in names)
+    excluded = [kept.key for kept in survey.kept if kept.reason.startswith("excluded")]
+    assert excluded == [
+        "swin.qkv.weight",
+        "vit.attn.in_proj_weight",
+        "vit.attn.out_proj.weight",
+        "vit.mlp.weight",
+    ]
+    only = discover_layers(model, inputs, include=["block.*"], exclude=["*dwconv"])
+    assert [layer.name for layer in only] == ["block.pwconv1", "block.pwconv2"]
+    with pytest.raises(InputError, match="after --include/--exclude"):
+        discover_layers(model, inputs, include=["nothing*"])
+
+
+def test_conv1d_weight_is_seen_as_out_by_in_and_written_through() -> None:
+    from layer_kinds import gpt2_block
+
+    model = gpt2_block()
+    first = discover_layers(model, torch.randn(2, 3, 6))[0]
+    assert first.kind == "Conv1D" and first.weight_shape == (12, 6)
+    assert first.macs_per_sample == 3 * 12 * 6
+    view = weight_of(model, first)
+    assert view.shape == (12, 6) and layer_parameter(model, first).shape == (6, 12)
+    with torch.no_grad():
+        view[3, 2] = 7.0
+    assert float(model.c_fc.weight[2, 3].detach()) == 7.0
+    assert layer_weight(model.c_fc).shape == (12, 6)
+
+
+def test_channel_axis_token_mask_and_masked_positions() -> None:
+    from layer_kinds import gpt2_block
+
+    assert channel_axis(nn.Linear(2, 2)) == -1 and channel_axis(gpt2_block().c_fc) == -1
+    assert channel_axis(nn.Conv2d(1, 1, 1)) == 1 and channel_axis(nn.Conv1d(1, 1, 1)) == 1
+    assert channel_axis(nn.BatchNorm2d(1)) == 1 and channel_axis(nn.MultiheadAttention(2, 1)) == -1
+
+    class Masked(nn.Module):
+        def token_mask(self, inputs: torch.Tensor) -> torch.Tensor:
+            return inputs[:, 1] > 0
+
+    inputs = torch.tensor([[[5, 6, 7], [1, 1, 0]], [[8, 9, 1], [1, 0, 0]]])
+    mask = token_mask(Masked(), inputs)
+    assert mask is not None and mask.tolist() == [[True, True, False], [True, False, False]]
+    assert token_mask(nn.Linear(1, 1), inputs) is None
+    states = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    kept = masked_positions(states, mask)
+    assert kept.tolist() == [states[0, 0].tolist(), states[0, 1].tolist(), states[1, 0].tolist()]
+    other = states.transpose(0, 1)  # first two dims are not the mask's: unchanged
+    assert masked_positions(other, mask) is other
+    assert masked_positions(states, None) is states
+
+
+def test_a_failure_inside_a_layer_names_it() -> None:
+    with (
+        pytest.raises(
+            InputError,
+            match=r"^quantizing failed on layer 'blk' \(Linear\): "
+            r"RuntimeError: boom; keep it in FP32 with --exclude 'blk'$",
+        ),
+        failing_layer("blk", "Linear", "quantizing"),
+    ):
+        raise RuntimeError("boom\nsecond line")

@@ -176,3 +176,47 @@ def test_resnet20_runs_like_pytorch(shared_dir: Path, tmp_path: Path) -> None:
     check = check_onnx(out, load_quantized(path, skeleton), test.inputs, test.labels)
     assert check.top1_agreement == 1.0 and check.onnx_top1 == check.torch_top1
     assert check.torch_top1 > 0.8
+
+
+def test_encoder_with_token_inputs_runs_like_pytorch(tmp_path: Path) -> None:
+    """A BERT encoder behind lcpaq's wrapper (one int64 [N, 2, T] input: ids and mask): INT4
+    weights and one INT8 layer input as QDQ nodes; ONNX Runtime gives PyTorch's hidden states on
+    padded batches of another length (batch and token axes are dynamic). BERT's pooler, whose
+    output the wrapper does not use, is not in the graph and is left out."""
+    from hf_models import Wrapped, linear_layers, quantize_in_place, tiny_model, token_ids
+
+    wrapper = Wrapped(tiny_model("bert"))
+    layers = linear_layers(wrapper)
+    scheme = QuantScheme()
+    codes = quantize_in_place(wrapper, layers, {layer.name: "int4" for layer in layers}, scheme)
+    query = "model.encoder.layer.0.attention.self.query"
+    quantizers = {query: ActivationQuantizer("int8", -4.0, 4.0)}
+    path = write_quantized_checkpoint(
+        tmp_path / "ckpt",
+        wrapper.state_dict(),
+        layers,
+        codes,
+        {},
+        scheme,
+        activation_quantizers=quantizers,
+    )
+
+    def tokens(count: int, length: int, seed: int) -> torch.Tensor:
+        ids = token_ids(count, length, seed)
+        mask = torch.ones_like(ids)
+        mask[0, length // 2 :] = 0  # a padded sequence
+        return torch.stack([ids, mask], 1)
+
+    out = export_onnx(
+        Wrapped(tiny_model("bert", seed=2)), path, tmp_path / "m.onnx", tokens(2, 8, 1)
+    )
+    proto = onnx.load(str(out))
+    operators = [node.op_type for node in proto.graph.node]
+    assert operators.count("DequantizeLinear") == len(layers) - 1 + 1  # weights but the pooler's
+    assert operators.count("QuantizeLinear") == 1
+    assert proto.doc_string.endswith("; 1 layers unused by the graph left out")
+    torch_model = load_quantized(path, Wrapped(tiny_model("bert", seed=3)))
+    check = check_onnx(out, torch_model, tokens(5, 12, 4))
+    assert check.images == 5
+    assert check.max_abs_logit_difference < 1e-2  # float rounding, at most one INT8 input step
+    assert check.mean_abs_logit_difference < 1e-3

@@ -18,8 +18,8 @@ from search_helpers import (
 
 from lcpaq.config import RecoveryConfig
 from lcpaq.model.graph import discover_layers, get_module
-from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.quant.formats import QuantScheme, get_format
+from lcpaq.quant.input_stats import collect_input_hessians
 from lcpaq.quant.weights import fake_quantize
 from lcpaq.search import cache as search_cache
 from lcpaq.search.cache import candidate_table

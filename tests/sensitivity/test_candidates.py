@@ -23,8 +23,8 @@ from lcpaq.allocation.table import (
 from lcpaq.config import AnalysisConfig
 from lcpaq.errors import InputError
 from lcpaq.model.graph import discover_layers, get_module
-from lcpaq.model.recovery import collect_input_hessians
 from lcpaq.quant.formats import QuantScheme, get_format, scale_overhead_bits
+from lcpaq.quant.input_stats import collect_input_hessians
 from lcpaq.quant.weights import fake_quantize
 from lcpaq.runfolder import load_candidates, save_candidates
 from lcpaq.sensitivity.candidates import measure_candidates, output_error

@@ -12,7 +12,7 @@ from lcpaq.stages.model_curve import plot_model_curve
 
 def test_plot_model_curve(tmp_path: Path) -> None:
     sweep = [
-        {"avg_bits": 3.0, "predicted_loss_increase": 0.2, "top1": 0.61},
+        {"avg_bits": 3.0, "predicted_loss_increase": 0.2, "top1": 0.61, "top1_stderr": 0.02},
         {"avg_bits": 4.0, "predicted_loss_increase": 0.01, "top1": None},
         {"avg_bits": 6.0, "predicted_loss_increase": 0.0, "top1": 0.70},
     ]
@@ -24,7 +24,13 @@ def test_plot_model_curve(tmp_path: Path) -> None:
     out = tmp_path / "curve.png"
     assert (
         plot_model_curve(
-            out, sweep=sweep, uniform=uniform, chosen=chosen, fp32_top1=0.71, title="tinynet"
+            out,
+            sweep=sweep,
+            uniform=uniform,
+            chosen=chosen,
+            fp32_top1=0.71,
+            fp32_stderr=0.01,
+            title="tinynet",
         )
         == out
     )

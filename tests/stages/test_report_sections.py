@@ -8,6 +8,7 @@ from lcpaq.stages.report_sections import (
     infeasible_lines,
     quantizer_line,
     sweep_lines,
+    within_noise,
 )
 
 
@@ -107,6 +108,38 @@ def test_sweep_lines_per_metric_and_old_files() -> None:
     old = {"avg_bits": 3.0, "size_bytes": 1e5, "predicted_loss_increase": 0.25, "top1": None}
     lines = sweep_lines({"points": [{**old, "budget_avg_bits": 3.0}], "uniform": []})
     assert "| lcpaq, budget 3 | 3 | 3.000 | 0.1000 | – | 0.25 | – |" in lines
+
+
+def test_measured_points_show_their_noise() -> None:
+    """Every measured top-1 shows ± its standard error; points whose difference is below the
+    standard error of the difference are named as within noise, against FP32 and neighbours."""
+
+    def point(bits: float, top1: float, stderr: float, **extra: object) -> dict:
+        return {
+            "costs": {"avg-bits": bits},
+            "avg_bits": bits,
+            "size_bytes": 1e5,
+            "predicted_loss_increase": 1 / bits,
+            "top1": top1,
+            "top1_stderr": stderr,
+            **extra,
+        }
+
+    low = point(2.0, 0.80, 0.01, budgets=[2.0])
+    mid = point(2.86, 0.922, 0.005, budgets=[2.86])
+    uniform = [point(3.0, 0.905, 0.005, format="int3"), point(5.0, 0.9, 0.005, format="int5")]
+    fp32 = {"top1": 0.918, "stderr": 0.005}
+    lines = sweep_lines({"curves": {"avg-bits": [low, mid]}, "uniform": uniform}, fp32)
+    assert "| lcpaq, budget 2.86 | 2.86 | 2.860 | 0.1000 | – | 0.3497 | 92.20 ± 0.50 |" in lines
+    notes = [line for line in lines if line.startswith("Within noise")]
+    assert len(notes) == 1
+    # 92.2 vs FP32 91.8 (0.4 < 0.71) and INT5 vs INT3 (-0.5 < 0.71) are within noise; the
+    # 2-bit point (80 %) is not within noise of anything.
+    assert "lcpaq, budget 2.86 vs FP32: +0.40 ± 0.71" in notes[0]
+    assert "uniform int5 vs uniform int3: -0.50 ± 0.71" in notes[0]
+    assert "budget 2 " not in notes[0]
+    assert within_noise(low, mid) is None
+    assert within_noise(mid, {**mid, "top1_stderr": None}) is None
 
 
 def test_quantizer_line_names_every_choice() -> None:
