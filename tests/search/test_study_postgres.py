@@ -11,6 +11,7 @@ test skips, saying why, only where no server can be started.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -97,10 +98,16 @@ def _worker(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stderr=stream)
 
 
+@functools.cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per URL: polling must not open a pool per call."""
+    return open_storage(url)
+
+
 def _trials_of(url: str, pid: int) -> list[optuna.trial.FrozenTrial]:
     """The trials worker ``pid`` of this machine took (none while the study does not exist)."""
     try:
-        study = optuna.load_study(study_name="lcpaq-search", storage=open_storage(url))
+        study = optuna.load_study(study_name="lcpaq-search", storage=_storage(url))
     except KeyError:
         return []
     worker = f"{socket.gethostname()}:{pid}"
@@ -137,7 +144,7 @@ def test_two_workers_kill_one_resume(postgres_url, tmp_path, monkeypatch):
     lost = [t.number for t in _trials_of(postgres_url, second.pid) if t.state.name == "RUNNING"]
     assert len(lost) == 1, "the killed worker was in the middle of one trial"
     assert first.wait(timeout=PATIENCE_S) == 0, (tmp_path / "a.log").read_text()
-    study = optuna.load_study(study_name="lcpaq-search", storage=open_storage(postgres_url))
+    study = optuna.load_study(study_name="lcpaq-search", storage=_storage(postgres_url))
     before = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
     by_worker = {t.user_attrs.get("worker") for t in study.trials if t.state.name != "RUNNING"}
     assert len(by_worker) == 2, "both workers took trials"
@@ -146,7 +153,7 @@ def test_two_workers_kill_one_resume(postgres_url, tmp_path, monkeypatch):
     final = tmp_path / "final"
     args = search_args(files, final, *shared, "--resume", "--eval", str(files["eval"]), trials=9)
     assert main(args) == 0
-    study = optuna.load_study(study_name="lcpaq-search", storage=open_storage(postgres_url))
+    study = optuna.load_study(study_name="lcpaq-search", storage=_storage(postgres_url))
     states = {t.number: t.state.name for t in study.trials}
     assert [n for n, state in states.items() if state == "FAIL"] == lost  # only that trial
     assert "RUNNING" not in states.values()
