@@ -34,6 +34,11 @@ from lcpaq.stages import pipeline
 
 logger = logging.getLogger(__name__)
 
+#: Study attribute set once the creator has its starting point and reference trial in place.
+READY_ATTR = "ready"
+#: Seconds a joining worker waits for the creator's setup (curvature of the starting point).
+JOIN_PATIENCE_S = 3600.0
+
 
 def ceil_budget_mb(size_bytes: float) -> float:
     """A size-mb limit ≥ ``size_bytes`` that survives `Budget`'s 6-significant-digit text."""
@@ -133,14 +138,21 @@ class Search:
     # -- trials ----------------------------------------------------------------------------
     def run_trials(self) -> None:
         options = self.options
+        if not self.created:
+            self._wait_for_creator()
         self.trial_base()  # the starting point and size cap, before the first trial
         start = self.starting_point()
-        if self.created and start is not None:
-            self.study.enqueue_trial(start, user_attrs={"default": True})
-        else:
+        if not self.created:
             stale = fail_stale_trials(self.study)
             if stale:
                 logger.info("marked stale running trial(s) %s as failed", stale)
+        if READY_ATTR not in self.study.user_attrs:
+            # The creator (this process, or one that died before its setup ended) enqueues
+            # the reference trial once, before any sampled trial.
+            has_default = any(t.user_attrs.get("default") for t in self.study.trials)
+            if start is not None and not has_default:
+                self.study.enqueue_trial(start, user_attrs={"default": True})
+            self.study.set_user_attr(READY_ATTR, True)
         finished = self._count_finished()
         wanted = min(options.trials, self.space.size)
         remaining = wanted - finished
@@ -170,6 +182,21 @@ class Search:
                 callbacks=[stop_when_done],
                 gc_after_trial=False,
             )
+
+    def _wait_for_creator(self) -> None:
+        """A worker that joined a study waits until its creator has found the starting point
+        and enqueued the reference trial, so trial 0 is lcpaq's default in every study; after
+        `JOIN_PATIENCE_S` (the creator died during its setup) it does the setup itself."""
+        deadline = time.monotonic() + JOIN_PATIENCE_S
+        logged = False
+        while READY_ATTR not in self.study.user_attrs and not self.options.resume:
+            if time.monotonic() > deadline:
+                logger.warning("search: the study's creator never finished its setup; doing it")
+                return
+            if not logged:
+                logger.info("search: waiting for the worker that created the study")
+                logged = True
+            time.sleep(0.5)
 
     def trial_states(self) -> dict[str, int]:
         """How many trials of the study are in each state (a worker's summary)."""
