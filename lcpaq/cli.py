@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,6 +210,9 @@ def _config_from_file(args: argparse.Namespace) -> RunConfig:
     )
     if args.allow_unsafe_pickle:
         config = config.with_analysis(allow_unsafe_pickle=True)
+    if args.trust_remote_code:
+        text = replace(config.analysis.text, trust_remote_code=True)
+        config = config.with_analysis(text=text)
     return config
 
 

@@ -30,13 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, weight_of
+from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, token_mask, weight_of
 from lcpaq.model.op_capture import OpCall, OpCapture
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
 from lcpaq.sensitivity.losses import (
     LossName,
     factor_chunk,
+    next_token_positions,
     output_grads_in_chunks,
     output_hessian_factors,
 )
@@ -91,6 +92,23 @@ def gauss_newton_traces(
     if share.world > 1:
         state.combine(share, len(batches))
     return state.finish()
+
+
+def loss_positions(
+    model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor | None:
+    """The [N, T] positions of sequence logits [N, T, V] that the loss counts (a causal LM's
+    next-token predictions over real tokens, `next_token_positions`); None for logits [N, C].
+    Padding then never enters a trace: its factors are zero, so its output gradients are too."""
+    if logits.dim() == 2:
+        return None
+    mask = token_mask(model, inputs)
+    if logits.dim() != 3 or mask is None or tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise InputError(
+            f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
+            "[batch, classes], or [batch, tokens, vocabulary] from a text model"
+        )
+    return next_token_positions(mask)
 
 
 def _call_part(call: OpCall, part: slice, count: int) -> OpCall:
@@ -188,20 +206,18 @@ class GaussNewtonState:
     def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
         names = self.names
         device = next(model.parameters()).device
-        inputs = inputs.to(device).detach().requires_grad_(True)  # not the caller's tensor
+        inputs = inputs.to(device).detach()  # not the caller's tensor
+        if inputs.is_floating_point():
+            inputs.requires_grad_(True)
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
         with OpCapture(self.weights, keep_graph=True) as capture:
             logits = model(inputs)
-        if logits.dim() != 2:
-            raise InputError(
-                f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
-                "of shape [batch, classes]"
-            )
+        positions = loss_positions(model, inputs, logits)
         missing = [name for name in names if name not in capture.calls]
         if missing:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
-        factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
+        factors, is_sampled = output_hessian_factors(logits, loss, self.generator, positions)
         self.sampled = self.sampled or is_sampled
         outputs = [call.output for name in names for call in capture.calls[name]]
         chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))

@@ -26,6 +26,7 @@ from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
 from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, select_pairs
 from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
+from lcpaq.sensitivity.losses import LossName, default_loss
 from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,39 @@ def _hutchinson_min_probes(probe_cap: int, num_layers: int) -> int:
     return min(4, probe_cap // num_layers)
 
 
+def curvature_loss(config: RunConfig, model: nn.Module, has_labels: bool = True) -> LossName:
+    """The loss of ``--loss``, ``auto`` replaced by the model's default
+    (`lcpaq.sensitivity.losses.default_loss`: cross-entropy for image and text classifiers with
+    labels, the squared error to FP32's pooled embedding for encoders, KL to FP32 for causal LMs)."""
+    loss = config.analysis.loss
+    if loss == "auto":
+        return default_loss(getattr(model, "task", None), has_labels)
+    return loss
+
+
+def _check_text_options(config: RunConfig, model: nn.Module) -> None:
+    """The measurements that do not take text models yet fail before any work, naming the flag."""
+    if getattr(model, "task", None) is None:
+        return
+    analysis = config.analysis
+    unsupported = [
+        flag
+        for flag, asked in (
+            ("--hutchinson-probes", analysis.hutchinson_probes > 0),
+            ("--pyhessian-iters", analysis.pyhessian_iters > 0),
+            ("--act-formats", bool(analysis.act_formats)),
+            ("--pairwise", analysis.pairwise != "none"),
+            ("--limpq-steps", analysis.limpq_steps > 0),
+        )
+        if asked
+    ]
+    if unsupported:
+        raise InputError(
+            f"{', '.join(unsupported)}: not supported for transformers models (hf:) yet; the "
+            "Gauss-Newton traces are"
+        )
+
+
 def scoring_curvature(
     config: RunConfig,
     model: nn.Module,
@@ -72,6 +106,7 @@ def scoring_curvature(
     """The per-layer traces the scores use: Gauss–Newton, or (``estimator hutchinson``) the
     exact-Hessian single-layer Hutchinson traces with Gauss–Newton as control variate."""
     analysis = config.analysis
+    loss = curvature_loss(config, model, calib.has_labels)
     starts = range(0, len(calib), analysis.batch_size)
     batches = [calib.inputs[start : start + analysis.batch_size] for start in starts]
     share = distributed.batch_share()
@@ -80,7 +115,7 @@ def scoring_curvature(
             model,
             layers,
             batches,
-            loss=analysis.loss,
+            loss=loss,
             seed=analysis.seed,
             share=share,
             progress=progress,
@@ -90,7 +125,7 @@ def scoring_curvature(
         model,
         layers,
         batches,
-        loss=analysis.loss,
+        loss=loss,
         seed=analysis.seed,
         keep_diagonal=False,
         share=share,
@@ -106,7 +141,7 @@ def scoring_curvature(
         max_probes_per_layer=analysis.hutchinson_probes,
         max_total_probes=analysis.hutchinson_probes,
         seed=analysis.seed,
-        loss=analysis.loss,
+        loss=loss,
         share=share,
         progress=progress,
     )
@@ -130,6 +165,8 @@ def measure_sensitivity(
     Hutchinson per-probe sums are added in another order, equal to float rounding).
     """
     analysis = config.analysis
+    _check_text_options(config, model)
+    loss = curvature_loss(config, model, calib.has_labels)
     start = time.perf_counter()
     curvature = scoring_curvature(config, model, layers, calib, progress=progress)
     curvature_seconds = time.perf_counter() - start
@@ -145,7 +182,7 @@ def measure_sensitivity(
             min_probes=min(8, analysis.hutchinson_probes),
             rel_tol=analysis.hutchinson_rel_tol,
             seed=analysis.seed,
-            loss=analysis.loss,
+            loss=loss,
             share=distributed.batch_share(),
             progress=progress,
         )
@@ -188,13 +225,14 @@ def measure_activations(
     """The activation sensitivity and calibrated ranges of ``act_formats`` on ``inputs`` (the
     curvature's images, in its batches), as ``analyze`` writes them to ``activations.npz``."""
     analysis = config.analysis
+    loss = curvature_loss(config, model)
     starts = range(0, len(inputs), analysis.batch_size)
     return activation_sensitivity(
         model,
         layers,
         [inputs[start : start + analysis.batch_size] for start in starts],
         analysis.act_formats,
-        loss=analysis.loss,
+        loss=loss,
         clipping=analysis.act_clipping,
         seed=analysis.seed,
         share=distributed.batch_share(),
@@ -256,7 +294,7 @@ def measure_interactions(
         batch_size=analysis.batch_size,
         # kl's Gauss–Newton curvature is cross-entropy's (`lcpaq.sensitivity.losses`), which
         # the interaction estimators compute for it; their annotation names the other two only.
-        curvature_loss=cast(Literal["cross_entropy", "mse"], analysis.loss),
+        curvature_loss=cast(Literal["cross_entropy", "mse"], curvature_loss(config, model)),
         forward_loss=analysis.pair_loss,
         input_hessians=input_hessians,
     )
