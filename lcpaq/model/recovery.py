@@ -30,6 +30,7 @@ from torch import nn
 
 from lcpaq.model.channel_stats import Moments, channel_axis
 from lcpaq.model.graph import NORM_TYPES, get_module
+from lcpaq.model.graph import token_mask as model_token_mask
 from lcpaq.model.lockstep import Lockstep
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,11 @@ def collect_reference_stats(
     batch_size: int = 256,
     token_mask: torch.Tensor | None = None,
 ) -> ReferenceStats:
-    """``token_mask`` [N, T] bool: statistics over real tokens only (contract §2)."""
+    """``token_mask`` [N, T] bool: statistics over real tokens only (contract §2); by default the
+    model's own (`lcpaq.model.graph.token_mask`, text models)."""
     fp_model.eval()
+    if token_mask is None:
+        token_mask = model_token_mask(fp_model, inputs)
     points = dict(correction_points(fp_model, quantized_names))
     return ReferenceStats(
         points,
@@ -174,9 +178,12 @@ def correct_statistics(
     """Correct BN statistics and biases of ``quantized_model`` in place (see module docstring).
 
     ``reference`` (from `collect_reference_stats` on the same inputs) skips the FP32 pass.
-    ``token_mask`` [N, T] bool: statistics over real tokens only (contract §2).
+    ``token_mask`` [N, T] bool: statistics over real tokens only (contract §2); by default the
+    model's own (`lcpaq.model.graph.token_mask`, text models).
     """
     quantized_model.eval()
+    if token_mask is None:
+        token_mask = model_token_mask(fp_model, inputs)
     if reference is None:
         reference = collect_reference_stats(
             fp_model, inputs, quantized_names, batch_size=batch_size, token_mask=token_mask
