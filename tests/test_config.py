@@ -22,6 +22,7 @@ from lcpaq.config import (
 )
 from lcpaq.config.analysis import SCHEME_OPTIONS
 from lcpaq.config.options import build, declared_options
+from lcpaq.config.text import TEXT_OPTIONS, TextOptions
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import QuantScheme
 
@@ -29,6 +30,7 @@ from lcpaq.quant.formats import QuantScheme
 NOT_ON_THE_COMMAND_LINE = {
     (AllocationConfig, "cost_weights"),
     (AnalysisConfig, "scheme"),  # its fields are: SCHEME_OPTIONS
+    (AnalysisConfig, "text"),  # its fields are: TEXT_OPTIONS
     (QuantScheme, "mse_grid_points"),
 }
 CONFIGS = (AnalysisConfig, RecoveryConfig, AllocationConfig, SweepSettings, SearchSettings)
@@ -43,10 +45,12 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {flag: action for action in parser._actions for flag in action.option_strings}
 
 
-@pytest.mark.parametrize("cls", [*CONFIGS, QuantScheme])
+@pytest.mark.parametrize("cls", [*CONFIGS, QuantScheme, TextOptions])
 def test_every_field_has_exactly_one_flag(cls):
     if cls is QuantScheme:
         declared = {name: option.flag for name, option in SCHEME_OPTIONS.items()}
+    elif cls is TextOptions:
+        declared = {name: option.flag for name, option in TEXT_OPTIONS.items()}
     else:
         declared = {d.field: d.option.flag for d in declared_options(cls) if d.outer is None}
     fields = {f.name for f in dataclasses.fields(cls)} - {
@@ -142,6 +146,7 @@ def test_run_config_round_trips_with_an_unchanged_layout():
             act_formats=("int8",),
             scheme=QuantScheme(granularity="group", group_size=64),
             pairwise="forward",
+            text=TextOptions(task="causal-lm", seq_len=64),
         ),
         recovery=RecoveryConfig(enabled=False, num_samples=7),
         allocation=AllocationConfig(
@@ -157,8 +162,9 @@ def test_run_config_round_trips_with_an_unchanged_layout():
         "loss", "formats", "act_formats", "act_clipping", "scheme", "hutchinson_probes",
         "hutchinson_samples", "estimator", "hutchinson_rel_tol", "pyhessian_iters", "seed",
         "allow_unsafe_pickle", "pairwise", "pair_rule", "pair_window", "pair_samples",
-        "pair_loss", "pair_max_bits", "limpq_steps", "include", "exclude",
+        "pair_loss", "pair_max_bits", "limpq_steps", "include", "exclude", "text",
     ]  # fmt: skip
+    assert list(data["analysis"]["text"]) == ["task", "seq_len", "trust_remote_code"]
     assert list(data["recovery"]) == ["enabled", "num_samples", "learn_scales"]
     assert list(data["allocation"]) == [
         "budgets", "first_last", "scorer", "ties", "tie_rule", "latency_table", "cost_weights",

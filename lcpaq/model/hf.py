@@ -151,6 +151,7 @@ def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False) -> An
     except (OSError, ValueError, KeyError, TypeError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise InputError(f"--model hf:{folder}: cannot load its tokenizer: {detail}") from None
+    tokenizer.padding_side = "right"  # causal LMs: padding after the text keeps its positions
     if tokenizer.pad_token_id is None:
         # Causal LMs often have none; padding is masked out everywhere, so any id will do.
         fallback = tokenizer.eos_token or tokenizer.unk_token
