@@ -13,7 +13,15 @@ per-sample weight gradients are formed from the layer inputs and output gradient
 (`lcpaq.sensitivity.per_sample`), so there is no probe noise and the standard error is the one over
 calibration samples. Memory does not grow with the number of batches: only per-sample trace rows
 and running sums are kept. For ``kl`` at the FP32 point it equals the exact Hessian. Past 64
-classes the Monte-Carlo Fisher is used (method ``fisher_sampled``).
+classes the Monte-Carlo Fisher is used (method ``fisher_sampled``), and for mse past 64 outputs
+Rademacher factors (``gauss_newton_sampled``); both unbiased (`lcpaq.sensitivity.losses`).
+
+Text models (`lcpaq.model.text.TextModel`, contract §4): a sample is a sequence. An encoder's
+pooled embedding [N, D] is a 2-d output like logits (loss mse to FP32's embedding, label-free); a
+causal LM's logits [N, T, V] get one Monte-Carlo Fisher factor per position at the positions its
+next-token loss counts (`loss_positions`), so each sequence's trace sums its tokens' terms.
+Padding enters nothing: its factors are zero and attention masks it, so its output gradients are
+zero too (tests/sensitivity/test_text_curvature.py checks both against brute-force oracles).
 
 `gauss_newton_traces` is the one implementation, single-process or split over a process group
 through a `BatchShare` (`lcpaq.sensitivity.distributed.batch_share`).
@@ -111,6 +119,12 @@ def loss_positions(
     return next_token_positions(mask)
 
 
+def sampled_method(loss: LossName) -> str:
+    """The method name of sampled traces: the Monte-Carlo Fisher (cross-entropy, KL; past 64
+    classes and on sequence logits) or Rademacher factors of mse's (2/D)·I past 64 outputs."""
+    return "gauss_newton_sampled" if loss == "mse" else "fisher_sampled"
+
+
 def _call_part(call: OpCall, part: slice, count: int) -> OpCall:
     """The call restricted to samples ``part`` (samples first)."""
     if call.op in LINEAR_OPS:
@@ -179,6 +193,7 @@ class GaussNewtonState:
     max_elements: int
     rows: list[np.ndarray] = field(default_factory=list)
     sampled: bool = False
+    loss: LossName = "cross_entropy"
 
     @classmethod
     def start(
@@ -219,6 +234,7 @@ class GaussNewtonState:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
         factors, is_sampled = output_hessian_factors(logits, loss, self.generator, positions)
         self.sampled = self.sampled or is_sampled
+        self.loss = loss
         outputs = [call.output for name in names for call in capture.calls[name]]
         chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))
         for grads in output_grads_in_chunks(logits, outputs, factors, chunk):
@@ -268,7 +284,7 @@ class GaussNewtonState:
             trace=trace,
             trace_stderr=stderr,
             num_samples=num_samples,
-            method="fisher_sampled" if self.sampled else "gauss_newton",
+            method=sampled_method(self.loss) if self.sampled else "gauss_newton",
             num_probes=0,
             flags=flag_estimates(trace, stderr),
             diagonal=(

@@ -74,9 +74,16 @@ def curvature_loss(config: RunConfig, model: nn.Module, has_labels: bool = True)
 
 def _check_text_options(config: RunConfig, model: nn.Module) -> None:
     """The measurements that do not take text models yet fail before any work, naming the flag."""
-    if getattr(model, "task", None) is None:
+    task = getattr(model, "task", None)
+    if task is None:
         return
     analysis = config.analysis
+    wanted = {"encoder": ("mse",), "causal-lm": ("kl", "cross_entropy")}.get(task)
+    if wanted and analysis.loss not in ("auto", *wanted):
+        raise InputError(
+            f"--loss {analysis.loss} does not apply to {task} models: use "
+            f"{' or '.join(wanted)} (or auto)"
+        )
     unsupported = [
         flag
         for flag, asked in (
