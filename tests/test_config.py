@@ -222,3 +222,27 @@ def test_config_file_refuses_the_options_it_holds(tmp_path, capsys, flags, named
         f"lcpaq: error: {named} cannot be combined with --config {path}: "
         "edit the configuration file instead"
     )
+
+
+def test_text_flags_parse_into_analysis_text(tmp_path):
+    args = build_parser().parse_args(
+        ["analyze", "--model", "hf:m", "--calib", "c", "--out", "o", "--task", "causal-lm",
+         "--seq-len", "256", "--trust-remote-code"]
+    )  # fmt: skip
+    analysis = build(AnalysisConfig, args)
+    assert analysis.text == TextOptions(task="causal-lm", seq_len=256, trust_remote_code=True)
+    assert analysis.loss == "auto"
+    with pytest.raises(InputError, match="seq-len must be at least 2 tokens, got 1"):
+        TextOptions(seq_len=1)
+    # Older run_config.json files have no text block; --trust-remote-code amends a --config file.
+    data = RunConfig(analysis=AnalysisConfig(model="hf:m", checkpoint=None, calib="c")).to_dict()
+    del data["analysis"]["text"]
+    assert RunConfig.from_dict(data).analysis.text == TextOptions()
+    path = tmp_path / "run_config.json"
+    runfolder.write_json(path, data)
+    args = build_parser().parse_args(
+        ["run", "--config", str(path), "--trust-remote-code", "--out", "o"]
+    )
+    from lcpaq.cli import _config_from_file
+
+    assert _config_from_file(args).analysis.text.trust_remote_code
