@@ -117,7 +117,8 @@ class AnalysisConfig:
             "--model",
             group=MODEL_GROUP,
             required=True,
-            help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits",
+            help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits | "
+            "hf:DIR (a local transformers folder: encoder, causal LM or sequence classifier)",
         )
     )
     checkpoint: str | None = field(
@@ -130,7 +131,8 @@ class AnalysisConfig:
             "--calib",
             group=MODEL_GROUP,
             required=True,
-            help="calibration data: .npz, .pt or ImageFolder dir",
+            help="calibration data: .npz, .pt or ImageFolder dir; hf: models: text (one "
+            "document per line), .jsonl (text, or query/document) or tokenized .npz/.safetensors",
         )
     )
     normalize: str = field(

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from torch import nn
 
 from lcpaq.errors import InputError
@@ -127,7 +126,6 @@ def load_hf_model(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             use_safetensors=safe,
-            dtype=torch.float32,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -136,7 +134,9 @@ def load_hf_model(
         ) from None
     pooling = read_pooling(folder) if chosen == "encoder" else None
     logger.info("loaded %s from %s as %s", type(model).__name__, folder, chosen)
-    return TextModel(cast(nn.Module, model).eval(), chosen, pooling).eval()
+    # float32 whatever the folder stores (fp16/bf16 → fp32 is exact); no dtype argument, whose
+    # name changed across transformers versions.
+    return TextModel(cast(nn.Module, model).float().eval(), chosen, pooling).eval()
 
 
 def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False) -> Any:

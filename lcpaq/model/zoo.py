@@ -222,6 +222,9 @@ def build_model(spec: str, state_dict: dict[str, torch.Tensor] | None) -> nn.Mod
         else:
             depth, num_classes = int(spec[len("cifar-resnet") :] or 20), 10
         return CifarResNet(depth, num_classes)
+    if spec.startswith(HF_PREFIX):
+        # The folder's model with the task its config names (`load_model` takes ``--task``).
+        return load_hf_model(spec.removeprefix(HF_PREFIX))
     if spec == "demo-digits":
         from lcpaq.model.demo import DigitsNet
 

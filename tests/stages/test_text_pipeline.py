@@ -58,6 +58,11 @@ def test_run_on_a_tiny_bert_folder(tmp_path: Path) -> None:
         fp32 = load_hf_model(folder)(texts.inputs)
     assert not torch.equal(exported(texts.inputs), fp32)  # quantized
     assert (out / "report.md").is_file()
+    # ONNX QDQ of the encoder, run in ONNX Runtime on the calibration texts.
+    pytest.importorskip("onnxruntime")
+    assert main(["-q", "onnx", str(out)]) == 0
+    check = runfolder.read_json(out / "onnx.json", "onnx")
+    assert check["images"] == 24 and check["max_abs_logit_difference"] < 1e-3
 
 
 def test_analyze_allocate_export_on_a_causal_lm(tmp_path: Path) -> None:
