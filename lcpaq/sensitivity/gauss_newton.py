@@ -114,7 +114,7 @@ def loss_positions(
     if logits.dim() != 3 or mask is None or tuple(mask.shape) != tuple(logits.shape[:2]):
         raise InputError(
             f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
-            "[batch, classes], or [batch, tokens, vocabulary] from a text model"
+            "of shape [batch, classes] (or [batch, tokens, vocabulary] from a text model)"
         )
     return next_token_positions(mask)
 
