@@ -62,6 +62,44 @@ def forward_backward_seconds(folder: Path, calib: Path, seq_len: int, batch_size
     return time.perf_counter() - start
 
 
+def probe_noise(
+    folder: Path, calib: Path, seq_len: int, texts: int, seeds: int
+) -> dict[str, object]:
+    """How much of the traces' error is the Rademacher probe's (one draw per text): the traces of
+    the same ``texts`` texts under ``seeds`` seeds. Per text, the variance across seeds is the
+    probe's; the variance across texts of one seed holds both (texts and probe)."""
+    from lcpaq.model.graph import discover_layers
+    from lcpaq.model.hf import load_hf_model, load_tokenizer
+    from lcpaq.model.text_data import load_text_data
+    from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
+
+    model = load_hf_model(folder)
+    data = load_text_data(calib, load_tokenizer(folder), seq_len=seq_len, num_samples=texts)
+    layers = discover_layers(model, data.inputs[:1])
+    batches = [data.inputs[first : first + 32] for first in range(0, len(data.inputs), 32)]
+    draws = np.stack(
+        [
+            gauss_newton_traces(
+                model, layers, batches, loss="mse", seed=seed, keep_diagonal=False
+            ).sample_traces.astype(np.float64)
+            for seed in range(seeds)
+        ]
+    )  # [seeds, texts, layers]
+    trace = draws.mean((0, 1))
+    probe_variance = draws.var(0, ddof=1).mean(0)  # per text, across seeds, averaged over texts
+    total_variance = draws.var(1, ddof=1).mean(0)  # across texts, averaged over seeds
+    share = probe_variance / total_variance
+    return {
+        "texts": texts,
+        "seeds": seeds,
+        "probe_share_of_variance": {"median": float(np.median(share)), "max": float(share.max())},
+        "relative_stderr_256_texts": {
+            "total_median": float(np.median(np.sqrt(total_variance / 256) / trace)),
+            "probe_only_median": float(np.median(np.sqrt(probe_variance / 256) / trace)),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minilm", type=Path, default=MINILM)
@@ -71,6 +109,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("runs/minilm_analyze"))
     parser.add_argument("--out", type=Path, default=Path("results/minilm_analyze.json"))
+    parser.add_argument("--probe-texts", type=int, default=64)
+    parser.add_argument("--probe-seeds", type=int, default=3, help="0: skip the probe-noise part")
     args = parser.parse_args()
     from lcpaq.cli import main as lcpaq_main
 
@@ -120,6 +160,10 @@ def main() -> None:
             "per_layer": dict(zip(names, np.round(relative, 4).tolist())),
         },
     }
+    if args.probe_seeds:
+        result["rademacher_probe"] = probe_noise(
+            args.minilm, calib, args.seq_len, args.probe_texts, args.probe_seeds
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({key: value for key, value in result.items() if key != "relative_stderr"}))
