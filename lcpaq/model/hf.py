@@ -26,10 +26,6 @@ logger = logging.getLogger(__name__)
 HF_PREFIX = "hf:"
 
 
-def is_hf_spec(spec: str) -> bool:
-    return spec.startswith(HF_PREFIX)
-
-
 def _transformers() -> Any:
     try:
         import transformers

@@ -153,10 +153,9 @@ def tokenize(
         return_tensors="pt",
     )
     ids, mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
-    truncated = sum(
-        len(ids_) > seq_len
-        for ids_ in tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
-    )
+    # Lengths before truncation (verbose=False: no warning for texts past the model's limit).
+    lengths = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+    truncated = sum(len(ids_) > seq_len for ids_ in lengths)
     if truncated:
         logger.info(
             "%s: %d of %d texts truncated to %d tokens", source, truncated, len(texts), seq_len
@@ -230,7 +229,8 @@ def load_text_data(
     path = Path(path)
     seq_len = effective_seq_len(seq_len, max_length_of(tokenizer, model_max), str(path))
     if path.suffix in TOKENIZED_SUFFIXES:
-        return load_tokenized(path, seq_len, vocab_size).subset(0, num_samples or 1 << 62)
+        data = load_tokenized(path, seq_len, vocab_size)
+        return data if num_samples is None else data.subset(0, min(num_samples, len(data)))
     rows = read_text_rows(path)
     count = num_samples or len(rows.texts)
     if rows.documents is not None and pairs:
