@@ -154,6 +154,8 @@ def _squared_norms_over_calls(
 
     Linear layers without the diagonal use the token Gram form when it is cheaper: the calls are
     concatenated along the token axis (Σ over calls and tokens of g xᵀ is one sum)."""
+    if any(call.op == "embedding" for call in calls):
+        return _tied_squared_norms(calls, output_grad_list, part, count, weight_shape, diagonal)
     parts = [_call_part(call, part, count) for call in calls]
     grads = [
         output_grads(call, grad, count)[:, part] for call, grad in zip(calls, output_grad_list)
@@ -171,6 +173,38 @@ def _squared_norms_over_calls(
         total = per_sample if total is None else total + per_sample
     assert total is not None, "a recorded layer ran at least once"
     squared = total.pow(2).sum(0)  # [n, *weight.shape], over the factors
+    return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
+
+
+def _tied_squared_norms(
+    calls: Sequence[OpCall],
+    output_grad_list: Sequence[torch.Tensor],
+    part: slice,
+    count: int,
+    weight_shape: tuple[int, ...],
+    diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_squared_norms_over_calls` for a table that is both an embedding lookup and a Linear
+    weight (an LM head tied to the input embedding): each sample's gradient is its head part
+    Σ_t g_t h_tᵀ plus its lookup part Σ_t e_{id_t} g'_tᵀ (the output gradients g' scattered onto
+    the rows of the ids), materialised [K, n, V, D] (micro-batched by the caller)."""
+    total: torch.Tensor | None = None
+    for call, grad in zip(calls, output_grad_list):
+        if call.op == "embedding":
+            ids = call.input.reshape(count, -1)[part]  # [n, T]
+            rows = grad.reshape(grad.shape[0], count, -1, grad.shape[-1])[:, part]  # [K, n, T, D]
+            if total is None:
+                total = rows.new_zeros((rows.shape[0], rows.shape[1], *weight_shape))
+            index = ids.to(rows.device)[None, :, :, None].expand_as(rows)
+            total = total.scatter_add(2, index, rows)
+            continue
+        call_part = _call_part(call, part, count)
+        grads = output_grads(call, grad, count)[:, part]
+        columns = input_columns(call_part, weight_shape[2:], grads.shape[1])
+        per_sample = per_sample_grads_from_columns(call_part, columns, grads, weight_shape)
+        total = per_sample if total is None else total + per_sample
+    assert total is not None, "a recorded layer ran at least once"
+    squared = total.pow(2).sum(0)
     return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
 
 
@@ -226,7 +260,7 @@ class GaussNewtonState:
             inputs.requires_grad_(True)
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
-        with OpCapture(self.weights, keep_graph=True) as capture:
+        with OpCapture(self.weights, keep_graph=True, embeddings=True) as capture:
             logits = model(inputs)
         positions = loss_positions(model, inputs, logits)
         missing = [name for name in names if name not in capture.calls]

@@ -4,8 +4,9 @@ brute-force oracles built from one backward pass per output, on each text alone 
 * tiny BERT encoder, squared error of the pooled embedding to FP32's (D = 32 ≤ 64: exact factors):
   per-sequence traces equal the oracle to float64 rounding, with the texts padded in a batch, in
   the token Gram form and the materialised one (padding changes nothing);
-* tiny GPT-2 causal LM (transformers Conv1D layers), KL to FP32: the per-position Monte-Carlo
-  Fisher is unbiased: its mean over seeds matches the exact per-sequence Fisher trace."""
+* tiny GPT-2 causal LM (transformers Conv1D layers, LM head tied to the input embedding), KL to
+  FP32: the per-position Monte-Carlo Fisher is unbiased: its mean over seeds matches the exact
+  per-sequence Fisher trace, the tied table's with both its uses."""
 
 from __future__ import annotations
 
@@ -103,10 +104,11 @@ def test_encoder_traces_do_not_depend_on_the_padding() -> None:
 def test_causal_lm_sampled_fisher_is_unbiased_with_padding() -> None:
     model = TextModel(tiny_model("gpt2").double(), "causal-lm")
     batch, alone = _padded_batch()
-    # GPT-2's Conv1D layers store their weights transposed. (Its tied LM head is the embedding
-    # table: the traces see only its F.linear use, so the oracle would differ; left out here.)
-    layers = [layer for layer in discover_layers(model, batch) if layer.kind == "Conv1D"]
-    assert len(layers) == 8
+    # GPT-2's Conv1D layers store their weights transposed; its LM head is the embedding table
+    # (one layer whose gradient has both uses: the oracle differentiates the parameter).
+    layers = list(discover_layers(model, batch))
+    kinds = [layer.kind for layer in layers]
+    assert kinds.count("Conv1D") == 8 and layers[-1].weight_key == "model.transformer.wte.weight"
     oracle = np.stack([_causal_oracle(model, layers, text) for text in alone])
     draws = np.stack(
         [

@@ -65,8 +65,14 @@ def test_run_on_a_tiny_bert_folder(tmp_path: Path) -> None:
     assert check["images"] == 24 and check["max_abs_logit_difference"] < 1e-3
 
 
-def test_analyze_allocate_export_on_a_causal_lm(tmp_path: Path) -> None:
-    folder = save_model_folder(tiny_model("llama"), tmp_path / "llama")
+@pytest.mark.parametrize(
+    ("kind", "num_layers", "head"),
+    [("llama", 15, "model.lm_head"), ("gpt2", 9, "model.transformer.wte")],  # GPT-2: tied head
+)
+def test_analyze_allocate_export_on_a_causal_lm(
+    tmp_path: Path, kind: str, num_layers: int, head: str
+) -> None:
+    folder = save_model_folder(tiny_model(kind), tmp_path / kind)
     calib = tmp_path / "calib.jsonl"
     lines = _texts(tmp_path / "lines.txt", 12).read_text().splitlines()
     calib.write_text("\n".join(json.dumps({"text": line}) for line in lines))
@@ -74,13 +80,18 @@ def test_analyze_allocate_export_on_a_causal_lm(tmp_path: Path) -> None:
     common = ["--model", f"hf:{folder}", "--calib", str(calib), "--out", str(out)]
     assert main(["-q", "analyze", *common, "--num-samples", "12", "--batch-size", "4"]) == 0
     names = [layer["name"] for layer in runfolder.read_json(out / "layers.json", "l")["layers"]]
-    assert len(names) == 15 and names[-1] == "model.lm_head"  # 7 per block, and the LM head
+    assert len(names) == num_layers and names[-1] == head  # the LM head last
     curvature = np.load(out / "curvature.npz", allow_pickle=False)
     assert json.loads(str(curvature["meta"]))["method"] == "fisher_sampled"
-    assert curvature["sample_traces"].shape == (12, 15) and (curvature["trace"] > 0).all()
+    assert curvature["sample_traces"].shape == (12, num_layers) and (curvature["trace"] > 0).all()
     assert main(["-q", "allocate", str(out), "--budget", "avg-bits=5"]) == 0
     assert main(["-q", "export", str(out)]) == 0
-    assert (out / "quantized" / "hf" / "config.json").is_file()
+    exported = load_hf_model(out / "quantized" / "hf")
+    filled = load_quantized(out / "quantized", load_hf_model(folder))
+    assert isinstance(filled, torch.nn.Module)
+    texts = load_text_data(calib, load_tokenizer(folder), seq_len=16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(texts.inputs), filled(texts.inputs))
 
 
 @pytest.mark.parametrize(
