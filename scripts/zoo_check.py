@@ -74,6 +74,7 @@ def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
         start = time.perf_counter()
         survey = survey_weights(model, images)
         record["quantized_share"] = round(survey.quantized_share(), 4)
+        record["quantized_share_at_inference"] = round(survey.quantized_share_at_inference(), 4)
         record["num_layers"] = len(survey.layers)
         record["kept_fp32"] = [kept.to_dict() for kept in survey.kept]
         analysis = lcpaq.analyze(
