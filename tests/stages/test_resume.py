@@ -186,3 +186,23 @@ def test_sigterm_leaves_a_resumable_folder(tmp_path):
     assert "Traceback" not in err
     assert [p.name for p in out.rglob("*.tmp")] == []
     assert "gauss_newton" in {p.stem for p in (out / STATE_DIR).iterdir()}
+
+
+def test_run_resume_finishes_an_interrupted_run(files, tmp_path, monkeypatch):
+    """``run --resume`` continues the analysis, then runs every later stage."""
+    checkpoint, data = files
+    out = tmp_path / "run"
+    args = digits_command(
+        "run",
+        checkpoint,
+        data,
+        *["--num-samples", "32", "--batch-size", "8", "--correction-samples", "16"],
+        *["--sweep-points", "0", "--budget", "avg-bits=4", "--out", str(out)],
+    )
+    _interrupt_at(monkeypatch, 3)
+    assert main([*args, "--state-every-s", "0"]) == 130
+    monkeypatch.undo()
+    assert (out / STATE_DIR).is_dir() and not (out / "report.md").exists()
+    assert main([*args, "--resume"]) == 0
+    assert (out / "report.md").is_file() and (out / "quantized").is_dir()
+    assert not (out / STATE_DIR).exists()
