@@ -22,6 +22,7 @@ from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, check_inputs_fit, load_dataset
 from lcpaq.model.graph import LayerInfo
 from lcpaq.model.zoo import load_model, num_classes_of
+from lcpaq.stages.resume import check_finished
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def timed(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def read_config(run_dir: Path) -> RunConfig:
+    """The run's configuration; refused while its analysis is interrupted (`check_finished`)."""
+    check_finished(run_dir)
     path = run_dir / "run_config.json"
     data = runfolder.read_json(path, "run configuration")
     try:
