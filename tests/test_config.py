@@ -16,6 +16,7 @@ from lcpaq.config import (
     AllocationConfig,
     AnalysisConfig,
     RecoveryConfig,
+    ResumeSettings,
     RunConfig,
     SearchSettings,
     SweepSettings,
@@ -34,6 +35,8 @@ NOT_ON_THE_COMMAND_LINE = {
     (QuantScheme, "mse_grid_points"),
 }
 CONFIGS = (AnalysisConfig, RecoveryConfig, AllocationConfig, SweepSettings, SearchSettings)
+#: Flags of analyze/run that no search has (``--resume`` there continues a study instead).
+RUN_ONLY = (ResumeSettings,)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -45,7 +48,7 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {flag: action for action in parser._actions for flag in action.option_strings}
 
 
-@pytest.mark.parametrize("cls", [*CONFIGS, QuantScheme, TextOptions])
+@pytest.mark.parametrize("cls", [*CONFIGS, *RUN_ONLY, QuantScheme, TextOptions])
 def test_every_field_has_exactly_one_flag(cls):
     if cls is QuantScheme:
         declared = {name: option.flag for name, option in SCHEME_OPTIONS.items()}
@@ -57,14 +60,17 @@ def test_every_field_has_exactly_one_flag(cls):
         name for owner, name in NOT_ON_THE_COMMAND_LINE if owner is cls
     }
     assert set(declared) == fields
-    all_flags = [d.option.flag for config in CONFIGS for d in declared_options(config)]
-    assert len(all_flags) == len(set(all_flags)), "a flag is declared twice"
+    for configs in (CONFIGS, (*CONFIGS[:-1], *RUN_ONLY)):  # the flags of one subcommand
+        all_flags = [d.option.flag for config in configs for d in declared_options(config)]
+        assert len(all_flags) == len(set(all_flags)), "a flag is declared twice"
 
 
 def test_flag_defaults_are_the_field_defaults():
     """Each subcommand's flags default to the declaring field's default (QuantScheme's:
     DEFAULT_SCHEME's, GPTQ rounding)."""
-    run_flags = {d.option.flag: d for config in CONFIGS[:-1] for d in declared_options(config)}
+    run_flags = {
+        d.option.flag: d for config in (*CONFIGS[:-1], *RUN_ONLY) for d in declared_options(config)
+    }
     search_flags = {d.option.flag: d for d in declared_options(SearchSettings)}
     for name, parser in _subparsers(build_parser()).items():
         declared = {**run_flags, **search_flags} if name == "search" else run_flags

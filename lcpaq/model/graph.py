@@ -80,6 +80,14 @@ class Survey:
         total = quantized + sum(kept.num_params for kept in self.kept)
         return quantized / total if total else 0.0
 
+    def quantized_share_at_inference(self) -> float:
+        """`quantized_share` over the weights the inference forward pass uses (training-only
+        heads such as GoogLeNet's auxiliary classifiers left out)."""
+        unused = sum(kept.num_params for kept in self.kept if kept.reason == NOT_RUN_REASON)
+        quantized = sum(layer.num_params for layer in self.layers)
+        total = quantized + sum(kept.num_params for kept in self.kept) - unused
+        return quantized / total if total else 0.0
+
 
 #: Module types whose weights are known not to be supported, with the reason shown to the user.
 UNSUPPORTED_REASONS: dict[type[nn.Module], str] = {
@@ -105,6 +113,10 @@ def _layer_name(model: nn.Module, key: str) -> str | None:
     return None
 
 
+#: Why a Linear/Conv weight whose module never ran in the traced (inference) forward is kept.
+NOT_RUN_REASON = "its module did not run in the inference forward pass (unused at inference)"
+
+
 def _kept_reason(model: nn.Module, key: str, used: bool) -> str:
     owner_path = key.rpartition(".")[0]
     owner = model.get_submodule(owner_path) if owner_path else model
@@ -116,7 +128,10 @@ def _kept_reason(model: nn.Module, key: str, used: bool) -> str:
             f"a bare Parameter of {type(owner).__name__} used in F.linear/F.conv "
             "(not a Linear/Conv module weight)"
         )
-    return "not the weight of a linear or convolution operation (or did not run)"
+    if isinstance(owner, QUANTIZABLE_TYPES):
+        # GoogLeNet's and Inception's auxiliary heads run only in training mode.
+        return NOT_RUN_REASON
+    return "not the weight of a linear or convolution operation"
 
 
 def _call_macs(call: OpCall, weight: torch.Tensor) -> int:

@@ -59,6 +59,14 @@ from lcpaq.sensitivity.per_sample import (
     per_sample_grads_from_columns,
     samples_first,
 )
+from lcpaq.state_file import (
+    NO_STATE,
+    Snapshot,
+    StateFile,
+    generator_state,
+    joined_rows,
+    split_rows,
+)
 
 
 def gauss_newton_traces(
@@ -71,6 +79,7 @@ def gauss_newton_traces(
     seed: int = 0,
     share: BatchShare = SINGLE_PROCESS,
     progress: bool = False,
+    state_file: StateFile = NO_STATE,
 ) -> CurvatureEstimate:
     """Exact per-layer Gauss–Newton traces (sampled Fisher past 64 classes), streamed over batches.
 
@@ -87,6 +96,8 @@ def gauss_newton_traces(
             single-process ones (the per-batch rows are replayed in batch order); the diagonal is
             summed in another order (equal to float rounding). The sampled Fisher draws its labels
             from a per-rank generator (seed + rank), so it is equal in distribution only.
+        state_file: where the running state is saved after batches (`lcpaq.state_file`); a
+            snapshot found there is continued from its next batch, to the same result.
     Returns:
         traces of the mean-loss Gauss–Newton blocks with standard errors over samples.
     """
@@ -94,9 +105,21 @@ def gauss_newton_traces(
     state = GaussNewtonState.start(
         model, layers, keep_diagonal=keep_diagonal, seed=seed + share.rank
     )
+    state.loss = loss  # names the method of sampled traces, also when a resume adds no batch
     mine = share.indices(len(batches))
-    for index in tqdm(mine, desc="Gauss-Newton traces", disable=not progress, unit="batch"):
-        state.add_batch(model, batches[index], loss)
+    done = state.restore(state_file.load())
+    bar = tqdm(
+        total=len(mine),
+        initial=done,
+        desc="Gauss-Newton traces",
+        disable=not progress,
+        unit="batch",
+    )
+    with bar:
+        for position, index in enumerate(mine[done:], start=done + 1):
+            state.add_batch(model, batches[index], loss)
+            state_file.save(state.snapshot, last=position == len(mine))
+            bar.update()
     if share.world > 1:
         state.combine(share, len(batches))
     return state.finish()
@@ -268,7 +291,6 @@ class GaussNewtonState:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
         factors, is_sampled = output_hessian_factors(logits, loss, self.generator, positions)
         self.sampled = self.sampled or is_sampled
-        self.loss = loss
         outputs = [call.output for name in names for call in capture.calls[name]]
         chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))
         for grads in output_grads_in_chunks(logits, outputs, factors, chunk):
@@ -290,6 +312,28 @@ class GaussNewtonState:
         del outputs, logits
         capture.clear()
         self.rows.append(per_sample.cpu().numpy())
+
+    def snapshot(self) -> Snapshot:
+        """Everything `finish` and the next `add_batch` depend on (`lcpaq.state_file`)."""
+        diagonal = {f"diagonal/{name}": values for name, values in self.diagonal.items()}
+        return {
+            **joined_rows(self.rows, (len(self.names),)),
+            **(diagonal if self.keep_diagonal else {}),
+            "generator": generator_state(self.generator),
+            "sampled": np.array(self.sampled),
+        }
+
+    def restore(self, snapshot: dict[str, torch.Tensor] | None) -> int:
+        """Continue from ``snapshot`` (None: from the start); returns the batches it holds."""
+        if snapshot is None:
+            return 0
+        self.rows = split_rows(snapshot["rows"], snapshot["row_counts"])
+        if self.keep_diagonal:
+            for name, values in self.diagonal.items():
+                values.copy_(snapshot[f"diagonal/{name}"])
+        self.generator.set_state(snapshot["generator"])
+        self.sampled = bool(snapshot["sampled"])
+        return len(self.rows)
 
     def combine(self, share: BatchShare, num_batches: int) -> None:
         """Every process's rows in batch order, the sampled flag and the diagonal summed over them."""

@@ -25,7 +25,7 @@ from torch import nn
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import counts_activation_bits
 from lcpaq.allocation.table import CandidateTable
-from lcpaq.config import RunConfig
+from lcpaq.config import ResumeSettings, RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import KeptWeight, LayerInfo, Survey, discover_layers, survey_weights
 from lcpaq.model.zoo import file_sha256
@@ -53,6 +53,13 @@ from lcpaq.stages.measure import (
     layer_input_hessians,
     measure_interactions,
     measure_sensitivity,
+)
+from lcpaq.stages.resume import (
+    NO_ANALYSIS_STATE,
+    AnalysisState,
+    finished_analysis,
+    open_state,
+    saves_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,15 +120,17 @@ def analyze_model(
     *,
     pair_data: Dataset | None = None,
     progress: bool = True,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> Analysis:
     """Measure ``model`` on the calibration images ``calib`` (``num_samples`` of them) as the
     options of ``config.analysis`` say. ``pair_data``: the images of the inter-layer terms
-    (``pair_samples``; default the first ones of ``calib``)."""
+    (``pair_samples``; default the first ones of ``calib``). ``state``: where the estimators save
+    their running state, and continue an interrupted analysis from (`lcpaq.stages.resume`)."""
     analysis = config.analysis
     fp32_bits, unquantized_bits = model_sizes(model, layers)
-    measured = measure_sensitivity(config, model, layers, calib, progress=progress)
+    measured = measure_sensitivity(config, model, layers, calib, progress=progress, state=state)
     start = time.perf_counter()
-    input_hessians = layer_input_hessians(config, model, layers, calib.inputs)
+    input_hessians = layer_input_hessians(config, model, layers, calib.inputs, state)
     input_hessians_seconds = time.perf_counter() - start if input_hessians else None
     table = measure_candidates(
         model,
@@ -207,28 +216,57 @@ def _pair_data(config: RunConfig) -> Dataset | None:
     return load_model_and_data(config, config.analysis.pair_samples)[1]
 
 
-def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
+def analyze(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    resume: ResumeSettings | None = None,
+) -> None:
     """Measure curvature and per-candidate weight errors; write the analysis artifacts.
 
-    Under torchrun (`lcpaq.sensitivity.distributed`) every process measures a share of the calibration
-    batches; only rank 0 writes the run folder.
+    The estimators save their running state in ``run_dir`` as they go; ``resume`` continues an
+    interrupted analysis from it, or (``run --resume``) keeps a finished one with the same
+    options (`lcpaq.stages.resume`). Under torchrun (`lcpaq.sensitivity.distributed`) every
+    process measures a share of the calibration batches; only rank 0 writes the run folder.
     """
-    if not distributed.is_main_process():
+    resume = resume or ResumeSettings()
+    if not saves_state(resume) and not distributed.is_main_process():
         model, calib, survey = _analysis_inputs(config)
         measure_sensitivity(config, model, survey.layers, calib, progress=False)
         return
     ensure_writable(run_dir)
+    if resume.resume and finished_analysis(run_dir, config):
+        logger.info("--resume: the analysis in %s is finished; kept", run_dir)
+        return
     with timed(run_dir, "analyze"):
         # Bad inputs and infeasible budgets fail here, before anything of the folder is removed.
         model, calib, survey = _analysis_inputs(config)
+        state = open_state(run_dir, config, resume)
         for name in runfolder.DOWNSTREAM_ARTIFACTS:
             (run_dir / name).unlink(missing_ok=True)
         for folder in ("quantized", "plots"):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
-        result = analyze_model(
-            config, model, survey.layers, calib, pair_data=_pair_data(config), progress=progress
-        )
-        write_analysis(run_dir, config, result, survey.kept)
+        try:
+            result = analyze_model(
+                config,
+                model,
+                survey.layers,
+                calib,
+                pair_data=_pair_data(config),
+                progress=progress,
+                state=state,
+            )
+            write_analysis(run_dir, config, result, survey.kept)
+        except KeyboardInterrupt:
+            if state.folder is not None:
+                logger.warning(
+                    "analysis interrupted; its state is in %s: `lcpaq analyze --resume` (or "
+                    "`run --resume`) with the same options continues it",
+                    state.folder,
+                )
+            raise
+        state.finish()
     curvature = result.measurements.curvature
     flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
     if flagged:

@@ -25,6 +25,7 @@ from lcpaq.model.hf import HF_PREFIX, load_tokenizer
 from lcpaq.model.text import TextModel
 from lcpaq.model.text_data import RetrievalPairs, load_text_data
 from lcpaq.model.zoo import load_model, num_classes_of
+from lcpaq.stages.resume import check_finished
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def timed(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def read_config(run_dir: Path) -> RunConfig:
+    """The run's configuration; refused while its analysis is interrupted (`check_finished`)."""
+    check_finished(run_dir)
     path = run_dir / "run_config.json"
     data = runfolder.read_json(path, "run configuration")
     try:

@@ -28,6 +28,7 @@ from lcpaq.sensitivity.interaction_terms import InteractionTerms, select_pairs
 from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
 from lcpaq.sensitivity.losses import LossName, default_loss
 from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
+from lcpaq.stages.resume import NO_ANALYSIS_STATE, AnalysisState
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,11 @@ def scoring_curvature(
     calib: Dataset,
     *,
     progress: bool = True,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> CurvatureEstimate:
     """The per-layer traces the scores use: Gauss–Newton, or (``estimator hutchinson``) the
-    exact-Hessian single-layer Hutchinson traces with Gauss–Newton as control variate."""
+    exact-Hessian single-layer Hutchinson traces with Gauss–Newton as control variate. ``state``:
+    where the estimators save their running state (`lcpaq.stages.resume`)."""
     analysis = config.analysis
     loss = curvature_loss(config, model, calib.has_labels)
     starts = range(0, len(calib), analysis.batch_size)
@@ -126,6 +129,7 @@ def scoring_curvature(
             seed=analysis.seed,
             share=share,
             progress=progress,
+            state_file=state.file("gauss_newton"),
         )
     # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
     exact_part = gauss_newton_traces(
@@ -136,6 +140,7 @@ def scoring_curvature(
         seed=analysis.seed,
         keep_diagonal=False,
         share=share,
+        state_file=state.file("gauss_newton_control"),
     )
     return single_layer_hutchinson_traces(
         model,
@@ -151,6 +156,7 @@ def scoring_curvature(
         loss=loss,
         share=share,
         progress=progress,
+        state_file=state.file("hutchinson_single_layer"),
     )
 
 
@@ -161,6 +167,7 @@ def measure_sensitivity(
     calib: Dataset,
     *,
     progress: bool = True,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> Measurements:
     """Everything ``analyze`` measures on calibration data: the curvature used for scoring
     (``estimator``), the Hutchinson cross-check (``hutchinson_probes`` with gauss-newton) and the
@@ -170,12 +177,15 @@ def measure_sensitivity(
     calibration batches across the processes and reduces, in this fixed order, so every process
     gets the single-process result (bitwise for Gauss–Newton and the activation curvature; the
     Hutchinson per-probe sums are added in another order, equal to float rounding).
+
+    ``state``: where the estimators save their running state after batches, and from which an
+    interrupted analysis continues (`lcpaq.stages.resume`).
     """
     analysis = config.analysis
     _check_text_options(config, model)
     loss = curvature_loss(config, model, calib.has_labels)
     start = time.perf_counter()
-    curvature = scoring_curvature(config, model, layers, calib, progress=progress)
+    curvature = scoring_curvature(config, model, layers, calib, progress=progress, state=state)
     curvature_seconds = time.perf_counter() - start
     hutchinson = hutchinson_seconds = None
     if analysis.hutchinson_probes and analysis.estimator == "gauss-newton":
@@ -192,6 +202,7 @@ def measure_sensitivity(
             loss=loss,
             share=distributed.batch_share(),
             progress=progress,
+            state_file=state.file("hutchinson"),
         )
         hutchinson_seconds = time.perf_counter() - start
     pyhessian = None
@@ -208,7 +219,9 @@ def measure_sensitivity(
     activations = activations_seconds = None
     if analysis.act_formats:
         start = time.perf_counter()
-        activations = measure_activations(config, model, layers, calib.inputs, progress=progress)
+        activations = measure_activations(
+            config, model, layers, calib.inputs, progress=progress, state=state
+        )
         activations_seconds = time.perf_counter() - start
     return Measurements(
         curvature,
@@ -228,6 +241,7 @@ def measure_activations(
     inputs: torch.Tensor,
     *,
     progress: bool = False,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> ActivationSensitivity:
     """The activation sensitivity and calibrated ranges of ``act_formats`` on ``inputs`` (the
     curvature's images, in its batches), as ``analyze`` writes them to ``activations.npz``."""
@@ -244,18 +258,29 @@ def measure_activations(
         seed=analysis.seed,
         share=distributed.batch_share(),
         progress=progress,
+        state_file=state.file("activations"),
     )
 
 
 def layer_input_hessians(
-    config: RunConfig, model: nn.Module, layers: Sequence[LayerInfo], inputs: torch.Tensor
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    inputs: torch.Tensor,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> dict[str, torch.Tensor] | None:
     """Input second moments of every layer on ``inputs`` (the curvature's calibration images)
     when the scheme rounds with GPTQ; None for round-to-nearest, which needs no data."""
     if config.analysis.scheme.rounding != "gptq":
         return None
     names = [layer.name for layer in layers]
-    return collect_input_hessians(model, names, inputs, batch_size=config.analysis.batch_size)
+    return collect_input_hessians(
+        model,
+        names,
+        inputs,
+        batch_size=config.analysis.batch_size,
+        state_file=state.file("input_hessians"),
+    )
 
 
 def measure_interactions(
