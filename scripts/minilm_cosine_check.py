@@ -11,7 +11,9 @@ The run folders (one thread; ``calib.txt`` from scripts/minilm_analyze_cost.py):
     lcpaq analyze --model hf:MINILM --calib calib.txt --num-samples 256 --seq-len 128 --out mixed3
     lcpaq allocate mixed3 --budget avg-bits=3 && lcpaq export mixed3
     (same with --formats int3 into uniform3; *_nc: the same folder exported with
-     recovery.enabled false in run_config.json)
+     recovery.enabled false in run_config.json). The corrected folders were exported at commit
+     38342a0; since 6552f3b text models get no statistics correction (this measurement), so
+     every export is uncorrected. mixed3_out: mixed3_nc allocated with --scorer output.
 
     PYTHONPATH=. python scripts/minilm_cosine_check.py --runs runs/minilm_analyze
 """
@@ -77,6 +79,8 @@ PAIRS = (
     ("allocation - uniform INT3 (uncorrected)", "mixed3_nc", "uniform3_nc"),
     ("correction, allocation", "mixed3", "mixed3_nc"),
     ("correction, uniform INT3", "uniform3", "uniform3_nc"),
+    ("allocation, scorer output - uniform INT3 (uncorrected)", "mixed3_out", "uniform3_nc"),
+    ("allocation, scorer output - hawq_v2 (uncorrected)", "mixed3_out", "mixed3_nc"),
 )
 
 
