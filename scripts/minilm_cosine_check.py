@@ -13,7 +13,7 @@ The run folders (one thread; ``calib.txt`` from scripts/minilm_analyze_cost.py):
     (same with --formats int3 into uniform3; *_nc: the same folder exported with
      recovery.enabled false in run_config.json). The corrected folders were exported at commit
      38342a0; since 6552f3b text models get no statistics correction (this measurement), so
-     every export is uncorrected. mixed3_out: mixed3_nc allocated with --scorer output.
+     every export is uncorrected. mixed3_out / mixed3_diag: mixed3_nc allocated with --scorer output / diagonal.
 
     PYTHONPATH=. python scripts/minilm_cosine_check.py --runs runs/minilm_analyze
 """
@@ -81,6 +81,7 @@ PAIRS = (
     ("correction, uniform INT3", "uniform3", "uniform3_nc"),
     ("allocation, scorer output - uniform INT3 (uncorrected)", "mixed3_out", "uniform3_nc"),
     ("allocation, scorer output - hawq_v2 (uncorrected)", "mixed3_out", "mixed3_nc"),
+    ("allocation, scorer diagonal - uniform INT3 (uncorrected)", "mixed3_diag", "uniform3_nc"),
 )
 
 
