@@ -100,7 +100,9 @@ class AnalysisConfig:
     error per layer or after ``hutchinson_probes`` probes in all, which must be >= 2 per layer).
     ``hutchinson_probes``: with ``gauss-newton``, 0 disables the Hutchinson cross-check, otherwise
     its probe cap. ``loss``: ``cross_entropy``, ``mse`` or ``kl`` (KL to the FP32 outputs,
-    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.gauss_newton`).
+    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.gauss_newton`),
+    or ``auto``: the model's default (`lcpaq.sensitivity.losses.default_loss`). ``text``: the
+    options of ``hf:DIR`` models (`lcpaq.config.text.TextOptions`).
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
     candidates (`lcpaq.sensitivity.candidates`); empty: one candidate per weight format, 8-bit activations
     assumed by the cost models. Activations of a paired candidate are quantized at inference with
