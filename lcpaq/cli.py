@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,6 +215,9 @@ def _config_from_file(args: argparse.Namespace) -> RunConfig:
     )
     if args.allow_unsafe_pickle:
         config = config.with_analysis(allow_unsafe_pickle=True)
+    if args.trust_remote_code:
+        text = replace(config.analysis.text, trust_remote_code=True)
+        config = config.with_analysis(text=text)
     return config
 
 

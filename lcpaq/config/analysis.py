@@ -17,10 +17,11 @@ from lcpaq.config.options import (
     Option,
     option,
 )
+from lcpaq.config.text import TEXT_OPTIONS, TextOptions
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import CLIPPINGS, GRANULARITIES, ROUNDINGS, QuantScheme, parse_format_list
 
-Loss = Literal["cross_entropy", "mse", "kl"]
+Loss = Literal["auto", "cross_entropy", "mse", "kl"]
 Estimator = Literal["gauss-newton", "hutchinson"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 LOSSES: tuple[str, ...] = get_args(Loss)
@@ -116,7 +117,8 @@ class AnalysisConfig:
             "--model",
             group=MODEL_GROUP,
             required=True,
-            help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits",
+            help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits | "
+            "hf:DIR (a local transformers folder: encoder, causal LM or sequence classifier)",
         )
     )
     checkpoint: str | None = field(
@@ -129,7 +131,8 @@ class AnalysisConfig:
             "--calib",
             group=MODEL_GROUP,
             required=True,
-            help="calibration data: .npz, .pt or ImageFolder dir",
+            help="calibration data: .npz, .pt or ImageFolder dir; hf: models: text (one "
+            "document per line), .jsonl (text, or query/document) or tokenized .npz/.safetensors",
         )
     )
     normalize: str = field(
@@ -155,11 +158,13 @@ class AnalysisConfig:
     )
     batch_size: int = field(default=64, metadata=option("--batch-size", group=ANALYSIS_GROUP))
     loss: Loss = field(
-        default="cross_entropy",
+        default="auto",
         metadata=option(
             "--loss",
             group=ANALYSIS_GROUP,
-            help="loss whose curvature is measured; kl: KL to the FP32 outputs (label-free)",
+            help="loss whose curvature is measured; kl: KL to the FP32 outputs (label-free); "
+            "auto (default): cross_entropy for classifiers, mse to the FP32 embedding for "
+            "encoders, kl for causal LMs",
         ),
     )
     formats: tuple[str, ...] = field(
@@ -329,6 +334,7 @@ class AnalysisConfig:
             "report lists them; repeat for several",
         ),
     )
+    text: TextOptions = field(default=TextOptions(), metadata={NESTED: TEXT_OPTIONS})
 
     def __post_init__(self) -> None:
         for name in (
@@ -376,7 +382,7 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
         raise InputError(
             f"pyhessian-iters must be 0 (off) or at least 2, got {config.pyhessian_iters}"
         )
-    if config.pyhessian_iters and config.loss != "cross_entropy":
+    if config.pyhessian_iters and config.loss not in ("auto", "cross_entropy"):
         raise InputError(
             f"the PyHessian cross-check (--pyhessian-iters) measures cross-entropy; it cannot "
             f"check loss {config.loss!r}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -156,16 +156,21 @@ def survey_weights(
     no exclude.
     """
     weights = {key: value for key, value in model.named_parameters() if value.dim() >= 2}
-    with torch.no_grad(), OpCapture(weights) as capture:
-        model(example_batch[:1])
+    with torch.enable_grad(), OpCapture(weights, keep_graph=True) as capture:
+        output = model(example_batch[:1])
+        dead = _unused_outputs(output, capture.calls)
     layers: list[LayerInfo] = []
     kept: list[KeptWeight] = []
-    used = capture.calls
+    used = {key: [_detached(call) for call in calls] for key, calls in capture.calls.items()}
+    del output, capture
     for key, weight in weights.items():
         name = _layer_name(model, key) if key in used else None
         count = int(weight.numel())
         if name is None:
             kept.append(KeptWeight(key, count, _kept_reason(model, key, key in used)))
+            continue
+        if key in dead:
+            kept.append(KeptWeight(key, count, DEAD_REASON))
             continue
         if not _selected(name, include, exclude):
             kept.append(KeptWeight(key, count, "excluded by --include/--exclude"))
@@ -187,6 +192,26 @@ def survey_weights(
         )
     layers.sort(key=lambda layer: layer.execution_index)
     return Survey(tuple(layers), tuple(kept))
+
+
+#: Why a weight that runs is kept in FP32 when nothing it computes reaches the model's output.
+DEAD_REASON = "its output does not reach the model's output (e.g. BERT's pooler under mean pooling)"
+
+
+def _unused_outputs(output: object, calls: Mapping[str, list[OpCall]]) -> set[str]:
+    """The weights none of whose call outputs the model's output depends on: quantizing them
+    changes nothing the curvature measures, and their traces would be undefined."""
+    if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        return set()
+    keys = [key for key, key_calls in calls.items() for _ in key_calls]
+    outputs = [call.output for key_calls in calls.values() for call in key_calls]
+    grads = torch.autograd.grad(output.float().sum(), outputs, allow_unused=True)
+    reached = {key for key, grad in zip(keys, grads) if grad is not None}
+    return set(calls) - reached
+
+
+def _detached(call: OpCall) -> OpCall:
+    return replace(call, input=call.input.detach(), output=call.output.detach())
 
 
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:

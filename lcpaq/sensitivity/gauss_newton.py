@@ -13,7 +13,15 @@ per-sample weight gradients are formed from the layer inputs and output gradient
 (`lcpaq.sensitivity.per_sample`), so there is no probe noise and the standard error is the one over
 calibration samples. Memory does not grow with the number of batches: only per-sample trace rows
 and running sums are kept. For ``kl`` at the FP32 point it equals the exact Hessian. Past 64
-classes the Monte-Carlo Fisher is used (method ``fisher_sampled``).
+classes the Monte-Carlo Fisher is used (method ``fisher_sampled``), and for mse past 64 outputs
+Rademacher factors (``gauss_newton_sampled``); both unbiased (`lcpaq.sensitivity.losses`).
+
+Text models (`lcpaq.model.text.TextModel`, contract §4): a sample is a sequence. An encoder's
+pooled embedding [N, D] is a 2-d output like logits (loss mse to FP32's embedding, label-free); a
+causal LM's logits [N, T, V] get one Monte-Carlo Fisher factor per position at the positions its
+next-token loss counts (`loss_positions`), so each sequence's trace sums its tokens' terms.
+Padding enters nothing: its factors are zero and attention masks it, so its output gradients are
+zero too (tests/sensitivity/test_text_curvature.py checks both against brute-force oracles).
 
 `gauss_newton_traces` is the one implementation, single-process or split over a process group
 through a `BatchShare` (`lcpaq.sensitivity.distributed.batch_share`).
@@ -30,13 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, weight_of
+from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, token_mask, weight_of
 from lcpaq.model.op_capture import OpCall, OpCapture
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
 from lcpaq.sensitivity.losses import (
     LossName,
     factor_chunk,
+    next_token_positions,
     output_grads_in_chunks,
     output_hessian_factors,
 )
@@ -115,6 +124,29 @@ def gauss_newton_traces(
     return state.finish()
 
 
+def loss_positions(
+    model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor | None:
+    """The [N, T] positions of sequence logits [N, T, V] that the loss counts (a causal LM's
+    next-token predictions over real tokens, `next_token_positions`); None for logits [N, C].
+    Padding then never enters a trace: its factors are zero, so its output gradients are too."""
+    if logits.dim() == 2:
+        return None
+    mask = token_mask(model, inputs)
+    if logits.dim() != 3 or mask is None or tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise InputError(
+            f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
+            "of shape [batch, classes] (or [batch, tokens, vocabulary] from a text model)"
+        )
+    return next_token_positions(mask)
+
+
+def sampled_method(loss: LossName) -> str:
+    """The method name of sampled traces: the Monte-Carlo Fisher (cross-entropy, KL; past 64
+    classes and on sequence logits) or Rademacher factors of mse's (2/D)·I past 64 outputs."""
+    return "gauss_newton_sampled" if loss == "mse" else "fisher_sampled"
+
+
 def _call_part(call: OpCall, part: slice, count: int) -> OpCall:
     """The call restricted to samples ``part`` (samples first)."""
     if call.op in LINEAR_OPS:
@@ -144,6 +176,8 @@ def _squared_norms_over_calls(
 
     Linear layers without the diagonal use the token Gram form when it is cheaper: the calls are
     concatenated along the token axis (Σ over calls and tokens of g xᵀ is one sum)."""
+    if any(call.op == "embedding" for call in calls):
+        return _tied_squared_norms(calls, output_grad_list, part, count, weight_shape, diagonal)
     parts = [_call_part(call, part, count) for call in calls]
     grads = [
         output_grads(call, grad, count)[:, part] for call, grad in zip(calls, output_grad_list)
@@ -161,6 +195,38 @@ def _squared_norms_over_calls(
         total = per_sample if total is None else total + per_sample
     assert total is not None, "a recorded layer ran at least once"
     squared = total.pow(2).sum(0)  # [n, *weight.shape], over the factors
+    return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
+
+
+def _tied_squared_norms(
+    calls: Sequence[OpCall],
+    output_grad_list: Sequence[torch.Tensor],
+    part: slice,
+    count: int,
+    weight_shape: tuple[int, ...],
+    diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_squared_norms_over_calls` for a table that is both an embedding lookup and a Linear
+    weight (an LM head tied to the input embedding): each sample's gradient is its head part
+    Σ_t g_t h_tᵀ plus its lookup part Σ_t e_{id_t} g'_tᵀ (the output gradients g' scattered onto
+    the rows of the ids), materialised [K, n, V, D] (micro-batched by the caller)."""
+    total: torch.Tensor | None = None
+    for call, grad in zip(calls, output_grad_list):
+        if call.op == "embedding":
+            ids = call.input.reshape(count, -1)[part]  # [n, T]
+            rows = grad.reshape(grad.shape[0], count, -1, grad.shape[-1])[:, part]  # [K, n, T, D]
+            if total is None:
+                total = rows.new_zeros((rows.shape[0], rows.shape[1], *weight_shape))
+            index = ids.to(rows.device)[None, :, :, None].expand_as(rows)
+            total = total.scatter_add(2, index, rows)
+            continue
+        call_part = _call_part(call, part, count)
+        grads = output_grads(call, grad, count)[:, part]
+        columns = input_columns(call_part, weight_shape[2:], grads.shape[1])
+        per_sample = per_sample_grads_from_columns(call_part, columns, grads, weight_shape)
+        total = per_sample if total is None else total + per_sample
+    assert total is not None, "a recorded layer ran at least once"
+    squared = total.pow(2).sum(0)
     return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
 
 
@@ -183,6 +249,7 @@ class GaussNewtonState:
     max_elements: int
     rows: list[np.ndarray] = field(default_factory=list)
     sampled: bool = False
+    loss: LossName = "cross_entropy"
 
     @classmethod
     def start(
@@ -210,21 +277,20 @@ class GaussNewtonState:
     def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
         names = self.names
         device = next(model.parameters()).device
-        inputs = inputs.to(device).detach().requires_grad_(True)  # not the caller's tensor
+        inputs = inputs.to(device).detach()  # not the caller's tensor
+        if inputs.is_floating_point():
+            inputs.requires_grad_(True)
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
-        with OpCapture(self.weights, keep_graph=True) as capture:
+        with OpCapture(self.weights, keep_graph=True, embeddings=True) as capture:
             logits = model(inputs)
-        if logits.dim() != 2:
-            raise InputError(
-                f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
-                "of shape [batch, classes]"
-            )
+        positions = loss_positions(model, inputs, logits)
         missing = [name for name in names if name not in capture.calls]
         if missing:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
-        factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
+        factors, is_sampled = output_hessian_factors(logits, loss, self.generator, positions)
         self.sampled = self.sampled or is_sampled
+        self.loss = loss
         outputs = [call.output for name in names for call in capture.calls[name]]
         chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))
         for grads in output_grads_in_chunks(logits, outputs, factors, chunk):
@@ -296,7 +362,7 @@ class GaussNewtonState:
             trace=trace,
             trace_stderr=stderr,
             num_samples=num_samples,
-            method="fisher_sampled" if self.sampled else "gauss_newton",
+            method=sampled_method(self.loss) if self.sampled else "gauss_newton",
             num_probes=0,
             flags=flag_estimates(trace, stderr),
             diagonal=(

@@ -26,6 +26,7 @@ from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
 from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, select_pairs
 from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
+from lcpaq.sensitivity.losses import LossName, default_loss
 from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
 from lcpaq.stages.resume import NO_ANALYSIS_STATE, AnalysisState
 
@@ -62,6 +63,46 @@ def _hutchinson_min_probes(probe_cap: int, num_layers: int) -> int:
     return min(4, probe_cap // num_layers)
 
 
+def curvature_loss(config: RunConfig, model: nn.Module, has_labels: bool = True) -> LossName:
+    """The loss of ``--loss``, ``auto`` replaced by the model's default
+    (`lcpaq.sensitivity.losses.default_loss`: cross-entropy for image and text classifiers with
+    labels, the squared error to FP32's pooled embedding for encoders, KL to FP32 for causal LMs)."""
+    loss = config.analysis.loss
+    if loss == "auto":
+        return default_loss(getattr(model, "task", None), has_labels)
+    return loss
+
+
+def _check_text_options(config: RunConfig, model: nn.Module) -> None:
+    """The measurements that do not take text models yet fail before any work, naming the flag."""
+    task = getattr(model, "task", None)
+    if task is None:
+        return
+    analysis = config.analysis
+    wanted = {"encoder": ("mse",), "causal-lm": ("kl", "cross_entropy")}.get(task)
+    if wanted and analysis.loss not in ("auto", *wanted):
+        raise InputError(
+            f"--loss {analysis.loss} does not apply to {task} models: use "
+            f"{' or '.join(wanted)} (or auto)"
+        )
+    unsupported = [
+        flag
+        for flag, asked in (
+            ("--hutchinson-probes", analysis.hutchinson_probes > 0),
+            ("--pyhessian-iters", analysis.pyhessian_iters > 0),
+            ("--act-formats", bool(analysis.act_formats)),
+            ("--pairwise", analysis.pairwise != "none"),
+            ("--limpq-steps", analysis.limpq_steps > 0),
+        )
+        if asked
+    ]
+    if unsupported:
+        raise InputError(
+            f"{', '.join(unsupported)}: not supported for transformers models (hf:) yet; the "
+            "Gauss-Newton traces are"
+        )
+
+
 def scoring_curvature(
     config: RunConfig,
     model: nn.Module,
@@ -75,6 +116,7 @@ def scoring_curvature(
     exact-Hessian single-layer Hutchinson traces with Gauss–Newton as control variate. ``state``:
     where the estimators save their running state (`lcpaq.stages.resume`)."""
     analysis = config.analysis
+    loss = curvature_loss(config, model, calib.has_labels)
     starts = range(0, len(calib), analysis.batch_size)
     batches = [calib.inputs[start : start + analysis.batch_size] for start in starts]
     share = distributed.batch_share()
@@ -83,7 +125,7 @@ def scoring_curvature(
             model,
             layers,
             batches,
-            loss=analysis.loss,
+            loss=loss,
             seed=analysis.seed,
             share=share,
             progress=progress,
@@ -94,7 +136,7 @@ def scoring_curvature(
         model,
         layers,
         batches,
-        loss=analysis.loss,
+        loss=loss,
         seed=analysis.seed,
         keep_diagonal=False,
         share=share,
@@ -111,7 +153,7 @@ def scoring_curvature(
         max_probes_per_layer=analysis.hutchinson_probes,
         max_total_probes=analysis.hutchinson_probes,
         seed=analysis.seed,
-        loss=analysis.loss,
+        loss=loss,
         share=share,
         progress=progress,
         state_file=state.file("hutchinson_single_layer"),
@@ -140,6 +182,8 @@ def measure_sensitivity(
     interrupted analysis continues (`lcpaq.stages.resume`).
     """
     analysis = config.analysis
+    _check_text_options(config, model)
+    loss = curvature_loss(config, model, calib.has_labels)
     start = time.perf_counter()
     curvature = scoring_curvature(config, model, layers, calib, progress=progress, state=state)
     curvature_seconds = time.perf_counter() - start
@@ -155,7 +199,7 @@ def measure_sensitivity(
             min_probes=min(8, analysis.hutchinson_probes),
             rel_tol=analysis.hutchinson_rel_tol,
             seed=analysis.seed,
-            loss=analysis.loss,
+            loss=loss,
             share=distributed.batch_share(),
             progress=progress,
             state_file=state.file("hutchinson"),
@@ -202,13 +246,14 @@ def measure_activations(
     """The activation sensitivity and calibrated ranges of ``act_formats`` on ``inputs`` (the
     curvature's images, in its batches), as ``analyze`` writes them to ``activations.npz``."""
     analysis = config.analysis
+    loss = curvature_loss(config, model)
     starts = range(0, len(inputs), analysis.batch_size)
     return activation_sensitivity(
         model,
         layers,
         [inputs[start : start + analysis.batch_size] for start in starts],
         analysis.act_formats,
-        loss=analysis.loss,
+        loss=loss,
         clipping=analysis.act_clipping,
         seed=analysis.seed,
         share=distributed.batch_share(),
@@ -281,7 +326,7 @@ def measure_interactions(
         batch_size=analysis.batch_size,
         # kl's Gauss–Newton curvature is cross-entropy's (`lcpaq.sensitivity.losses`), which
         # the interaction estimators compute for it; their annotation names the other two only.
-        curvature_loss=cast(Literal["cross_entropy", "mse"], analysis.loss),
+        curvature_loss=cast(Literal["cross_entropy", "mse"], curvature_loss(config, model)),
         forward_loss=analysis.pair_loss,
         input_hessians=input_hessians,
     )
