@@ -53,6 +53,18 @@ def image_size(name: str, default: int) -> int:
     return 224 if name.startswith(FULL_SIZE_PREFIXES) else default
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to the address space, which
+    exec replaces; getrusage's ru_maxrss survives exec and would report the parent's peak (the
+    parent builds every model to count parameters)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
     """analyze → allocate → export → evaluate on one model (in this process)."""
     import torch
@@ -105,7 +117,7 @@ def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
     except Exception as error:  # noqa: BLE001 - the check reports every failure, by model
         record["status"] = "crash"
         record["message"] = f"{type(error).__name__}: {error}"[:500]
-    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record["peak_rss_mb"] = peak_rss_mb()
     return record
 
 

@@ -163,6 +163,7 @@ def survey_weights(
     kept: list[KeptWeight] = []
     used = {key: [_detached(call) for call in calls] for key, calls in capture.calls.items()}
     del output, capture
+    shared = _sample_independent(model, example_batch, weights, used)
     for key, weight in weights.items():
         name = _layer_name(model, key) if key in used else None
         count = int(weight.numel())
@@ -171,6 +172,9 @@ def survey_weights(
             continue
         if key in dead:
             kept.append(KeptWeight(key, count, DEAD_REASON))
+            continue
+        if key in shared:
+            kept.append(KeptWeight(key, count, SHARED_INPUT_REASON))
             continue
         if not _selected(name, include, exclude):
             kept.append(KeptWeight(key, count, "excluded by --include/--exclude"))
@@ -208,6 +212,37 @@ def _unused_outputs(output: object, calls: Mapping[str, list[OpCall]]) -> set[st
     grads = torch.autograd.grad(output.float().sum(), outputs, allow_unused=True)
     reached = {key for key, grad in zip(keys, grads) if grad is not None}
     return set(calls) - reached
+
+
+#: Why a weight is kept when what its operation meets is the same for every sample.
+SHARED_INPUT_REASON = (
+    "its operation's input does not depend on the sample (a table computed inside the model, "
+    "e.g. Swin V2's continuous position bias MLP): no per-sample curvature"
+)
+
+
+def _sample_independent(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
+    used: Mapping[str, list[OpCall]],
+) -> set[str]:
+    """The weights whose every call's input stays the same size when the batch doubles: they
+    act on sample-independent tensors, so per-sample gradients (and their curvature, GPTQ
+    statistics and corrections, which assume samples on the input's sample axis) do not exist."""
+    pair = torch.cat([example_batch[:1], example_batch[:1]])
+    try:
+        with torch.no_grad(), OpCapture(dict(weights)) as capture:
+            model(pair)
+    except RuntimeError:  # a model that takes one sample at a time: nothing to compare
+        return set()
+    return {
+        key
+        for key, calls in capture.calls.items()
+        if key in used
+        and len(calls) == len(used[key])
+        and all(two.input.numel() == one.input.numel() for one, two in zip(used[key], calls))
+    }
 
 
 def _detached(call: OpCall) -> OpCall:

@@ -268,3 +268,21 @@ def test_weights_of_modules_that_do_not_run_at_inference_are_named_so() -> None:
     assert {kept.key: kept.reason for kept in survey.kept} == {"aux.weight": NOT_RUN_REASON}
     assert survey.quantized_share() == pytest.approx(16 / (16 + 48))
     assert survey.quantized_share_at_inference() == 1.0
+
+
+def test_weights_applied_to_sample_independent_tables_are_kept() -> None:
+    from lcpaq.model.graph import SHARED_INPUT_REASON, survey_weights
+
+    class PositionBias(nn.Module):  # Swin V2: an MLP over a constant coordinate table
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("coords", torch.randn(5, 2))
+            self.cpb = nn.Linear(2, 4)
+            self.body = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) + self.cpb(self.coords).mean(0)
+
+    survey = survey_weights(PositionBias().eval(), torch.randn(3, 4))
+    assert [layer.name for layer in survey.layers] == ["body"]
+    assert {kept.key: kept.reason for kept in survey.kept} == {"cpb.weight": SHARED_INPUT_REASON}
