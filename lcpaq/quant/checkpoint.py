@@ -6,9 +6,10 @@ Output folder (written to a temporary folder, then renamed into place, so an int
 leaves a partial checkpoint):
 
 * ``model.safetensors``: for each quantized layer ``<weight_key>.qcodes`` (weight-shaped: int8
-  symmetric INT, uint8 asymmetric INT, uint8 bit patterns for FP formats), ``<weight_key>.qscale``
-  (float32 [1] per tensor, [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents
-  [C_out, blocks] for MX) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
+  symmetric INT, uint8 asymmetric INT, uint8 bit patterns for FP formats, int8 −1/0/1 ternary in 2
+  bits, ±1 binary in 1 bit, nothing for pruned), ``<weight_key>.qscale`` (float32 [1] per tensor,
+  [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents [C_out, blocks] for MX;
+  empty for pruned: its manifest entry's shape is all that is stored) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
   every other tensor of the state dict as it is (including BatchNorm statistics after correction).
   A tensor held under several keys (a tied embedding and LM head) is stored once
   (`lcpaq.quant.state_keys.tied_aliases`): one tensor, one format.
@@ -16,7 +17,7 @@ leaves a partial checkpoint):
   format (the activation half of its candidate, what the cost models counted), activation
   quantizer (format and calibration range of the layer's input, or null where activations stay
   FP32: runs without ``--act-formats``, whose cost models assume 8 bits, and fp32 candidates), kind
-  (int/fp), bits, granularity and group size, and ``transposed: true`` where the module stores the
+  (int/fp/ternary/binary/pruned), bits, granularity and group size, and ``transposed: true`` where the module stores the
   weight in×out (transformers ``Conv1D``: codes are out×in); ``tied`` (alias key → stored key)
   where tensors are tied; totals (average bits, size in bytes), the budget, the
   source checkpoint's sha256, the lcpaq version. `lcpaq.quant.weights.dequantize_weight` decodes every
@@ -48,6 +49,7 @@ from lcpaq.quant.state_keys import fit_wrapper_prefix, renamed, stores_transpose
 from lcpaq.quant.weights import (
     QuantizedWeight,
     code_offset,
+    code_step,
     dequantize_weight,
     pack_codes,
     quantize_weight,
@@ -228,6 +230,8 @@ def _layer_entry(
         # How `.qcodes` unpacks (`lcpaq.quant.weights.unpack_codes`).
         "code_bits": fmt.bits,
         "code_offset": code_offset(quantized),
+        # Only for binary (codes −1, 1 stored as bits 0, 1), so other checkpoints keep their bytes.
+        **({"code_step": code_step(quantized)} if code_step(quantized) != 1 else {}),
         "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),
         "granularity": quantized.granularity,
         "group_size": quantized.group_size,
@@ -312,6 +316,7 @@ def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) ->
             [int(size) for size in entry["shape"]],
             _CODE_DTYPES[str(entry["code_dtype"])],
             int(entry["code_offset"]),
+            int(entry.get("code_step", 1)),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(

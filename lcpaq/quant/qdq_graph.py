@@ -6,7 +6,9 @@ form that ONNX Runtime and TensorRT turn into integer kernels:
 * each quantized layer's float weight becomes the checkpoint's own codes (not re-rounded) feeding
   a DequantizeLinear (`weight_dequantizer`):
   - INT codes as int8 (symmetric, and INT under MX) or uint8 with a uint8 zero point
-    (asymmetric); INT2 … INT8 all fit;
+    (asymmetric); INT2 … INT8 all fit; ternary (−1, 0, 1) and binary (±1) codes as int8 with
+    their scales; a pruned weight as int8 zeros under a scale of 1 (a constant zero weight that
+    a graph optimiser can fold; the manifest says which layers to drop);
   - FP8 codes as FLOAT8E4M3FN / FLOAT8E5M2, the same bit patterns;
   - FP6 / FP4 codes re-encoded as FLOAT8E4M3FN, which holds every FP6 and FP4 value exactly
     (ONNX has no FP6 type and ONNX Runtime no FLOAT4E2M1 DequantizeLinear kernel): the same
@@ -67,7 +69,7 @@ def _element_tensor(name: str, quantized: QuantizedWeight) -> onnx.TensorProto:
 
     fmt = get_format(quantized.format_name)
     codes = quantized.codes.cpu()
-    if fmt.kind == "int":
+    if fmt.kind != "fp":  # INT, ternary (−1, 0, 1), binary (±1), pruned (0)
         dtype = torch.int8 if quantized.zero_point is None else torch.uint8
         return numpy_helper.from_array(codes.to(dtype).numpy(), name)
     if fmt.name in ("fp8_e4m3", "fp8_e5m2"):
@@ -91,6 +93,8 @@ def weight_dequantizer(
     from onnx import helper, numpy_helper
 
     fmt = get_format(quantized.format_name)
+    if fmt.kind == "pruned":  # zero codes under one scale: DequantizeLinear needs a scale
+        quantized = replace(quantized, scale=torch.ones(1), granularity="tensor")
     shape = list(quantized.codes.shape)
     scale = decoded_scale(quantized).cpu()
     if fmt.kind == "int" and quantized.granularity == "mx":

@@ -148,7 +148,9 @@ def cost_table(
     weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
     for row, layer in enumerate(layers):
         for column, fmt in enumerate(formats):
-            weight_bits[row, column] = layer.num_params * fmt.bits
+            # Budgets count information (log2(3) bits per ternary code), sizes what is stored
+            # (2 bits per ternary code, `lcpaq.quant.weights.pack_codes`).
+            weight_bits[row, column] = layer.num_params * fmt.budget_bits
             size_bits[row, column] = layer.num_params * fmt.bits + scale_overhead_bits(
                 layer.weight_shape, scheme, fmt
             )
@@ -156,7 +158,7 @@ def cost_table(
         layer_names=tuple(layer.name for layer in layers),
         format_names=tuple(format_names),
         num_params=np.array([layer.num_params for layer in layers], dtype=np.int64),
-        bits=np.array([fmt.bits for fmt in formats], dtype=np.int64),
+        bits=np.array([fmt.budget_bits for fmt in formats], dtype=np.float64),
         weight_bits=weight_bits,
         size_bits=size_bits,
         error_sq=np.zeros(shape),
