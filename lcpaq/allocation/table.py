@@ -39,7 +39,10 @@ def activation_bits(name: str) -> int:
         return UNQUANTIZED_ACTIVATIONS[name]
     if name not in FORMATS or FORMATS[name].kind in LEVEL_KINDS:
         known = ", ".join(
-            [*(n for n, f in FORMATS.items() if f.kind not in LEVEL_KINDS), *UNQUANTIZED_ACTIVATIONS]
+            [
+                *(n for n, f in FORMATS.items() if f.kind not in LEVEL_KINDS),
+                *UNQUANTIZED_ACTIVATIONS,
+            ]
         )
         raise InputError(f"unknown activation format {name!r}; known formats: {known}")
     return FORMATS[name].bits

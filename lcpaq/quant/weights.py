@@ -126,7 +126,9 @@ def quantize_weight_formats(
     )
     results = [grid.quantized for grid in grids]
     for i, code in zip(rounded, codes):
-        results[i] = replace(results[i], codes=code.reshape(weight.shape).to(results[i].codes.dtype))
+        results[i] = replace(
+            results[i], codes=code.reshape(weight.shape).to(results[i].codes.dtype)
+        )
     return results
 
 
