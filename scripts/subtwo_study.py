@@ -3,13 +3,14 @@
 Per checkpoint, ``analyze`` runs once with every candidate (INT2 … INT8 of lcpaq's default set
 plus ternary, binary and pruned; lcpaq's defaults otherwise: Gauss–Newton traces on 256
 calibration images, GPTQ rounding). For each average-bit budget the same run folder is allocated
-(HiGHS, lcpaq's default HAWQ-V2 scorer) over three candidate sets: the INT defaults, INT +
-ternary, INT + ternary + binary + pruned (columns of the one candidate table, so the sets differ
-in nothing else). Each allocation is quantized and corrected as export does (GPTQ, BN statistics
-correction on 1024 calibration images) and evaluated on the same test images, paired against the
-all-formats allocation at that budget; uniform INT2, uniform ternary (every layer, and every layer
-but the first and last, which stay INT8) get the same recovery. Budgets no assignment of a
-candidate set meets are recorded as infeasible.
+(HiGHS) under two scorers (lcpaq's default HAWQ-V2, and ``output``: HAWQ-V2 with the weight error
+seen through each layer's input second moments) over four candidate sets: the INT defaults, INT +
+ternary, INT + ternary + binary, INT + ternary + binary + pruned (columns of the one candidate
+table, so the sets differ in nothing else). Each allocation is quantized and corrected as export
+does (GPTQ, BN statistics correction on 1024 calibration images) and evaluated on the same test
+images, paired against uniform INT2 and uniform ternary with the same recovery (and reported next
+to ternary with the first and last layers at INT8). Budgets no assignment of a candidate set
+meets are recorded as infeasible.
 
     OMP_NUM_THREADS=1 python scripts/subtwo_study.py --shared ../shared --models resnet20 \
         --threads 1 --out results/subtwo_resnet20.json
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 
@@ -28,28 +30,33 @@ import numpy as np
 from lcpaq.allocation.budgets import parse_budget
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset
-from lcpaq.model.evaluate import Accuracy, evaluate_accuracy
+from lcpaq.model.evaluate import evaluate_accuracy
 from lcpaq.model.zoo import load_model
 from lcpaq.quant.formats import get_format, parse_format_list
 from lcpaq.stages import pipeline
 from lcpaq.stages.allocate import optimum, problem_of, read_problem_data
 
-BUDGETS = (3.0, 2.5, 2.0, 1.75, 1.5)
+BUDGETS = (2.5, 2.0, 1.75, 1.5)
 INT_FORMATS = "int2,int3,int4,int5,int6,int8"
 CANDIDATE_SETS = {
     "int": INT_FORMATS,
     "int+ternary": INT_FORMATS + ",ternary",
+    "int+ternary+binary": INT_FORMATS + ",ternary,binary",
     "int+ternary+binary+pruned": INT_FORMATS + ",ternary,binary,pruned",
 }
-ALL_SET = "int+ternary+binary+pruned"
+#: lcpaq's default scorer, and the one that weighs each weight error by the layer's input second
+#: moments (what GPTQ minimises).
+SCORERS = ("hawq_v2", "output")
 
 
-def allocate_subset(run_dir: Path, formats: tuple[str, ...], bits: float) -> dict[str, object]:
+def allocate_subset(
+    run_dir: Path, formats: tuple[str, ...], bits: float, scorer: str
+) -> dict[str, object]:
     """The HiGHS optimum at ``bits`` average bits over the candidate columns ``formats`` of the
     run folder's table; ``formats`` None and the reason where no assignment fits."""
     data = read_problem_data(run_dir)
     table = data.table.select(data.table.columns_of(formats))
-    problem, _, _ = problem_of(dataclasses.replace(data, table=table))
+    problem, _, _ = problem_of(dataclasses.replace(data, table=table), scorer=scorer)
     try:
         allocation = optimum(problem, [parse_budget(f"avg-bits={bits:g}")])
     except InputError as error:
@@ -64,11 +71,19 @@ def allocate_subset(run_dir: Path, formats: tuple[str, ...], bits: float) -> dic
     }
 
 
+def uniform_assignments(count: int) -> dict[str, tuple[str, ...]]:
+    return {
+        "uniform int2": ("int2",) * count,
+        "uniform ternary": ("ternary",) * count,
+        "ternary, first and last int8": ("int8",) + ("ternary",) * (count - 2) + ("int8",),
+    }
+
+
 def study(
     args: argparse.Namespace, model_name: str, budgets: list[float], calib: Dataset, test: Dataset
 ) -> dict[str, object]:
     config = _study.base_config(args.shared, model_name).with_analysis(
-        formats=parse_format_list(CANDIDATE_SETS[ALL_SET])
+        formats=parse_format_list(CANDIDATE_SETS["int+ternary+binary+pruned"])
     )
     run_dir = args.work / model_name
     start = time.perf_counter()
@@ -78,41 +93,37 @@ def study(
     layers = list(pipeline.read_layers(run_dir)[0])
     correction = calib.inputs[: config.recovery.num_samples]
     measured = _study.cached_accuracy(model, run_dir, config, correction, test)
-    names = [layer.name for layer in layers]
-    uniform: dict[str, tuple[str, ...]] = {
-        "uniform int2": ("int2",) * len(names),
-        "uniform ternary": ("ternary",) * len(names),
-        "ternary, first and last int8": ("int8",) + ("ternary",) * (len(names) - 2) + ("int8",),
-    }
+    uniform = uniform_assignments(len(layers))
     baselines = {}
     for label, formats in uniform.items():
         accuracy = measured(formats)
-        baselines[label] = {"top1_pct": 100 * accuracy.top1, "formats": list(formats)}
+        bits = np.average(
+            [get_format(name).budget_bits for name in formats],
+            weights=[layer.num_params for layer in layers],
+        )
+        baselines[label] = {"top1_pct": 100 * accuracy.top1, "average_bits": float(bits)}
         print(f"{model_name} {label}: {100 * accuracy.top1:.2f}", flush=True)
     entries = []
     for bits in budgets:
         rows: dict[str, dict[str, object]] = {}
-        accuracy: dict[str, Accuracy] = {}
-        for set_name, text in CANDIDATE_SETS.items():
-            row = allocate_subset(run_dir, parse_format_list(text), bits)
+        for scorer, (set_name, text) in itertools.product(SCORERS, CANDIDATE_SETS.items()):
+            row = allocate_subset(run_dir, parse_format_list(text), bits, scorer)
             if row["formats"] is not None:
-                accuracy[set_name] = measured(row["formats"])  # type: ignore[arg-type]
-                row["top1_pct"] = 100 * accuracy[set_name].top1
-            rows[set_name] = row
-        reference = accuracy.get(ALL_SET)
-        for set_name, row in rows.items():
-            if reference is not None and set_name in accuracy and set_name != ALL_SET:
-                row["minus_all_formats"] = _study.paired(accuracy[set_name], reference)
-        if reference is not None:
-            for label, formats in uniform.items():
-                rows[ALL_SET][f"minus_{label.replace(' ', '_').replace(',', '')}"] = _study.paired(
-                    reference, measured(formats)
+                accuracy = measured(row["formats"])  # type: ignore[arg-type]
+                row["top1_pct"] = 100 * accuracy.top1
+                row["minus_uniform_int2"] = _study.paired(
+                    accuracy, measured(uniform["uniform int2"])
                 )
+                row["minus_uniform_ternary"] = _study.paired(
+                    accuracy, measured(uniform["uniform ternary"])
+                )
+            rows[f"{scorer}/{set_name}"] = row
+            print(
+                f"{model_name} {bits:g} bits {scorer}/{set_name}: "
+                f"{row.get('top1_pct', float('nan')):.2f}",
+                flush=True,
+            )
         entries.append({"budget": f"avg-bits={bits:g}", "rows": rows})
-        summary = ", ".join(
-            f"{name} {row.get('top1_pct', float('nan')):.2f}" for name, row in rows.items()
-        )
-        print(f"{model_name} {bits:g} bits: {summary}", flush=True)
     fp32 = evaluate_accuracy(model, test)
     return {
         "model": model_name,
@@ -122,15 +133,6 @@ def study(
         "evaluations": len(measured),
         "candidate_sets": CANDIDATE_SETS,
         "uniform": baselines,
-        "uniform_average_bits": {
-            label: float(
-                np.average(
-                    [get_format(name).budget_bits for name in formats],
-                    weights=[layer.num_params for layer in layers],
-                )
-            )
-            for label, formats in uniform.items()
-        },
         "budgets": entries,
     }
 
