@@ -444,3 +444,40 @@ def test_ternary_binary_pruned_round_trip_is_exact(tmp_path: Path, scheme: Quant
     assert entries["conv2"]["code_step"] == 2 and "code_step" not in entries["conv1"]
     assert tensors["fc.weight.qscale"].numel() == 0
     assert torch.equal(loaded["fc.weight"], torch.zeros_like(loaded["fc.weight"]))
+
+
+def test_mixed_channel_groups_round_trip_exactly(tmp_path: Path) -> None:
+    """A layer with a format per channel group: the manifest lists the groups, each stored under
+    <key>.g<i> at its own width, and load_quantized decodes the layer bit for bit."""
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    channels = {layer.name: layer.weight_shape[0] for layer in layers}
+    split = channels["conv2"] // 2
+    groups = {
+        "conv1": [(0, channels["conv1"], "int4")],
+        "conv2": [
+            (0, split, "ternary"),
+            (split, channels["conv2"] - 1, "int3"),
+            (channels["conv2"] - 1, channels["conv2"], "pruned"),
+        ],
+    }
+    scheme = QuantScheme()
+    quantized, codes = checkpoint.quantize_model_groups(model, layers, groups, scheme)
+    path = write_quantized_checkpoint(
+        tmp_path / "ckpt", quantized.state_dict(), layers, codes, EXTRA, scheme
+    )
+    loaded = load_quantized(path)
+    expected = quantized.state_dict()
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, expected[key]), key
+    entries = {entry["name"]: entry for entry in read_manifest(path)["layers"]}
+    assert entries["conv1"]["format"] == "int4" and "groups" not in entries["conv1"]
+    mixed = entries["conv2"]
+    assert (mixed["format"], mixed["kind"]) == ("mixed", "mixed")
+    assert [group["format"] for group in mixed["groups"]] == ["ternary", "int3", "pruned"]
+    assert [group["channels"] for group in mixed["groups"]][0] == [0, split]
+    tensors = load_file(str(path / "model.safetensors"))
+    fan_in = layers[1].num_params // channels["conv2"]
+    assert tensors["conv2.weight.g0.qcodes"].numel() == -(-split * fan_in * 2 // 8)
+    assert tensors["conv2.weight.g2.qcodes"].numel() == 0
+    assert "conv2.weight.qcodes" not in tensors

@@ -240,3 +240,31 @@ def test_ternary_binary_pruned_weights_run_like_pytorch(tmp_path: Path) -> None:
     torch_model = load_quantized(path, TinyConvNet())
     check = check_onnx(out, torch_model, conv_inputs(40, seed=5), torch.arange(40) % 3)
     assert check.top1_agreement == 1.0 and check.max_abs_logit_difference < 1e-4
+
+
+def test_mixed_channel_groups_run_like_pytorch(tmp_path: Path) -> None:
+    """One DequantizeLinear per channel group, concatenated: ONNX Runtime's logits are those of
+    the checkpoint loaded back in PyTorch."""
+    from lcpaq.quant.checkpoint import quantize_model_groups
+
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    rows = {layer.name: layer.weight_shape[0] for layer in layers}
+    groups = {
+        "conv1": [(0, 2, "int8"), (2, rows["conv1"], "ternary")],
+        "conv2": [(0, 3, "binary"), (3, 5, "pruned"), (5, rows["conv2"], "int4")],
+    }
+    scheme = QuantScheme(granularity="group", group_size=32)
+    quantized, codes = quantize_model_groups(model, layers, groups, scheme)
+    extra = {"budget": "avg-bits=2", "source_sha256": "0" * 64}
+    path = write_quantized_checkpoint(
+        tmp_path / "ckpt", quantized.state_dict(), layers, codes, extra, scheme
+    )
+    out = export_onnx(TinyConvNet(), path, tmp_path / "model.onnx", conv_inputs(2))
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    operators = [node.op_type for node in proto.graph.node]
+    assert operators.count("DequantizeLinear") == 5 and operators.count("Concat") >= 2
+    torch_model = load_quantized(path, TinyConvNet())
+    check = check_onnx(out, torch_model, conv_inputs(40, seed=5), torch.arange(40) % 3)
+    assert check.top1_agreement == 1.0 and check.max_abs_logit_difference < 1e-4
