@@ -80,8 +80,10 @@ def study(
     )
     run_dir = args.work / model_name
     start = time.perf_counter()
-    pipeline.analyze(config, run_dir, progress=False)
-    analyze_seconds = time.perf_counter() - start
+    reused = args.reuse_analysis and (run_dir / "channel_errors.npz").is_file()
+    if not reused:  # --reuse-analysis: a finished analysis of this script in --work
+        pipeline.analyze(config, run_dir, progress=False)
+    analyze_seconds = None if reused else time.perf_counter() - start
     model = load_model(config.analysis.model, config.analysis.checkpoint)
     layers = list(pipeline.read_layers(run_dir)[0])
     correction = calib.inputs[: config.recovery.num_samples]
@@ -159,6 +161,7 @@ def study(
 
 def main() -> None:
     parser = _study.parser(__doc__, "channel_group_study", BUDGETS)
+    parser.add_argument("--reuse-analysis", action="store_true")
     args = parser.parse_args()
     calib, test, result = _study.start(args)
     result["machine"] += " (shared 2-core CPU, other jobs running)"

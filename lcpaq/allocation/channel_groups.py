@@ -77,11 +77,14 @@ def group_table(
         raise InputError(
             "per-channel-group allocation takes weight formats only (no --act-formats)"
         )
-    if tuple(table.weight_formats) != channels.format_names:
+    missing = [name for name in table.weight_formats if name not in channels.format_names]
+    if missing:
         raise InputError(
-            f"channel errors cover {', '.join(channels.format_names)} but the candidate table "
-            f"{', '.join(table.weight_formats)}: rerun lcpaq analyze"
+            f"channel errors cover {', '.join(channels.format_names)}, not "
+            f"{', '.join(missing)}: rerun lcpaq analyze"
         )
+    # The table may be a subset of the analysed candidates (`CandidateTable.select`).
+    columns = [channels.format_names.index(name) for name in table.weight_formats]
     names: list[str] = []
     rows: list[dict[str, np.ndarray]] = []
     traces: list[float] = []
@@ -97,7 +100,7 @@ def group_table(
                     "num_params": np.asarray(table.num_params[index] * share),
                     "weight_bits": table.weight_bits[index] * share,
                     "size_bits": table.size_bits[index] * share,
-                    **{name: errors[name][start:stop].sum(axis=0) for name in FIELDS},
+                    **{name: errors[name][start:stop, columns].sum(axis=0) for name in FIELDS},
                 }
             )
             traces.append(float(np.sum(trace[start:stop])))

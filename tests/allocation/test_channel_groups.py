@@ -100,3 +100,13 @@ def test_channel_errors_file_round_trip(tmp_path: Path) -> None:
         load_channel_errors(tmp_path / "c.npz", ["c"])
     with pytest.raises(InputError, match="missing"):
         load_channel_errors(tmp_path / "none.npz", ["a"])
+
+
+def test_a_subset_of_the_analysed_formats_takes_their_columns() -> None:
+    table, channels = _case()
+    subset = table.select([2, 0])  # int4, ternary
+    units, _, _ = group_table(subset, channels, 2)
+    first = channels.errors["a"]["error_sq"][0:2]
+    assert np.allclose(units.error_sq[0], first[:, [2, 0]].sum(0))
+    with pytest.raises(InputError, match="not ternary, int4"):
+        group_table(table, ChannelErrors(("int2",), channels.errors, channels.trace), 2)
