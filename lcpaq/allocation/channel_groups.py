@@ -145,13 +145,18 @@ def channel_counts(
     }
 
 
-def save_channel_errors(path: Path, channels: ChannelErrors) -> None:
+def channel_error_arrays(channels: ChannelErrors) -> dict[str, np.ndarray]:
+    """The arrays of ``channel_errors.npz`` (written by analyze through `lcpaq.runfolder`)."""
     arrays: dict[str, np.ndarray] = {"format_names": np.array(channels.format_names)}
     for layer, fields in channels.errors.items():
         for name, values in fields.items():
             arrays[f"{layer}/{name}"] = values
         arrays[f"{layer}/trace"] = channels.trace[layer]
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return arrays
+
+
+def save_channel_errors(path: Path, channels: ChannelErrors) -> None:
+    np.savez(path, **channel_error_arrays(channels))  # type: ignore[arg-type]
 
 
 def load_channel_errors(path: Path, layer_names: Sequence[str]) -> ChannelErrors:

@@ -27,7 +27,7 @@ from lcpaq.allocation.budgets import counts_activation_bits
 from lcpaq.allocation.channel_groups import (
     CHANNEL_ERRORS_FILE,
     ChannelErrors,
-    save_channel_errors,
+    channel_error_arrays,
 )
 from lcpaq.allocation.table import CandidateTable, activation_bits
 from lcpaq.config import RunConfig
@@ -303,7 +303,9 @@ def _write_optional(run_dir: Path, result: Analysis) -> None:
     else:
         stale.append("step_sizes.npz")
     if result.channel_errors is not None:
-        save_channel_errors(run_dir / CHANNEL_ERRORS_FILE, result.channel_errors)
+        runfolder.write_npz(
+            run_dir / CHANNEL_ERRORS_FILE, channel_error_arrays(result.channel_errors)
+        )
     else:
         stale.append(CHANNEL_ERRORS_FILE)
     for name in stale:
