@@ -176,8 +176,9 @@ class AnalysisConfig:
             group=ANALYSIS_GROUP,
             parse=parse_format_list,
             show=",".join,
-            help="candidate formats: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1 "
-            "(default %(default)s)",
+            help="candidate formats: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, "
+            "and below two bits ternary (log2(3) bits), binary, pruned (0 bits), which make "
+            "budgets under 2 average bits feasible (default %(default)s)",
         ),
     )
     act_formats: tuple[str, ...] = field(

@@ -24,7 +24,12 @@ from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import counts_activation_bits
-from lcpaq.allocation.table import CandidateTable
+from lcpaq.allocation.channel_groups import (
+    CHANNEL_ERRORS_FILE,
+    ChannelErrors,
+    channel_error_arrays,
+)
+from lcpaq.allocation.table import CandidateTable, activation_bits
 from lcpaq.config import ResumeSettings, RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import KeptWeight, LayerInfo, Survey, discover_layers, survey_weights
@@ -32,7 +37,8 @@ from lcpaq.model.zoo import file_sha256
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation_file import save_activation_sensitivity
-from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.candidates import quantize_candidates, table_from_weights
+from lcpaq.sensitivity.channel_errors import measure_channel_errors
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
 from lcpaq.sensitivity.limpq import (
     LearnedStepSizes,
@@ -83,6 +89,7 @@ class Analysis:
     interactions: InteractionTerms | None = None
     interactions_seconds: float | None = None
     step_sizes: LearnedStepSizes | None = None
+    channel_errors: ChannelErrors | None = None
 
 
 def with_default_activations(config: RunConfig) -> RunConfig:
@@ -132,15 +139,26 @@ def analyze_model(
     start = time.perf_counter()
     input_hessians = layer_input_hessians(config, model, layers, calib.inputs, state)
     input_hessians_seconds = time.perf_counter() - start if input_hessians else None
-    table = measure_candidates(
-        model,
+    for name in analysis.act_formats:
+        activation_bits(name)  # an unknown name fails before any work
+    weights, quantized = quantize_candidates(
+        model, layers, analysis.formats, analysis.scheme, input_hessians
+    )
+    diagonal = measured.curvature.diagonal
+    table = table_from_weights(
         layers,
+        weights,
+        quantized,
         analysis.formats,
         analysis.scheme,
-        measured.curvature.diagonal,
-        activation_formats=analysis.act_formats,
-        input_hessians=input_hessians,
+        diagonal,
+        analysis.act_formats,
+        input_hessians,
     )
+    channels = measure_channel_errors(
+        layers, weights, quantized, analysis.formats, diagonal, input_hessians
+    )
+    del weights, quantized
     step_sizes = learned_steps(config, model, layers, calib)
     if step_sizes is not None:
         indicator = indicator_columns(step_sizes, table.layer_names, table.weight_formats)
@@ -164,6 +182,7 @@ def analyze_model(
         interactions,
         interactions_seconds,
         step_sizes,
+        channels,
     )
 
 
@@ -321,6 +340,12 @@ def _write_optional(run_dir: Path, result: Analysis) -> None:
         save_step_sizes(run_dir / "step_sizes.npz", result.step_sizes)
     else:
         stale.append("step_sizes.npz")
+    if result.channel_errors is not None:
+        runfolder.write_npz(
+            run_dir / CHANNEL_ERRORS_FILE, channel_error_arrays(result.channel_errors)
+        )
+    else:
+        stale.append(CHANNEL_ERRORS_FILE)
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
 
