@@ -9,7 +9,7 @@ process's ``ru_maxrss`` from ``wait4`` — are its own):
   analyze, allocate and export at ``--samples`` calibration images each. A least-squares line
   export_s = a + b·layers is fitted per family, with R² and the exponent p of export_s ∝ layers^p
   (log-log fit): p ≈ 1 is linear, p ≈ 2 the old prefix-pass recovery's quadratic growth.
-* ``samples``: ``analyze`` of ResNet18 (k = 2) at growing calibration sample counts.
+* ``samples``: ``analyze`` of ResNet18 with one block per stage at growing calibration sample counts.
 * ``run``: ``lcpaq run`` at one budget on ResNet20 (the shared checkpoint and data) and on a
   44-layer CIFAR ResNet (random weights), stage times from ``timings.json`` with the sweep's share
   of the total, for the default sweep (predicted points) and, with ``--measured-sweep``, the
@@ -144,7 +144,7 @@ def samples_phase(options: argparse.Namespace, folder: Path, result: dict[str, A
     rows = result.setdefault("samples", [])
     for count in options.samples:
         run_dir = folder / f"samples_{count}"
-        analyze = ["analyze", "--model", "_scale_models:resnet18_x2", "--calib", str(calib)]
+        analyze = ["analyze", "--model", "_scale_models:resnet18_x1", "--calib", str(calib)]
         analyze += [
             "--out",
             str(run_dir),
