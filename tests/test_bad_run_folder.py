@@ -234,9 +234,7 @@ def test_no_permission_to_write_a_file(run_dir, capsys, monkeypatch):
 
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     code = main(["-q", "allocate", str(run_dir), "--budget", "avg-bits=4"])
-    assert_clean_error(
-        capsys, code, run_dir, "cannot write", "frontiers.npz", "Permission denied"
-    )
+    assert_clean_error(capsys, code, run_dir, "cannot write", "frontiers.npz", "Permission denied")
 
 
 def test_disk_full_while_exporting(run_dir, capsys, monkeypatch):
