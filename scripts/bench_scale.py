@@ -201,6 +201,11 @@ def run_phase(options: argparse.Namespace, folder: Path, result: dict[str, Any])
             save(options.out, result)
 
 
+def _ints(text: str) -> list[int]:
+    """``"1,2,3"`` → [1, 2, 3]; ``""`` → [] (skip that family)."""
+    return [int(value) for value in text.split(",") if value.strip()]
+
+
 def save(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -212,15 +217,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_scale.json")
     parser.add_argument("--phases", default="depth,samples,run")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--samples", type=lambda t: [int(v) for v in t.split(",")], default=[8, 16, 32]
-    )
-    parser.add_argument(
-        "--resnet-blocks", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3]
-    )
-    parser.add_argument(
-        "--mnv2-repeats", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 3]
-    )
+    parser.add_argument("--samples", type=_ints, default=[8, 16, 32])
+    parser.add_argument("--resnet-blocks", type=_ints, default=[1, 2, 3])
+    parser.add_argument("--mnv2-repeats", type=_ints, default=[1, 2, 3])
     parser.add_argument("--formats", default="int4,int8")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--budget", default="avg-bits=6")
