@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         args.quiet = True
     # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: atomic writes drop their temporary file.
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    interrupt = signal.default_int_handler  # raises KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
     try:
         _dispatch(args)
     except InputError as error:
@@ -413,10 +414,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
         distributed.shutdown()
     return 0
-
-
-def _interrupt(_signal: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

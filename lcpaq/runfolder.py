@@ -185,7 +185,7 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, ValueError, SafetensorError) as error:
-        raise InputError(f"cannot read the {what} from {path}: {error}") from None
+        raise damaged(path, error) from None
 
 
 # -- typed artifacts ---------------------------------------------------------------------------

@@ -1,21 +1,22 @@
-"""The bad-input matrix (issue 18): every class of bad input ends in exit status 2, one line
-``lcpaq: error: ...`` naming the file/field/value, no traceback, and no half-written file.
+"""The bad-input matrix (issue 18), inputs: every class of bad input ends in exit status 2, one
+line ``lcpaq: error: ...`` naming the file/field/value, no traceback, and no half-written file.
 
-Classes: data files (dtype, shape, value range, label range, empty), checkpoints, budgets and
-formats, run folders read by later stages (damaged ``curvature.npz``, ``allocation.json``,
-``candidates.npz``), output folders (a file in the way, disk full during a write). An infeasible
-budget is refused before any curvature is computed.
+Classes here: data files (missing, unsupported, dtype, shape, value range, label range, empty),
+checkpoints (missing, truncated, not one, tensors that do not fit, NaN/Inf weights), budgets,
+formats and options. An infeasible budget and a NaN checkpoint are refused before any curvature
+is computed. Run folders and output folders: `tests/test_bad_run_folder.py`.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import digits_command, write_digits_files
+import torch
+from bad_input_cases import assert_clean_error, run_args
+from conftest import write_digits_files
+from safetensors.torch import load_file, save_file
 
 from lcpaq.cli import main
 
@@ -26,45 +27,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def files(tmp_path: Path) -> dict[str, Path]:
     checkpoint, data = write_digits_files(tmp_path, num_images=32)
     return {"checkpoint": checkpoint, "data": data}
-
-
-def _run(files: dict[str, Path], out: Path, *extra: str, data: Path | None = None) -> list[str]:
-    return digits_command(
-        "run",
-        files["checkpoint"],
-        data or files["data"],
-        "--num-samples",
-        "16",
-        "--correction-samples",
-        "16",
-        "--sweep-points",
-        "0",
-        "--budget",
-        "avg-bits=4",
-        "--out",
-        str(out),
-        *extra,
-    )
-
-
-def _leftovers(folder: Path) -> list[str]:
-    """Temporary files of an atomic write that a failure left behind."""
-    if not folder.is_dir():
-        return []
-    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
-
-
-def _assert_clean_error(capsys, code: int, folder: Path, *needles: str) -> str:
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    lines = [line for line in captured.err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("lcpaq: error: ")
-    assert "Traceback" not in captured.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert _leftovers(folder) == []
-    return lines[0]
 
 
 # -- data files --------------------------------------------------------------------------------
@@ -92,8 +54,8 @@ def test_bad_data_file(files, tmp_path, capsys, arrays, needles):
     data = tmp_path / "bad.npz"
     np.savez(data, **arrays)
     out = tmp_path / "run"
-    code = main(_run(files, out, data=data))
-    _assert_clean_error(capsys, code, out, str(data), *needles)
+    code = main(run_args(files, out, data=data))
+    assert_clean_error(capsys, code, out, str(data), *needles)
     assert not (out / "curvature.npz").exists()
 
 
@@ -101,7 +63,7 @@ def test_truncated_data_file(files, tmp_path, capsys):
     data = tmp_path / "cut.npz"
     data.write_bytes(files["data"].read_bytes()[:200])
     out = tmp_path / "run"
-    _assert_clean_error(capsys, main(_run(files, out, data=data)), out, str(data))
+    assert_clean_error(capsys, main(run_args(files, out, data=data)), out, str(data))
 
 
 def test_pixels_as_small_integers_are_accepted(files, tmp_path):
@@ -109,7 +71,7 @@ def test_pixels_as_small_integers_are_accepted(files, tmp_path):
     data = tmp_path / "int.npz"
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.integers(0, 255, (16, 1, 8, 8)), y=rng.integers(0, 10, 16))
-    assert main(_run(files, tmp_path / "run", data=data)) == 0
+    assert main(run_args(files, tmp_path / "run", data=data)) == 0
 
 
 # -- checkpoints, budgets and formats ------------------------------------------------------------
@@ -118,9 +80,9 @@ def test_pixels_as_small_integers_are_accepted(files, tmp_path):
 def test_checkpoint_that_is_not_one(files, tmp_path, capsys):
     path = tmp_path / "notes.pt"
     path.write_text("this is text, not a checkpoint")
-    args = _run(files, tmp_path / "run")
+    args = run_args(files, tmp_path / "run")
     args[args.index(str(files["checkpoint"]))] = str(path)
-    _assert_clean_error(capsys, main(args), tmp_path / "run", str(path))
+    assert_clean_error(capsys, main(args), tmp_path / "run", str(path))
 
 
 @pytest.mark.parametrize(
@@ -132,7 +94,7 @@ def test_checkpoint_that_is_not_one(files, tmp_path, capsys):
 )
 def test_bad_format(files, tmp_path, capsys, extra, needles):
     out = tmp_path / "run"
-    _assert_clean_error(capsys, main([*_run(files, out), *extra]), out, *needles)
+    assert_clean_error(capsys, main([*run_args(files, out), *extra]), out, *needles)
     assert not (out / "curvature.npz").exists()
 
 
@@ -155,103 +117,124 @@ def test_infeasible_budget_fails_before_the_curvature(
 
     monkeypatch.setattr(analyze, "measure_sensitivity", refuse)
     out = tmp_path / "run"
-    args = _run(files, out, "--formats", "int2,int4,int8")
+    args = run_args(files, out, "--formats", "int2,int4,int8")
     args[args.index("avg-bits=4")] = budget
-    _assert_clean_error(capsys, main(args), out, *needles)
+    assert_clean_error(capsys, main(args), out, *needles)
     assert not (out / "curvature.npz").exists()
 
 
-# -- run folders read by later stages --------------------------------------------------------------
-
-
-@pytest.fixture()
-def analysed(files, tmp_path) -> Path:
+@pytest.mark.parametrize(
+    ("make", "needles"),
+    [
+        (lambda folder: folder / "nope.npz", ("nope.npz", "does not exist")),
+        (lambda folder: _write(folder / "notes.txt", b"text"), ("notes.txt", "unsupported type")),
+        (lambda folder: _mkdir(folder / "images"), ("images", "ImageFolder")),
+        (lambda folder: _torch_save(folder / "x.pt", {"x": torch.zeros(4, 1, 8, 8)}), ("x.pt",)),
+        (lambda folder: _npz(folder / "y.npz", y=np.zeros(4, np.int64)), ("y.npz", "'x'")),
+    ],
+)
+def test_unusable_data_path(files, tmp_path, capsys, make, needles):
     out = tmp_path / "run"
-    assert main(_run(files, out)) == 0
-    return out
+    code = main(run_args(files, out, data=make(tmp_path)))
+    assert_clean_error(capsys, code, out, *needles)
+    assert not out.exists() or not any(out.iterdir())
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
-def _drop_key(path: Path, key: str) -> None:
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        del data[key]
-        path.write_text(json.dumps(data))
-        return
-    with np.load(path) as archive:
-        arrays = {name: archive[name] for name in archive.files if name != key}
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _torch_save(path: Path, obj: object) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
     np.savez(path, **arrays)
+    return path
 
 
-def _shorten(path: Path, key: str) -> None:
-    with np.load(path) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    arrays[key] = arrays[key][:-1]
-    np.savez(path, **arrays)
+# -- checkpoints that load but do not fit ------------------------------------------------------------
+
+
+def _edited_checkpoint(files: dict[str, Path], folder: Path, edit: str) -> Path:
+    state = load_file(str(files["checkpoint"]))
+    weight = next(key for key in state if key.endswith("weight"))
+    if edit == "truncated":
+        return _write(folder / "cut.safetensors", files["checkpoint"].read_bytes()[:100])
+    if edit == "shape":
+        state[weight] = torch.zeros(3)
+    elif edit == "missing":
+        del state[weight]
+    elif edit == "unexpected":
+        state["extra.weight"] = torch.zeros(2)
+    elif edit in ("nan", "inf"):
+        state[weight] = torch.full_like(state[weight], float(edit))
+    path = folder / f"{edit}.safetensors"
+    save_file(state, str(path))
+    return path
 
 
 @pytest.mark.parametrize(
-    ("name", "damage", "command"),
+    ("edit", "needles"),
     [
-        ("curvature.npz", _truncate, "allocate"),
-        ("curvature.npz", lambda p: _drop_key(p, "trace"), "allocate"),
-        ("curvature.npz", lambda p: _shorten(p, "trace"), "allocate"),
-        ("candidates.npz", _truncate, "allocate"),
-        ("candidates.npz", lambda p: _drop_key(p, "error_sq"), "allocate"),
-        ("candidates.npz", lambda p: _shorten(p, "bits"), "allocate"),
-        ("layers.json", _truncate, "allocate"),
-        ("allocation.json", _truncate, "export"),
-        ("allocation.json", lambda p: _drop_key(p, "formats"), "export"),
-        ("run_config.json", lambda p: _drop_key(p, "analysis"), "export"),
+        ("truncated", ("cut.safetensors", "not a readable safetensors file")),
+        ("shape", ("does not fit the model", "has shape (3,)")),
+        ("missing", ("does not fit the model", "is missing")),
+        ("unexpected", ("does not fit the model", "unexpected key 'extra.weight'")),
+        ("nan", ("NaN or Inf",)),
+        ("inf", ("NaN or Inf",)),
     ],
 )
-def test_damaged_run_folder(analysed, capsys, name, damage, command):
-    damage(analysed / name)
-    args = ["-q", command, str(analysed)]
-    if command == "allocate":
-        args += ["--budget", "avg-bits=4"]
-    stage = "lcpaq allocate" if name == "allocation.json" else "lcpaq analyze"
-    _assert_clean_error(
-        capsys, main(args), analysed, f"run folder {analysed}", name, "damaged", stage
-    )
+def test_checkpoint_that_does_not_fit(files, tmp_path, capsys, monkeypatch, edit, needles):
+    """Refused when it is loaded, before any curvature (a NaN weight otherwise surfaced as a
+    "NaN in the input Hessian" error after the analysis, naming no file)."""
+    from lcpaq.stages import analyze
 
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the curvature was measured for a checkpoint that does not fit")
 
-# -- output folders ----------------------------------------------------------------------------------
-
-
-def test_a_file_in_the_way_of_the_run_folder(files, tmp_path, capsys):
-    blocker = tmp_path / "run"
-    blocker.write_text("in the way")
-    code = main(_run(files, blocker))
-    _assert_clean_error(capsys, code, tmp_path, str(blocker), "not writable")
-    assert blocker.read_text() == "in the way"
-
-
-def test_disk_full_while_exporting(analysed, capsys, monkeypatch):
-    """The checkpoint's build folder is removed and the message names the checkpoint folder."""
-    from lcpaq.quant import checkpoint
-
-    def full_disk(_tensors, path, *args, **kwargs):
-        Path(path).write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    code = main(["-q", "export", str(analysed)])
-    _assert_clean_error(capsys, code, analysed, "No space left on device", "quantized")
-    assert [p.name for p in analysed.iterdir() if p.name.startswith(".")] == []
-
-
-def test_disk_full_during_a_write(files, tmp_path, capsys, monkeypatch):
-    """A write that fails half way (ENOSPC) leaves no temporary file and names the target."""
-    original = np.savez
-
-    def full_disk(handle, **arrays):
-        original(handle, **arrays)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(np, "savez", full_disk)
+    monkeypatch.setattr(analyze, "measure_sensitivity", refuse)
+    path = _edited_checkpoint(files, tmp_path, edit)
     out = tmp_path / "run"
-    _assert_clean_error(capsys, main(_run(files, out)), out, "No space left on device", str(out))
+    args = run_args({**files, "checkpoint": path}, out)
+    assert_clean_error(capsys, main(args), out, f"checkpoint {path}", *needles)
+
+
+@pytest.mark.parametrize(
+    ("budget", "needles"),
+    [
+        ("avg-bits", ("'avg-bits'", "METRIC=VALUE")),
+        ("avg-bits=abc", ("'abc' is not a number",)),
+        ("foo=3", ("unknown metric 'foo'",)),
+        ("avg-bits=-2", ("positive",)),
+        ("size-mb=0", ("positive",)),
+    ],
+)
+def test_malformed_budget(files, tmp_path, capsys, budget, needles):
+    out = tmp_path / "run"
+    args = run_args(files, out)
+    args[args.index("avg-bits=4")] = budget
+    assert_clean_error(capsys, main(args), out, budget, *needles)
+    assert not (out / "curvature.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--formats", ""], ("format list is empty",)),
+        (["--num-samples", "0"], ("num-samples", "0")),
+        (["--batch-size", "0"], ("batch-size", "0")),
+        (["--state-every-s", "-1"], ("--state-every-s", "-1")),
+    ],
+)
+def test_bad_option_value(files, tmp_path, capsys, extra, needles):
+    out = tmp_path / "run"
+    assert_clean_error(capsys, main([*run_args(files, out), *extra]), out, *needles)
+    assert not (out / "curvature.npz").exists()

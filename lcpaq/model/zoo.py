@@ -201,7 +201,22 @@ def load_state_dict_strict(
                 f"{source}: state dict does not fit the model: {key!r} has shape "
                 f"{tuple(state_dict[key].shape)}, the model expects {tuple(tensor.shape)}"
             )
+    _check_finite(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
+
+
+def _check_finite(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Weights must be finite (a NaN or Inf poisons every curvature and error the analysis
+    measures, far from the file that caused it); buffers must not hold NaN (an attention mask
+    may hold -inf)."""
+    parameters = {name for name, _ in model.named_parameters()}
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            continue
+        bad = ~torch.isfinite(value) if key in parameters else torch.isnan(value)
+        count = int(bad.sum())
+        if count:
+            raise InputError(f"{source}: {key!r} holds {count} NaN or Inf value(s)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,7 +222,12 @@ def write_quantized_checkpoint(
 
 
 def make_build_dir(out_dir: Path) -> Path:
-    """A fresh hidden folder next to ``out_dir`` (same file system, so the final rename is atomic)."""
+    """A fresh hidden folder next to ``out_dir`` (same file system, so the final rename is atomic).
+    A file at ``out_dir`` is refused: replacing it would lose it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(
+            f"cannot write {out_dir}: a file is in the way (the checkpoint is a folder)"
+        )
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -34,6 +34,18 @@ def group_prefix(key: str, index: int) -> str:
     return f"{key}.g{index}"
 
 
+#: What every layer entry of a manifest has (the readers index them without checking).
+_ENTRY_KEYS = ("name", "weight_key", "format", "granularity")
+
+
+def _damaged(folder: str | Path, name: str, reason: object) -> InputError:
+    """The one-line error for a file of a quantized checkpoint folder that cannot be used."""
+    text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return InputError(
+        f"quantized checkpoint {folder}: file {name} is damaged ({text}); rerun `lcpaq export`"
+    )
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a checkpoint folder (JSON: values untyped until used)."""
     manifest_path = Path(path) / "manifest.json"
@@ -41,8 +53,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} is not an lcpaq quantized checkpoint: {manifest_path} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise InputError(f"{manifest_path} is not valid JSON: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _damaged(path, "manifest.json", f"not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
+        raise _damaged(path, "manifest.json", "no list of layers")
+    for entry in manifest["layers"]:
+        missing = [key for key in _ENTRY_KEYS if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise _damaged(path, "manifest.json", f"a layer entry lacks {missing[0]!r}")
     if manifest.get("format") not in READABLE_FORMATS:
         raise InputError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r}")
     return manifest
@@ -74,7 +92,7 @@ def read_checkpoint(
     try:
         tensors = load_file(str(path / "model.safetensors"))
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
+        raise _damaged(path, "model.safetensors", error) from None
     weights: dict[str, LayerCodes] = {}
     tied = manifest.get("tied", {})
     for entry in manifest["layers"]:

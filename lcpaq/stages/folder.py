@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict, cast, overload
@@ -17,6 +17,7 @@ from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.allocation.result import Allocation
+from lcpaq.allocation.table import PAIR_SEPARATOR, activation_format_of, weight_format_of
 from lcpaq.config import AllocationConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, check_inputs_fit, load_dataset
@@ -25,6 +26,8 @@ from lcpaq.model.hf import HF_PREFIX, load_tokenizer
 from lcpaq.model.text import TextModel
 from lcpaq.model.text_data import RetrievalPairs, load_text_data
 from lcpaq.model.zoo import load_model, num_classes_of
+from lcpaq.quant.activations import check_activation_formats
+from lcpaq.quant.formats import get_format
 from lcpaq.stages.resume import check_finished
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,12 @@ def timed(run_dir: Path, stage: str) -> Iterator[None]:
     yield
     elapsed = time.perf_counter() - start
     path = run_dir / "timings.json"
-    timings = runfolder.read_json(path, "timings") if path.is_file() else {}
+    timings: dict[str, object] = {}
+    if path.is_file():
+        try:
+            timings = runfolder.read_json(path, "timings")
+        except InputError as error:  # wall times only: not worth stopping a finished stage for
+            logger.warning("%s; starting it anew", error)
     timings.pop("schema_version", None)
     timings[stage] = round(elapsed, 3)
     runfolder.write_json(path, timings)
@@ -103,7 +111,28 @@ def read_allocation(run_dir: Path) -> tuple[Allocation, dict[str, object]]:
     path = run_dir / "allocation.json"
     data = runfolder.read_json(path, "allocation (lcpaq allocate)")
     with runfolder.reading(path):
-        return Allocation.from_dict(data), data
+        allocation = Allocation.from_dict(data)
+    _check_allocation(path, allocation, read_layers(run_dir)[0])
+    return allocation, data
+
+
+def _check_allocation(path: Path, allocation: Allocation, layers: Sequence[LayerInfo]) -> None:
+    """One format per analysed layer, each a known (weight[/activation]) candidate, else
+    ``path`` is damaged (an edited file would otherwise fail far from it)."""
+    lengths = {len(allocation.layer_names), len(allocation.formats), len(allocation.bits)}
+    if len(lengths) != 1:
+        raise runfolder.damaged(path, "'layer_names', 'formats' and 'bits' differ in length")
+    known = {layer.name for layer in layers}
+    unknown = [name for name in allocation.layer_names if name not in known]
+    if unknown:
+        raise runfolder.damaged(path, f"layer {unknown[0]!r} is not in layers.json")
+    try:
+        for candidate in allocation.formats:
+            get_format(weight_format_of(candidate))
+            if PAIR_SEPARATOR in candidate:
+                check_activation_formats([activation_format_of(candidate)])
+    except InputError as error:
+        raise runfolder.damaged(path, error) from None
 
 
 def allocation_config_of(allocation_data: dict[str, object]) -> AllocationConfig:

@@ -193,14 +193,14 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not fit the model"):
         load_quantized(path, torch.nn.Sequential(torch.nn.Linear(2, 2)))
     (path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(InputError, match="model.safetensors is not readable"):
+    with pytest.raises(InputError, match="file model.safetensors is damaged"):
         load_quantized(path)
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**manifest, "format": "other/9"}))
     with pytest.raises(InputError, match="unknown checkpoint format 'other/9'"):
         load_quantized(path)
     (path / "manifest.json").write_text("{not json")
-    with pytest.raises(InputError, match="not valid JSON"):
+    with pytest.raises(InputError, match="manifest.json is damaged .not valid JSON"):
         load_quantized(path)
 
 
