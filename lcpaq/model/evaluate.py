@@ -136,7 +136,9 @@ def paired_difference(first: MetricResult, second: MetricResult) -> tuple[float,
         raise ValueError("paired comparison needs the same evaluation samples")
     weights = first.sample_weights()
     if not np.array_equal(weights, second.sample_weights()):
-        raise ValueError("paired comparison needs the same evaluation samples (token counts differ)")
+        raise ValueError(
+            "paired comparison needs the same evaluation samples (token counts differ)"
+        )
     diff = first.per_sample.astype(float) - second.per_sample.astype(float)
     return float(diff.sum() / weights.sum()), ratio_stderr(diff, weights)
 
@@ -316,7 +318,11 @@ def evaluate_model(
     if task in ("encoder", "causal-lm"):
         raise InputError(
             f"{data.source}: a {task} model is evaluated on "
-            + ("query/document pairs (JSONL with query and document)" if task == "encoder" else "token data")
+            + (
+                "query/document pairs (JSONL with query and document)"
+                if task == "encoder"
+                else "token data"
+            )
         )
     return evaluate_accuracy(model, data)
 
