@@ -11,7 +11,7 @@ Reads ``layers.json``, ``candidates.npz``, ``curvature.npz``, ``frontiers.npz``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 import numpy as np
 
@@ -45,12 +45,18 @@ class SweepFile(TypedDict, total=False):
     uniform: list[dict[str, Any]]
     eval_data: str | None
     first_last: str
+    metric: str  # the measured metric's name (absent: top1, or nothing measured)
+    higher_is_better: bool
 
 
 class EvaluationFile(TypedDict):
-    """``evaluation.json``: top-1 of both models (`lcpaq.stages.evaluate`)."""
+    """``evaluation.json``: the metric of both models (`lcpaq.stages.evaluate`; files from
+    before other metrics have no ``metric``: top-1)."""
 
     eval_data: str
+    metric: NotRequired[str]
+    higher_is_better: NotRequired[bool]
+    paired_quantity: NotRequired[str]
     fp32: dict[str, Any]
     quantized: dict[str, Any]
     paired_difference: float
@@ -125,12 +131,13 @@ def _model_curves(
 ) -> list[Path]:
     """One model-level curve per swept budget metric (the first keeps the old file name)."""
     evaluation = read_evaluation(run_dir)
+    score = str((evaluation or {}).get("metric") or sweep_data.get("metric") or "top1")
     chosen = {
         "avg_bits": allocation.average_bits,
         "costs": allocation.costs,
         "predicted_loss_increase": allocation.predicted_loss_increase,
-        "top1": evaluation["quantized"]["top1"] if evaluation else None,
-        "top1_stderr": evaluation["quantized"].get("stderr") if evaluation else None,
+        score: evaluation["quantized"][score] if evaluation else None,
+        f"{score}_stderr": evaluation["quantized"].get("stderr") if evaluation else None,
     }
     curves = sweep_data.get("curves") or {"avg-bits": sweep_data["points"]}
     fixed = ", ".join(sweep_data.get("fixed_budgets", []))
@@ -144,12 +151,13 @@ def _model_curves(
                 sweep=points,
                 uniform=sweep_data["uniform"],
                 chosen=chosen,
-                fp32_top1=evaluation["fp32"]["top1"] if evaluation else None,
+                fp32_value=evaluation["fp32"][score] if evaluation else None,
                 fp32_stderr=evaluation["fp32"].get("stderr") if evaluation else None,
                 title=f"Model-level Pareto curve over {metric}"
                 + (f" (held: {others})" if others else "")
                 + f": {model_name}",
                 metric=metric,
+                score=score,
             )
         )
     return paths
