@@ -9,8 +9,9 @@ depends only on the Python version (recorded in ``manifest.json``, with each fil
   a docstring's first sentence; the document is the object's qualified name, a colon and the rest
   of that docstring (the first sentence left out, so the query is not copied into its document).
   Queries of at least `MIN_QUERY_CHARS` and 4 words, documents of at least `MIN_REST_CHARS` after
-  the name, the query not repeated in the document. Deduplicated: a query or a document text that occurs twice is dropped everywhere
-  (two identical queries would have two right answers). Rows also say ``name`` and ``module``.
+  the name, the query not repeated in the document. Deduplicated: a query or a document text
+  that occurs twice is dropped everywhere (two identical queries would have two right answers).
+  Rows also say ``name`` and ``module``.
 - ``calib.txt``: ``--calib-docs`` whole docstrings from the `CALIB_MODULES`, one per line, at least
   `MIN_CALIB_CHARS` long, deduplicated and none equal to an evaluation query or document.
 

@@ -188,6 +188,17 @@ def retrieval_ranks(queries: torch.Tensor, documents: torch.Tensor) -> np.ndarra
     return others.sum(dim=1).numpy()
 
 
+def embedding_cosines(embeddings: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Per text: the cosine of its embedding to the FP32 one (rows of [M, D] tensors), so two
+    quantized models' cosines to FP32 can be compared pairwise."""
+    if reference.shape != embeddings.shape:
+        raise ValueError(
+            f"FP32 embeddings {tuple(reference.shape)} do not match {tuple(embeddings.shape)}"
+        )
+    cosine = nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=1)
+    return cosine.numpy()
+
+
 def retrieval_metrics(
     queries: torch.Tensor, documents: torch.Tensor, reference: torch.Tensor | None = None
 ) -> MetricResult:
@@ -205,12 +216,7 @@ def retrieval_metrics(
     secondary = {"recall@10": float(top10.mean()), "recall@10_stderr": ratio_stderr(top10, ones)}
     embeddings = torch.cat([queries, documents]).float()
     if reference is not None:
-        if reference.shape != embeddings.shape:
-            raise ValueError(
-                f"FP32 embeddings {tuple(reference.shape)} do not match {tuple(embeddings.shape)}"
-            )
-        cosine = nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=1)
-        values = cosine.numpy()
+        values = embedding_cosines(embeddings, reference)
         secondary["cosine_to_fp32"] = float(values.mean())
         secondary["cosine_to_fp32_stderr"] = ratio_stderr(values, np.ones(len(values)))
     return MetricResult(
