@@ -222,7 +222,7 @@ def build(out: Path, pairs: int = 1000, calib_docs: int = 512) -> dict[str, obje
     retrieval_path, calib_path = out / "retrieval.jsonl", out / "calib.txt"
     retrieval_path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     calib_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    manifest = {
+    manifest: dict[str, object] = {
         "what": "Python standard-library docstrings (scripts/text_corpus.py)",
         "python": sys.version.split()[0],
         "retrieval": {
