@@ -11,7 +11,7 @@ Reads ``layers.json``, ``candidates.npz``, ``curvature.npz``, ``frontiers.npz``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
@@ -49,14 +49,19 @@ class SweepFile(TypedDict, total=False):
     higher_is_better: bool
 
 
-class EvaluationFile(TypedDict):
-    """``evaluation.json``: the metric of both models (`lcpaq.stages.evaluate`; files from
-    before other metrics have no ``metric``: top-1)."""
+class _EvaluationMetric(TypedDict, total=False):
+    """What ``evaluation.json`` says of its metric (absent from files from before other metrics:
+    top-1)."""
+
+    metric: str
+    higher_is_better: bool
+    paired_quantity: str
+
+
+class EvaluationFile(_EvaluationMetric):
+    """``evaluation.json``: the metric of both models (`lcpaq.stages.evaluate`)."""
 
     eval_data: str
-    metric: NotRequired[str]
-    higher_is_better: NotRequired[bool]
-    paired_quantity: NotRequired[str]
     fp32: dict[str, Any]
     quantized: dict[str, Any]
     paired_difference: float
@@ -131,7 +136,9 @@ def _model_curves(
 ) -> list[Path]:
     """One model-level curve per swept budget metric (the first keeps the old file name)."""
     evaluation = read_evaluation(run_dir)
-    score = str((evaluation or {}).get("metric") or sweep_data.get("metric") or "top1")
+    score = str(
+        (evaluation.get("metric") if evaluation else None) or sweep_data.get("metric") or "top1"
+    )
     chosen = {
         "avg_bits": allocation.average_bits,
         "costs": allocation.costs,

@@ -39,6 +39,7 @@ from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.table import assign_activations
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
+from lcpaq.model.data import Dataset
 from lcpaq.model.evaluate import MetricResult, evaluate_model, first_samples
 from lcpaq.model.graph import LayerInfo, get_module, layer_weight
 from lcpaq.model.recovery import collect_reference_stats
@@ -220,7 +221,7 @@ def measure_points(
     ``eval_samples`` samples of ``eval_path`` (None: all), each distinct assignment once.
     Returns the metric's name and direction (`lcpaq.stages.evaluate.metric_fields`)."""
     model, calib = load_model_and_data(config, config.recovery.num_samples)
-    dataset = load_eval(config, model, eval_path)
+    dataset: Dataset | RetrievalPairs = load_eval(config, model, eval_path)
     if eval_samples is not None:
         dataset = first_samples(dataset, eval_samples)
     names = [layer.name for layer in data.layers]
