@@ -103,7 +103,10 @@ def _add_stage_parsers(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--out", type=Path, help="checkpoint folder (default RUN/quantized)")
     add_arguments(export, declared_options(ExportSettings))
 
-    evaluate = commands.add_parser("evaluate", help="top-1 of FP32 and of the exported checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="the model's metric (top-1, recall@1, perplexity) for FP32 and the exported checkpoint",
+    )
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--eval", required=True)
     evaluate.add_argument(

@@ -330,6 +330,8 @@ def evaluate_model(
                 else "token data"
             )
         )
+    if len(data) and bool((data.labels < 0).all()):
+        raise InputError(f"{data.source}: a classifier is evaluated on labelled data; it has none")
     return evaluate_accuracy(model, data)
 
 

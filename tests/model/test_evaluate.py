@@ -53,8 +53,10 @@ def test_accuracy_over_batches() -> None:
     np.testing.assert_array_equal(accuracy.correct, [True, True, False, True, False])
     assert accuracy.to_dict() == {"top1": 0.6, "stderr": accuracy.stderr, "num_samples": 5}
     assert (accuracy.name, accuracy.higher_is_better) == ("top1", True)
-    # An image model on image data dispatches to accuracy.
+    # An image model on image data dispatches to accuracy; unlabelled data (-1) is refused.
     assert evaluate_model(_FirstFeature(), dataset).value == 0.6
+    with pytest.raises(InputError, match="labelled data"):
+        evaluate_model(_FirstFeature(), Dataset(inputs, torch.full((5,), -1), "unlabelled"))
 
 
 def test_paired_difference() -> None:
