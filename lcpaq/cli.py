@@ -82,7 +82,11 @@ def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
         "analysis and allocation options then come from it (--budget overrides its budgets)",
     )
     add_arguments(run, _run_options(), require=False)
-    run.add_argument("--eval", help="labelled evaluation data (.npz, .pt or ImageFolder dir)")
+    run.add_argument(
+        "--eval",
+        help="evaluation data: labelled images (.npz, .pt or ImageFolder dir); for hf:DIR models "
+        "query/document JSONL (encoder) or text (causal LM)",
+    )
     run.add_argument("--out", type=Path, required=True, help="run folder")
     add_arguments(run, declared_options(SweepSettings))
     add_arguments(run, declared_options(ExportSettings))
