@@ -8,6 +8,7 @@ in-memory part. The next stage is ``sweep``.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -19,7 +20,6 @@ from lcpaq import runfolder
 from lcpaq.model.data import Dataset
 from lcpaq.model.evaluate import MetricResult, evaluate_model, format_metric, paired_difference
 from lcpaq.model.text_data import RetrievalPairs
-from lcpaq.model.zoo import build_model
 from lcpaq.quant.activations import ActivationQuantizer
 from lcpaq.quant.checkpoint import load_quantized, manifest_activation_quantizers, read_manifest
 from lcpaq.stages.folder import load_eval, load_fp_model, read_config, timed
@@ -83,10 +83,9 @@ def evaluate(
     with timed(run_dir, "evaluate"):
         fp_model = load_fp_model(config)
         dataset = load_eval(config, fp_model, eval_path)
-        # Build the architecture from the FP32 state dict (depth inference), then load the
-        # exported codes: the figure is for the file a user ships, not an in-memory model.
-        skeleton = build_model(config.analysis.model, fp_model.state_dict())
-        quantized_model = load_quantized(quantized_dir, skeleton)
+        # A copy of the FP32 model (any architecture, hf:DIR included) filled with the exported
+        # codes: the figure is for the file a user ships, not an in-memory model.
+        quantized_model = load_quantized(quantized_dir, copy.deepcopy(fp_model))
         assert isinstance(quantized_model, nn.Module)  # given a model, it returns the model
         input_quantizers = manifest_activation_quantizers(
             read_manifest(quantized_dir), quantized_dir / "manifest.json"

@@ -197,6 +197,15 @@ class _WeightCache:
         return self.weights[key]
 
 
+def _record(point: Point, name: str, values: Mapping[str, float], samples: int) -> None:
+    """Put a measured metric on ``point``; another metric than top-1 replaces the ``top1``
+    placeholder (None) every point starts with (`lcpaq.allocation.curves`)."""
+    if name != "top1" and point.get("top1") is None:
+        point.pop("top1", None)
+    point.update(values)
+    point["eval_images"] = samples
+
+
 def point_metric_keys(result: MetricResult) -> dict[str, float]:
     """What a sweep point holds of a measured metric: the value under its name, ``<name>_stderr``
     and the secondary metrics (a classifier's point: ``top1`` and ``top1_stderr``)."""
@@ -260,8 +269,7 @@ def measure_points(
         key = tuple(candidates)
         if key not in seen:
             seen[key] = measure(candidates)
-        point.update(point_metric_keys(seen[key]))
-        point["eval_images"] = len(dataset)
+        _record(point, seen[key].name, point_metric_keys(seen[key]), len(dataset))
     if not seen:
         return {}
     return metric_fields(next(iter(seen.values())))
@@ -297,9 +305,11 @@ def reuse_evaluation(
         if _point_candidates(point, len(chosen)) == list(chosen) and images > int(
             point.get("eval_images") or 0
         ):
-            point[name], point[f"{name}_stderr"] = float(measured[name]), float(measured["stderr"])
-            point.update(values)
-            point["eval_images"] = images
+            values[name], values[f"{name}_stderr"] = (
+                float(measured[name]),
+                float(measured["stderr"]),
+            )
+            _record(point, name, values, images)
     fields = {
         "metric": name,
         "higher_is_better": bool(evaluation.get("higher_is_better", True)),

@@ -28,7 +28,7 @@ def test_point_keys() -> None:
 
 def _points() -> list[dict[str, object]]:
     return [
-        {"formats": ["int4", "int8"], "eval_images": 0},
+        {"formats": ["int4", "int8"], "eval_images": 0, "top1": None},
         {"format": "int4"},
     ]
 
@@ -68,3 +68,4 @@ def test_reuse_a_perplexity_file(tmp_path: Path) -> None:
     assert fields == {"metric": "perplexity", "higher_is_better": False, "paired_quantity": "nll"}
     assert points[0]["perplexity"] == 11.0 and points[0]["perplexity_stderr"] == 0.3
     assert points[0]["nll"] == 2.4 and points[0]["eval_images"] == 8
+    assert "top1" not in points[0]  # the placeholder of unmeasured points goes
