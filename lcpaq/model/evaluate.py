@@ -34,6 +34,7 @@ class MetricInfo:
     label: str
     higher_is_better: bool
     percent: bool
+    spec: str = ".4g"  # how a value that is not a percentage is written
 
 
 #: Every metric (and secondary metric) evaluation can report, by the name files use.
@@ -41,7 +42,7 @@ METRICS: dict[str, MetricInfo] = {
     "top1": MetricInfo("top-1 accuracy", True, True),
     "recall@1": MetricInfo("recall@1", True, True),
     "recall@10": MetricInfo("recall@10", True, True),
-    "cosine_to_fp32": MetricInfo("cosine to FP32", True, False),
+    "cosine_to_fp32": MetricInfo("cosine to FP32", True, False, ".4f"),
     "perplexity": MetricInfo("perplexity", False, False),
     "nll": MetricInfo("NLL (nats/token)", False, False),
 }
@@ -61,7 +62,7 @@ def format_metric(name: str, value: float, stderr: float | None = None) -> str:
     if metric_info(name).percent:
         text = f"{100 * value:.2f} %"
         return text if stderr is None else f"{100 * value:.2f} ± {100 * stderr:.2f} %"
-    text = f"{value:.4g}"
+    text = format(value, metric_info(name).spec)
     return text if stderr is None else f"{text} ± {stderr:.2g}"
 
 

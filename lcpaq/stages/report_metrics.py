@@ -21,7 +21,7 @@ def _scaled(value: Any, score: str) -> str:
         return "–"
     if metric_info(score).percent:
         return f"{100 * float(value):.2f}"
-    return f"{float(value):.4g}"
+    return format(float(value), metric_info(score).spec)
 
 
 def score_header(score: str) -> str:
@@ -124,7 +124,7 @@ def _result_text(result: Mapping[str, Any], score: str) -> str:
     value, stderr = result[score], result["stderr"]
     if metric_info(score).percent:
         return f"{_scaled(value, score)} % ± {_scaled(stderr, score)}"
-    return f"{float(value):.4g} ± {float(stderr):.2g}"
+    return f"{_scaled(value, score)} ± {float(stderr):.2g}"
 
 
 def accuracy_lines(evaluation: Mapping[str, Any]) -> list[str]:

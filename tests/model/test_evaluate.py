@@ -249,4 +249,5 @@ def test_format_metric() -> None:
     assert format_metric("top1", 0.9164, 0.0087) == "91.64 ± 0.87 %"
     assert format_metric("recall@1", 0.837) == "83.70 %"
     assert format_metric("perplexity", 12.3456, 0.25) == "12.35 ± 0.25"
+    assert format_metric("cosine_to_fp32", 0.99996) == "1.0000"
     assert isinstance(Accuracy(1.0, 0.0, 1, np.array([True])), MetricResult)

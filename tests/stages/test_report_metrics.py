@@ -107,4 +107,4 @@ def test_sweep_table_of_an_encoder() -> None:
     lines = sweep_lines(sweep)
     header = "| predicted ΔL | recall@1 % ± SE | recall@10 % ± SE | cosine to FP32 ± SE |"
     assert any(line.endswith(header) for line in lines)
-    assert any(line.endswith("| 83.00 ± 1.00 | 96.00 | 0.97 ± 0.001 |") for line in lines)
+    assert any(line.endswith("| 83.00 ± 1.00 | 96.00 | 0.9700 ± 0.001 |") for line in lines)
