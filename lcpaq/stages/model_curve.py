@@ -96,7 +96,9 @@ def plot_model_curve(
     unit = " (%)" if info.percent else ""
     right.set_ylabel(f"{info.label}{unit}" + ("" if info.higher_is_better else ", lower is better"))
     right.set_title(f"measured {what}", fontsize=10)
-    if not info.higher_is_better and not info.percent:
+    measured = [float(p[score]) for p in everything if p.get(score) is not None]
+    measured += [fp32_value] if fp32_value is not None else []
+    if not info.percent and measured and min(measured) > 0 and max(measured) > 3 * min(measured):
         right.set_yscale("log")  # perplexity grows without bound at low bit widths
     if fp32_value is not None:
         fp32 = panel.scale * fp32_value
