@@ -251,9 +251,13 @@ def next_token_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Te
     ids, mask = inputs[:, 0], inputs[:, 1].bool()
     targets = ids[:, 1:]
     real = mask[:, 1:] & mask[:, :-1]
-    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(real, nll, torch.zeros_like(nll))
+    predicted = logits[:, :-1].float()
+    # Per token in float32 (a float64 copy of [B, T, V] logits would double the memory); the
+    # sums over tokens in float64.
+    nll = nn.functional.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), reduction="none"
+    ).reshape(targets.shape)
+    nll = torch.where(real, nll, torch.zeros_like(nll)).double()
     return nll.sum(dim=1), real.sum(dim=1)
 
 
