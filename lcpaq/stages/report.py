@@ -229,7 +229,9 @@ def render_markdown(report: ReportData) -> str:
     lines += sections.layer_lines(report["layers"])
     if report["sweep"]:
         evaluation = report["evaluation"] or {}
-        lines += sections.sweep_lines(report["sweep"], evaluation.get("fp32"))
+        lines += sections.sweep_lines(
+            report["sweep"], evaluation.get("fp32"), evaluation.get("metric")
+        )
     if report.get("interactions"):
         lines += sections.interaction_lines(report["interactions"] or {})
     if report["timings_s"]:
