@@ -33,6 +33,7 @@ from lcpaq.config import AllocationConfig, AnalysisConfig, RecoveryConfig, RunCo
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import discover_layers
+from lcpaq.model.text_data import RetrievalPairs
 from lcpaq.stages.allocate import (
     ProblemData,
     allocation_record,
@@ -199,9 +200,11 @@ def export(
 
 
 def evaluate(model: nn.Module, quantized: nn.Module, data: object) -> dict[str, object]:
-    """The ``evaluate`` stage in memory: top-1 of both models on labelled ``data`` and their
+    """The ``evaluate`` stage in memory: the model's metric for both models on ``data`` (labelled
+    data; query/document `RetrievalPairs` for an encoder; token data for a causal LM) and their
     paired difference (``evaluation.json``'s keys)."""
-    return evaluate_models(model, quantized, as_dataset(data), {})
+    pairs = data if isinstance(data, RetrievalPairs) else None
+    return evaluate_models(model, quantized, pairs or as_dataset(data), {})
 
 
 def quantize(

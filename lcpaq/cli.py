@@ -86,7 +86,11 @@ def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
         "analysis and allocation options then come from it (--budget overrides its budgets)",
     )
     add_arguments(run, _run_options(), require=False)
-    run.add_argument("--eval", help="labelled evaluation data (.npz, .pt or ImageFolder dir)")
+    run.add_argument(
+        "--eval",
+        help="evaluation data: labelled images (.npz, .pt or ImageFolder dir); for hf:DIR models "
+        "query/document JSONL (encoder) or text (causal LM)",
+    )
     run.add_argument("--out", type=Path, required=True, help="run folder")
     add_arguments(run, declared_options(SweepSettings))
     add_arguments(run, declared_options(ExportSettings))
@@ -109,7 +113,10 @@ def _add_stage_parsers(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--out", type=Path, help="checkpoint folder (default RUN/quantized)")
     add_arguments(export, declared_options(ExportSettings))
 
-    evaluate = commands.add_parser("evaluate", help="top-1 of FP32 and of the exported checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="the model's metric (top-1, recall@1, perplexity) for FP32 and the exported checkpoint",
+    )
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--eval", required=True)
     evaluate.add_argument(

@@ -72,9 +72,10 @@ class SweepSettings:
         metadata=option(
             "--sweep-eval-samples",
             type=_eval_samples,
-            help="evaluation images each sweep point's top-1 is measured on, or 'all' (default "
-            "%(default)s: run/demo draw the predicted curve and take the chosen budget's top-1 "
-            "from evaluate; lcpaq sweep --eval measures all images unless a number > 0 is given)",
+            help="evaluation samples each sweep point's metric (top-1, recall@1, perplexity) is "
+            "measured on, or 'all' (default %(default)s: run/demo draw the predicted curve and "
+            "take the chosen budget's metric from evaluate; lcpaq sweep --eval measures all "
+            "samples unless a number > 0 is given)",
         ),
     )
 

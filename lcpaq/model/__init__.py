@@ -1,4 +1,5 @@
 """Models and data: loading (`zoo`, `demo`), layer discovery (`graph`), calibration and test data
-(`data`), statistics correction after quantization (`recovery`) and accuracy (`evaluate`).
+(`data`, `text_data`), statistics correction after quantization (`recovery`) and the metrics:
+accuracy, retrieval recall, perplexity (`evaluate`).
 Import from the modules.
 """

@@ -1,7 +1,8 @@
 """The model-level figure of the ``plot`` stage (``plots/model_curve*.png``): predicted loss and
-measured top-1 of the ``sweep`` stage's mixed-precision optima and uniform baselines against one
-budget metric, the exported allocation marked. Every measured top-1 carries its standard error
-(error bars; FP32 a band), so differences within noise are visible as such. Shared styles:
+the measured metric (top-1, recall@1, perplexity: `lcpaq.model.evaluate.METRICS`) of the
+``sweep`` stage's mixed-precision optima and uniform baselines against one budget metric, the
+exported allocation marked. Every measured value carries its standard error (error bars; FP32 a
+band), so differences within noise are visible as such. Shared styles:
 `lcpaq.stages.figure_style`."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 
+from lcpaq.model.evaluate import metric_info
 from lcpaq.stages.figure_style import CHOSEN, annotate_points, log_floor, new_figure, save
 
 #: Axis labels of the budget metrics (`lcpaq.allocation.costs.COST_METRICS`).
@@ -45,26 +47,30 @@ def plot_model_curve(
     sweep: Sequence[Mapping[str, Any]],
     uniform: Sequence[Mapping[str, Any]],
     chosen: Mapping[str, Any] | None,
-    fp32_top1: float | None,
+    fp32_value: float | None,
     title: str,
     metric: str = "avg-bits",
     fp32_stderr: float | None = None,
+    score: str = "top1",
 ) -> Path:
-    """Plot whole-model predicted loss and measured accuracy against one budget metric.
+    """Plot whole-model predicted loss and the measured metric against one budget metric.
 
     Args:
         path: Destination PNG file; parent folders are created.
         sweep: Mixed-precision allocations over a budget sweep; each mapping has ``costs``
             (metric → value; older points: ``avg_bits``), ``predicted_loss_increase`` (nats) and
-            ``top1`` (fraction in [0, 1] or None) with ``top1_stderr`` (its standard error,
-            drawn as an error bar; absent for older points).
+            ``score``'s value (``top1``: a fraction in [0, 1]; or None) with
+            ``<score>_stderr`` (its standard error, drawn as an error bar; absent for older
+            points).
         uniform: Single-format baselines, the same keys plus ``format`` (e.g. ``"int8"``); FP
             formats (names starting with ``fp``) are drawn as diamonds, INT ones as squares.
         chosen: The exported allocation (same keys as ``sweep``), or None.
-        fp32_top1: Top-1 accuracy of the unquantized model as a fraction, or None.
+        fp32_value: ``score`` of the unquantized model (fractions as fractions), or None.
         title: Figure title; should name the model and the budget.
         metric: The x axis, one of `METRIC_LABELS`; points without it are left out.
-        fp32_stderr: Standard error of ``fp32_top1``, drawn as a band around its line.
+        fp32_stderr: Standard error of ``fp32_value``, drawn as a band around its line.
+        score: The measured metric's name (`lcpaq.model.evaluate.METRICS`): ``top1``,
+            ``recall@1``, ``perplexity`` (lower is better: a log axis), ...
 
     Returns:
         The path of the written PNG.
@@ -76,27 +82,36 @@ def plot_model_curve(
     sweep = sorted(sweep, key=lambda point: _metric_of(point, metric) or 0.0)
     everything = [*sweep, *uniform, *([chosen] if chosen is not None else [])]
     losses = np.array([float(p["predicted_loss_increase"]) for p in everything], dtype=float)
-    panel = _Panel(metric, log_floor(losses))
+    panel = _Panel(metric, log_floor(losses), score)
     fig = new_figure(12.0, 5.0)
     left, right = fig.subplots(1, 2, sharex=True)
-    for ax, key in ((left, "predicted_loss_increase"), (right, "top1")):
+    for ax, key in ((left, "predicted_loss_increase"), (right, score)):
         panel.draw(ax, key, sweep, uniform, chosen)
 
     left.set_yscale("log")
     left.set_ylabel("predicted loss increase (nats, log)")
     left.set_title("predicted cost", fontsize=10)
-    right.set_ylabel("top-1 accuracy (%)")
-    right.set_title("measured accuracy", fontsize=10)
-    if fp32_top1 is not None:
-        fp32 = 100.0 * fp32_top1
-        band = 100.0 * (fp32_stderr or 0.0)
-        label = f"FP32 ({fp32:.2f}" + (f" ± {band:.2f}" if band else "") + "%)"
+    info = metric_info(score)
+    what = "accuracy" if score == "top1" else info.label
+    unit = " (%)" if info.percent else ""
+    right.set_ylabel(f"{info.label}{unit}" + ("" if info.higher_is_better else ", lower is better"))
+    right.set_title(f"measured {what}", fontsize=10)
+    measured = [float(p[score]) for p in everything if p.get(score) is not None]
+    measured += [fp32_value] if fp32_value is not None else []
+    if not info.percent and measured and min(measured) > 0 and max(measured) > 3 * min(measured):
+        right.set_yscale("log")  # perplexity grows without bound at low bit widths
+    if fp32_value is not None:
+        fp32 = panel.scale * fp32_value
+        band = panel.scale * (fp32_stderr or 0.0)
+        digits = ".2f" if info.percent else ".4g"
+        label = f"FP32 ({fp32:{digits}}" + (f" ± {band:{digits}}" if band else "")
+        label += "%)" if info.percent else ")"
         right.axhline(fp32, ls="--", color="black", lw=1.2, label=label)
         if band:
             right.axhspan(fp32 - band, fp32 + band, color="black", alpha=0.08, lw=0)
-    if not any(p.get("top1") is not None for p in everything):
+    if not any(p.get(score) is not None for p in everything):
         centre = {"transform": right.transAxes, "ha": "center", "va": "center", "color": "gray"}
-        right.text(0.5, 0.5, "accuracy not measured", fontsize=13, **centre)
+        right.text(0.5, 0.5, f"{what} not measured", fontsize=13, **centre)
         right.set_yticks([])
         right.grid(False)
     for ax in (left, right):
@@ -111,28 +126,33 @@ def _is_fp(point: Mapping[str, Any]) -> bool:
 
 
 class _Panel:
-    """One side of the figure: ``key`` (predicted loss, log with a floor, or top-1 in %)
-    against ``metric``."""
+    """One side of the figure: ``key`` (predicted loss, log with a floor, or the measured
+    ``score``, fractions in %) against ``metric``."""
 
-    def __init__(self, metric: str, floor: float) -> None:
+    def __init__(self, metric: str, floor: float, score: str = "top1") -> None:
         self.metric = metric
         self.floor = floor
+        self.score = score
+        self.scale = 100.0 if metric_info(score).percent else 1.0
 
     def xy(self, points: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
         rows = [p for p in points if p.get(key) is not None]
         x = np.array([_metric_of(p, self.metric) for p in rows], dtype=float)
         y = np.array([float(p[key]) for p in rows], dtype=float)
-        return x, (np.maximum(y, self.floor) if key == "predicted_loss_increase" else 100.0 * y)
+        if key == "predicted_loss_increase":
+            return x, np.maximum(y, self.floor)
+        return x, self.scale * y
 
     def error_bars(self, ax: Axes, points: Sequence[Mapping[str, Any]], key: str) -> None:
-        """Top-1 ± its standard error (points measured without one get none)."""
-        if key != "top1":
+        """The measured score ± its standard error (points measured without one get none)."""
+        if key != self.score:
             return
-        rows = [p for p in points if p.get(key) is not None and p.get("top1_stderr") is not None]
+        se_key = f"{key}_stderr"
+        rows = [p for p in points if p.get(key) is not None and p.get(se_key) is not None]
         if not rows:
             return
         x, y = self.xy(rows, key)
-        errors = 100.0 * np.array([float(p["top1_stderr"]) for p in rows])
+        errors = self.scale * np.array([float(p[se_key]) for p in rows])
         ax.errorbar(x, y, yerr=errors, fmt="none", ecolor="dimgray", elinewidth=1, capsize=3)
 
     def draw(

@@ -20,7 +20,7 @@ scripts/ call) and `run`, which chains them. File layout (all written atomically
     infeasible.json   why the last budgets could not be met     (allocate, if infeasible)
     quantized/        model.safetensors + manifest.json        (export)
     quantized/hf/, quantized/compressed-tensors/, exports.json     (export, transformers models)
-    evaluation.json   FP32 and quantized top-1                 (evaluate)
+    evaluation.json   FP32 and quantized metric (top-1, ...)   (evaluate)
     onnx.json         ONNX Runtime check of model.onnx         (onnx)
     sweep.json        model-level Pareto curves, uniform points (sweep)
     plots/*.png                                                (plot)

@@ -45,10 +45,21 @@ class SweepFile(TypedDict, total=False):
     uniform: list[dict[str, Any]]
     eval_data: str | None
     first_last: str
+    metric: str  # the measured metric's name (absent: top1, or nothing measured)
+    higher_is_better: bool
 
 
-class EvaluationFile(TypedDict):
-    """``evaluation.json``: top-1 of both models (`lcpaq.stages.evaluate`)."""
+class _EvaluationMetric(TypedDict, total=False):
+    """What ``evaluation.json`` says of its metric (absent from files from before other metrics:
+    top-1)."""
+
+    metric: str
+    higher_is_better: bool
+    paired_quantity: str
+
+
+class EvaluationFile(_EvaluationMetric):
+    """``evaluation.json``: the metric of both models (`lcpaq.stages.evaluate`)."""
 
     eval_data: str
     fp32: dict[str, Any]
@@ -125,12 +136,15 @@ def _model_curves(
 ) -> list[Path]:
     """One model-level curve per swept budget metric (the first keeps the old file name)."""
     evaluation = read_evaluation(run_dir)
+    score = str(
+        (evaluation.get("metric") if evaluation else None) or sweep_data.get("metric") or "top1"
+    )
     chosen = {
         "avg_bits": allocation.average_bits,
         "costs": allocation.costs,
         "predicted_loss_increase": allocation.predicted_loss_increase,
-        "top1": evaluation["quantized"]["top1"] if evaluation else None,
-        "top1_stderr": evaluation["quantized"].get("stderr") if evaluation else None,
+        score: evaluation["quantized"][score] if evaluation else None,
+        f"{score}_stderr": evaluation["quantized"].get("stderr") if evaluation else None,
     }
     curves = sweep_data.get("curves") or {"avg-bits": sweep_data["points"]}
     fixed = ", ".join(sweep_data.get("fixed_budgets", []))
@@ -144,12 +158,13 @@ def _model_curves(
                 sweep=points,
                 uniform=sweep_data["uniform"],
                 chosen=chosen,
-                fp32_top1=evaluation["fp32"]["top1"] if evaluation else None,
+                fp32_value=evaluation["fp32"][score] if evaluation else None,
                 fp32_stderr=evaluation["fp32"].get("stderr") if evaluation else None,
                 title=f"Model-level Pareto curve over {metric}"
                 + (f" (held: {others})" if others else "")
                 + f": {model_name}",
                 metric=metric,
+                score=score,
             )
         )
     return paths

@@ -19,6 +19,7 @@ from lcpaq.allocation.pairwise import DEFAULT_PAIR_Z, pair_views
 from lcpaq.allocation.table import weight_format_of
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.sensitivity.interaction_terms import load_interactions
+from lcpaq.stages import report_metrics
 from lcpaq.stages import report_sections as sections
 from lcpaq.stages.folder import read_layers_file
 
@@ -221,14 +222,16 @@ def render_markdown(report: ReportData) -> str:
     if report.get("infeasible"):
         lines += sections.infeasible_lines(report["infeasible"] or {})
     if report["evaluation"]:
-        lines += sections.accuracy_lines(report["evaluation"])
+        lines += report_metrics.accuracy_lines(report["evaluation"])
     if report.get("onnx"):
         lines += sections.onnx_lines(report["onnx"] or {})
     lines += sections.curvature_lines(report["curvature"])
     lines += sections.layer_lines(report["layers"])
     if report["sweep"]:
         evaluation = report["evaluation"] or {}
-        lines += sections.sweep_lines(report["sweep"], evaluation.get("fp32"))
+        lines += sections.sweep_lines(
+            report["sweep"], evaluation.get("fp32"), evaluation.get("metric")
+        )
     if report.get("interactions"):
         lines += sections.interaction_lines(report["interactions"] or {})
     if report["timings_s"]:

@@ -4,12 +4,12 @@ fields (files written by older versions) render as "–"."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lcpaq.allocation.costs import ACTIVATION_METRICS
 from lcpaq.allocation.table import PAIR_SEPARATOR
+from lcpaq.stages.report_metrics import noise_lines, score_header, score_text, secondary_columns
 
 
 def _pct(value: Any) -> str:
@@ -93,58 +93,17 @@ def infeasible_lines(infeasible: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _top1_text(point: Mapping[str, Any]) -> str:
-    """Top-1 % ± its standard error (and the images, when fewer than the evaluation's)."""
-    if point.get("top1") is None:
-        return "–"
-    if point.get("top1_stderr") is None:
-        return _pct(point["top1"])
-    return f"{_pct(point['top1'])} ± {_pct(point['top1_stderr'])}"
-
-
-def within_noise(first: Mapping[str, Any], second: Mapping[str, Any]) -> float | None:
-    """The standard error of two measured top-1s' difference, √(SE₁² + SE₂²), when they differ
-    by less than it (unpaired: conservative for models measured on the same images); else None."""
-    keys = ("top1", "top1_stderr")
-    if any(p.get(key) is None for p in (first, second) for key in keys):
-        return None
-    top1_a, se_a, top1_b, se_b = (float(p[key]) for p in (first, second) for key in keys)
-    scale = math.hypot(se_a, se_b)
-    return scale if abs(top1_a - top1_b) < scale else None
-
-
-def noise_lines(
-    labelled: Sequence[tuple[str, Mapping[str, Any]]], fp32: Mapping[str, Any] | None
+def sweep_lines(
+    sweep: Mapping[str, Any], fp32: Mapping[str, Any] | None = None, score: str | None = None
 ) -> list[str]:
-    """Which measured points are within noise of FP32 and of their neighbours in cost order
-    (``labelled`` is sorted by cost): a difference smaller than its standard error is no
-    evidence that one is better."""
-    measured = [(label, p) for label, p in labelled if p.get("top1") is not None]
-    pairs = list(zip(measured, measured[1:]))
-    if fp32 is not None:
-        reference = {"top1": fp32["top1"], "top1_stderr": fp32.get("stderr")}
-        pairs = [(("FP32", reference), item) for item in measured] + pairs
-    notes = []
-    for (label_a, a), (label_b, b) in pairs:
-        scale = within_noise(a, b)
-        if scale is not None:
-            difference = 100 * (float(b["top1"]) - float(a["top1"]))
-            notes.append(f"{label_b} vs {label_a}: {difference:+.2f} ± {100 * scale:.2f}")
-    if not notes:
-        return []
-    return [
-        "",
-        "Within noise (top-1 difference smaller than its standard error; neither is shown "
-        "better): " + "; ".join(notes) + ".",
-    ]
-
-
-def sweep_lines(sweep: Mapping[str, Any], fp32: Mapping[str, Any] | None = None) -> list[str]:
     """One table per swept metric: uniform baselines, then the mixed-precision optima, with
-    every measured top-1 ± its standard error and which points are within noise of each other
-    and of FP32 (``fp32``: ``evaluation.json``'s FP32 accuracy)."""
+    every measured ``score`` ± its standard error (default: the sweep's ``metric``, else top-1),
+    its secondary metrics where measured (recall@10, cosine to FP32), and which points are
+    within noise of each other and of FP32 (``fp32``: ``evaluation.json``'s FP32 result)."""
+    score = score or str(sweep.get("metric") or "top1")
     curves = sweep.get("curves") or {"avg-bits": sweep["points"]}
     held = ", ".join(sweep.get("fixed_budgets", []))
+    extra = secondary_columns([*sweep["uniform"], *(p for c in curves.values() for p in c)], score)
     lines = ["", "## Model-level curves"]
     for metric, points in curves.items():
         others = ", ".join(b for b in held.split(", ") if b and not b.startswith(f"{metric}="))
@@ -153,8 +112,8 @@ def sweep_lines(sweep: Mapping[str, Any], fp32: Mapping[str, Any] | None = None)
             f"### Over {metric}" + (f" (held: {others})" if others else ""),
             "",
             f"| assignment | {metric} | avg bits | size (MB) | BitOps (G) | predicted ΔL | "
-            "top-1 % ± SE |",
-            "|---|---|---|---|---|---|---|",
+            f"{score_header(score)} |" + "".join(f" {score_header(key)} |" for key in extra),
+            "|---|---|---|---|---|---|---|" + "---|" * len(extra),
         ]
         rows = [
             (
@@ -178,10 +137,11 @@ def sweep_lines(sweep: Mapping[str, Any], fp32: Mapping[str, Any] | None = None)
                 f"| {label} | {_number(costs.get(metric, point.get('avg_bits')))} | "
                 f"{point['avg_bits']:.3f} | {point['size_bytes'] / 1e6:.4f} | "
                 f"{_number(costs.get('bitops-g'))} | {point['predicted_loss_increase']:.4g} | "
-                f"{_top1_text(point)} |"
+                f"{score_text(point, score)} |"
+                + "".join(f" {score_text(point, key)} |" for key in extra)
             )
         by_cost = sorted(rows, key=lambda row: float(_metric_value(row[1], metric)))
-        lines += noise_lines(by_cost, fp32)
+        lines += noise_lines(by_cost, fp32, score)
     return lines
 
 
@@ -189,17 +149,6 @@ def _metric_value(point: Mapping[str, Any], metric: str) -> float:
     costs = point.get("costs") or {}
     value = costs.get(metric, point.get("avg_bits"))
     return float("inf") if value is None else float(value)
-
-
-def _inputs_text(evaluation: Mapping[str, Any]) -> str:
-    """Which layer inputs the evaluated checkpoint quantized (older evaluations do not say)."""
-    counts = evaluation.get("quantized_inputs")
-    if counts is None:
-        return "weights"
-    if not counts:
-        return "weights only, activations FP32"
-    inputs = ", ".join(f"{name} ×{count}" for name, count in sorted(counts.items()))
-    return f"weights and layer inputs: {inputs}"
 
 
 def onnx_lines(onnx: Mapping[str, Any]) -> list[str]:
@@ -273,19 +222,6 @@ def allocation_lines(
         quantizer_line(config),
     ]
     return [*lines, *budget_lines(allocation), ""]
-
-
-def accuracy_lines(evaluation: Mapping[str, Any]) -> list[str]:
-    """Top-1 of both models on the evaluation data and their paired difference."""
-    fp32, quantized = evaluation["fp32"], evaluation["quantized"]
-    return [
-        "## Accuracy",
-        f"- data: {evaluation['eval_data']} ({fp32['num_samples']} samples)",
-        f"- FP32 top-1: {_pct(fp32['top1'])} % ± {_pct(fp32['stderr'])}",
-        f"- quantized top-1 (exported checkpoint, {_inputs_text(evaluation)}): {_pct(quantized['top1'])} % ± {_pct(quantized['stderr'])}",
-        f"- paired difference: {100 * evaluation['paired_difference']:+.2f} ± {100 * evaluation['paired_difference_stderr']:.2f} points",
-        "",
-    ]
 
 
 def curvature_lines(curvature: Mapping[str, Any]) -> list[str]:

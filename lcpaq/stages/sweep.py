@@ -1,13 +1,14 @@
 """The ``sweep`` stage: model-level Pareto curves of the ILP optima over a range of budgets, and
 uniform baselines, each point with every cost metric, its predicted loss increase and (given
-evaluation data) its measured top-1 with its standard error.
+evaluation data) its measured metric with its standard error (the model's: top-1, recall@1 with
+recall@10 and the cosine to FP32, or perplexity; `lcpaq.model.evaluate`).
 
 Measuring a point means quantizing, correcting and evaluating the whole model, which made the
 default ``lcpaq run`` spend most of its time here. So: each layer's quantized weight in each
 format is computed once for all points (`_WeightCache`: GPTQ codes depend on the layer and the
-format only); ``eval_samples`` bounds the evaluation images per point (``lcpaq run`` measures
+format only); ``eval_samples`` bounds the evaluation samples per point (``lcpaq run`` measures
 none by default: the curve is predicted, see ``--sweep-eval-samples``); and the point equal to the
-exported allocation takes the top-1 the ``evaluate`` stage measured on the same data.
+exported allocation takes the metric the ``evaluate`` stage measured on the same data.
 
 Reads the analysis files, ``allocation.json`` (the options and budgets it was solved with) and
 ``input_hessians.safetensors``; writes ``sweep.json``. The next stages are ``plot`` and
@@ -38,9 +39,11 @@ from lcpaq.allocation.frontier import score_candidates
 from lcpaq.allocation.table import assign_activations
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
-from lcpaq.model.evaluate import evaluate_accuracy
+from lcpaq.model.data import Dataset
+from lcpaq.model.evaluate import MetricResult, evaluate_model, first_samples
 from lcpaq.model.graph import LayerInfo, get_module, layer_weight
 from lcpaq.model.recovery import collect_reference_stats
+from lcpaq.model.text_data import RetrievalPairs
 from lcpaq.quant.formats import QuantScheme, get_format
 from lcpaq.quant.weights import dequantize_weight, quantize_weight
 from lcpaq.sensitivity.candidates import measure_candidates
@@ -52,6 +55,7 @@ from lcpaq.stages.allocate import (
     problem_of,
     read_problem_data,
 )
+from lcpaq.stages.evaluate import metric_fields
 from lcpaq.stages.export import (
     activation_quantizers_of,
     learned_codes,
@@ -92,10 +96,11 @@ def sweep(
     sweep), the run's budgets on other metrics held fixed. Uniform baselines: every weight format
     of the candidates plus `lcpaq.allocation.curves.BASELINE_FORMATS` (INT8, INT4, FP8 E4M3), measured on the
     model when they are not candidates. Every point has every cost metric, the predicted loss
-    increase and, given eval data, top-1 ± its standard error after the same quantization and
-    statistics correction as the export (each distinct weight assignment measured once) on the
-    first ``eval_samples`` images (None: all; 0: none, only the exported allocation's point gets
-    the top-1 of ``evaluation.json``)."""
+    increase and, given eval data, the model's metric ± its standard error (``top1`` for a
+    classifier; `point_metric_keys`) after the same quantization and statistics correction as
+    the export (each distinct weight assignment measured once) on the first ``eval_samples``
+    samples (None: all; 0: none, only the exported allocation's point gets the metric of
+    ``evaluation.json``)."""
     if num_points < 2:
         raise InputError(f"--sweep-points must be at least 2, got {num_points}")
     if eval_samples is not None and eval_samples < 0:
@@ -128,11 +133,15 @@ def sweep(
                 data, model, missing, options.scorer, options.latency_table, config, run_dir
             )
         everything = [point for curve in curves.values() for point in curve] + uniform
+        metric: dict[str, object] = {}
         if eval_path is not None and eval_samples != 0:
-            measure_top1(run_dir, config, data, everything, eval_path, progress, eval_samples)
-        reused = reuse_evaluation(run_dir, everything, allocation.formats, eval_path)
+            metric = measure_points(
+                run_dir, config, data, everything, eval_path, progress, eval_samples
+            )
+        reused, reused_metric = reuse_evaluation(run_dir, everything, allocation.formats, eval_path)
         result: dict[str, object] = {
             "first_last": options.first_last,
+            **(metric or reused_metric),
             "eval_data": eval_path or reused,
             "eval_samples": eval_samples,
             "metrics": metrics,
@@ -188,7 +197,26 @@ class _WeightCache:
         return self.weights[key]
 
 
-def measure_top1(
+def _record(point: Point, name: str, values: Mapping[str, float], samples: int) -> None:
+    """Put a measured metric on ``point``; another metric than top-1 replaces the ``top1``
+    placeholder (None) every point starts with (`lcpaq.allocation.curves`)."""
+    if name != "top1" and point.get("top1") is None:
+        point.pop("top1", None)
+    point.update(values)
+    point["eval_images"] = samples
+
+
+def point_metric_keys(result: MetricResult) -> dict[str, float]:
+    """What a sweep point holds of a measured metric: the value under its name, ``<name>_stderr``
+    and the secondary metrics (a classifier's point: ``top1`` and ``top1_stderr``)."""
+    return {
+        result.name: result.value,
+        f"{result.name}_stderr": result.stderr,
+        **result.secondary,
+    }
+
+
+def measure_points(
     run_dir: Path,
     config: RunConfig,
     data: ProblemData,
@@ -196,14 +224,15 @@ def measure_top1(
     eval_path: str,
     progress: bool = True,
     eval_samples: int | None = None,
-) -> None:
-    """Add ``top1``, ``top1_stderr`` and ``eval_images`` to every point: its candidates quantized
-    and corrected as ``export`` does, evaluated on the first ``eval_samples`` images of
-    ``eval_path`` (None: all), each distinct assignment once."""
+) -> dict[str, object]:
+    """Add the model's metric (`point_metric_keys`) and ``eval_images`` (samples) to every point:
+    its candidates quantized and corrected as ``export`` does, evaluated on the first
+    ``eval_samples`` samples of ``eval_path`` (None: all), each distinct assignment once.
+    Returns the metric's name and direction (`lcpaq.stages.evaluate.metric_fields`)."""
     model, calib = load_model_and_data(config, config.recovery.num_samples)
-    dataset = load_eval(config, model, eval_path)
+    dataset: Dataset | RetrievalPairs = load_eval(config, model, eval_path)
     if eval_samples is not None:
-        dataset = dataset.subset(0, min(eval_samples, len(dataset)))
+        dataset = first_samples(dataset, eval_samples)
     names = [layer.name for layer in data.layers]
     reference = (
         collect_reference_stats(model, calib.inputs, names) if config.recovery.enabled else None
@@ -215,8 +244,10 @@ def measure_top1(
         read_learned_steps(run_dir, config),
     )
     layer_names = data.table.layer_names
+    # An encoder's points carry their cosine to the FP32 embeddings: measure those once.
+    fp32 = evaluate_model(model, dataset) if isinstance(dataset, RetrievalPairs) else None
 
-    def measure(candidates: Sequence[str]) -> tuple[float, float]:
+    def measure(candidates: Sequence[str]) -> MetricResult:
         quantized_model = weights.quantized_model(
             data.layers, weight_assignment(layer_names, candidates)
         )
@@ -230,43 +261,61 @@ def measure_top1(
             # The ranges were read once for every point (``data.activations``).
             activation_quantizers_of(run_dir, layer_names, candidates, data.activations),
         )
-        accuracy = evaluate_accuracy(quantized_model, dataset)
-        return accuracy.top1, accuracy.stderr
+        return evaluate_model(quantized_model, dataset, reference=fp32)
 
-    seen: dict[tuple[str, ...], tuple[float, float]] = {}
+    seen: dict[tuple[str, ...], MetricResult] = {}
     for point in tqdm(points, desc="measuring", disable=not progress, unit="point"):
         candidates = _point_candidates(point, len(data.layers))
         key = tuple(candidates)
         if key not in seen:
             seen[key] = measure(candidates)
-        point["top1"], point["top1_stderr"] = seen[key]
-        point["eval_images"] = len(dataset)
+        _record(point, seen[key].name, point_metric_keys(seen[key]), len(dataset))
+    if not seen:
+        return {}
+    return metric_fields(next(iter(seen.values())))
 
 
 def reuse_evaluation(
     run_dir: Path, points: Sequence[Point], chosen: Sequence[str], eval_path: str | None
-) -> str | None:
-    """Give the points whose candidates are the exported allocation's (``chosen``) the top-1 that
-    ``evaluate`` measured (``evaluation.json``) when it used ``eval_path`` (any data when None)
-    and more images than the sweep did. Returns the evaluation data used, or None."""
+) -> tuple[str | None, dict[str, object]]:
+    """Give the points whose candidates are the exported allocation's (``chosen``) the metric
+    that ``evaluate`` measured (``evaluation.json``) when it used ``eval_path`` (any data when
+    None) and more samples than the sweep did. Returns the evaluation data used (or None) and
+    the metric's fields (name, direction; empty when there was no evaluation)."""
     path = run_dir / "evaluation.json"
     if not path.is_file():
-        return None
+        return None, {}
     evaluation = runfolder.read_json(path, "evaluation")
     source = evaluation.get("eval_data")
     if eval_path is not None and source != eval_path:
-        return None
+        return None, {}
     measured = evaluation.get("quantized")
     if not isinstance(measured, dict):
         raise runfolder.damaged(path, "no 'quantized' accuracy")
+    name = str(evaluation.get("metric", "top1"))  # files from before other metrics: top-1
+    if name not in measured:
+        raise runfolder.damaged(path, f"no {name!r} in 'quantized'")
     images = int(measured["num_samples"])
+    values = {
+        key: float(value)
+        for key, value in measured.items()
+        if key not in (name, "stderr", "num_samples")
+    }
     for point in points:
         if _point_candidates(point, len(chosen)) == list(chosen) and images > int(
             point.get("eval_images") or 0
         ):
-            point["top1"], point["top1_stderr"] = float(measured["top1"]), float(measured["stderr"])
-            point["eval_images"] = images
-    return str(source)
+            values[name], values[f"{name}_stderr"] = (
+                float(measured[name]),
+                float(measured["stderr"]),
+            )
+            _record(point, name, values, images)
+    fields = {
+        "metric": name,
+        "higher_is_better": bool(evaluation.get("higher_is_better", True)),
+        "paired_quantity": str(evaluation.get("paired_quantity", name)),
+    }
+    return str(source), fields
 
 
 def _point_candidates(point: Point, num_layers: int) -> list[str]:

@@ -28,7 +28,7 @@ def test_plot_model_curve(tmp_path: Path) -> None:
             sweep=sweep,
             uniform=uniform,
             chosen=chosen,
-            fp32_top1=0.71,
+            fp32_value=0.71,
             fp32_stderr=0.01,
             title="tinynet",
         )
@@ -42,7 +42,7 @@ def test_plot_model_curve_without_accuracy(tmp_path: Path) -> None:
         {"avg_bits": b, "predicted_loss_increase": 10.0 ** (-b), "top1": None} for b in (2, 4, 6)
     ]
     out = tmp_path / "curve.png"
-    plot_model_curve(out, sweep=sweep, uniform=[], chosen=None, fp32_top1=None, title="tinynet")
+    plot_model_curve(out, sweep=sweep, uniform=[], chosen=None, fp32_value=None, title="tinynet")
     assert_png(out, tmp_path)
 
 
@@ -71,9 +71,33 @@ def test_model_curve_over_any_budget_metric(tmp_path: Path, metric: str) -> None
         sweep=sweep,
         uniform=uniform,
         chosen=point(3.0, 0.1, 0.8),
-        fp32_top1=0.93,
+        fp32_value=0.93,
         title="tinynet",
         metric=metric,
     )
     assert_png(out, tmp_path)
     read_png(out)
+
+
+def test_model_curve_of_a_lower_is_better_metric(tmp_path: Path) -> None:
+    """Perplexity: plain numbers on a log axis, error bars from ``perplexity_stderr``."""
+    sweep = [
+        {"avg_bits": b, "predicted_loss_increase": 10.0 ** (-b), "perplexity": 30.0 / b}
+        | {"perplexity_stderr": 0.5}
+        for b in (2, 4, 6)
+    ]
+    uniform = [
+        {"format": "int4", "avg_bits": 4.0, "predicted_loss_increase": 1e-3, "perplexity": 9.0}
+    ]
+    out = tmp_path / "curve.png"
+    plot_model_curve(
+        out,
+        sweep=sweep,
+        uniform=uniform,
+        chosen=None,
+        fp32_value=5.2,
+        fp32_stderr=0.1,
+        title="tiny LM",
+        score="perplexity",
+    )
+    assert_png(out, tmp_path)

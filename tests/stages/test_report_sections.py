@@ -3,12 +3,12 @@ model-level curves per swept metric; the quantizer line."""
 
 from __future__ import annotations
 
+from lcpaq.stages.report_metrics import within_noise
 from lcpaq.stages.report_sections import (
     budget_lines,
     infeasible_lines,
     quantizer_line,
     sweep_lines,
-    within_noise,
 )
 
 
