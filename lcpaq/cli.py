@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +28,12 @@ from lcpaq.config import (
     AnalysisConfig,
     ExportSettings,
     RecoveryConfig,
+    ResumeSettings,
     RunConfig,
     SearchSettings,
     SweepSettings,
 )
-from lcpaq.config.flags import SEARCH_GROUP
+from lcpaq.config.flags import RESUME_GROUP, SEARCH_GROUP
 from lcpaq.config.options import Declared, add_arguments, build, declared_options, given_flags
 from lcpaq.errors import InputError
 from lcpaq.sensitivity import distributed
@@ -90,10 +94,12 @@ def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--out", type=Path, required=True, help="run folder")
     add_arguments(run, declared_options(SweepSettings))
     add_arguments(run, declared_options(ExportSettings))
+    add_arguments(run, declared_options(ResumeSettings), group=RESUME_GROUP)
 
     analyze = commands.add_parser("analyze", help="curvature and candidate table into a run folder")
     add_arguments(analyze, _analysis_options())
     analyze.add_argument("--out", type=Path, required=True, help="run folder")
+    add_arguments(analyze, declared_options(ResumeSettings), group=RESUME_GROUP)
 
 
 def _add_stage_parsers(commands: argparse._SubParsersAction) -> None:
@@ -216,6 +222,9 @@ def _config_from_file(args: argparse.Namespace) -> RunConfig:
     )
     if args.allow_unsafe_pickle:
         config = config.with_analysis(allow_unsafe_pickle=True)
+    if args.trust_remote_code:
+        text = replace(config.analysis.text, trust_remote_code=True)
+        config = config.with_analysis(text=text)
     return config
 
 
@@ -308,6 +317,7 @@ def _run(args: argparse.Namespace) -> None:
         sweep_eval_samples=settings.eval_samples,
         progress=not args.quiet,
         export_settings=build(ExportSettings, args),
+        resume=build(ResumeSettings, args),
     )
     if path is not None:  # None on a torchrun rank other than 0
         print(f"report: {path}")
@@ -353,7 +363,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], object]] = {
     "demo": _demo,
     "run": _run,
     "analyze": lambda args: pipeline.analyze(
-        _config_from_flags(args), args.out, progress=not args.quiet
+        _config_from_flags(args),
+        args.out,
+        progress=not args.quiet,
+        resume=build(ResumeSettings, args),
     ),
     "allocate": _allocate,
     "export": lambda args: pipeline.export(
@@ -391,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.init_from_environment() and not distributed.is_main_process():
         logger.setLevel(logging.WARNING)
         args.quiet = True
+    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: atomic writes drop their temporary file.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         _dispatch(args)
     except InputError as error:
@@ -400,8 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         print("lcpaq: interrupted; artifacts already written are complete", file=sys.stderr)
         return 130
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         distributed.shutdown()
     return 0
+
+
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 #: Models whose input size is fixed by their architecture (others get --image-size).
-INPUT_SIZES = {"inception_v3": 299, "googlenet": 224}
+INPUT_SIZES = {"inception_v3": 299, "googlenet": 224, "alexnet": 64}
 #: Models that need their full size (ViT position embeddings, MaxViT/Swin window grids).
 FULL_SIZE_PREFIXES = ("vit_", "maxvit", "swin")
 
@@ -37,7 +37,10 @@ def classification_models(max_params: float) -> list[str]:
 
     names = []
     for name in sorted(models.list_models(module=models)):
-        with torch.device("meta"):
+        try:  # on the meta device: no memory, no initialisation time
+            with torch.device("meta"):
+                model = models.get_model(name, weights=None)
+        except NotImplementedError:  # builders that compute with tensors (RegNet's widths)
             model = models.get_model(name, weights=None)
         if sum(parameter.numel() for parameter in model.parameters()) < max_params:
             names.append(name)
@@ -48,6 +51,18 @@ def image_size(name: str, default: int) -> int:
     if name in INPUT_SIZES:
         return INPUT_SIZES[name]
     return 224 if name.startswith(FULL_SIZE_PREFIXES) else default
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to the address space, which
+    exec replaces; getrusage's ru_maxrss survives exec and would report the parent's peak (the
+    parent builds every model to count parameters)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -74,6 +89,7 @@ def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
         start = time.perf_counter()
         survey = survey_weights(model, images)
         record["quantized_share"] = round(survey.quantized_share(), 4)
+        record["quantized_share_at_inference"] = round(survey.quantized_share_at_inference(), 4)
         record["num_layers"] = len(survey.layers)
         record["kept_fp32"] = [kept.to_dict() for kept in survey.kept]
         analysis = lcpaq.analyze(
@@ -101,7 +117,7 @@ def check_one(name: str, args: argparse.Namespace) -> dict[str, object]:
     except Exception as error:  # noqa: BLE001 - the check reports every failure, by model
         record["status"] = "crash"
         record["message"] = f"{type(error).__name__}: {error}"[:500]
-    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record["peak_rss_mb"] = peak_rss_mb()
     return record
 
 

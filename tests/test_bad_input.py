@@ -139,7 +139,7 @@ def test_bad_format(files, tmp_path, capsys, extra, needles):
 @pytest.mark.parametrize(
     ("budget", "needles"),
     [
-        ("avg-bits=1", ("avg-bits=1", "2 to 8", "before the analysis")),
+        ("avg-bits=1", ("avg-bits=1", "2 to 8", "before the analysis", "ternary, binary")),
         ("size-mb=0.00001", ("size-mb=1e-05", "before the analysis")),
     ],
 )

@@ -16,12 +16,14 @@ from lcpaq.config import (
     AllocationConfig,
     AnalysisConfig,
     RecoveryConfig,
+    ResumeSettings,
     RunConfig,
     SearchSettings,
     SweepSettings,
 )
 from lcpaq.config.analysis import SCHEME_OPTIONS
 from lcpaq.config.options import build, declared_options
+from lcpaq.config.text import TEXT_OPTIONS, TextOptions
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import QuantScheme
 
@@ -29,9 +31,12 @@ from lcpaq.quant.formats import QuantScheme
 NOT_ON_THE_COMMAND_LINE = {
     (AllocationConfig, "cost_weights"),
     (AnalysisConfig, "scheme"),  # its fields are: SCHEME_OPTIONS
+    (AnalysisConfig, "text"),  # its fields are: TEXT_OPTIONS
     (QuantScheme, "mse_grid_points"),
 }
 CONFIGS = (AnalysisConfig, RecoveryConfig, AllocationConfig, SweepSettings, SearchSettings)
+#: Flags of analyze/run that no search has (``--resume`` there continues a study instead).
+RUN_ONLY = (ResumeSettings,)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -43,24 +48,29 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {flag: action for action in parser._actions for flag in action.option_strings}
 
 
-@pytest.mark.parametrize("cls", [*CONFIGS, QuantScheme])
+@pytest.mark.parametrize("cls", [*CONFIGS, *RUN_ONLY, QuantScheme, TextOptions])
 def test_every_field_has_exactly_one_flag(cls):
     if cls is QuantScheme:
         declared = {name: option.flag for name, option in SCHEME_OPTIONS.items()}
+    elif cls is TextOptions:
+        declared = {name: option.flag for name, option in TEXT_OPTIONS.items()}
     else:
         declared = {d.field: d.option.flag for d in declared_options(cls) if d.outer is None}
     fields = {f.name for f in dataclasses.fields(cls)} - {
         name for owner, name in NOT_ON_THE_COMMAND_LINE if owner is cls
     }
     assert set(declared) == fields
-    all_flags = [d.option.flag for config in CONFIGS for d in declared_options(config)]
-    assert len(all_flags) == len(set(all_flags)), "a flag is declared twice"
+    for configs in (CONFIGS, (*CONFIGS[:-1], *RUN_ONLY)):  # the flags of one subcommand
+        all_flags = [d.option.flag for config in configs for d in declared_options(config)]
+        assert len(all_flags) == len(set(all_flags)), "a flag is declared twice"
 
 
 def test_flag_defaults_are_the_field_defaults():
     """Each subcommand's flags default to the declaring field's default (QuantScheme's:
     DEFAULT_SCHEME's, GPTQ rounding)."""
-    run_flags = {d.option.flag: d for config in CONFIGS[:-1] for d in declared_options(config)}
+    run_flags = {
+        d.option.flag: d for config in (*CONFIGS[:-1], *RUN_ONLY) for d in declared_options(config)
+    }
     search_flags = {d.option.flag: d for d in declared_options(SearchSettings)}
     for name, parser in _subparsers(build_parser()).items():
         declared = {**run_flags, **search_flags} if name == "search" else run_flags
@@ -142,6 +152,7 @@ def test_run_config_round_trips_with_an_unchanged_layout():
             act_formats=("int8",),
             scheme=QuantScheme(granularity="group", group_size=64),
             pairwise="forward",
+            text=TextOptions(task="causal-lm", seq_len=64),
         ),
         recovery=RecoveryConfig(enabled=False, num_samples=7),
         allocation=AllocationConfig(
@@ -157,8 +168,9 @@ def test_run_config_round_trips_with_an_unchanged_layout():
         "loss", "formats", "act_formats", "act_clipping", "scheme", "hutchinson_probes",
         "hutchinson_samples", "estimator", "hutchinson_rel_tol", "pyhessian_iters", "seed",
         "allow_unsafe_pickle", "pairwise", "pair_rule", "pair_window", "pair_samples",
-        "pair_loss", "pair_max_bits", "limpq_steps", "include", "exclude",
+        "pair_loss", "pair_max_bits", "limpq_steps", "include", "exclude", "text",
     ]  # fmt: skip
+    assert list(data["analysis"]["text"]) == ["task", "seq_len", "trust_remote_code"]
     assert list(data["recovery"]) == ["enabled", "num_samples", "learn_scales"]
     assert list(data["allocation"]) == [
         "budgets", "first_last", "scorer", "ties", "tie_rule", "latency_table", "cost_weights",
@@ -216,3 +228,27 @@ def test_config_file_refuses_the_options_it_holds(tmp_path, capsys, flags, named
         f"lcpaq: error: {named} cannot be combined with --config {path}: "
         "edit the configuration file instead"
     )
+
+
+def test_text_flags_parse_into_analysis_text(tmp_path):
+    args = build_parser().parse_args(
+        ["analyze", "--model", "hf:m", "--calib", "c", "--out", "o", "--task", "causal-lm",
+         "--seq-len", "256", "--trust-remote-code"]
+    )  # fmt: skip
+    analysis = build(AnalysisConfig, args)
+    assert analysis.text == TextOptions(task="causal-lm", seq_len=256, trust_remote_code=True)
+    assert analysis.loss == "auto"
+    with pytest.raises(InputError, match="seq-len must be at least 2 tokens, got 1"):
+        TextOptions(seq_len=1)
+    # Older run_config.json files have no text block; --trust-remote-code amends a --config file.
+    data = RunConfig(analysis=AnalysisConfig(model="hf:m", checkpoint=None, calib="c")).to_dict()
+    del data["analysis"]["text"]
+    assert RunConfig.from_dict(data).analysis.text == TextOptions()
+    path = tmp_path / "run_config.json"
+    runfolder.write_json(path, data)
+    args = build_parser().parse_args(
+        ["run", "--config", str(path), "--trust-remote-code", "--out", "o"]
+    )
+    from lcpaq.cli import _config_from_file
+
+    assert _config_from_file(args).analysis.text.trust_remote_code

@@ -237,7 +237,7 @@ class AllocationProblem:
         return Allocation(
             layer_names=self.table.layer_names,
             formats=tuple(self.table.format_names[index] for index in choice),
-            bits=tuple(int(self.table.bits[index]) for index in choice),
+            bits=tuple(_whole_if_integral(float(self.table.bits[index])) for index in choice),
             predicted_loss_increase=self.objective(choice),
             average_bits=self.metric_value("avg-bits", choice),
             size_bytes=self.metric_value("size-mb", choice) * BITS_PER_MB / 8,
@@ -383,3 +383,9 @@ def allowed_candidates(
 def uniform_choice(table: CandidateTable, format_name: str) -> np.ndarray:
     """Format index per layer for a uniform assignment (a baseline)."""
     return np.full(len(table.layer_names), table.format_index(format_name))
+
+
+def _whole_if_integral(bits: float) -> float:
+    """An int where the bits are whole (INT/FP formats: allocation files keep their bytes), the
+    float otherwise (ternary: log2(3))."""
+    return int(bits) if bits.is_integer() else bits

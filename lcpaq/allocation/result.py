@@ -31,7 +31,8 @@ class Allocation:
 
     layer_names: tuple[str, ...]
     formats: tuple[str, ...]
-    bits: tuple[int, ...]
+    #: Bits per weight the budgets count (log2(3) for ternary).
+    bits: tuple[float, ...]
     predicted_loss_increase: float
     average_bits: float
     size_bytes: float

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lcpaq.errors import InputError
-from lcpaq.quant.formats import FORMATS, get_format
+from lcpaq.quant.formats import FORMATS, LEVEL_KINDS, NumberFormat, get_format
 
 #: What the cost models assume for activations when no activation formats are given.
 DEFAULT_ACTIVATION_FORMAT = "int8"
@@ -33,11 +33,17 @@ PAIR_SEPARATOR = "/"
 
 
 def activation_bits(name: str) -> int:
-    """Width of one activation in ``name`` (a weight format name or fp32/fp16/bf16)."""
+    """Width of one activation in ``name`` (an INT or FP weight format name or fp32/fp16/bf16;
+    the formats below two bits are for weights only)."""
     if name in UNQUANTIZED_ACTIVATIONS:
         return UNQUANTIZED_ACTIVATIONS[name]
-    if name not in FORMATS:
-        known = ", ".join([*FORMATS, *UNQUANTIZED_ACTIVATIONS])
+    if name not in FORMATS or FORMATS[name].kind in LEVEL_KINDS:
+        known = ", ".join(
+            [
+                *(n for n, f in FORMATS.items() if f.kind not in LEVEL_KINDS),
+                *UNQUANTIZED_ACTIVATIONS,
+            ]
+        )
         raise InputError(f"unknown activation format {name!r}; known formats: {known}")
     return FORMATS[name].bits
 
@@ -48,6 +54,12 @@ def activation_sign_bits(name: str) -> int:
     if name in UNQUANTIZED_ACTIVATIONS:
         return 1
     return 1 if get_format(name).kind == "fp" else 0
+
+
+def _sign_bit(fmt: NumberFormat, symmetric: bool) -> int:
+    if fmt.kind == "pruned":
+        return 0
+    return int(fmt.kind != "int" or symmetric)
 
 
 def candidate_name(weight_format: str, activation_format: str, paired: bool) -> str:
@@ -79,7 +91,8 @@ class CandidateTable:
     ‖Q_w(W_l) − W_l‖²; ``weighted_error`` = Σ diag(G_ll) ⊙ (Q_w(W_l) − W_l)² (NaN when no curvature
     diagonal was measured); ``output_error`` = the weight error seen through the layer's input
     second moments (`output_error`; NaN without them, e.g. round-to-nearest runs). ``bits[c]`` is
-    the weight code width of candidate c. Weight arrays are equal across candidates that share a
+    the weight bits candidate c counts in budgets (`NumberFormat.budget_bits`: log2(3) for
+    ternary, the code width otherwise). Weight arrays are equal across candidates that share a
     weight format.
     """
 
@@ -130,11 +143,9 @@ class CandidateTable:
         )
 
     def weight_sign_bits(self, symmetric: bool) -> np.ndarray:
-        """[C] 1 where the weight codes carry a sign bit: FP formats, and INT when symmetric."""
-        return np.array(
-            [get_format(name).kind != "int" or symmetric for name in self.weight_formats],
-            dtype=np.int64,
-        )
+        """[C] 1 where the weight codes carry a sign bit: FP, ternary and binary formats, and INT
+        when symmetric; 0 for pruned (no code: a pruned weight costs no EBOPs)."""
+        return np.array([_sign_bit(get_format(name), symmetric) for name in self.weight_formats])
 
     def format_index(self, name: str) -> int:
         try:

@@ -8,12 +8,13 @@ CLI from them and builds the configs back from the parsed flags.
 - `analysis`: `AnalysisConfig` (and the `QuantScheme` flags), read by the analyze stage;
 - `allocation`: `AllocationConfig`, the options of the allocate stage (and of the sweep's solves);
 - `run`: `RunConfig` (the file: analysis, recovery, allocation) and `RecoveryConfig`;
-- `flags`: the sweep's, the export's and the search's flags, which are no part of a run configuration.
+- `flags`: the sweep's, the analysis' resume, the export's and the search's flags, which are no
+  part of a run configuration.
 """
 
 from lcpaq.config.allocation import AllocationConfig, FirstLastPolicy
 from lcpaq.config.analysis import DEFAULT_FORMATS, DEFAULT_SCHEME, AnalysisConfig
-from lcpaq.config.flags import ExportSettings, SearchSettings, SweepSettings
+from lcpaq.config.flags import ExportSettings, ResumeSettings, SearchSettings, SweepSettings
 from lcpaq.config.run import CONFIG_VERSION, RecoveryConfig, RunConfig
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "AnalysisConfig",
     "FirstLastPolicy",
     "RecoveryConfig",
+    "ResumeSettings",
     "RunConfig",
     "SearchSettings",
     "SweepSettings",

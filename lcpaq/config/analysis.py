@@ -17,10 +17,11 @@ from lcpaq.config.options import (
     Option,
     option,
 )
+from lcpaq.config.text import TEXT_OPTIONS, TextOptions
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import CLIPPINGS, GRANULARITIES, ROUNDINGS, QuantScheme, parse_format_list
 
-Loss = Literal["cross_entropy", "mse", "kl"]
+Loss = Literal["auto", "cross_entropy", "mse", "kl"]
 Estimator = Literal["gauss-newton", "hutchinson"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 LOSSES: tuple[str, ...] = get_args(Loss)
@@ -99,7 +100,9 @@ class AnalysisConfig:
     error per layer or after ``hutchinson_probes`` probes in all, which must be >= 2 per layer).
     ``hutchinson_probes``: with ``gauss-newton``, 0 disables the Hutchinson cross-check, otherwise
     its probe cap. ``loss``: ``cross_entropy``, ``mse`` or ``kl`` (KL to the FP32 outputs,
-    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.gauss_newton`).
+    label-free; for Gauss–Newton it equals cross-entropy's curvature, `lcpaq.sensitivity.gauss_newton`),
+    or ``auto``: the model's default (`lcpaq.sensitivity.losses.default_loss`). ``text``: the
+    options of ``hf:DIR`` models (`lcpaq.config.text.TextOptions`).
     ``act_formats``: activation formats paired with every weight format into (weight, activation)
     candidates (`lcpaq.sensitivity.candidates`); empty: one candidate per weight format, 8-bit activations
     assumed by the cost models. Activations of a paired candidate are quantized at inference with
@@ -116,7 +119,8 @@ class AnalysisConfig:
             "--model",
             group=MODEL_GROUP,
             required=True,
-            help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits",
+            help="cifar-resnet | torchvision:<name> | package.module:factory | demo-digits | "
+            "hf:DIR (a local transformers folder: encoder, causal LM or sequence classifier)",
         )
     )
     checkpoint: str | None = field(
@@ -129,7 +133,8 @@ class AnalysisConfig:
             "--calib",
             group=MODEL_GROUP,
             required=True,
-            help="calibration data: .npz, .pt or ImageFolder dir",
+            help="calibration data: .npz, .pt or ImageFolder dir; hf: models: text (one "
+            "document per line), .jsonl (text, or query/document) or tokenized .npz/.safetensors",
         )
     )
     normalize: str = field(
@@ -155,11 +160,13 @@ class AnalysisConfig:
     )
     batch_size: int = field(default=64, metadata=option("--batch-size", group=ANALYSIS_GROUP))
     loss: Loss = field(
-        default="cross_entropy",
+        default="auto",
         metadata=option(
             "--loss",
             group=ANALYSIS_GROUP,
-            help="loss whose curvature is measured; kl: KL to the FP32 outputs (label-free)",
+            help="loss whose curvature is measured; kl: KL to the FP32 outputs (label-free); "
+            "auto (default): cross_entropy for classifiers, mse to the FP32 embedding for "
+            "encoders, kl for causal LMs",
         ),
     )
     formats: tuple[str, ...] = field(
@@ -169,8 +176,9 @@ class AnalysisConfig:
             group=ANALYSIS_GROUP,
             parse=parse_format_list,
             show=",".join,
-            help="candidate formats: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1 "
-            "(default %(default)s)",
+            help="candidate formats: int2..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, "
+            "and below two bits ternary (log2(3) bits), binary, pruned (0 bits), which make "
+            "budgets under 2 average bits feasible (default %(default)s)",
         ),
     )
     act_formats: tuple[str, ...] = field(
@@ -329,6 +337,7 @@ class AnalysisConfig:
             "report lists them; repeat for several",
         ),
     )
+    text: TextOptions = field(default=TextOptions(), metadata={NESTED: TEXT_OPTIONS})
 
     def __post_init__(self) -> None:
         for name in (
@@ -376,7 +385,7 @@ def _check_estimator_options(config: AnalysisConfig) -> None:
         raise InputError(
             f"pyhessian-iters must be 0 (off) or at least 2, got {config.pyhessian_iters}"
         )
-    if config.pyhessian_iters and config.loss != "cross_entropy":
+    if config.pyhessian_iters and config.loss not in ("auto", "cross_entropy"):
         raise InputError(
             f"the PyHessian cross-check (--pyhessian-iters) measures cross-entropy; it cannot "
             f"check loss {config.loss!r}"

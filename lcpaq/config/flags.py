@@ -1,5 +1,5 @@
-"""Flags of the subcommands that are not part of a run configuration: the sweep's, the export's
-and the search's.
+"""Flags of the subcommands that are not part of a run configuration: the sweep's, the analysis'
+resume, the export's and the search's.
 
 Declared like the configuration's options (`lcpaq.config.options`); `lcpaq.cli` builds
 `SweepSettings` and `ExportSettings` from the parsed flags and hands `SearchSettings`' values to
@@ -15,8 +15,10 @@ from typing import Literal
 
 from lcpaq.allocation.costs import COST_METRICS
 from lcpaq.config.options import option
+from lcpaq.errors import InputError
 
 SEARCH_GROUP = "search"
+RESUME_GROUP = "interrupted analyses"
 EXPORT_GROUP = "export of transformers models"
 
 
@@ -76,6 +78,33 @@ class SweepSettings:
             "samples unless a number > 0 is given)",
         ),
     )
+
+
+@dataclass(frozen=True)
+class ResumeSettings:
+    """Interrupting and resuming ``analyze`` (`lcpaq.stages.resume`): no part of the run
+    configuration, because they do not change what the analysis measures."""
+
+    resume: bool = field(
+        default=False,
+        metadata=option(
+            "--resume",
+            help="continue the interrupted analysis in --out from the last saved batch of every "
+            "estimator, to the same result (refused when the analysis options differ)",
+        ),
+    )
+    every_s: float = field(
+        default=10.0,
+        metadata=option(
+            "--state-every-s",
+            help="seconds between saves of the analysis' running state into OUT/analysis_state "
+            "(default %(default)g; 0: after every batch)",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.every_s >= 0:
+            raise InputError(f"--state-every-s must be >= 0 seconds, got {self.every_s}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 from lcpaq.config.allocation import AllocationConfig
 from lcpaq.config.analysis import AnalysisConfig
 from lcpaq.config.options import CORRECTION_GROUP, option
+from lcpaq.config.text import TextOptions
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import QuantScheme
 
@@ -79,6 +80,7 @@ class RunConfig:
             for key in ("include", "exclude"):  # JSON lists; absent from older configurations
                 analysis[key] = tuple(analysis.get(key, ()))
             analysis.setdefault("act_clipping", "minmax")  # what older configurations did
+            analysis["text"] = TextOptions.from_dict(analysis.get("text", {}))
             return cls(
                 analysis=AnalysisConfig(**analysis),
                 recovery=RecoveryConfig(**data.get("recovery", {})),

@@ -35,6 +35,12 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the labels are real: unlabeled text has every label -1
+        (`lcpaq.model.text_data`)."""
+        return len(self) > 0 and bool((self.labels >= 0).all())
+
     def subset(self, start: int, stop: int) -> Dataset:
         return Dataset(
             self.inputs[start:stop], self.labels[start:stop], f"{self.source}[{start}:{stop}]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -80,6 +80,14 @@ class Survey:
         total = quantized + sum(kept.num_params for kept in self.kept)
         return quantized / total if total else 0.0
 
+    def quantized_share_at_inference(self) -> float:
+        """`quantized_share` over the weights the inference forward pass uses (training-only
+        heads such as GoogLeNet's auxiliary classifiers left out)."""
+        unused = sum(kept.num_params for kept in self.kept if kept.reason == NOT_RUN_REASON)
+        quantized = sum(layer.num_params for layer in self.layers)
+        total = quantized + sum(kept.num_params for kept in self.kept) - unused
+        return quantized / total if total else 0.0
+
 
 #: Module types whose weights are known not to be supported, with the reason shown to the user.
 UNSUPPORTED_REASONS: dict[type[nn.Module], str] = {
@@ -105,6 +113,10 @@ def _layer_name(model: nn.Module, key: str) -> str | None:
     return None
 
 
+#: Why a Linear/Conv weight whose module never ran in the traced (inference) forward is kept.
+NOT_RUN_REASON = "its module did not run in the inference forward pass (unused at inference)"
+
+
 def _kept_reason(model: nn.Module, key: str, used: bool) -> str:
     owner_path = key.rpartition(".")[0]
     owner = model.get_submodule(owner_path) if owner_path else model
@@ -116,7 +128,10 @@ def _kept_reason(model: nn.Module, key: str, used: bool) -> str:
             f"a bare Parameter of {type(owner).__name__} used in F.linear/F.conv "
             "(not a Linear/Conv module weight)"
         )
-    return "not the weight of a linear or convolution operation (or did not run)"
+    if isinstance(owner, QUANTIZABLE_TYPES):
+        # GoogLeNet's and Inception's auxiliary heads run only in training mode.
+        return NOT_RUN_REASON
+    return "not the weight of a linear or convolution operation"
 
 
 def _call_macs(call: OpCall, weight: torch.Tensor) -> int:
@@ -141,16 +156,25 @@ def survey_weights(
     no exclude.
     """
     weights = {key: value for key, value in model.named_parameters() if value.dim() >= 2}
-    with torch.no_grad(), OpCapture(weights) as capture:
-        model(example_batch[:1])
+    with torch.enable_grad(), OpCapture(weights, keep_graph=True) as capture:
+        output = model(example_batch[:1])
+        dead = _unused_outputs(output, capture.calls)
     layers: list[LayerInfo] = []
     kept: list[KeptWeight] = []
-    used = capture.calls
+    used = {key: [_detached(call) for call in calls] for key, calls in capture.calls.items()}
+    del output, capture
+    shared = _sample_independent(model, example_batch, weights, used)
     for key, weight in weights.items():
         name = _layer_name(model, key) if key in used else None
         count = int(weight.numel())
         if name is None:
             kept.append(KeptWeight(key, count, _kept_reason(model, key, key in used)))
+            continue
+        if key in dead:
+            kept.append(KeptWeight(key, count, DEAD_REASON))
+            continue
+        if key in shared:
+            kept.append(KeptWeight(key, count, SHARED_INPUT_REASON))
             continue
         if not _selected(name, include, exclude):
             kept.append(KeptWeight(key, count, "excluded by --include/--exclude"))
@@ -172,6 +196,57 @@ def survey_weights(
         )
     layers.sort(key=lambda layer: layer.execution_index)
     return Survey(tuple(layers), tuple(kept))
+
+
+#: Why a weight that runs is kept in FP32 when nothing it computes reaches the model's output.
+DEAD_REASON = "its output does not reach the model's output (e.g. BERT's pooler under mean pooling)"
+
+
+def _unused_outputs(output: object, calls: Mapping[str, list[OpCall]]) -> set[str]:
+    """The weights none of whose call outputs the model's output depends on: quantizing them
+    changes nothing the curvature measures, and their traces would be undefined."""
+    if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        return set()
+    keys = [key for key, key_calls in calls.items() for _ in key_calls]
+    outputs = [call.output for key_calls in calls.values() for call in key_calls]
+    grads = torch.autograd.grad(output.float().sum(), outputs, allow_unused=True)
+    reached = {key for key, grad in zip(keys, grads) if grad is not None}
+    return set(calls) - reached
+
+
+#: Why a weight is kept when what its operation meets is the same for every sample.
+SHARED_INPUT_REASON = (
+    "its operation's input does not depend on the sample (a table computed inside the model, "
+    "e.g. Swin V2's continuous position bias MLP): no per-sample curvature"
+)
+
+
+def _sample_independent(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
+    used: Mapping[str, list[OpCall]],
+) -> set[str]:
+    """The weights whose every call's input stays the same size when the batch doubles: they
+    act on sample-independent tensors, so per-sample gradients (and their curvature, GPTQ
+    statistics and corrections, which assume samples on the input's sample axis) do not exist."""
+    pair = torch.cat([example_batch[:1], example_batch[:1]])
+    try:
+        with torch.no_grad(), OpCapture(dict(weights)) as capture:
+            model(pair)
+    except RuntimeError:  # a model that takes one sample at a time: nothing to compare
+        return set()
+    return {
+        key
+        for key, calls in capture.calls.items()
+        if key in used
+        and len(calls) == len(used[key])
+        and all(two.input.numel() == one.input.numel() for one, two in zip(used[key], calls))
+    }
+
+
+def _detached(call: OpCall) -> OpCall:
+    return replace(call, input=call.input.detach(), output=call.output.detach())
 
 
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-OPS = ("linear", "conv1d", "conv2d", "addmm")
+OPS = ("linear", "conv1d", "conv2d", "addmm", "embedding")
 #: Operations whose weight acts on the last axis of inputs of any rank.
 LINEAR_OPS = ("linear", "addmm")
 
@@ -67,6 +67,8 @@ class OpCapture:
         keep_graph: keep the output in the autograd graph (per-sample gradients need
             ∂loss/∂output); otherwise inputs and outputs are detached.
         keep_outputs: record outputs at all (input statistics need only inputs).
+        embeddings: also record ``F.embedding`` lookups of tracked weights (op "embedding", input
+            the ids): a table tied to an LM head is one layer whose gradient has both uses.
     """
 
     def __init__(
@@ -75,11 +77,13 @@ class OpCapture:
         *,
         keep_graph: bool = False,
         keep_outputs: bool = True,
+        embeddings: bool = False,
     ) -> None:
         self.names = {id(weight): name for name, weight in weights.items()}
         self.weights = dict(weights)
         self.keep_graph = keep_graph
         self.keep_outputs = keep_outputs
+        self.embeddings = embeddings
         self.calls: dict[str, list[OpCall]] = {}
         self._saved: dict[tuple[Any, str], Callable[..., Any]] = {}
         self._fastpath = True
@@ -117,7 +121,7 @@ class OpCapture:
         _ACTIVE.capture = None
 
     def _wrappers(self) -> list[tuple[Any, str, Callable[..., Any]]]:
-        linear, addmm = F.linear, torch.addmm
+        linear, addmm, embedding = F.linear, torch.addmm, F.embedding
         conv1d, conv2d, attention = F.conv1d, F.conv2d, F.multi_head_attention_forward
 
         def linear_hook(input: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> Any:
@@ -171,6 +175,16 @@ class OpCapture:
 
             return hook
 
+        def embedding_hook(
+            input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            output = embedding(input, weight, *args, **kwargs)
+            self._record(
+                weight,
+                lambda: OpCall("embedding", input.detach(), self._keep(output, output=True)),
+            )
+            return output
+
         def attention_hook(*args: Any, **kwargs: Any) -> Any:
             self._sequence_first += 1
             try:
@@ -178,7 +192,9 @@ class OpCapture:
             finally:
                 self._sequence_first -= 1
 
+        lookups = [(F, "embedding", embedding_hook)] if self.embeddings else []
         return [
+            *lookups,
             (F, "linear", linear_hook),
             (torch, "addmm", addmm_hook),
             (F, "conv1d", conv_hook("conv1d", conv1d, 1)),

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcpaq.errors import InputError
+from lcpaq.model.hf import HF_PREFIX, load_hf_model
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR ResNet ("option A", He et al. 2016), the architecture of the shared checkpoints.
@@ -221,6 +222,9 @@ def build_model(spec: str, state_dict: dict[str, torch.Tensor] | None) -> nn.Mod
         else:
             depth, num_classes = int(spec[len("cifar-resnet") :] or 20), 10
         return CifarResNet(depth, num_classes)
+    if spec.startswith(HF_PREFIX):
+        # The folder's model with the task its config names (`load_model` takes ``--task``).
+        return load_hf_model(spec.removeprefix(HF_PREFIX))
     if spec == "demo-digits":
         from lcpaq.model.demo import DigitsNet
 
@@ -248,18 +252,36 @@ def build_model(spec: str, state_dict: dict[str, torch.Tensor] | None) -> nn.Mod
             )
         return model
     raise InputError(
-        f"unknown --model {spec!r}; use 'cifar-resnet', 'torchvision:<name>' or 'package.module:factory'"
+        f"unknown --model {spec!r}; use 'cifar-resnet', 'torchvision:<name>', 'hf:DIR' or "
+        "'package.module:factory'"
     )
 
 
 def load_model(
-    spec: str, checkpoint: str | Path | None, *, allow_unsafe_pickle: bool = False
+    spec: str,
+    checkpoint: str | Path | None,
+    *,
+    allow_unsafe_pickle: bool = False,
+    task: str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
-    """Build the model named by ``spec``, load the checkpoint into it, and put it in eval mode."""
+    """Build the model named by ``spec``, load the checkpoint into it, and put it in eval mode.
+
+    ``hf:DIR``: the local transformers folder as a `lcpaq.model.text.TextModel`
+    (`lcpaq.model.hf.load_hf_model`; ``task`` and ``trust_remote_code`` apply to it only); a
+    checkpoint, when given, replaces its weights (keys ``model.<HF key>``)."""
     state_dict = (
         load_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle) if checkpoint else None
     )
-    model = build_model(spec, state_dict)
+    if spec.startswith(HF_PREFIX):
+        model: nn.Module = load_hf_model(
+            spec.removeprefix(HF_PREFIX),
+            task=task,
+            trust_remote_code=trust_remote_code,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+        )
+    else:
+        model = build_model(spec, state_dict)
     if state_dict is not None:
         load_state_dict_strict(model, state_dict, f"checkpoint {checkpoint}")
     return model.eval()

@@ -6,9 +6,10 @@ Output folder (written to a temporary folder, then renamed into place, so an int
 leaves a partial checkpoint):
 
 * ``model.safetensors``: for each quantized layer ``<weight_key>.qcodes`` (weight-shaped: int8
-  symmetric INT, uint8 asymmetric INT, uint8 bit patterns for FP formats), ``<weight_key>.qscale``
-  (float32 [1] per tensor, [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents
-  [C_out, blocks] for MX) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
+  symmetric INT, uint8 asymmetric INT, uint8 bit patterns for FP formats, int8 −1/0/1 ternary in 2
+  bits, ±1 binary in 1 bit, nothing for pruned), ``<weight_key>.qscale`` (float32 [1] per tensor,
+  [C_out] per channel, [C_out, groups] per group; uint8 E8M0 exponents [C_out, blocks] for MX;
+  empty for pruned: its manifest entry's shape is all that is stored) and, for asymmetric INT, ``<weight_key>.qzero`` (int16, the scale's shape);
   every other tensor of the state dict as it is (including BatchNorm statistics after correction).
   A tensor held under several keys (a tied embedding and LM head) is stored once
   (`lcpaq.quant.state_keys.tied_aliases`): one tensor, one format.
@@ -16,7 +17,7 @@ leaves a partial checkpoint):
   format (the activation half of its candidate, what the cost models counted), activation
   quantizer (format and calibration range of the layer's input, or null where activations stay
   FP32: runs without ``--act-formats``, whose cost models assume 8 bits, and fp32 candidates), kind
-  (int/fp), bits, granularity and group size, and ``transposed: true`` where the module stores the
+  (int/fp/ternary/binary/pruned), bits, granularity and group size, and ``transposed: true`` where the module stores the
   weight in×out (transformers ``Conv1D``: codes are out×in); ``tied`` (alias key → stored key)
   where tensors are tied; totals (average bits, size in bytes), the budget, the
   source checkpoint's sha256, the lcpaq version. `lcpaq.quant.weights.dequantize_weight` decodes every
@@ -33,32 +34,54 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lcpaq import __version__
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, failing_layer, weight_of
-from lcpaq.quant.activations import ActivationQuantizer, attach_activation_quantizers
+from lcpaq.quant.activations import ActivationQuantizer
+from lcpaq.quant.checkpoint_read import (
+    CHECKPOINT_FORMAT,
+    CODES_SUFFIX,
+    READABLE_FORMATS,
+    SCALE_SUFFIX,
+    ZERO_SUFFIX,
+    LayerCodes,
+    decoded_state_dict,
+    group_prefix,
+    load_quantized,
+    manifest_activation_quantizers,
+    read_checkpoint,
+    read_manifest,
+)
 from lcpaq.quant.formats import QuantScheme, get_format
-from lcpaq.quant.state_keys import fit_wrapper_prefix, renamed, stores_transposed, tied_aliases
+from lcpaq.quant.mixed import MixedWeight, Span, dequantize_mixed, quantize_mixed
+from lcpaq.quant.state_keys import stores_transposed, tied_aliases
 from lcpaq.quant.weights import (
     QuantizedWeight,
     code_offset,
+    code_step,
     dequantize_weight,
     pack_codes,
     quantize_weight,
-    unpack_codes,
 )
 
-CHECKPOINT_FORMAT = "lcpaq-quantized/2"
-#: Formats `read_checkpoint` reads: /1 stored one code per byte, /2 packs them at their bit width.
-READABLE_FORMATS = ("lcpaq-quantized/1", CHECKPOINT_FORMAT)
-_CODE_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
-CODES_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX = ".qcodes", ".qscale", ".qzero"
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "READABLE_FORMATS",
+    "LayerCodes",
+    "decoded_state_dict",
+    "load_quantized",
+    "manifest_activation_quantizers",
+    "quantize_model",
+    "quantize_model_groups",
+    "read_checkpoint",
+    "read_manifest",
+    "write_quantized_checkpoint",
+]
 
 
 def quantize_model(
@@ -86,6 +109,37 @@ def quantize_model(
     return quantized_model, codes
 
 
+def quantize_model_groups(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    groups: Mapping[str, Sequence[Span]],
+    scheme: QuantScheme,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, dict[str, LayerCodes]]:
+    """`quantize_model` with a format per span of output channels (``groups[layer]``: (c0, c1,
+    format) spans tiling the layer's channels; one span is a plain one-format layer)."""
+    quantized_model = copy.deepcopy(model).eval()
+    codes: dict[str, LayerCodes] = {}
+    with torch.no_grad():
+        for layer in layers:
+            if layer.name not in groups:
+                continue
+            if stores_transposed(layer.kind):
+                raise InputError(f"layer {layer.name!r}: channel groups of in×out weights")
+            weight = weight_of(quantized_model, layer)
+            hessian = input_hessians.get(layer.name) if input_hessians else None
+            spans = list(groups[layer.name])
+            with failing_layer(layer.name, layer.kind, "quantizing"):
+                mixed = quantize_mixed(weight, spans, scheme, hessian)
+            if len(spans) == 1:
+                codes[layer.name] = mixed.parts[0]
+                weight.copy_(dequantize_weight(mixed.parts[0], weight.dtype))
+            else:
+                codes[layer.name] = mixed
+                weight.copy_(dequantize_mixed(mixed, weight.dtype))
+    return quantized_model, codes
+
+
 def replace_dir_atomically(build_dir: Path, target: Path) -> None:
     """Move a finished folder into place; an old folder at ``target`` is removed only afterwards."""
     backup = None
@@ -106,7 +160,7 @@ def write_quantized_checkpoint(
     out_dir: str | Path,
     state_dict: Mapping[str, torch.Tensor],
     layers: Sequence[LayerInfo],
-    codes: Mapping[str, QuantizedWeight],
+    codes: Mapping[str, LayerCodes],
     manifest_extra: Mapping[str, object],
     scheme: QuantScheme,
     activation_formats: Mapping[str, str] | None = None,
@@ -146,7 +200,7 @@ def write_quantized_checkpoint(
             # Every format the layers use, with what a decoder needs (bit layout, bias, max).
             "formats": {
                 name: asdict(get_format(name))
-                for name in sorted({quantized.format_name for quantized in codes.values()})
+                for name in sorted({name for layer in codes.values() for name in _formats(layer)})
             },
             "layers": entries,
             # Written only where tensors are tied, so other checkpoints keep their bytes.
@@ -178,25 +232,43 @@ def make_build_dir(out_dir: Path) -> Path:
         ) from None
 
 
+def _formats(codes: LayerCodes) -> list[str]:
+    if isinstance(codes, MixedWeight):
+        return [part.format_name for part in codes.parts]
+    return [codes.format_name]
+
+
+def _stored_tensors(prefix: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """Packed codes, scales (float32, or uint8 E8M0 exponents for MX: as they are) and zero
+    points of one quantized weight or channel group."""
+    tensors = {
+        prefix + CODES_SUFFIX: pack_codes(quantized),
+        prefix + SCALE_SUFFIX: quantized.scale.contiguous().cpu(),
+    }
+    if quantized.zero_point is not None:
+        tensors[prefix + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
+    return tensors
+
+
 def _checkpoint_tensors(
     state_dict: Mapping[str, torch.Tensor],
     by_name: Mapping[str, LayerInfo],
-    codes: Mapping[str, QuantizedWeight],
+    codes: Mapping[str, LayerCodes],
     tied: Mapping[str, str],
 ) -> dict[str, torch.Tensor]:
     """What ``model.safetensors`` holds: packed codes, scales and zero points of every quantized
-    weight, then every other tensor of the state dict as it is; keys in ``tied`` (aliases of a
-    stored key) are left out."""
+    weight (of each channel group, under ``<key>.g<i>``, for a mixed layer), then every other
+    tensor of the state dict as it is; keys in ``tied`` (aliases of a stored key) are left out."""
     tensors: dict[str, torch.Tensor] = {}
     for name, quantized in codes.items():
         key = by_name[name].weight_key
         if key in tied:
             continue
-        tensors[key + CODES_SUFFIX] = pack_codes(quantized)
-        # float32, or uint8 E8M0 exponents for MX: stored as they are.
-        tensors[key + SCALE_SUFFIX] = quantized.scale.contiguous().cpu()
-        if quantized.zero_point is not None:
-            tensors[key + ZERO_SUFFIX] = quantized.zero_point.contiguous().cpu()
+        if isinstance(quantized, MixedWeight):
+            for index, part in enumerate(quantized.parts):
+                tensors.update(_stored_tensors(group_prefix(key, index), part))
+        else:
+            tensors.update(_stored_tensors(key, quantized))
     quantized_keys = {by_name[name].weight_key for name in codes}
     for key, tensor in state_dict.items():
         if key not in quantized_keys and key not in tied:
@@ -204,165 +276,75 @@ def _checkpoint_tensors(
     return tensors
 
 
+def _code_layout(quantized: QuantizedWeight) -> dict[str, object]:
+    """How `.qcodes` unpacks (`lcpaq.quant.weights.unpack_codes`); ``code_step`` only for
+    binary (codes −1, 1 stored as bits 0, 1), so other checkpoints keep their bytes."""
+    fmt = get_format(quantized.format_name)
+    step = code_step(quantized)
+    return {
+        "code_bits": fmt.bits,
+        "code_offset": code_offset(quantized),
+        **({"code_step": step} if step != 1 else {}),
+        "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),
+    }
+
+
 def _layer_entry(
     layer: LayerInfo,
-    quantized: QuantizedWeight,
+    quantized: LayerCodes,
     scheme: QuantScheme,
     activation_format: str | None,
     activation_quantizer: ActivationQuantizer | None,
 ) -> dict[str, object]:
-    """One layer's record in ``manifest.json`` (the keys and their order are the file format)."""
-    fmt = get_format(quantized.format_name)
+    """One layer's record in ``manifest.json`` (the keys and their order are the file format).
+    A mixed layer has format and kind ``mixed`` and a ``groups`` list: each group's channels
+    [c0, c1], format, kind, bits and code layout."""
     # Only where it holds, so checkpoints of other models keep their bytes.
     layout = {"transposed": True} if stores_transposed(layer.kind) else {}
-    return {
+    if isinstance(quantized, MixedWeight):
+        first = quantized.parts[0]
+        described: dict[str, object] = {"format": "mixed", "kind": "mixed"}
+        groups = [
+            {
+                "channels": [start, stop],
+                "format": part.format_name,
+                "kind": get_format(part.format_name).kind,
+                "bits": get_format(part.format_name).bits,
+                **_code_layout(part),
+                "symmetric": part.zero_point is None,
+            }
+            for (start, stop, _), part in zip(quantized.spans, quantized.parts)
+        ]
+        symmetric = all(part.zero_point is None for part in quantized.parts)
+    else:
+        first = quantized
+        fmt = get_format(quantized.format_name)
+        described = {"format": fmt.name}
+        groups = []
+        symmetric = quantized.zero_point is None
+    entry: dict[str, object] = {
         "name": layer.name,
         "weight_key": layer.weight_key,
-        "format": fmt.name,
+        "format": described["format"],
         "activation_format": activation_format,
         "activation_quantizer": (
             activation_quantizer.to_dict() if activation_quantizer is not None else None
         ),
-        "kind": fmt.kind,
-        "bits": fmt.bits,
-        # How `.qcodes` unpacks (`lcpaq.quant.weights.unpack_codes`).
-        "code_bits": fmt.bits,
-        "code_offset": code_offset(quantized),
-        "code_dtype": str(quantized.codes.dtype).removeprefix("torch."),
-        "granularity": quantized.granularity,
-        "group_size": quantized.group_size,
-        "symmetric": quantized.zero_point is None,
-        "clipping": scheme.clipping,
-        "num_params": layer.num_params,
-        "shape": list(layer.weight_shape),
-        **layout,
     }
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a checkpoint folder (JSON: values untyped until used)."""
-    manifest_path = Path(path) / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{path} is not an lcpaq quantized checkpoint: {manifest_path} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise InputError(f"{manifest_path} is not valid JSON: {error}") from None
-    if manifest.get("format") not in READABLE_FORMATS:
-        raise InputError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r}")
-    return manifest
-
-
-def manifest_activation_quantizers(
-    manifest: Mapping[str, Any], where: str | Path
-) -> dict[str, ActivationQuantizer]:
-    """Layer → activation quantizer, for the layers whose manifest entry has one (checkpoints
-    written before activations were quantized have none: their activations stay FP32)."""
-    quantizers = {}
-    for entry in manifest["layers"]:
-        stored = entry.get("activation_quantizer")
-        if stored is not None:
-            quantizers[entry["name"]] = ActivationQuantizer.from_dict(
-                stored, f"{where}, layer {entry['name']!r}"
-            )
-    return quantizers
-
-
-def read_checkpoint(
-    path: str | Path,
-) -> tuple[dict[str, Any], dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    """The manifest, the codes of every quantized weight (by state-dict key) and every other
-    tensor of a quantized checkpoint folder."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    try:
-        tensors = load_file(str(path / "model.safetensors"))
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise InputError(f"{path / 'model.safetensors'} is not readable: {error}") from None
-    weights: dict[str, QuantizedWeight] = {}
-    tied = manifest.get("tied", {})
-    for entry in manifest["layers"]:
-        key = entry["weight_key"]
-        if key in tied:  # the codes of the key it is tied to decode it
-            continue
-        try:
-            weights[key] = QuantizedWeight(
-                codes=_stored_codes(tensors.pop(key + CODES_SUFFIX), entry, path),
-                scale=tensors.pop(key + SCALE_SUFFIX),
-                zero_point=tensors.pop(key + ZERO_SUFFIX, None),
-                format_name=entry["format"],
-                granularity=entry["granularity"],
-                group_size=entry.get("group_size"),
-            )
-        except KeyError as error:
-            raise InputError(
-                f"{path / 'model.safetensors'} lacks {error} of layer {entry['name']!r}"
-            ) from None
-    return manifest, weights, tensors
-
-
-def _stored_codes(stored: torch.Tensor, entry: Mapping[str, Any], path: Path) -> torch.Tensor:
-    """The codes of a manifest entry: unpacked (``code_bits``, format /2) or as stored (/1)."""
-    if "code_bits" not in entry:
-        return stored
-    try:
-        return unpack_codes(
-            stored,
-            int(entry["code_bits"]),
-            [int(size) for size in entry["shape"]],
-            _CODE_DTYPES[str(entry["code_dtype"])],
-            int(entry["code_offset"]),
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise InputError(
-            f"{path / 'model.safetensors'}: the codes of layer {entry['name']!r} do not unpack "
-            f"({error})"
-        ) from None
-
-
-def decoded_state_dict(
-    weights: Mapping[str, QuantizedWeight],
-    others: Mapping[str, torch.Tensor],
-    manifest: Mapping[str, Any] | None = None,
-) -> dict[str, torch.Tensor]:
-    """`read_checkpoint`'s weights decoded to float, with the other tensors: a state dict. With
-    the ``manifest``, weights of transposed layers are put back in their module's layout and tied
-    keys get the tensor of the key they alias (the same tensor object)."""
-    manifest = manifest or {}
-    transposed = {
-        entry["weight_key"] for entry in manifest.get("layers", []) if entry.get("transposed")
-    }
-    state_dict = {**others}
-    for key, quantized in weights.items():
-        decoded = dequantize_weight(quantized)
-        state_dict[key] = decoded.t().contiguous() if key in transposed else decoded
-    for alias, kept in manifest.get("tied", {}).items():
-        state_dict[alias] = state_dict[kept]
-    return state_dict
-
-
-def load_quantized(
-    path: str | Path, model: nn.Module | None = None
-) -> dict[str, torch.Tensor] | nn.Module:
-    """Decode a quantized checkpoint folder.
-
-    Returns the dequantized float state dict with the original key names, or, given ``model``, that
-    model with the state dict loaded (strictly), the manifest's activation quantizers attached
-    (`manifest_activation_quantizers`; a state dict cannot carry them) and in eval mode. A
-    checkpoint of lcpaq's transformers wrapper (keys ``model.<HF key>``) loads into the bare
-    Hugging Face model, and one of a bare model into the wrapper (`fit_wrapper_prefix`).
-    """
-    path = Path(path)
-    manifest, weights, others = read_checkpoint(path)
-    state_dict = decoded_state_dict(weights, others, manifest)
-    if model is None:
-        return state_dict
-    from lcpaq.model.zoo import load_state_dict_strict
-
-    quantizers = manifest_activation_quantizers(manifest, path / "manifest.json")
-    change = fit_wrapper_prefix(state_dict, set(model.state_dict()))
-    state_dict = {renamed(key, change): tensor for key, tensor in state_dict.items()}
-    quantizers = {renamed(name, change): quantizer for name, quantizer in quantizers.items()}
-    load_state_dict_strict(model, state_dict, f"quantized checkpoint {path}")
-    attach_activation_quantizers(model, quantizers)
-    return model.eval()
+    if groups:
+        entry.update({"kind": "mixed", "groups": groups})
+    else:
+        fmt = get_format(first.format_name)
+        entry.update({"kind": fmt.kind, "bits": fmt.bits, **_code_layout(first)})
+    entry.update(
+        {
+            "granularity": first.granularity,
+            "group_size": first.group_size,
+            "symmetric": symmetric,
+            "clipping": scheme.clipping,
+            "num_params": layer.num_params,
+            "shape": list(layer.weight_shape),
+            **layout,
+        }
+    )
+    return entry

@@ -36,6 +36,7 @@ from lcpaq.errors import InputError
 from lcpaq.quant.checkpoint import make_build_dir, read_checkpoint, replace_dir_atomically
 from lcpaq.quant.formats import get_format
 from lcpaq.quant.hf_folder import hf_model_of, save_hf_files
+from lcpaq.quant.mixed import MixedWeight
 from lcpaq.quant.state_keys import fit_wrapper_prefix, renamed
 from lcpaq.quant.weights import QuantizedWeight, decoded_scale, dequantize_weight
 
@@ -134,6 +135,9 @@ def _plan(
     plans, reasons = {}, {}
     for key, quantized in codes.items():
         module = renamed(key, change).removesuffix(".weight")
+        if isinstance(quantized, MixedWeight):
+            reasons[module] = "its channel groups have different formats"
+            continue
         args = weight_args(quantized, bool(entries[key].get("transposed")))
         if key in tied_keys:
             args = "its weight is tied to another module's (one tensor, two modules)"

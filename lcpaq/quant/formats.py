@@ -1,7 +1,10 @@
 """Number formats and quantization schemes: the only module that knows bit layouts.
 
-A `NumberFormat` names a code grid: integers ``int2`` … ``int8`` or minifloats ``fp8_e4m3``,
-``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``; `FORMATS` is their registry, looked up by
+A `NumberFormat` names a code grid: integers ``int2`` … ``int8``, minifloats ``fp8_e4m3``,
+``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, or the formats below two bits: ``ternary``
+(codes −1, 0, 1 times a scale; log2(3) bits counted, 2 stored), ``binary`` (±scale, 1 bit) and
+``pruned`` (0 bits: the weight is zero, only its layout is stored; their fit is
+`lcpaq.quant.levels`); `FORMATS` is their registry, looked up by
 name (`get_format`, `parse_format_list`); INT code ranges are `code_range`, and the minifloat grids
 decoded from these bit layouts are `lcpaq.quant.grids` (the torch side). A
 `QuantScheme` says how a weight tensor is mapped onto a grid (symmetric or asymmetric INT codes,
@@ -25,6 +28,9 @@ from typing import Any, Literal
 from lcpaq.errors import InputError
 
 Granularity = Literal["tensor", "channel", "group", "mx"]
+FormatKind = Literal["int", "fp", "ternary", "binary", "pruned"]
+#: Kinds below two bits: a few levels times one scale per scale group (none when pruned).
+LEVEL_KINDS = ("ternary", "binary", "pruned")
 Clipping = Literal["minmax", "mse", "percentile"]
 Rounding = Literal["nearest", "gptq"]
 CLIPPINGS = ("minmax", "mse", "percentile")
@@ -44,7 +50,8 @@ E8M0_BIAS = 127
 
 @dataclass(frozen=True)
 class NumberFormat:
-    """A code grid. ``bits`` is the storage width of one code, sign included (what costs count).
+    """A code grid. ``bits`` is the storage width of one code, sign included; `budget_bits` what
+    average-bit budgets, BitOps and EBOPs count (log2(3) for ternary, ``bits`` otherwise).
 
     Minifloats (``kind="fp"``) have ``exponent_bits``, ``mantissa_bits``, exponent ``bias``, largest
     finite ``max_value`` and ``special_values``: ``"none"`` (every pattern finite), ``"fn"`` (only
@@ -52,13 +59,20 @@ class NumberFormat:
     """
 
     name: str
-    kind: Literal["int", "fp"]
+    kind: FormatKind
     bits: int
     exponent_bits: int = 0
     mantissa_bits: int = 0
     bias: int = 0
     max_value: float = 0.0
     special_values: Literal["none", "fn", "ieee"] = "none"
+
+    @property
+    def budget_bits(self) -> float:
+        """Information per weight: a ternary code holds log2(3) ≈ 1.585 bits (five codes fit a
+        byte); the checkpoint stores it in 2 bits (`lcpaq.quant.weights.pack_codes`), which the
+        size budgets count."""
+        return math.log2(3) if self.kind == "ternary" else float(self.bits)
 
 
 def _minifloat(
@@ -90,6 +104,9 @@ FORMATS: dict[str, NumberFormat] = {
     "fp6_e3m2": _minifloat("fp6_e3m2", 3, 2, 3, 28.0, "none"),
     "fp6_e2m3": _minifloat("fp6_e2m3", 2, 3, 1, 7.5, "none"),
     "fp4_e2m1": _minifloat("fp4_e2m1", 2, 1, 1, 6.0, "none"),
+    "ternary": NumberFormat(name="ternary", kind="ternary", bits=2),
+    "binary": NumberFormat(name="binary", kind="binary", bits=1),
+    "pruned": NumberFormat(name="pruned", kind="pruned", bits=0),
 }
 
 
@@ -103,12 +120,13 @@ def get_format(name: str) -> NumberFormat:
 
 
 def parse_format_list(text: str) -> tuple[str, ...]:
-    """Parse ``"int2,fp4_e2m1,int4"`` into validated, de-duplicated names sorted by bit width."""
+    """Parse ``"int2,fp4_e2m1,int4"`` into validated, de-duplicated names sorted by the bits
+    budgets count (ternary before int2)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise InputError("the candidate format list is empty")
     formats = {get_format(name).name: get_format(name) for name in names}
-    return tuple(sorted(formats, key=lambda name: (formats[name].bits, name)))
+    return tuple(sorted(formats, key=lambda name: (formats[name].budget_bits, name)))
 
 
 def mx_element_emax(fmt: NumberFormat) -> int:
@@ -194,7 +212,10 @@ class QuantScheme:
 
 
 def code_range(fmt: NumberFormat, symmetric: bool) -> tuple[int, int]:
-    """Smallest and largest INT code. Symmetric uses the restricted range ±(2^(b-1)-1)."""
+    """Smallest and largest INT code. Symmetric uses the restricted range ±(2^(b-1)-1). Ternary
+    codes are −1 … 1 whatever the scheme (symmetric by construction, no zero point)."""
+    if fmt.kind == "ternary":
+        return -1, 1
     if fmt.kind != "int":
         raise InputError(f"{fmt.name} is a floating-point format; it has no integer code range")
     if symmetric:
@@ -231,9 +252,23 @@ def scale_overhead_bits(
     weight_shape: tuple[int, ...], scheme: QuantScheme, fmt: NumberFormat | None = None
 ) -> int:
     """Bits stored besides the codes: per scale 32 (float32) + 16 per zero point (asymmetric INT);
-    MX: 8 (E8M0) per block of 32. ``fmt`` None counts as an INT format."""
+    MX: 8 (E8M0) per block of 32; nothing for a pruned weight. ``fmt`` None counts as an INT
+    format."""
+    if fmt is not None:
+        check_scheme_fits(fmt, scheme)
+        if fmt.kind == "pruned":
+            return 0
     groups = num_scale_groups(weight_shape, scheme.granularity, scheme.group_size)
     if scheme.granularity == "mx":
         return groups * MX_SCALE_BITS
     zero = not scheme.symmetric if fmt is None else has_zero_point(fmt, scheme)
     return groups * (SCALE_BITS + (ZERO_POINT_BITS if zero else 0))
+
+
+def check_scheme_fits(fmt: NumberFormat, scheme: QuantScheme) -> None:
+    """Refuse the formats below two bits under MX: OCP MX defines power-of-two block scales for
+    INT8 and minifloat elements only, and a ternary/binary scale is fitted, not a power of two."""
+    if fmt.kind in LEVEL_KINDS and scheme.granularity == "mx":
+        raise InputError(
+            f"{fmt.name} weights take per-tensor, per-channel or per-group scales, not MX blocks"
+        )

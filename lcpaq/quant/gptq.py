@@ -111,7 +111,8 @@ def gptq_codes(
     """GPTQ codes [C_out, fan_in] per format, on the grids the clipping fixed (per-scale-group
     float scales and zero points, MX exponents decoded). The INT formats
     (outside MX) share one `gptq_round` over their stacked rows, each row clamped to its own code
-    range; a minifloat or MX format is rounded alone."""
+    range (ternary: −1 … 1); a minifloat, binary or MX format is rounded alone. Pruned weights
+    have no grid: leave them out."""
     matrix = weight.detach().float().reshape(weight.shape[0], -1)
     rows, fan_in = matrix.shape
     hessian = input_hessian.to(matrix.device)
@@ -121,7 +122,12 @@ def gptq_codes(
             f"input Hessian of shape {tuple(input_hessian.shape)} does not fit a weight of shape "
             f"{tuple(weight.shape)} (expected [{fan_in}, {fan_in}] or [groups, {fan_in}, {fan_in}])"
         )
-    integer = [i for i, fmt in enumerate(fmts) if fmt.kind == "int" and scheme.granularity != "mx"]
+    # Ternary codes are INT codes clamped to [−1, 1]: they join the stacked INT rows.
+    integer = [
+        i
+        for i, fmt in enumerate(fmts)
+        if fmt.kind in ("int", "ternary") and scheme.granularity != "mx"
+    ]
     batches = ([integer] if integer else []) + [[i] for i in range(len(fmts)) if i not in integer]
     scales = [_per_element(scale, weight, scheme) for scale in group_scales]
     zeros = [_per_element(zero.to(matrix.device), weight, scheme) for zero in group_zeros]

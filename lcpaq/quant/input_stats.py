@@ -8,6 +8,7 @@ position of the patches each named layer's weight meets in its F.linear / F.conv
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from lcpaq.model.graph import (
     token_mask,
 )
 from lcpaq.model.op_capture import LINEAR_OPS, OpCall, OpCapture, conv_padding, samples_first
+from lcpaq.state_file import NO_STATE, StateFile
 
 
 def _input_patches(
@@ -53,9 +55,36 @@ def _input_patches(
     )
 
 
+def _snapshot(
+    sums: dict[str, torch.Tensor], counts: dict[str, int], batches_done: int
+) -> dict[str, torch.Tensor]:
+    names = list(counts)
+    return {
+        **{f"sum/{name}": values for name, values in sums.items()},
+        "counts": torch.tensor([counts[name] for name in names], dtype=torch.int64),
+        "batches_done": torch.tensor(batches_done),
+    }
+
+
+def _restore(
+    snapshot: dict[str, torch.Tensor] | None, names: Sequence[str], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """The sums, position counts and batches done of a snapshot (None: the start)."""
+    if snapshot is None:
+        return {}, dict.fromkeys(names, 0), 0
+    sums = {name: snapshot[f"sum/{name}"].to(device) for name in names if f"sum/{name}" in snapshot}
+    counts = {name: int(count) for name, count in zip(names, snapshot["counts"])}
+    return sums, counts, int(snapshot["batches_done"])
+
+
 @torch.no_grad()
 def collect_input_hessians(
-    model: nn.Module, names: Sequence[str], inputs: torch.Tensor, *, batch_size: int = 128
+    model: nn.Module,
+    names: Sequence[str],
+    inputs: torch.Tensor,
+    *,
+    batch_size: int = 128,
+    state_file: StateFile = NO_STATE,
 ) -> dict[str, torch.Tensor]:
     """H = E[x xᵀ] over every position of what each named layer's weight meets in the FP32
     model on ``inputs`` (the input of its F.linear / F.conv call, `lcpaq.model.op_capture`):
@@ -65,14 +94,17 @@ def collect_input_hessians(
     The FP32 model's inputs, not the partly quantized model's (GPTQ's own sequential variant):
     each layer's codes then depend on its own format only, so the candidates of every layer and
     format are computed once and stay valid for every allocation the ILP tries.
+
+    ``state_file`` (`lcpaq.state_file`): the running sums are saved after batches and a snapshot
+    found there is continued from its next batch, to the same result.
     """
     model.eval()
     weights = {name: layer_parameter_of(model, name) for name in names}
     kernels = {name: tuple(layer_weight(get_module(model, name)).shape[2:]) for name in names}
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
     device = model_device(model)
-    for start in range(0, len(inputs), batch_size):
+    sums, counts, done = _restore(state_file.load(), names, device)
+    starts = range(0, len(inputs), batch_size)
+    for position, start in enumerate(starts[done:], start=done + 1):
         batch = inputs[start : start + batch_size].to(device)
         with OpCapture(weights, keep_outputs=False) as capture:
             model(batch)
@@ -86,6 +118,7 @@ def collect_input_hessians(
                 moment = (patches.transpose(1, 2) @ patches).double()
                 sums[name] = sums[name] + moment if name in sums else moment
                 counts[name] += patches.shape[1]
+        state_file.save(partial(_snapshot, sums, counts, position), last=position == len(starts))
     missing = [name for name in names if name not in sums]
     if missing:
         raise InputError(

@@ -6,7 +6,11 @@ form that ONNX Runtime and TensorRT turn into integer kernels:
 * each quantized layer's float weight becomes the checkpoint's own codes (not re-rounded) feeding
   a DequantizeLinear (`weight_dequantizer`):
   - INT codes as int8 (symmetric, and INT under MX) or uint8 with a uint8 zero point
-    (asymmetric); INT2 … INT8 all fit;
+    (asymmetric); INT2 … INT8 all fit; ternary (−1, 0, 1) and binary (±1) codes as int8 with
+    their scales; a pruned weight as int8 zeros under a scale of 1 (a constant zero weight that
+    a graph optimiser can fold; the manifest says which layers to drop); a layer with a format
+    per channel group (`lcpaq.quant.mixed`) as one DequantizeLinear per group and a Concat
+    along the output channels;
   - FP8 codes as FLOAT8E4M3FN / FLOAT8E5M2, the same bit patterns;
   - FP6 / FP4 codes re-encoded as FLOAT8E4M3FN, which holds every FP6 and FP4 value exactly
     (ONNX has no FP6 type and ONNX Runtime no FLOAT4E2M1 DequantizeLinear kernel): the same
@@ -40,6 +44,7 @@ from lcpaq.quant.activations import (
 )
 from lcpaq.quant.formats import code_range, get_format
 from lcpaq.quant.grids import fp_decode
+from lcpaq.quant.mixed import MixedWeight
 from lcpaq.quant.weights import QuantizedWeight, decoded_scale
 
 if TYPE_CHECKING:
@@ -67,7 +72,7 @@ def _element_tensor(name: str, quantized: QuantizedWeight) -> onnx.TensorProto:
 
     fmt = get_format(quantized.format_name)
     codes = quantized.codes.cpu()
-    if fmt.kind == "int":
+    if fmt.kind != "fp":  # INT, ternary (−1, 0, 1), binary (±1), pruned (0)
         dtype = torch.int8 if quantized.zero_point is None else torch.uint8
         return numpy_helper.from_array(codes.to(dtype).numpy(), name)
     if fmt.name in ("fp8_e4m3", "fp8_e5m2"):
@@ -91,6 +96,8 @@ def weight_dequantizer(
     from onnx import helper, numpy_helper
 
     fmt = get_format(quantized.format_name)
+    if fmt.kind == "pruned":  # zero codes under one scale: DequantizeLinear needs a scale
+        quantized = replace(quantized, scale=torch.ones(1), granularity="tensor")
     shape = list(quantized.codes.shape)
     scale = decoded_scale(quantized).cpu()
     if fmt.kind == "int" and quantized.granularity == "mx":
@@ -213,9 +220,36 @@ def _data_input(graph: onnx.GraphProto, weight_name: str, layer: str) -> tuple[A
 # The whole model.
 
 
+def mixed_dequantizer(
+    weight_name: str, mixed: MixedWeight
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """A layer with a format per channel group: each group's DequantizeLinear (its own codes,
+    scales and zero points, `weight_dequantizer`), then a Concat along the output channels."""
+    from onnx import helper
+
+    initializers: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    outputs = []
+    for index, part in enumerate(mixed.parts):
+        name = f"{weight_name}_g{index}"
+        part_initializers, part_nodes = weight_dequantizer(name, part)
+        initializers += part_initializers
+        nodes += part_nodes
+        outputs.append(name)
+    nodes.append(helper.make_node("Concat", outputs, [weight_name], axis=0))
+    return initializers, nodes
+
+
+def _codes_shape(quantized: QuantizedWeight | MixedWeight) -> list[int]:
+    if isinstance(quantized, MixedWeight):
+        shapes = [list(part.codes.shape) for part in quantized.parts]
+        return [sum(shape[0] for shape in shapes), *shapes[0][1:]]
+    return list(quantized.codes.shape)
+
+
 def quantize_graph(
     model: onnx.ModelProto,
-    weights: Mapping[str, tuple[str, QuantizedWeight]],
+    weights: Mapping[str, tuple[str, QuantizedWeight | MixedWeight]],
     quantizers: Mapping[str, ActivationQuantizer],
 ) -> onnx.ModelProto:
     """Rewrite an exported FP32 graph in place: ``weights`` maps a layer to (its weight's
@@ -227,12 +261,15 @@ def quantize_graph(
         stored = by_name.get(weight_name)
         if stored is None:
             raise InputError(f"layer {layer!r}: the exported graph has no weight {weight_name!r}")
-        if list(stored.dims) != list(quantized.codes.shape):
+        if list(stored.dims) != _codes_shape(quantized):
             raise InputError(
                 f"layer {layer!r}: exported weight shape {list(stored.dims)} != checkpoint codes "
-                f"{list(quantized.codes.shape)}"
+                f"{_codes_shape(quantized)}"
             )
-        initializers, nodes = weight_dequantizer(weight_name, quantized)
+        if isinstance(quantized, MixedWeight):
+            initializers, nodes = mixed_dequantizer(weight_name, quantized)
+        else:
+            initializers, nodes = weight_dequantizer(weight_name, quantized)
         graph.initializer.remove(stored)
         graph.initializer.extend(initializers)
         new_nodes += nodes

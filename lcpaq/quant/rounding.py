@@ -76,7 +76,11 @@ def round_trip(
     fmt: NumberFormat,
     scheme: QuantScheme,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantized values; ``scale``/``zero`` broadcast over the last axis."""
+    """Codes and dequantized values; ``scale``/``zero`` broadcast over the last axis. Ternary
+    rounds as INT codes clamped to [−1, 1]; binary to the sign (0 to +1), the nearest of ±scale."""
+    if fmt.kind == "binary":
+        codes = torch.where(values >= 0, 1.0, -1.0).to(values.dtype)
+        return codes, codes * scale
     if fmt.kind == "fp":
         codes = fp_round_codes(values / scale, fmt)
         return codes, fp_decode(codes, fmt) * scale

@@ -19,6 +19,7 @@ import torch
 from lcpaq.errors import InputError
 from lcpaq.quant.formats import (
     E8M0_BIAS,
+    LEVEL_KINDS,
     Granularity,
     NumberFormat,
     QuantScheme,
@@ -29,6 +30,7 @@ from lcpaq.quant.formats import (
 )
 from lcpaq.quant.gptq import gptq_codes
 from lcpaq.quant.grids import fp_decode
+from lcpaq.quant.levels import fit_levels
 from lcpaq.quant.rounding import (
     from_groups,
     mse_ranges,
@@ -46,11 +48,12 @@ class QuantizedWeight:
     """Codes of one weight tensor and what is needed to decode them.
 
     ``codes`` has the weight's shape: int8 for symmetric INT (and INT under MX), uint8 for asymmetric
-    INT, uint8 bit patterns for minifloats. ``scale`` (and ``zero_point``, int16, asymmetric INT
-    only) has shape [1] per tensor, [C_out] per channel, [C_out, ceil(fan_in / group_size)] per
-    group; float32, except MX: uint8 E8M0 biased exponents (scale = 2^(e − 127)). INT decodes as
+    INT, uint8 bit patterns for minifloats, int8 −1/0/1 for ternary, ±1 for binary, 0 for pruned.
+    ``scale`` (and ``zero_point``, int16, asymmetric INT only) has shape [1] per tensor, [C_out]
+    per channel, [C_out, ceil(fan_in / group_size)] per group; float32, except MX: uint8 E8M0
+    biased exponents (scale = 2^(e − 127)); empty for pruned. INT, ternary and binary decode as
     ``scale · (code − zero_point)``, FP as ``scale · value(code)``, INT under MX as
-    ``scale · code · 2^-(bits−2)``.
+    ``scale · code · 2^-(bits−2)``, pruned as zeros.
     """
 
     codes: torch.Tensor
@@ -62,7 +65,10 @@ class QuantizedWeight:
 
 
 def _code_dtype(fmt: NumberFormat, scheme: QuantScheme) -> torch.dtype:
-    """Signed codes where the range is symmetric (±(2^(b-1)-1), MX INT), unsigned otherwise."""
+    """Signed codes where the range is symmetric (±(2^(b-1)-1), MX INT, below two bits),
+    unsigned otherwise."""
+    if fmt.kind in LEVEL_KINDS:
+        return torch.int8
     if fmt.kind == "fp":
         return torch.uint8
     return torch.uint8 if has_zero_point(fmt, scheme) else torch.int8
@@ -101,20 +107,29 @@ def quantize_weight_formats(
     are rounded together: one column loop over their stacked rows instead of one per format."""
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values; cannot quantize")
-    grids = [_nearest_grid(weight, fmt, scheme) for fmt in fmts]
-    if scheme.rounding != "gptq":
-        return [grid.quantized for grid in grids]
-    if input_hessian is None:
+    if scheme.rounding == "gptq" and input_hessian is None:
         raise InputError(
             "rounding 'gptq' needs the layer's input Hessian from calibration inputs; none given"
         )
-    group_scales = [grid.group_scale for grid in grids]
-    group_zeros = [grid.group_zero for grid in grids]
-    codes = gptq_codes(weight, list(fmts), scheme, group_scales, group_zeros, input_hessian)
-    return [
-        replace(grid.quantized, codes=code.reshape(weight.shape).to(grid.quantized.codes.dtype))
-        for grid, code in zip(grids, codes)
-    ]
+    grids = [_nearest_grid(weight, fmt, scheme, input_hessian) for fmt in fmts]
+    # A pruned weight has no grid to round onto: its codes stay zero.
+    rounded = [i for i, fmt in enumerate(fmts) if fmt.kind != "pruned"]
+    if scheme.rounding != "gptq" or input_hessian is None or not rounded:
+        return [grid.quantized for grid in grids]
+    codes = gptq_codes(
+        weight,
+        [fmts[i] for i in rounded],
+        scheme,
+        [grids[i].group_scale for i in rounded],
+        [grids[i].group_zero for i in rounded],
+        input_hessian,
+    )
+    results = [grid.quantized for grid in grids]
+    for i, code in zip(rounded, codes):
+        results[i] = replace(
+            results[i], codes=code.reshape(weight.shape).to(results[i].codes.dtype)
+        )
+    return results
 
 
 @dataclass(frozen=True)
@@ -127,12 +142,23 @@ class _Grid:
     group_zero: torch.Tensor
 
 
-def _nearest_grid(weight: torch.Tensor, fmt: NumberFormat, scheme: QuantScheme) -> _Grid:
-    """Scales from the scheme's clipping (MX: from each block's largest magnitude), then codes by
-    rounding to nearest."""
+def _nearest_grid(
+    weight: torch.Tensor,
+    fmt: NumberFormat,
+    scheme: QuantScheme,
+    input_hessian: torch.Tensor | None = None,
+) -> _Grid:
+    """Scales from the scheme's clipping (MX: from each block's largest magnitude; below two bits:
+    the importance-weighted fit of `lcpaq.quant.levels`, importance from ``input_hessian``), then
+    codes by rounding to nearest."""
     grouped = to_groups(weight, scheme)
     shape = _scale_shape(tuple(weight.shape), scheme)
-    if scheme.granularity == "mx":
+    if fmt.kind in LEVEL_KINDS:
+        group_scale, codes = fit_levels(weight, fmt, scheme, input_hessian)
+        group_zero = torch.zeros_like(group_scale)
+        scale = group_scale.reshape(shape) if fmt.kind != "pruned" else group_scale
+        zero_point = None
+    elif scheme.granularity == "mx":
         codes, exponents = mx_codes(grouped, fmt)
         scale = exponents.reshape(shape).to(torch.uint8)
         zero_point = None
@@ -175,6 +201,8 @@ def dequantize_weight(
     """Decode the codes back to a float tensor of the weight's shape (every format/granularity)."""
     fmt = get_format(quantized.format_name)
     shape = quantized.codes.shape
+    if fmt.kind == "pruned":
+        return torch.zeros(shape, dtype=dtype, device=quantized.codes.device)
     if quantized.granularity in ("group", "mx"):
         if quantized.group_size is None:
             raise InputError(f"{quantized.granularity} quantized weight without a group size")
@@ -203,18 +231,32 @@ def dequantize_weight(
 
 def code_offset(quantized: QuantizedWeight) -> int:
     """What `pack_codes` adds to every code to make it a ``bits``-bit unsigned number: 2^(b-1) for
-    signed INT codes (symmetric, MX; ±(2^(b-1)-1) becomes 1 … 2^b-1), 0 otherwise."""
-    return 2 ** (get_format(quantized.format_name).bits - 1) if quantized.codes.is_signed() else 0
+    signed INT codes (symmetric, MX; ±(2^(b-1)-1) becomes 1 … 2^b-1; ternary −1 … 1 becomes
+    1 … 3), 1 for binary (then halved by `code_step`: −1, 1 become 0, 1), 0 otherwise (pruned)."""
+    fmt = get_format(quantized.format_name)
+    if fmt.kind == "pruned":
+        return 0
+    return 2 ** (fmt.bits - 1) if quantized.codes.is_signed() else 0
+
+
+def code_step(quantized: QuantizedWeight) -> int:
+    """Distance between consecutive codes: 2 for binary (−1, 1), 1 otherwise; `pack_codes`
+    divides by it after adding `code_offset`."""
+    return 2 if get_format(quantized.format_name).kind == "binary" else 1
 
 
 def pack_codes(quantized: QuantizedWeight) -> torch.Tensor:
     """The codes at their format's bit width, most significant bit first, in uint8 bytes
-    (ceil(n·bits / 8) of them): what a checkpoint stores, so its file is as small as the size
-    the budgets count."""
+    (ceil(n·bits / 8) of them; none for pruned): what a checkpoint stores, so its file is as
+    small as the size the budgets count."""
     import numpy as np
 
     bits = get_format(quantized.format_name).bits
-    values = (quantized.codes.reshape(-1).long().cpu() + code_offset(quantized)).numpy()
+    shifted = quantized.codes.reshape(-1).long().cpu() + code_offset(quantized)
+    step = code_step(quantized)
+    if bool((shifted % step != 0).any()):
+        raise ValueError(f"{quantized.format_name} codes are not multiples of {step} apart")
+    values = (shifted // step).numpy()
     if values.size and (values.min() < 0 or values.max() >= 2**bits):
         raise ValueError(f"{quantized.format_name} codes do not fit {bits} bits")
     shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
@@ -223,7 +265,12 @@ def pack_codes(quantized: QuantizedWeight) -> torch.Tensor:
 
 
 def unpack_codes(
-    packed: torch.Tensor, bits: int, shape: Sequence[int], dtype: torch.dtype, offset: int
+    packed: torch.Tensor,
+    bits: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    offset: int,
+    step: int = 1,
 ) -> torch.Tensor:
     """Inverse of `pack_codes`: the codes of ``shape`` in ``dtype`` (int8 or uint8)."""
     import numpy as np
@@ -233,7 +280,7 @@ def unpack_codes(
         raise ValueError(f"{packed.numel()} bytes cannot hold {count} codes of {bits} bits")
     planes = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits)
     values = planes.astype(np.int16) @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int16))
-    return torch.from_numpy(values - offset).to(dtype).reshape(tuple(shape))
+    return torch.from_numpy(values * step - offset).to(dtype).reshape(tuple(shape))
 
 
 def fake_quantize(

@@ -45,6 +45,11 @@ from lcpaq.quant.activations import (
     range_sample_size,
     range_statistics,
 )
+from lcpaq.sensitivity.activation_result import (
+    ACTIVATION_SCORERS,
+    ActivationSensitivity,
+    activation_scores,
+)
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.losses import (
     LossName,
@@ -52,71 +57,15 @@ from lcpaq.sensitivity.losses import (
     output_grads_in_chunks,
     output_hessian_factors,
 )
+from lcpaq.state_file import NO_STATE, Snapshot, StateFile, generator_state, split_rows
 
-ACTIVATION_SCORERS = ("trace", "diagonal")
-
-
-@dataclass(frozen=True)
-class ActivationSensitivity:
-    """Curvature w.r.t. each layer's input activation and the noise of each activation format.
-
-    Arrays are indexed [layer] or [layer, format] in ``layer_names`` × ``format_names`` order.
-    ``trace[l]`` = mean over samples of tr(H_n) (one sample's activation block), ``trace_stderr`` its
-    standard error over samples, ``num_elements[l]`` = n_a per sample (summed over calls of a layer
-    that runs several times). ``noise[l, f]`` = mean squared quantization error per element,
-    ``weighted[l, f]`` = mean_n Σ_k (H_n)_kk e_nk² (``weighted_stderr`` over samples).
-    ``low``/``high`` are the observed min/max of each layer's input; ``clip_low``/``clip_high``
-    [L, F] the range each format quantizes with (`range_of`), equal to them for ``minmax``.
-    """
-
-    layer_names: tuple[str, ...]
-    format_names: tuple[str, ...]
-    trace: np.ndarray
-    trace_stderr: np.ndarray
-    num_elements: np.ndarray
-    noise: np.ndarray
-    weighted: np.ndarray
-    weighted_stderr: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-    num_samples: int
-    method: str
-    symmetric: bool = False
-    #: Per-sample tr(H_n) [N, L]: stability of the ranking, as for the weight traces.
-    sample_traces: np.ndarray | None = None
-    #: How each format's range was calibrated (`ACTIVATION_CLIPPINGS`) and the ranges [L, F]
-    #: (None: every format uses the observed ``low``/``high``, as files from before clipping).
-    clipping: str = "minmax"
-    clip_low: np.ndarray | None = None
-    clip_high: np.ndarray | None = None
-
-    def range_of(self, row: int, format_name: str) -> tuple[float, float]:
-        """The calibrated range of layer ``row``'s input for ``format_name``; a format the analysis
-        did not measure gets the observed min-max range (its score has no activation term either)."""
-        if (
-            self.clip_low is not None
-            and self.clip_high is not None
-            and format_name in self.format_names
-        ):
-            column = self.format_names.index(format_name)
-            return float(self.clip_low[row, column]), float(self.clip_high[row, column])
-        return float(self.low[row]), float(self.high[row])
-
-
-def activation_scores(sensitivity: ActivationSensitivity, scorer: str = "trace") -> np.ndarray:
-    """[L, A] predicted loss increase of quantizing each layer's input with each activation format.
-
-    ``trace``: ½·T_l·σ²_l(f) (the HAWQ-V2 form, as `lcpaq.allocation.frontier.hawq_v2_score` for weights);
-    ``diagonal``: ½·mean_n Σ_k (H_n)_kk e_nk². Add it to the weight score of a (weight, activation)
-    candidate: under the diagonal (per-layer) model the two perturbations add.
-    """
-    if scorer == "trace":
-        return 0.5 * sensitivity.trace[:, None] * sensitivity.noise
-    if scorer == "diagonal":
-        return 0.5 * sensitivity.weighted
-    raise InputError(
-        f"unknown activation scorer {scorer!r}; known: {', '.join(ACTIVATION_SCORERS)}"
-    )
+__all__ = [
+    "ACTIVATION_SCORERS",
+    "ActivationSensitivity",
+    "ActivationState",
+    "activation_scores",
+    "activation_sensitivity",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,14 +135,16 @@ class ActivationState:
         clipping: str = "minmax",
         symmetric: bool = False,
         seed: int = 0,
+        clipped: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> ActivationState:
         """``low``/``high`` [L]: observed ranges; ``samples``: `range_statistics`' value samples,
-        from which ``clipping`` calibrates the [L, F] range of every format (`clipped_ranges`)."""
+        from which ``clipping`` calibrates the [L, F] range of every format (`clipped_ranges`),
+        unless ``clipped`` gives those ranges (a resumed run's)."""
         model.eval()
         modules = {layer.name: get_module(model, layer.name) for layer in layers}
         format_names = check_activation_formats(format_names)
         low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-        clip_low, clip_high = clipped_ranges(
+        clip_low, clip_high = clipped or clipped_ranges(
             low, high, samples, format_names, clipping, symmetric=symmetric
         )
         return cls(
@@ -263,6 +214,37 @@ class ActivationState:
             self.num_elements = elements
         self.rows.append({"trace": trace, "noise": noise, "weighted": weighted})
 
+    def snapshot(self) -> Snapshot:
+        """The ranges, the per-batch rows and the generator (`lcpaq.state_file`)."""
+        arrays: dict[str, np.ndarray | torch.Tensor] = {
+            "low": self.low,
+            "high": self.high,
+            "clip_low": self.clip_low,
+            "clip_high": self.clip_high,
+            "generator": generator_state(self.generator),
+            "sampled": np.array(self.sampled),
+            "row_counts": np.array([len(row["trace"]) for row in self.rows], np.int64),
+        }
+        if self.num_elements is not None:
+            arrays["num_elements"] = self.num_elements
+        per_format = (len(self.names), len(self.format_names))
+        widths = {"trace": per_format[:1], "noise": per_format, "weighted": per_format}
+        for key, width in widths.items():
+            blocks = [row[key] for row in self.rows]
+            arrays[key] = np.concatenate(blocks) if blocks else np.zeros((0, *width))
+        return arrays
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> int:
+        """Continue after the batches ``snapshot`` holds; returns their number."""
+        counts = snapshot["row_counts"]
+        parts = {key: split_rows(snapshot[key], counts) for key in ("trace", "noise", "weighted")}
+        self.rows = [{key: parts[key][index] for key in parts} for index in range(len(counts))]
+        if "num_elements" in snapshot:
+            self.num_elements = snapshot["num_elements"].numpy()
+        self.generator.set_state(snapshot["generator"])
+        self.sampled = bool(snapshot["sampled"])
+        return len(self.rows)
+
     def finish(self) -> ActivationSensitivity:
         if not self.rows or self.num_elements is None:
             raise ValueError("no calibration samples were given")
@@ -297,6 +279,42 @@ def _stderr(values: np.ndarray) -> np.ndarray:
     return values.std(0, ddof=1) / np.sqrt(len(values))
 
 
+def _started(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: Sequence[torch.Tensor],
+    format_names: Sequence[str],
+    mine: Sequence[int],
+    share: BatchShare,
+    clipping: str,
+    symmetric: bool,
+    seed: int,
+) -> ActivationState:
+    """Pass 1 (the ranges of every layer's input over this process's batches, reduced over the
+    processes) and the state of pass 2 it starts."""
+    low, high, samples = range_statistics(
+        model,
+        layers,
+        [(index, batches[index]) for index in mine],
+        keep=range_sample_size(clipping),
+        seed=seed,
+    )
+    if share.world > 1:
+        low, high = share.smallest(low), share.largest(high)
+        samples = share.in_batch_order(samples, len(batches))
+    return ActivationState.start(
+        model,
+        layers,
+        format_names,
+        low,
+        high,
+        samples=samples,
+        clipping=clipping,
+        symmetric=symmetric,
+        seed=seed + share.rank,
+    )
+
+
 def activation_sensitivity(
     model: nn.Module,
     layers: Sequence[LayerInfo],
@@ -309,6 +327,7 @@ def activation_sensitivity(
     seed: int = 0,
     share: BatchShare = SINGLE_PROCESS,
     progress: bool = False,
+    state_file: StateFile = NO_STATE,
 ) -> ActivationSensitivity:
     """Per-layer activation curvature (exact Gauss–Newton trace w.r.t. the layer input, SE over
     samples) and the noise of each activation format, streamed over calibration batches.
@@ -323,6 +342,8 @@ def activation_sensitivity(
             ranges are min/max-reduced (exact), the range samples (``mse`` clipping) and the
             per-sample rows gathered in batch order, so the result equals the single-process one
             (the sampled Fisher past 64 classes: in distribution only, as for Gauss–Newton).
+        state_file: where the ranges and the rows are saved after batches (`lcpaq.state_file`);
+            a snapshot found there is continued from its next batch, to the same result.
     Returns:
         an `ActivationSensitivity`; `activation_scores` turns it into [L, A] scores.
     """
@@ -330,29 +351,37 @@ def activation_sensitivity(
     if not batches:
         raise ValueError("no calibration samples were given")
     mine = share.indices(len(batches))
-    low, high, samples = range_statistics(
-        model,
-        layers,
-        [(index, batches[index]) for index in mine],
-        keep=range_sample_size(clipping),
-        seed=seed,
+    snapshot = state_file.load()
+    if snapshot is None:
+        state = _started(
+            model, layers, batches, format_names, mine, share, clipping, symmetric, seed
+        )
+        state_file.save(state.snapshot, last=True)  # the ranges: a resumed run skips their pass
+    else:
+        state = ActivationState.start(
+            model,
+            layers,
+            format_names,
+            snapshot["low"].numpy(),
+            snapshot["high"].numpy(),
+            clipping=clipping,
+            symmetric=symmetric,
+            seed=seed + share.rank,
+            clipped=(snapshot["clip_low"].numpy(), snapshot["clip_high"].numpy()),
+        )
+    done = state.restore(snapshot) if snapshot is not None else 0
+    bar = tqdm(
+        total=len(mine),
+        initial=done,
+        desc="activation curvature",
+        disable=not progress,
+        unit="batch",
     )
-    if share.world > 1:
-        low, high = share.smallest(low), share.largest(high)
-        samples = share.in_batch_order(samples, len(batches))
-    state = ActivationState.start(
-        model,
-        layers,
-        format_names,
-        low,
-        high,
-        samples=samples,
-        clipping=clipping,
-        symmetric=symmetric,
-        seed=seed + share.rank,
-    )
-    for index in tqdm(mine, desc="activation curvature", disable=not progress, unit="batch"):
-        state.add_batch(model, batches[index], loss)
+    with bar:
+        for position, index in enumerate(mine[done:], start=done + 1):
+            state.add_batch(model, batches[index], loss)
+            state_file.save(state.snapshot, last=position == len(mine))
+            bar.update()
     if share.world > 1:
         gathered = share.in_batch_order(
             [(state.num_elements, row) for row in state.rows], len(batches)

@@ -76,19 +76,9 @@ def measure_candidates(
     """Quantize every layer to every weight format once and record cost and weight error; with
     ``activation_formats``, pair each weight format with each of them (`pair_candidates`).
     ``input_hessians``: per-layer input second moments, for ``scheme.rounding == "gptq"``."""
-    formats = [get_format(name) for name in format_names]
     for name in activation_formats:
         activation_bits(name)  # an unknown name fails before any work
-    weights = {layer.name: weight_of(model, layer).detach() for layer in layers}
-    quantized = {}
-    for layer in layers:
-        with failing_layer(layer.name, layer.kind, "quantizing"):
-            quantized[layer.name] = fake_quantize_formats(
-                weights[layer.name],
-                formats,
-                scheme,
-                input_hessians.get(layer.name) if input_hessians else None,
-            )
+    weights, quantized = quantize_candidates(model, layers, format_names, scheme, input_hessians)
     return table_from_weights(
         layers,
         weights,
@@ -99,6 +89,28 @@ def measure_candidates(
         activation_formats,
         input_hessians,
     )
+
+
+def quantize_candidates(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    format_names: Sequence[str],
+    scheme: QuantScheme,
+    input_hessians: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Every layer's weight and its fake-quantized values in each of ``format_names``."""
+    formats = [get_format(name) for name in format_names]
+    weights = {layer.name: weight_of(model, layer).detach() for layer in layers}
+    quantized = {}
+    for layer in layers:
+        with failing_layer(layer.name, layer.kind, "quantizing"):
+            quantized[layer.name] = fake_quantize_formats(
+                weights[layer.name],
+                formats,
+                scheme,
+                input_hessians.get(layer.name) if input_hessians else None,
+            )
+    return weights, quantized
 
 
 def table_from_weights(
@@ -148,7 +160,9 @@ def cost_table(
     weight_bits, size_bits = np.zeros(shape), np.zeros(shape)
     for row, layer in enumerate(layers):
         for column, fmt in enumerate(formats):
-            weight_bits[row, column] = layer.num_params * fmt.bits
+            # Budgets count information (log2(3) bits per ternary code), sizes what is stored
+            # (2 bits per ternary code, `lcpaq.quant.weights.pack_codes`).
+            weight_bits[row, column] = layer.num_params * fmt.budget_bits
             size_bits[row, column] = layer.num_params * fmt.bits + scale_overhead_bits(
                 layer.weight_shape, scheme, fmt
             )
@@ -156,7 +170,7 @@ def cost_table(
         layer_names=tuple(layer.name for layer in layers),
         format_names=tuple(format_names),
         num_params=np.array([layer.num_params for layer in layers], dtype=np.int64),
-        bits=np.array([fmt.bits for fmt in formats], dtype=np.int64),
+        bits=np.array([fmt.budget_bits for fmt in formats], dtype=np.float64),
         weight_bits=weight_bits,
         size_bits=size_bits,
         error_sq=np.zeros(shape),

@@ -13,7 +13,15 @@ per-sample weight gradients are formed from the layer inputs and output gradient
 (`lcpaq.sensitivity.per_sample`), so there is no probe noise and the standard error is the one over
 calibration samples. Memory does not grow with the number of batches: only per-sample trace rows
 and running sums are kept. For ``kl`` at the FP32 point it equals the exact Hessian. Past 64
-classes the Monte-Carlo Fisher is used (method ``fisher_sampled``).
+classes the Monte-Carlo Fisher is used (method ``fisher_sampled``), and for mse past 64 outputs
+Rademacher factors (``gauss_newton_sampled``); both unbiased (`lcpaq.sensitivity.losses`).
+
+Text models (`lcpaq.model.text.TextModel`, contract §4): a sample is a sequence. An encoder's
+pooled embedding [N, D] is a 2-d output like logits (loss mse to FP32's embedding, label-free); a
+causal LM's logits [N, T, V] get one Monte-Carlo Fisher factor per position at the positions its
+next-token loss counts (`loss_positions`), so each sequence's trace sums its tokens' terms.
+Padding enters nothing: its factors are zero and attention masks it, so its output gradients are
+zero too (tests/sensitivity/test_text_curvature.py checks both against brute-force oracles).
 
 `gauss_newton_traces` is the one implementation, single-process or split over a process group
 through a `BatchShare` (`lcpaq.sensitivity.distributed.batch_share`).
@@ -30,13 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
-from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, weight_of
+from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, token_mask, weight_of
 from lcpaq.model.op_capture import OpCall, OpCapture
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
 from lcpaq.sensitivity.losses import (
     LossName,
     factor_chunk,
+    next_token_positions,
     output_grads_in_chunks,
     output_hessian_factors,
 )
@@ -50,6 +59,14 @@ from lcpaq.sensitivity.per_sample import (
     per_sample_grads_from_columns,
     samples_first,
 )
+from lcpaq.state_file import (
+    NO_STATE,
+    Snapshot,
+    StateFile,
+    generator_state,
+    joined_rows,
+    split_rows,
+)
 
 
 def gauss_newton_traces(
@@ -62,6 +79,7 @@ def gauss_newton_traces(
     seed: int = 0,
     share: BatchShare = SINGLE_PROCESS,
     progress: bool = False,
+    state_file: StateFile = NO_STATE,
 ) -> CurvatureEstimate:
     """Exact per-layer Gauss–Newton traces (sampled Fisher past 64 classes), streamed over batches.
 
@@ -78,6 +96,8 @@ def gauss_newton_traces(
             single-process ones (the per-batch rows are replayed in batch order); the diagonal is
             summed in another order (equal to float rounding). The sampled Fisher draws its labels
             from a per-rank generator (seed + rank), so it is equal in distribution only.
+        state_file: where the running state is saved after batches (`lcpaq.state_file`); a
+            snapshot found there is continued from its next batch, to the same result.
     Returns:
         traces of the mean-loss Gauss–Newton blocks with standard errors over samples.
     """
@@ -85,12 +105,47 @@ def gauss_newton_traces(
     state = GaussNewtonState.start(
         model, layers, keep_diagonal=keep_diagonal, seed=seed + share.rank
     )
+    state.loss = loss  # names the method of sampled traces, also when a resume adds no batch
     mine = share.indices(len(batches))
-    for index in tqdm(mine, desc="Gauss-Newton traces", disable=not progress, unit="batch"):
-        state.add_batch(model, batches[index], loss)
+    done = state.restore(state_file.load())
+    bar = tqdm(
+        total=len(mine),
+        initial=done,
+        desc="Gauss-Newton traces",
+        disable=not progress,
+        unit="batch",
+    )
+    with bar:
+        for position, index in enumerate(mine[done:], start=done + 1):
+            state.add_batch(model, batches[index], loss)
+            state_file.save(state.snapshot, last=position == len(mine))
+            bar.update()
     if share.world > 1:
         state.combine(share, len(batches))
     return state.finish()
+
+
+def loss_positions(
+    model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor | None:
+    """The [N, T] positions of sequence logits [N, T, V] that the loss counts (a causal LM's
+    next-token predictions over real tokens, `next_token_positions`); None for logits [N, C].
+    Padding then never enters a trace: its factors are zero, so its output gradients are too."""
+    if logits.dim() == 2:
+        return None
+    mask = token_mask(model, inputs)
+    if logits.dim() != 3 or mask is None or tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise InputError(
+            f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
+            "of shape [batch, classes] (or [batch, tokens, vocabulary] from a text model)"
+        )
+    return next_token_positions(mask)
+
+
+def sampled_method(loss: LossName) -> str:
+    """The method name of sampled traces: the Monte-Carlo Fisher (cross-entropy, KL; past 64
+    classes and on sequence logits) or Rademacher factors of mse's (2/D)·I past 64 outputs."""
+    return "gauss_newton_sampled" if loss == "mse" else "fisher_sampled"
 
 
 def _call_part(call: OpCall, part: slice, count: int) -> OpCall:
@@ -122,6 +177,8 @@ def _squared_norms_over_calls(
 
     Linear layers without the diagonal use the token Gram form when it is cheaper: the calls are
     concatenated along the token axis (Σ over calls and tokens of g xᵀ is one sum)."""
+    if any(call.op == "embedding" for call in calls):
+        return _tied_squared_norms(calls, output_grad_list, part, count, weight_shape, diagonal)
     parts = [_call_part(call, part, count) for call in calls]
     grads = [
         output_grads(call, grad, count)[:, part] for call, grad in zip(calls, output_grad_list)
@@ -139,6 +196,38 @@ def _squared_norms_over_calls(
         total = per_sample if total is None else total + per_sample
     assert total is not None, "a recorded layer ran at least once"
     squared = total.pow(2).sum(0)  # [n, *weight.shape], over the factors
+    return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
+
+
+def _tied_squared_norms(
+    calls: Sequence[OpCall],
+    output_grad_list: Sequence[torch.Tensor],
+    part: slice,
+    count: int,
+    weight_shape: tuple[int, ...],
+    diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_squared_norms_over_calls` for a table that is both an embedding lookup and a Linear
+    weight (an LM head tied to the input embedding): each sample's gradient is its head part
+    Σ_t g_t h_tᵀ plus its lookup part Σ_t e_{id_t} g'_tᵀ (the output gradients g' scattered onto
+    the rows of the ids), materialised [K, n, V, D] (micro-batched by the caller)."""
+    total: torch.Tensor | None = None
+    for call, grad in zip(calls, output_grad_list):
+        if call.op == "embedding":
+            ids = call.input.reshape(count, -1)[part]  # [n, T]
+            rows = grad.reshape(grad.shape[0], count, -1, grad.shape[-1])[:, part]  # [K, n, T, D]
+            if total is None:
+                total = rows.new_zeros((rows.shape[0], rows.shape[1], *weight_shape))
+            index = ids.to(rows.device)[None, :, :, None].expand_as(rows)
+            total = total.scatter_add(2, index, rows)
+            continue
+        call_part = _call_part(call, part, count)
+        grads = output_grads(call, grad, count)[:, part]
+        columns = input_columns(call_part, weight_shape[2:], grads.shape[1])
+        per_sample = per_sample_grads_from_columns(call_part, columns, grads, weight_shape)
+        total = per_sample if total is None else total + per_sample
+    assert total is not None, "a recorded layer ran at least once"
+    squared = total.pow(2).sum(0)
     return squared.flatten(1).sum(1), (squared.sum(0) if diagonal else None)
 
 
@@ -161,6 +250,7 @@ class GaussNewtonState:
     max_elements: int
     rows: list[np.ndarray] = field(default_factory=list)
     sampled: bool = False
+    loss: LossName = "cross_entropy"
 
     @classmethod
     def start(
@@ -188,20 +278,18 @@ class GaussNewtonState:
     def add_batch(self, model: nn.Module, inputs: torch.Tensor, loss: LossName) -> None:
         names = self.names
         device = next(model.parameters()).device
-        inputs = inputs.to(device).detach().requires_grad_(True)  # not the caller's tensor
+        inputs = inputs.to(device).detach()  # not the caller's tensor
+        if inputs.is_floating_point():
+            inputs.requires_grad_(True)
         count = inputs.shape[0]
         per_sample = torch.zeros(count, len(names), dtype=torch.float64, device=device)
-        with OpCapture(self.weights, keep_graph=True) as capture:
+        with OpCapture(self.weights, keep_graph=True, embeddings=True) as capture:
             logits = model(inputs)
-        if logits.dim() != 2:
-            raise InputError(
-                f"the model's output has shape {tuple(logits.shape)}; curvature needs logits "
-                "of shape [batch, classes]"
-            )
+        positions = loss_positions(model, inputs, logits)
         missing = [name for name in names if name not in capture.calls]
         if missing:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
-        factors, is_sampled = output_hessian_factors(logits, loss, self.generator)
+        factors, is_sampled = output_hessian_factors(logits, loss, self.generator, positions)
         self.sampled = self.sampled or is_sampled
         outputs = [call.output for name in names for call in capture.calls[name]]
         chunk = factor_chunk(len(factors), sum(out.numel() for out in outputs))
@@ -224,6 +312,28 @@ class GaussNewtonState:
         del outputs, logits
         capture.clear()
         self.rows.append(per_sample.cpu().numpy())
+
+    def snapshot(self) -> Snapshot:
+        """Everything `finish` and the next `add_batch` depend on (`lcpaq.state_file`)."""
+        diagonal = {f"diagonal/{name}": values for name, values in self.diagonal.items()}
+        return {
+            **joined_rows(self.rows, (len(self.names),)),
+            **(diagonal if self.keep_diagonal else {}),
+            "generator": generator_state(self.generator),
+            "sampled": np.array(self.sampled),
+        }
+
+    def restore(self, snapshot: dict[str, torch.Tensor] | None) -> int:
+        """Continue from ``snapshot`` (None: from the start); returns the batches it holds."""
+        if snapshot is None:
+            return 0
+        self.rows = split_rows(snapshot["rows"], snapshot["row_counts"])
+        if self.keep_diagonal:
+            for name, values in self.diagonal.items():
+                values.copy_(snapshot[f"diagonal/{name}"])
+        self.generator.set_state(snapshot["generator"])
+        self.sampled = bool(snapshot["sampled"])
+        return len(self.rows)
 
     def combine(self, share: BatchShare, num_batches: int) -> None:
         """Every process's rows in batch order, the sampled flag and the diagonal summed over them."""
@@ -252,7 +362,7 @@ class GaussNewtonState:
             trace=trace,
             trace_stderr=stderr,
             num_samples=num_samples,
-            method="fisher_sampled" if self.sampled else "gauss_newton",
+            method=sampled_method(self.loss) if self.sampled else "gauss_newton",
             num_probes=0,
             flags=flag_estimates(trace, stderr),
             diagonal=(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from lcpaq.model.graph import LayerInfo, layer_parameter
 from lcpaq.sensitivity.batch_share import SINGLE_PROCESS, Batch, BatchShare
 from lcpaq.sensitivity.curvature import CurvatureEstimate, flag_estimates
 from lcpaq.sensitivity.losses import LossName, check_loss, gauss_newton_quadratic, summed_loss
+from lcpaq.sensitivity.probe_rounds import ProbeRounds
+from lcpaq.state_file import NO_STATE, StateFile
 
 logger = logging.getLogger(__name__)
 
@@ -88,25 +91,24 @@ def _rademacher(
     )
 
 
-def _joint_round(
+def _joint_batch(
     model: nn.Module,
-    batches: Sequence[Batch],
     weights: list[torch.Tensor],
-    probes: list[list[torch.Tensor]],
     loss: LossName,
     total: int,
+    probes: list[list[torch.Tensor]],
+    batch: Batch,
 ) -> np.ndarray:
-    """v_lᵀ(Hv)_l [probes, layers] of this process's batches; one gradient graph per batch."""
+    """v_lᵀ(Hv)_l [probes, layers] of one batch; one gradient graph for every probe."""
     device = weights[0].device
     values = np.zeros((len(probes), len(weights)))
-    for batch in batches:
-        batch_loss, _ = _batch_loss(model, batch, loss, total, device)
-        grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
-        for probe_index, probe in enumerate(probes):
-            dot = sum((grad * v).sum() for grad, v in zip(grads, probe))
-            assert isinstance(dot, torch.Tensor)
-            hvp = torch.autograd.grad(dot, weights, retain_graph=probe_index + 1 < len(probes))
-            values[probe_index] += [float((h * v).sum()) for h, v in zip(hvp, probe)]
+    batch_loss, _ = _batch_loss(model, batch, loss, total, device)
+    grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
+    for probe_index, probe in enumerate(probes):
+        dot = sum((grad * v).sum() for grad, v in zip(grads, probe))
+        assert isinstance(dot, torch.Tensor)
+        hvp = torch.autograd.grad(dot, weights, retain_graph=probe_index + 1 < len(probes))
+        values[probe_index] = [float((h * v).sum()) for h, v in zip(hvp, probe)]
     return values
 
 
@@ -123,6 +125,7 @@ def hutchinson_traces(
     loss: LossName = "cross_entropy",
     share: BatchShare = SINGLE_PROCESS,
     progress: bool = False,
+    state_file: StateFile = NO_STATE,
 ) -> CurvatureEstimate:
     """Per-layer Hutchinson traces of the exact Hessian of the mean ``loss`` over all batches.
 
@@ -132,7 +135,8 @@ def hutchinson_traces(
     ``rel_tol`` × |estimate| (after ``min_probes``) or at ``max_probes``.
 
     ``batches`` are (inputs, labels) pairs; labels may be None for ``loss="kl"`` (see `summed_loss`).
-    ``share`` splits the batches across processes (`lcpaq.sensitivity.distributed`).
+    ``share`` splits the batches across processes (`lcpaq.sensitivity.distributed`);
+    ``state_file`` keeps the rounds so an interrupted run resumes (`lcpaq.sensitivity.probe_rounds`).
     """
     if max_probes < 2:
         raise ValueError(
@@ -140,24 +144,22 @@ def hutchinson_traces(
         )
     names, weights, generator, total = _probe_setup(model, layers, batches, seed, loss)
     device = weights[0].device
+    rounds = ProbeRounds(state_file)
+    contribution = partial(_joint_batch, model, weights, loss, total)
     estimates: list[np.ndarray] = []
     bar = tqdm(total=max_probes, desc="Hutchinson probes", disable=not progress, unit="probe")
     try:
         with _requiring_grad(weights):
-            while len(estimates) < max_probes:
+            while not _joint_done(estimates, min_probes, max_probes, rel_tol):
                 round_size = min(probes_per_round, max_probes - len(estimates))
                 probes = [
                     [_rademacher(w, generator, device) for w in weights] for _ in range(round_size)
                 ]
-                values = _joint_round(model, share.mine(batches), weights, probes, loss, total)
-                estimates.extend(share.add_up(values))
+                shape = (round_size, len(weights))
+                estimates.extend(
+                    rounds.run(probes, contribution, share.mine(batches), share, shape)
+                )
                 bar.update(round_size)
-                stacked = np.array(estimates)
-                stderr = stacked.std(0, ddof=1) / np.sqrt(len(stacked))
-                if len(stacked) >= min_probes and np.all(
-                    stderr < rel_tol * np.abs(stacked.mean(0))
-                ):
-                    break
     finally:
         bar.close()
     stacked = np.array(estimates)
@@ -173,6 +175,20 @@ def hutchinson_traces(
         num_probes=len(stacked),
         flags=flag_estimates(trace, stderr),
     )
+
+
+def _joint_done(
+    estimates: list[np.ndarray], min_probes: int, max_probes: int, rel_tol: float
+) -> bool:
+    """Whether the joint estimator stops: every layer's standard error is below ``rel_tol`` times
+    its estimate after ``min_probes``, or ``max_probes`` are spent."""
+    if len(estimates) >= max_probes:
+        return True
+    if len(estimates) < max(min_probes, 2):
+        return False
+    stacked = np.array(estimates)
+    stderr = stacked.std(0, ddof=1) / np.sqrt(len(stacked))
+    return bool(np.all(stderr < rel_tol * np.abs(stacked.mean(0))))
 
 
 def probes_for_tolerance(mean: np.ndarray, variance: np.ndarray, rel_tol: float) -> np.ndarray:
@@ -245,35 +261,33 @@ def _single_layer_probes(
     ]
 
 
-def _single_layer_round(
+def _single_layer_batch(
     model: nn.Module,
-    batches: Sequence[Batch],
     weights: list[torch.Tensor],
-    probes: list[tuple[int, torch.Tensor]],
     loss: LossName,
     total: int,
     control: bool,
+    probes: list[tuple[int, torch.Tensor]],
+    batch: Batch,
 ) -> np.ndarray:
-    """v_lᵀ(Hv)_l (``control``: v_lᵀ((H − G)v)_l) per (layer index, probe) of this process's batches."""
+    """v_lᵀ(Hv)_l (``control``: v_lᵀ((H − G)v)_l) per (layer index, probe) of one batch."""
     device = weights[0].device
     values = np.zeros(len(probes))
-    for batch in batches:
-        batch_loss, logits = _batch_loss(model, batch, loss, total, device)
-        grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
-        if control:  # Jᵀu for every layer, linear in u: J v = ∂(Jᵀu·v)/∂u
-            dummy = torch.zeros_like(logits, requires_grad=True)
-            transposed = torch.autograd.grad(logits, weights, dummy, create_graph=True)
-        for probe_index, (index, v) in enumerate(probes):
-            (hvp,) = torch.autograd.grad(
-                grads[index], weights[index], grad_outputs=v, retain_graph=True
+    batch_loss, logits = _batch_loss(model, batch, loss, total, device)
+    grads = torch.autograd.grad(batch_loss, weights, create_graph=True)
+    if control:  # Jᵀu for every layer, linear in u: J v = ∂(Jᵀu·v)/∂u
+        dummy = torch.zeros_like(logits, requires_grad=True)
+        transposed = torch.autograd.grad(logits, weights, dummy, create_graph=True)
+    for probe_index, (index, v) in enumerate(probes):
+        (hvp,) = torch.autograd.grad(
+            grads[index], weights[index], grad_outputs=v, retain_graph=True
+        )
+        values[probe_index] = float((hvp * v).sum())
+        if control:
+            (change,) = torch.autograd.grad(
+                transposed[index], dummy, grad_outputs=v, retain_graph=True
             )
-            values[probe_index] += float((hvp * v).sum())
-            if control:
-                (change,) = torch.autograd.grad(
-                    transposed[index], dummy, grad_outputs=v, retain_graph=True
-                )
-                values[probe_index] -= gauss_newton_quadratic(logits, change, loss) / total
-        del grads, batch_loss, logits
+            values[probe_index] -= gauss_newton_quadratic(logits, change, loss) / total
     return values
 
 
@@ -310,6 +324,7 @@ def single_layer_hutchinson_traces(
     share: BatchShare = SINGLE_PROCESS,
     gauss_newton: CurvatureEstimate | None = None,
     progress: bool = False,
+    state_file: StateFile = NO_STATE,
 ) -> CurvatureEstimate:
     """Per-layer Hutchinson traces of the exact Hessian of the mean ``loss`` with single-layer
     probes (METHOD §1a (ii)), optionally with the exact Gauss–Newton trace as a control variate.
@@ -322,8 +337,8 @@ def single_layer_hutchinson_traces(
     rounds, each layer that has not reached SE_l ≤ ``rel_tol``·|T̂_l| gets half of the probes its
     variance says it still needs, up to ``max_probes_per_layer`` per layer and ``max_total_probes``
     in all (default: no total cap). Per batch the gradient graph is built once per round.
-    ``probes_per_layer`` of the result records what each layer got. ``batches``, ``loss`` and
-    ``share`` as in `hutchinson_traces`.
+    ``probes_per_layer`` of the result records what each layer got. ``batches``, ``loss``,
+    ``share`` and ``state_file`` as in `hutchinson_traces`.
 
     Why this variance reduction: on ResNet20 the joint probe needed a median ~1,900 probes per layer
     for 5 % (the Linear layer ~250,000) because every other layer's block adds variance; the
@@ -346,17 +361,20 @@ def single_layer_hutchinson_traces(
     offset = _control_offset(gauss_newton, names, total)
     samples: list[list[float]] = [[] for _ in names]
     counts = np.full(len(names), min_probes)
+    rounds = ProbeRounds(state_file)
+    contribution = partial(
+        _single_layer_batch, model, weights, loss, total, gauss_newton is not None
+    )
     bar = tqdm(desc="single-layer Hutchinson", disable=not progress, unit="probe")
     try:
         with _requiring_grad(weights):
             while counts.sum() > 0:
                 probes = _single_layer_probes(counts, weights, generator)
-                control = gauss_newton is not None
-                values = _single_layer_round(
-                    model, share.mine(batches), weights, probes, loss, total, control
+                values = rounds.run(
+                    probes, contribution, share.mine(batches), share, (len(probes),)
                 )
-                for (index, _), value in zip(probes, share.add_up(values)):
-                    samples[index].append(value)
+                for (index, _), value in zip(probes, values):
+                    samples[index].append(float(value))
                 bar.update(len(probes))
                 counts = _next_counts(samples, offset, rel_tol, max_probes_per_layer, cap_total)
     finally:

@@ -23,6 +23,9 @@ from lcpaq.errors import InputError
 #: term: it *is* the Gauss–Newton matrix with H_out = diag(p) − ppᵀ (tests check both).
 LossName = Literal["cross_entropy", "mse", "kl"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "kl")
+#: Target of positions a sequence loss does not count (`next_token_targets`; F.cross_entropy's
+#: ``ignore_index``).
+IGNORE = -100
 
 #: Past this many classes the exact factorisation costs too many backward passes; the Monte-Carlo
 #: Fisher (labels drawn from the model, one backward per draw) is used instead (METHOD §1a').
@@ -33,22 +36,91 @@ EXACT_FACTOR_MAX_CLASSES = 64
 FACTOR_GRADS_ELEMENTS_LIMIT = 1 << 26
 
 
+def default_loss(task: str | None, has_labels: bool) -> LossName:
+    """``--loss auto``: cross-entropy for classifiers with labels (images, text classifiers), the
+    squared error of the pooled embedding against FP32's for encoders (label-free; at the FP32
+    point its Gauss–Newton matrix is the exact Hessian), KL to the FP32 next-token distributions
+    for causal LMs (label-free; its curvature equals next-token cross-entropy's)."""
+    if task == "encoder":
+        return "mse"
+    if task == "causal-lm" or not has_labels:
+        return "kl"
+    return "cross_entropy"
+
+
 def check_loss(loss: str) -> None:
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
+def next_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] bool: the positions of a causal LM's logits [N, T, V] that its loss counts, those
+    whose next token is real (padding and the last real token predict nothing)."""
+    mask = mask.bool()
+    positions = torch.zeros_like(mask)
+    positions[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    return positions
+
+
+def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] int64: the next token at each `next_token_positions` position, ``IGNORE`` elsewhere."""
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, :-1] = ids[:, 1:]
+    return targets.masked_fill(~next_token_positions(mask), IGNORE)
+
+
+def _rademacher(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return (2 * bits - 1).to(like.dtype)
+
+
+def _sequence_factors(
+    logits: torch.Tensor,
+    loss: LossName,
+    generator: torch.Generator | None,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """One sampled factor [1, N, T, V] of a causal LM's summed next-token loss: the Monte-Carlo
+    Fisher p_t − e_y (y ~ p_t, drawn independently per position) at the ``positions`` that count,
+    zero elsewhere. Independent draws make the cross-position terms vanish in expectation, so
+    E[u uᵀ] is the block-diagonal output Hessian Σ_t diag(p_t) − p_t p_tᵀ exactly (unbiased)."""
+    if loss == "mse":
+        raise InputError("loss 'mse' on sequence logits [N, T, V] is not supported; use kl")
+    if positions is None:
+        positions = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    probs = torch.softmax(logits.detach().flatten(0, 1), dim=-1)
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    factors = probs.scatter_add(1, drawn[:, None], -torch.ones_like(probs[:, :1]))
+    factors = factors.reshape(logits.shape) * positions.to(logits.device)[:, :, None]
+    return factors[None].to(logits.dtype)
+
+
 def output_hessian_factors(
-    logits: torch.Tensor, loss: LossName, generator: torch.Generator | None
+    logits: torch.Tensor,
+    loss: LossName,
+    generator: torch.Generator | None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """Factors U [K, N, C] with H_out,n = Σ_k U[k, n] U[k, n]ᵀ; the flag says if they are sampled.
+    """Factors U [K, *logits.shape] with H_out,n = Σ_k U[k, n] U[k, n]ᵀ (in expectation when
+    sampled); the flag says if they are sampled.
 
     Cross-entropy's output Hessian diag(p) − ppᵀ does not depend on the labels; ``kl`` (KL to the
     FP32 outputs, evaluated at the FP32 model) has the same output Hessian, so both use these factors.
+    ``mse`` (mean over the D outputs of the squared error, e.g. an encoder's embedding against
+    FP32's): H_out = (2/D)·I, exact up to 64 outputs, past that one Rademacher factor √(2/D)·r,
+    r ∈ {±1}^D, with E[r rᵀ] = I (unbiased; its noise is part of the standard error over samples).
+    Sequence logits [N, T, V] (causal LM): `_sequence_factors` at ``positions`` [N, T].
     """
     check_loss(loss)
+    if logits.dim() == 3:
+        return _sequence_factors(logits, loss, generator, positions), True
     num_classes = logits.shape[-1]
     if loss == "mse":  # mean over outputs of (z - y)^2: H_out = (2/C) I
+        if num_classes > EXACT_FACTOR_MAX_CLASSES:
+            signs = _rademacher((1, *logits.shape), logits, generator)
+            return (2.0 / num_classes) ** 0.5 * signs, True
         eye = torch.eye(num_classes, dtype=logits.dtype, device=logits.device)
         factors = (2.0 / num_classes) ** 0.5 * eye[:, None, :].expand(-1, logits.shape[0], -1)
         return factors, False

@@ -24,15 +24,21 @@ from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.allocation.budgets import counts_activation_bits
-from lcpaq.allocation.table import CandidateTable
-from lcpaq.config import RunConfig
+from lcpaq.allocation.channel_groups import (
+    CHANNEL_ERRORS_FILE,
+    ChannelErrors,
+    channel_error_arrays,
+)
+from lcpaq.allocation.table import CandidateTable, activation_bits
+from lcpaq.config import ResumeSettings, RunConfig
 from lcpaq.model.data import Dataset
 from lcpaq.model.graph import KeptWeight, LayerInfo, Survey, discover_layers, survey_weights
 from lcpaq.model.zoo import file_sha256
 from lcpaq.quant.formats import get_format
 from lcpaq.sensitivity import distributed
 from lcpaq.sensitivity.activation_file import save_activation_sensitivity
-from lcpaq.sensitivity.candidates import measure_candidates
+from lcpaq.sensitivity.candidates import quantize_candidates, table_from_weights
+from lcpaq.sensitivity.channel_errors import measure_channel_errors
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, save_interactions
 from lcpaq.sensitivity.limpq import (
     LearnedStepSizes,
@@ -53,6 +59,13 @@ from lcpaq.stages.measure import (
     layer_input_hessians,
     measure_interactions,
     measure_sensitivity,
+)
+from lcpaq.stages.resume import (
+    NO_ANALYSIS_STATE,
+    AnalysisState,
+    finished_analysis,
+    open_state,
+    saves_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,6 +89,7 @@ class Analysis:
     interactions: InteractionTerms | None = None
     interactions_seconds: float | None = None
     step_sizes: LearnedStepSizes | None = None
+    channel_errors: ChannelErrors | None = None
 
 
 def with_default_activations(config: RunConfig) -> RunConfig:
@@ -113,25 +127,38 @@ def analyze_model(
     *,
     pair_data: Dataset | None = None,
     progress: bool = True,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> Analysis:
     """Measure ``model`` on the calibration images ``calib`` (``num_samples`` of them) as the
     options of ``config.analysis`` say. ``pair_data``: the images of the inter-layer terms
-    (``pair_samples``; default the first ones of ``calib``)."""
+    (``pair_samples``; default the first ones of ``calib``). ``state``: where the estimators save
+    their running state, and continue an interrupted analysis from (`lcpaq.stages.resume`)."""
     analysis = config.analysis
     fp32_bits, unquantized_bits = model_sizes(model, layers)
-    measured = measure_sensitivity(config, model, layers, calib, progress=progress)
+    measured = measure_sensitivity(config, model, layers, calib, progress=progress, state=state)
     start = time.perf_counter()
-    input_hessians = layer_input_hessians(config, model, layers, calib.inputs)
+    input_hessians = layer_input_hessians(config, model, layers, calib.inputs, state)
     input_hessians_seconds = time.perf_counter() - start if input_hessians else None
-    table = measure_candidates(
-        model,
+    for name in analysis.act_formats:
+        activation_bits(name)  # an unknown name fails before any work
+    weights, quantized = quantize_candidates(
+        model, layers, analysis.formats, analysis.scheme, input_hessians
+    )
+    diagonal = measured.curvature.diagonal
+    table = table_from_weights(
         layers,
+        weights,
+        quantized,
         analysis.formats,
         analysis.scheme,
-        measured.curvature.diagonal,
-        activation_formats=analysis.act_formats,
-        input_hessians=input_hessians,
+        diagonal,
+        analysis.act_formats,
+        input_hessians,
     )
+    channels = measure_channel_errors(
+        layers, weights, quantized, analysis.formats, diagonal, input_hessians
+    )
+    del weights, quantized
     step_sizes = learned_steps(config, model, layers, calib)
     if step_sizes is not None:
         indicator = indicator_columns(step_sizes, table.layer_names, table.weight_formats)
@@ -155,6 +182,7 @@ def analyze_model(
         interactions,
         interactions_seconds,
         step_sizes,
+        channels,
     )
 
 
@@ -207,28 +235,57 @@ def _pair_data(config: RunConfig) -> Dataset | None:
     return load_model_and_data(config, config.analysis.pair_samples)[1]
 
 
-def analyze(config: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
+def analyze(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    resume: ResumeSettings | None = None,
+) -> None:
     """Measure curvature and per-candidate weight errors; write the analysis artifacts.
 
-    Under torchrun (`lcpaq.sensitivity.distributed`) every process measures a share of the calibration
-    batches; only rank 0 writes the run folder.
+    The estimators save their running state in ``run_dir`` as they go; ``resume`` continues an
+    interrupted analysis from it, or (``run --resume``) keeps a finished one with the same
+    options (`lcpaq.stages.resume`). Under torchrun (`lcpaq.sensitivity.distributed`) every
+    process measures a share of the calibration batches; only rank 0 writes the run folder.
     """
-    if not distributed.is_main_process():
+    resume = resume or ResumeSettings()
+    if not saves_state(resume) and not distributed.is_main_process():
         model, calib, survey = _analysis_inputs(config)
         measure_sensitivity(config, model, survey.layers, calib, progress=False)
         return
     ensure_writable(run_dir)
+    if resume.resume and finished_analysis(run_dir, config):
+        logger.info("--resume: the analysis in %s is finished; kept", run_dir)
+        return
     with timed(run_dir, "analyze"):
         # Bad inputs and infeasible budgets fail here, before anything of the folder is removed.
         model, calib, survey = _analysis_inputs(config)
+        state = open_state(run_dir, config, resume)
         for name in runfolder.DOWNSTREAM_ARTIFACTS:
             (run_dir / name).unlink(missing_ok=True)
         for folder in ("quantized", "plots"):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
-        result = analyze_model(
-            config, model, survey.layers, calib, pair_data=_pair_data(config), progress=progress
-        )
-        write_analysis(run_dir, config, result, survey.kept)
+        try:
+            result = analyze_model(
+                config,
+                model,
+                survey.layers,
+                calib,
+                pair_data=_pair_data(config),
+                progress=progress,
+                state=state,
+            )
+            write_analysis(run_dir, config, result, survey.kept)
+        except KeyboardInterrupt:
+            if state.folder is not None:
+                logger.warning(
+                    "analysis interrupted; its state is in %s: `lcpaq analyze --resume` (or "
+                    "`run --resume`) with the same options continues it",
+                    state.folder,
+                )
+            raise
+        state.finish()
     curvature = result.measurements.curvature
     flagged = [name for name, flag in zip(curvature.layer_names, curvature.flags) if flag]
     if flagged:
@@ -283,6 +340,12 @@ def _write_optional(run_dir: Path, result: Analysis) -> None:
         save_step_sizes(run_dir / "step_sizes.npz", result.step_sizes)
     else:
         stale.append("step_sizes.npz")
+    if result.channel_errors is not None:
+        runfolder.write_npz(
+            run_dir / CHANNEL_ERRORS_FILE, channel_error_arrays(result.channel_errors)
+        )
+    else:
+        stale.append(CHANNEL_ERRORS_FILE)
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
 

@@ -24,7 +24,7 @@ from lcpaq.allocation.result import Allocation
 from lcpaq.allocation.table import PAIR_SEPARATOR, activation_format_of, weight_format_of
 from lcpaq.config import ExportSettings, RunConfig
 from lcpaq.model.graph import LayerInfo
-from lcpaq.model.recovery import ReferenceStats, correct_statistics
+from lcpaq.model.recovery import ReferenceStats, correct_statistics, corrects_statistics
 from lcpaq.quant.activations import (
     ActivationQuantizer,
     activation_quantizers,
@@ -279,8 +279,10 @@ def manifest_extra(
     source_sha256: object,
     fp32_size_bits: float,
     correction_samples: int,
+    corrected: bool = True,
 ) -> dict[str, object]:
-    """What the manifest records about the run beside the layers: source, budget, totals."""
+    """What the manifest records about the run beside the layers: source, budget, totals.
+    ``corrected``: whether the correction applies to the model (`corrects_statistics`)."""
     return {
         "model": config.analysis.model,
         "source_checkpoint": config.analysis.checkpoint,
@@ -289,7 +291,7 @@ def manifest_extra(
         "first_last": first_last,
         "scheme": config.analysis.scheme.to_dict(),
         "recovery": {
-            "statistics_correction": config.recovery.enabled,
+            "statistics_correction": config.recovery.enabled and corrected,
             "num_samples": correction_samples,
             "learned_scales": config.recovery.learn_scales,
         },
@@ -336,6 +338,7 @@ def export(
             source_sha256=layer_data["checkpoint_sha256"],
             fp32_size_bits=float(layer_data["fp32_size_bits"]),
             correction_samples=min(config.recovery.num_samples, len(calib)),
+            corrected=corrects_statistics(model),
         )
         path = write_checkpoint(out_dir, quantized, layers, allocation, config, extra)
         export_hf(quantized_model, path, config.analysis.model, settings)

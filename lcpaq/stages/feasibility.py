@@ -16,9 +16,11 @@ import numpy as np
 from lcpaq.allocation.budgets import parse_budget
 from lcpaq.allocation.diagnose import feasible_alone
 from lcpaq.allocation.problem import AllocationProblem
+from lcpaq.allocation.table import CandidateTable
 from lcpaq.config import RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo
+from lcpaq.quant.formats import LEVEL_KINDS, get_format
 from lcpaq.sensitivity.candidates import cost_table
 from lcpaq.sensitivity.curvature import CurvatureEstimate
 from lcpaq.stages.allocate import ProblemData, problem_of
@@ -70,7 +72,7 @@ def check_budgets(
             problems.append(
                 f"budget {budget} is infeasible: with candidates {', '.join(table.format_names)} "
                 f"and this layer policy {budget.metric} ranges from {low:.4g} to {high:.4g} "
-                "(checked before the analysis)"
+                "(checked before the analysis)" + _below_two_bits_hint(budget.metric, table)
             )
     if problems:
         raise InputError("; ".join(problems))
@@ -79,3 +81,12 @@ def check_budgets(
             f"budgets {', '.join(map(str, budgets))} cannot be met together by any assignment "
             "of the candidates (each alone can; checked before the analysis)"
         )
+
+
+def _below_two_bits_hint(metric: str, table: CandidateTable) -> str:
+    """Where the INT/FP candidates stop at 2 bits: how to go below."""
+    if metric != "avg-bits" or any(
+        get_format(name).kind in LEVEL_KINDS for name in table.weight_formats
+    ):
+        return ""
+    return "; budgets below 2 average bits need ternary, binary or pruned among --formats"

@@ -196,7 +196,7 @@ def plot_bit_allocation(
     path: str | os.PathLike[str],
     *,
     layer_names: Sequence[str],
-    bits: Sequence[int],
+    bits: Sequence[float],
     num_params: np.ndarray,
     trace: np.ndarray,
     trace_stderr: np.ndarray,
@@ -207,7 +207,7 @@ def plot_bit_allocation(
     Args:
         path: Destination PNG file; parent folders are created.
         layer_names: Layer names, length ``L``, in execution order.
-        bits: Chosen weight bit width per layer.
+        bits: Chosen weight bits per layer (log2(3) for ternary, 0 for pruned).
         num_params: Weight count per layer ``[L]``, used for the parameter-weighted average.
         trace: Estimated Hessian trace ``tr(H_ll)`` per layer ``[L]``.
         trace_stderr: Standard error of each trace estimate ``[L]``.
@@ -216,7 +216,7 @@ def plot_bit_allocation(
     Returns:
         The path of the written PNG.
     """
-    bit_values = np.asarray(bits, dtype=int)
+    bit_values = np.asarray(bits, dtype=float)
     params = np.asarray(num_params, dtype=float)
     trace = np.asarray(trace, dtype=float)
     stderr = np.abs(np.asarray(trace_stderr, dtype=float))
@@ -256,7 +256,7 @@ def plot_bit_allocation(
     twin.set_ylabel("Hessian trace tr(H_ll) (log)")
 
     handles: list[Patch | Line2D] = [
-        Patch(facecolor=palette[b], edgecolor="black", label=f"{b} bits") for b in levels
+        Patch(facecolor=palette[b], edgecolor="black", label=f"{b:.3g} bits") for b in levels
     ]
     handles.append(entry("Hessian trace ± stderr", {"color": "black", "marker": "o", "ms": 4}))
     if nonpositive.any():

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict, cast, overload
 
 import torch
 from torch import nn
@@ -21,7 +21,11 @@ from lcpaq.config import AllocationConfig, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.model.data import Dataset, check_inputs_fit, load_dataset
 from lcpaq.model.graph import LayerInfo
+from lcpaq.model.hf import HF_PREFIX, load_tokenizer
+from lcpaq.model.text import TextModel
+from lcpaq.model.text_data import RetrievalPairs, load_text_data
 from lcpaq.model.zoo import load_model, num_classes_of
+from lcpaq.stages.resume import check_finished
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ def timed(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def read_config(run_dir: Path) -> RunConfig:
+    """The run's configuration; refused while its analysis is interrupted (`check_finished`)."""
+    check_finished(run_dir)
     path = run_dir / "run_config.json"
     data = runfolder.read_json(path, "run configuration")
     try:
@@ -121,14 +127,55 @@ def load_fp_model(config: RunConfig) -> nn.Module:
     """The run's FP32 model, as ``analyze`` loaded it."""
     analysis = config.analysis
     return load_model(
-        analysis.model, analysis.checkpoint, allow_unsafe_pickle=analysis.allow_unsafe_pickle
+        analysis.model,
+        analysis.checkpoint,
+        allow_unsafe_pickle=analysis.allow_unsafe_pickle,
+        task=analysis.text.task,
+        trust_remote_code=analysis.text.trust_remote_code,
     )
 
 
+def _text_data(
+    config: RunConfig, model: TextModel, path: str, num_samples: int | None, pairs: bool
+) -> Dataset | RetrievalPairs:
+    """Text data for an ``hf:DIR`` model, tokenized with the folder's own tokenizer."""
+    analysis = config.analysis
+    hf_config = getattr(model.model, "config", None)
+    data = load_text_data(
+        path,
+        load_tokenizer(
+            analysis.model.removeprefix(HF_PREFIX),
+            trust_remote_code=analysis.text.trust_remote_code,
+        ),
+        seq_len=analysis.text.seq_len,
+        num_samples=num_samples,
+        model_max=getattr(hf_config, "max_position_embeddings", None),
+        vocab_size=getattr(hf_config, "vocab_size", None),
+        pairs=pairs,
+    )
+    num_labels = getattr(hf_config, "num_labels", None)
+    if (
+        isinstance(data, Dataset)
+        and model.task == "sequence-classification"
+        and isinstance(num_labels, int)
+        and int(data.labels.max()) >= num_labels
+    ):
+        raise InputError(
+            f"{path}: label {int(data.labels.max())} is out of range for a classifier with "
+            f"{num_labels} labels"
+        )
+    return data
+
+
 def load_model_and_data(config: RunConfig, num_samples: int) -> tuple[nn.Module, Dataset]:
-    """The FP32 model and the first ``num_samples`` calibration images."""
+    """The FP32 model and the first ``num_samples`` calibration images (or texts)."""
     analysis = config.analysis
     model = load_fp_model(config)
+    if isinstance(model, TextModel):
+        texts = _text_data(config, model, analysis.calib, num_samples, pairs=False)
+        assert isinstance(texts, Dataset), "pairs=False gives texts"
+        check_inputs_fit(model, texts, analysis.model)
+        return model, texts
     calib = load_dataset(
         analysis.calib,
         normalization=analysis.normalize,
@@ -139,7 +186,21 @@ def load_model_and_data(config: RunConfig, num_samples: int) -> tuple[nn.Module,
     return model, calib.subset(0, min(num_samples, len(calib)))
 
 
-def load_eval(config: RunConfig, model: nn.Module, eval_path: str) -> Dataset:
+@overload
+def load_eval(  # type: ignore[overload-overlap]  # a TextModel is an nn.Module
+    config: RunConfig, model: TextModel, eval_path: str
+) -> Dataset | RetrievalPairs: ...
+@overload
+def load_eval(config: RunConfig, model: nn.Module, eval_path: str) -> Dataset: ...
+def load_eval(config: RunConfig, model: nn.Module, eval_path: str) -> Dataset | RetrievalPairs:
+    """The evaluation data: images, or for a text model (`TextModel`) its texts or
+    query/document pairs (`RetrievalPairs`)."""
+    if isinstance(model, TextModel):
+        data = _text_data(config, model, eval_path, None, pairs=True)
+        check_inputs_fit(
+            model, data.queries if isinstance(data, RetrievalPairs) else data, config.analysis.model
+        )
+        return data
     dataset = load_dataset(
         eval_path,
         normalization=config.analysis.normalize,

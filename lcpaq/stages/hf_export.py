@@ -20,6 +20,7 @@ from torch import nn
 
 from lcpaq import runfolder
 from lcpaq.config import ExportSettings
+from lcpaq.model.hf import HF_PREFIX
 from lcpaq.quant.hf_folder import is_hf_model, write_hf_folder
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 HF_FOLDER = "hf"
 COMPRESSED_FOLDER = "compressed-tensors"
 EXPORTS_FILE = "exports.json"
-#: ``--model`` prefix of a local transformers folder (`lcpaq.model.zoo`).
-HF_PREFIX = "hf:"
 
 
 def source_folder(model_spec: str) -> Path | None:

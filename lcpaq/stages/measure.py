@@ -26,7 +26,9 @@ from lcpaq.sensitivity.gauss_newton import gauss_newton_traces
 from lcpaq.sensitivity.hutchinson import hutchinson_traces, single_layer_hutchinson_traces
 from lcpaq.sensitivity.interaction_terms import InteractionTerms, select_pairs
 from lcpaq.sensitivity.interactions import compute_interactions, pair_formats
+from lcpaq.sensitivity.losses import LossName, default_loss
 from lcpaq.sensitivity.pyhessian_check import PyHessianCheck, pyhessian_check
+from lcpaq.stages.resume import NO_ANALYSIS_STATE, AnalysisState
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,46 @@ def _hutchinson_min_probes(probe_cap: int, num_layers: int) -> int:
     return min(4, probe_cap // num_layers)
 
 
+def curvature_loss(config: RunConfig, model: nn.Module, has_labels: bool = True) -> LossName:
+    """The loss of ``--loss``, ``auto`` replaced by the model's default
+    (`lcpaq.sensitivity.losses.default_loss`: cross-entropy for image and text classifiers with
+    labels, the squared error to FP32's pooled embedding for encoders, KL to FP32 for causal LMs)."""
+    loss = config.analysis.loss
+    if loss == "auto":
+        return default_loss(getattr(model, "task", None), has_labels)
+    return loss
+
+
+def _check_text_options(config: RunConfig, model: nn.Module) -> None:
+    """The measurements that do not take text models yet fail before any work, naming the flag."""
+    task = getattr(model, "task", None)
+    if task is None:
+        return
+    analysis = config.analysis
+    wanted = {"encoder": ("mse",), "causal-lm": ("kl", "cross_entropy")}.get(task)
+    if wanted and analysis.loss not in ("auto", *wanted):
+        raise InputError(
+            f"--loss {analysis.loss} does not apply to {task} models: use "
+            f"{' or '.join(wanted)} (or auto)"
+        )
+    unsupported = [
+        flag
+        for flag, asked in (
+            ("--hutchinson-probes", analysis.hutchinson_probes > 0),
+            ("--pyhessian-iters", analysis.pyhessian_iters > 0),
+            ("--act-formats", bool(analysis.act_formats)),
+            ("--pairwise", analysis.pairwise != "none"),
+            ("--limpq-steps", analysis.limpq_steps > 0),
+        )
+        if asked
+    ]
+    if unsupported:
+        raise InputError(
+            f"{', '.join(unsupported)}: not supported for transformers models (hf:) yet; the "
+            "Gauss-Newton traces are"
+        )
+
+
 def scoring_curvature(
     config: RunConfig,
     model: nn.Module,
@@ -68,10 +110,13 @@ def scoring_curvature(
     calib: Dataset,
     *,
     progress: bool = True,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> CurvatureEstimate:
     """The per-layer traces the scores use: Gauss–Newton, or (``estimator hutchinson``) the
-    exact-Hessian single-layer Hutchinson traces with Gauss–Newton as control variate."""
+    exact-Hessian single-layer Hutchinson traces with Gauss–Newton as control variate. ``state``:
+    where the estimators save their running state (`lcpaq.stages.resume`)."""
     analysis = config.analysis
+    loss = curvature_loss(config, model, calib.has_labels)
     starts = range(0, len(calib), analysis.batch_size)
     batches = [calib.inputs[start : start + analysis.batch_size] for start in starts]
     share = distributed.batch_share()
@@ -80,20 +125,22 @@ def scoring_curvature(
             model,
             layers,
             batches,
-            loss=analysis.loss,
+            loss=loss,
             seed=analysis.seed,
             share=share,
             progress=progress,
+            state_file=state.file("gauss_newton"),
         )
     # The exact Gauss-Newton traces are the control variate: Hutchinson estimates H - G only.
     exact_part = gauss_newton_traces(
         model,
         layers,
         batches,
-        loss=analysis.loss,
+        loss=loss,
         seed=analysis.seed,
         keep_diagonal=False,
         share=share,
+        state_file=state.file("gauss_newton_control"),
     )
     return single_layer_hutchinson_traces(
         model,
@@ -106,9 +153,10 @@ def scoring_curvature(
         max_probes_per_layer=analysis.hutchinson_probes,
         max_total_probes=analysis.hutchinson_probes,
         seed=analysis.seed,
-        loss=analysis.loss,
+        loss=loss,
         share=share,
         progress=progress,
+        state_file=state.file("hutchinson_single_layer"),
     )
 
 
@@ -119,6 +167,7 @@ def measure_sensitivity(
     calib: Dataset,
     *,
     progress: bool = True,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> Measurements:
     """Everything ``analyze`` measures on calibration data: the curvature used for scoring
     (``estimator``), the Hutchinson cross-check (``hutchinson_probes`` with gauss-newton) and the
@@ -128,10 +177,15 @@ def measure_sensitivity(
     calibration batches across the processes and reduces, in this fixed order, so every process
     gets the single-process result (bitwise for Gauss–Newton and the activation curvature; the
     Hutchinson per-probe sums are added in another order, equal to float rounding).
+
+    ``state``: where the estimators save their running state after batches, and from which an
+    interrupted analysis continues (`lcpaq.stages.resume`).
     """
     analysis = config.analysis
+    _check_text_options(config, model)
+    loss = curvature_loss(config, model, calib.has_labels)
     start = time.perf_counter()
-    curvature = scoring_curvature(config, model, layers, calib, progress=progress)
+    curvature = scoring_curvature(config, model, layers, calib, progress=progress, state=state)
     curvature_seconds = time.perf_counter() - start
     hutchinson = hutchinson_seconds = None
     if analysis.hutchinson_probes and analysis.estimator == "gauss-newton":
@@ -145,9 +199,10 @@ def measure_sensitivity(
             min_probes=min(8, analysis.hutchinson_probes),
             rel_tol=analysis.hutchinson_rel_tol,
             seed=analysis.seed,
-            loss=analysis.loss,
+            loss=loss,
             share=distributed.batch_share(),
             progress=progress,
+            state_file=state.file("hutchinson"),
         )
         hutchinson_seconds = time.perf_counter() - start
     pyhessian = None
@@ -164,7 +219,9 @@ def measure_sensitivity(
     activations = activations_seconds = None
     if analysis.act_formats:
         start = time.perf_counter()
-        activations = measure_activations(config, model, layers, calib.inputs, progress=progress)
+        activations = measure_activations(
+            config, model, layers, calib.inputs, progress=progress, state=state
+        )
         activations_seconds = time.perf_counter() - start
     return Measurements(
         curvature,
@@ -184,33 +241,46 @@ def measure_activations(
     inputs: torch.Tensor,
     *,
     progress: bool = False,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> ActivationSensitivity:
     """The activation sensitivity and calibrated ranges of ``act_formats`` on ``inputs`` (the
     curvature's images, in its batches), as ``analyze`` writes them to ``activations.npz``."""
     analysis = config.analysis
+    loss = curvature_loss(config, model)
     starts = range(0, len(inputs), analysis.batch_size)
     return activation_sensitivity(
         model,
         layers,
         [inputs[start : start + analysis.batch_size] for start in starts],
         analysis.act_formats,
-        loss=analysis.loss,
+        loss=loss,
         clipping=analysis.act_clipping,
         seed=analysis.seed,
         share=distributed.batch_share(),
         progress=progress,
+        state_file=state.file("activations"),
     )
 
 
 def layer_input_hessians(
-    config: RunConfig, model: nn.Module, layers: Sequence[LayerInfo], inputs: torch.Tensor
+    config: RunConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    inputs: torch.Tensor,
+    state: AnalysisState = NO_ANALYSIS_STATE,
 ) -> dict[str, torch.Tensor] | None:
     """Input second moments of every layer on ``inputs`` (the curvature's calibration images)
     when the scheme rounds with GPTQ; None for round-to-nearest, which needs no data."""
     if config.analysis.scheme.rounding != "gptq":
         return None
     names = [layer.name for layer in layers]
-    return collect_input_hessians(model, names, inputs, batch_size=config.analysis.batch_size)
+    return collect_input_hessians(
+        model,
+        names,
+        inputs,
+        batch_size=config.analysis.batch_size,
+        state_file=state.file("input_hessians"),
+    )
 
 
 def measure_interactions(
@@ -256,7 +326,7 @@ def measure_interactions(
         batch_size=analysis.batch_size,
         # kl's Gauss–Newton curvature is cross-entropy's (`lcpaq.sensitivity.losses`), which
         # the interaction estimators compute for it; their annotation names the other two only.
-        curvature_loss=cast(Literal["cross_entropy", "mse"], analysis.loss),
+        curvature_loss=cast(Literal["cross_entropy", "mse"], curvature_loss(config, model)),
         forward_loss=analysis.pair_loss,
         input_hessians=input_hessians,
     )

@@ -4,11 +4,13 @@ checked in ONNX Runtime against PyTorch. Reads ``run_config.json`` and ``quantiz
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 from lcpaq import runfolder
 from lcpaq.errors import InputError
+from lcpaq.model.text import TextModel
 from lcpaq.model.zoo import build_model
 from lcpaq.quant.activations import attach_activation_quantizers
 from lcpaq.quant.checkpoint import manifest_activation_quantizers, read_manifest
@@ -39,7 +41,11 @@ def export_onnx(
         fp_model = load_fp_model(config)
         data = load_eval(config, fp_model, check_path or config.analysis.calib)
         data = data.subset(0, min(check_images, len(data)))
-        skeleton = build_model(config.analysis.model, fp_model.state_dict())
+        skeleton = (
+            copy.deepcopy(fp_model)  # a transformers model as loaded (its task, its code)
+            if isinstance(fp_model, TextModel)
+            else build_model(config.analysis.model, fp_model.state_dict())
+        )
         export_onnx(skeleton, quantized_dir, out_path, data.inputs[:2])  # loads the weights
         # ... so PyTorch's side of the check is `load_quantized`'s model without a second read.
         quantizers = manifest_activation_quantizers(

@@ -26,6 +26,7 @@ scripts/ call) and `run`, which chains them. File layout (all written atomically
     plots/*.png                                                (plot)
     report.md, report.json                                     (report)
     timings.json      wall seconds of every stage              (every stage)
+    analysis_state/   running state of an unfinished analysis  (analyze; removed when it ends)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcpaq.allocation.budgets import Budget, parse_budget
-from lcpaq.config import ExportSettings, RunConfig
+from lcpaq.config import ExportSettings, ResumeSettings, RunConfig
 from lcpaq.errors import InputError
 from lcpaq.stages.allocate import allocate, candidate_costs
 from lcpaq.stages.analyze import analyze, analyze_interactions, with_default_activations
@@ -141,16 +142,18 @@ def run(
     sweep_eval_samples: int | None = 0,
     progress: bool = True,
     export_settings: ExportSettings | None = None,
+    resume: ResumeSettings | None = None,
 ) -> Path | None:
     """Every stage of `ORDER` on ``run_dir`` under ``config.allocation.budgets`` (with
-    `with_default_activations`). Returns the report's path (None on a torchrun rank other
-    than 0, which only shares the analysis)."""
+    `with_default_activations`); ``resume`` continues an interrupted analysis or keeps a
+    finished one (`lcpaq.stages.resume`). Returns the report's path (None on a torchrun rank
+    other than 0, which only shares the analysis)."""
     from lcpaq.sensitivity import distributed
 
     if not config.allocation.budgets:
         raise InputError("give at least one --budget, e.g. --budget avg-bits=3")
     config = with_default_activations(config)
-    analyze(config, run_dir, progress=progress)
+    analyze(config, run_dir, progress=progress, resume=resume)
     if not distributed.is_main_process():
         return None
     budgets: list[Budget] = [parse_budget(text) for text in config.allocation.budgets]

@@ -170,8 +170,8 @@ def test_survey_finds_every_weight_an_operation_meets() -> None:
     assert layers["swin.qkv"].macs_per_sample == 16 * 24 * 8  # 16 positions, F.linear
     kept = {weight.key: weight.reason for weight in survey.kept}
     assert kept == {
-        "vit.class_token": "not the weight of a linear or convolution operation (or did not run)",
-        "vit.position": "not the weight of a linear or convolution operation (or did not run)",
+        "vit.class_token": "not the weight of a linear or convolution operation",
+        "vit.position": "not the weight of a linear or convolution operation",
         "volume.weight": "Conv3d is not supported",
         "embed.weight": "embedding table (a lookup, not a matmul)",
     }
@@ -248,3 +248,41 @@ def test_a_failure_inside_a_layer_names_it() -> None:
         failing_layer("blk", "Linear", "quantizing"),
     ):
         raise RuntimeError("boom\nsecond line")
+
+
+def test_weights_of_modules_that_do_not_run_at_inference_are_named_so() -> None:
+    from lcpaq.model.graph import NOT_RUN_REASON, survey_weights
+
+    class WithAuxHead(nn.Module):  # GoogLeNet-style: the auxiliary head runs only in training
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.aux = nn.Linear(4, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.body(x)
+            return out + self.aux(x)[:, :4] if self.training else out
+
+    survey = survey_weights(WithAuxHead().eval(), torch.randn(2, 4))
+    assert [layer.name for layer in survey.layers] == ["body"]
+    assert {kept.key: kept.reason for kept in survey.kept} == {"aux.weight": NOT_RUN_REASON}
+    assert survey.quantized_share() == pytest.approx(16 / (16 + 48))
+    assert survey.quantized_share_at_inference() == 1.0
+
+
+def test_weights_applied_to_sample_independent_tables_are_kept() -> None:
+    from lcpaq.model.graph import SHARED_INPUT_REASON, survey_weights
+
+    class PositionBias(nn.Module):  # Swin V2: an MLP over a constant coordinate table
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("coords", torch.randn(5, 2))
+            self.cpb = nn.Linear(2, 4)
+            self.body = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) + self.cpb(self.coords).mean(0)
+
+    survey = survey_weights(PositionBias().eval(), torch.randn(3, 4))
+    assert [layer.name for layer in survey.layers] == ["body"]
+    assert {kept.key: kept.reason for kept in survey.kept} == {"cpb.weight": SHARED_INPUT_REASON}

@@ -330,3 +330,24 @@ def test_linear_bias_on_tokens_is_corrected_along_the_last_axis(masked, batch_si
     torch.testing.assert_close(
         (quantized.proj.bias.detach() - old_bias).double(), expected, rtol=1e-5, atol=1e-6
     )
+
+
+def test_text_models_get_no_statistics_correction() -> None:
+    """Bias correction lowered all-MiniLM-L6-v2's cosine to FP32 (results/minilm_cosine_check.json):
+    text models (they define token_mask) are left as quantized."""
+    hf_models = pytest.importorskip("hf_models")
+    from lcpaq.model.recovery import corrects_statistics
+    from lcpaq.model.text import TextModel
+
+    fp_model = TextModel(hf_models.tiny_model("bert"), "encoder")
+    ids = hf_models.token_ids()
+    inputs = torch.stack([ids, torch.ones_like(ids)], 1)
+    layers = discover_layers(fp_model, inputs)
+    assignment = dict.fromkeys((layer.name for layer in layers), "int2")
+    quantized, _ = quantize_model(fp_model, layers, assignment, QuantScheme())
+    before = {key: value.clone() for key, value in quantized.state_dict().items()}
+    report = correct_statistics(fp_model, quantized, inputs, [layer.name for layer in layers])
+    assert not corrects_statistics(fp_model) and corrects_statistics(_TokenNet())
+    assert (report.corrected_norms, report.corrected_biases) == (0, 0)
+    for key, value in quantized.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -403,3 +403,81 @@ def test_codes_that_do_not_unpack_name_the_layer(tmp_path: Path) -> None:
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(InputError, match="the codes of layer 'conv2' do not unpack"):
         load_quantized(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats below two bits.
+
+LEVEL_ASSIGNMENT = {"conv1": "ternary", "conv2": "binary", "fc": "pruned"}
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        QuantScheme(),
+        QuantScheme(granularity="tensor"),
+        QuantScheme(granularity="group", group_size=32),
+    ],
+    ids=["channel", "tensor", "group32"],
+)
+def test_ternary_binary_pruned_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme) -> None:
+    """load_quantized gives back the exported weights bit for bit; ternary codes take 2 bits,
+    binary 1, pruned none (no scale either: the manifest's shape is the layout)."""
+    _, quantized, codes, layers, path = _export(tmp_path / "ckpt", scheme, LEVEL_ASSIGNMENT)
+    loaded = load_quantized(path)
+    expected = quantized.state_dict()
+    assert set(loaded) == set(expected)
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, expected[key]), key
+    tensors = load_file(str(path / "model.safetensors"))
+    manifest, weights, _ = checkpoint.read_checkpoint(path)
+    entries = {entry["name"]: entry for entry in manifest["layers"]}
+    by_name = {layer.name: layer for layer in layers}
+    for name, format_name in LEVEL_ASSIGNMENT.items():
+        key, count = by_name[name].weight_key, by_name[name].num_params
+        stored_bits = {"ternary": 2, "binary": 1, "pruned": 0}[format_name]
+        assert tensors[key + ".qcodes"].numel() == -(-count * stored_bits // 8)
+        assert torch.equal(weights[key].codes, codes[name].codes)
+        assert entries[name]["kind"] == format_name and key + ".qzero" not in tensors
+    assert set(codes["conv1"].codes.unique().tolist()) <= {-1, 0, 1}
+    assert set(codes["conv2"].codes.unique().tolist()) == {-1, 1}
+    assert entries["conv2"]["code_step"] == 2 and "code_step" not in entries["conv1"]
+    assert tensors["fc.weight.qscale"].numel() == 0
+    assert torch.equal(loaded["fc.weight"], torch.zeros_like(loaded["fc.weight"]))
+
+
+def test_mixed_channel_groups_round_trip_exactly(tmp_path: Path) -> None:
+    """A layer with a format per channel group: the manifest lists the groups, each stored under
+    <key>.g<i> at its own width, and load_quantized decodes the layer bit for bit."""
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    channels = {layer.name: layer.weight_shape[0] for layer in layers}
+    split = channels["conv2"] // 2
+    groups = {
+        "conv1": [(0, channels["conv1"], "int4")],
+        "conv2": [
+            (0, split, "ternary"),
+            (split, channels["conv2"] - 1, "int3"),
+            (channels["conv2"] - 1, channels["conv2"], "pruned"),
+        ],
+    }
+    scheme = QuantScheme()
+    quantized, codes = checkpoint.quantize_model_groups(model, layers, groups, scheme)
+    path = write_quantized_checkpoint(
+        tmp_path / "ckpt", quantized.state_dict(), layers, codes, EXTRA, scheme
+    )
+    loaded = load_quantized(path)
+    expected = quantized.state_dict()
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, expected[key]), key
+    entries = {entry["name"]: entry for entry in read_manifest(path)["layers"]}
+    assert entries["conv1"]["format"] == "int4" and "groups" not in entries["conv1"]
+    mixed = entries["conv2"]
+    assert (mixed["format"], mixed["kind"]) == ("mixed", "mixed")
+    assert [group["format"] for group in mixed["groups"]] == ["ternary", "int3", "pruned"]
+    assert [group["channels"] for group in mixed["groups"]][0] == [0, split]
+    tensors = load_file(str(path / "model.safetensors"))
+    fan_in = layers[1].num_params // channels["conv2"]
+    assert tensors["conv2.weight.g0.qcodes"].numel() == -(-split * fan_in * 2 // 8)
+    assert tensors["conv2.weight.g2.qcodes"].numel() == 0
+    assert "conv2.weight.qcodes" not in tensors

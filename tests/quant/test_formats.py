@@ -21,12 +21,36 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_format_registry() -> None:
-    assert list(FORMATS) == [f"int{bits}" for bits in BITS] + list(FP_TABLE)
+    below_two = ["ternary", "binary", "pruned"]
+    assert list(FORMATS) == [f"int{bits}" for bits in BITS] + list(FP_TABLE) + below_two
     for bits in BITS:
         fmt = get_format(f"int{bits}")
         assert (fmt.name, fmt.kind, fmt.bits) == (f"int{bits}", "int", bits)
         assert code_range(fmt, True) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
         assert code_range(fmt, False) == (0, 2**bits - 1)
+
+
+def test_formats_below_two_bits() -> None:
+    """Stored bits vs counted bits, code ranges, sorting, scale costs, MX refused."""
+    ternary, binary, pruned = (get_format(name) for name in ("ternary", "binary", "pruned"))
+    assert (ternary.bits, binary.bits, pruned.bits) == (2, 1, 0)
+    assert ternary.budget_bits == pytest.approx(1.5849625007)
+    assert (binary.budget_bits, pruned.budget_bits, get_format("int2").budget_bits) == (1, 0, 2)
+    assert code_range(ternary, False) == code_range(ternary, True) == (-1, 1)
+    assert parse_format_list("int2,ternary,int3,pruned,binary") == (
+        "pruned",
+        "binary",
+        "ternary",
+        "int2",
+        "int3",
+    )
+    shape = (16, 8, 3, 3)
+    scheme = QuantScheme(symmetric=False, granularity="channel")
+    assert scale_overhead_bits(shape, scheme, ternary) == 16 * 32  # no zero point
+    assert scale_overhead_bits(shape, scheme, binary) == 16 * 32
+    assert scale_overhead_bits(shape, scheme, pruned) == 0
+    with pytest.raises(InputError, match="not MX blocks"):
+        scale_overhead_bits(shape, QuantScheme(granularity="mx"), ternary)
 
 
 def test_get_format_unknown_name_lists_known_formats() -> None:

@@ -220,3 +220,51 @@ def test_encoder_with_token_inputs_runs_like_pytorch(tmp_path: Path) -> None:
     assert check.images == 5
     assert check.max_abs_logit_difference < 1e-2  # float rounding, at most one INT8 input step
     assert check.mean_abs_logit_difference < 1e-3
+
+
+def test_ternary_binary_pruned_weights_run_like_pytorch(tmp_path: Path) -> None:
+    """Ternary and binary codes travel as int8 codes of DequantizeLinear, a pruned weight as int8
+    zeros; ONNX Runtime's logits are those of the checkpoint loaded back in PyTorch."""
+    assignment = {"conv1": "ternary", "conv2": "binary", "fc": "pruned"}
+    scheme = QuantScheme(granularity="group", group_size=32)
+    _, path = _checkpoint(tmp_path / "ckpt", scheme, assignment, {"conv2": "int8"})
+    out = export_onnx(TinyConvNet(), path, tmp_path / "model.onnx", conv_inputs(2))
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [node.op_type for node in proto.graph.node].count("DequantizeLinear") == 1 + 3
+    codes = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert set(codes["conv1.weight_quantized_codes"].ravel().tolist()) <= {-1, 0, 1}
+    assert set(codes["conv2.weight_quantized_codes"].ravel().tolist()) == {-1, 1}
+    assert not codes["fc.weight_quantized_codes"].any()
+    assert codes["conv1.weight_quantized_codes"].dtype.name == "int8"
+    torch_model = load_quantized(path, TinyConvNet())
+    check = check_onnx(out, torch_model, conv_inputs(40, seed=5), torch.arange(40) % 3)
+    assert check.top1_agreement == 1.0 and check.max_abs_logit_difference < 1e-4
+
+
+def test_mixed_channel_groups_run_like_pytorch(tmp_path: Path) -> None:
+    """One DequantizeLinear per channel group, concatenated: ONNX Runtime's logits are those of
+    the checkpoint loaded back in PyTorch."""
+    from lcpaq.quant.checkpoint import quantize_model_groups
+
+    model = make_tiny_conv_net()
+    layers = discover_layers(model, conv_inputs(2))
+    rows = {layer.name: layer.weight_shape[0] for layer in layers}
+    groups = {
+        "conv1": [(0, 2, "int8"), (2, rows["conv1"], "ternary")],
+        "conv2": [(0, 3, "binary"), (3, 5, "pruned"), (5, rows["conv2"], "int4")],
+    }
+    scheme = QuantScheme(granularity="group", group_size=32)
+    quantized, codes = quantize_model_groups(model, layers, groups, scheme)
+    extra = {"budget": "avg-bits=2", "source_sha256": "0" * 64}
+    path = write_quantized_checkpoint(
+        tmp_path / "ckpt", quantized.state_dict(), layers, codes, extra, scheme
+    )
+    out = export_onnx(TinyConvNet(), path, tmp_path / "model.onnx", conv_inputs(2))
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    operators = [node.op_type for node in proto.graph.node]
+    assert operators.count("DequantizeLinear") == 5 and operators.count("Concat") >= 2
+    torch_model = load_quantized(path, TinyConvNet())
+    check = check_onnx(out, torch_model, conv_inputs(40, seed=5), torch.arange(40) % 3)
+    assert check.top1_agreement == 1.0 and check.max_abs_logit_difference < 1e-4

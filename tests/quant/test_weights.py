@@ -11,6 +11,7 @@ from quant_cases import BITS, FP_TABLE, SCHEMES, scheme_id, spread_weight
 
 from lcpaq.quant.formats import (
     FORMATS,
+    LEVEL_KINDS,
     QuantScheme,
     code_range,
     get_format,
@@ -22,6 +23,7 @@ from lcpaq.quant.formats import (
 from lcpaq.quant.grids import fp_grid, round_to_grid
 from lcpaq.quant.weights import (
     code_offset,
+    code_step,
     decoded_scale,
     dequantize_weight,
     fake_quantize,
@@ -314,7 +316,10 @@ def test_packed_codes_unpack_exactly(name: str) -> None:
     """Every format, signed and unsigned codes, counts that do not fill the last byte."""
     fmt = get_format(name)
     generator = torch.Generator().manual_seed(3)
-    for scheme in (QuantScheme(), QuantScheme(symmetric=True), QuantScheme(granularity="mx")):
+    schemes = [QuantScheme(), QuantScheme(symmetric=True), QuantScheme(granularity="group")]
+    if fmt.kind not in LEVEL_KINDS:  # no MX form below two bits
+        schemes.append(QuantScheme(granularity="mx"))
+    for scheme in schemes:
         for shape in ((5, 3, 3, 3), (7, 1), (1, 1)):
             weight = torch.randn(shape, generator=generator)
             quantized = quantize_weight(weight, fmt, scheme)
@@ -322,7 +327,12 @@ def test_packed_codes_unpack_exactly(name: str) -> None:
             assert packed.dtype == torch.uint8
             assert packed.numel() == -(-weight.numel() * fmt.bits // 8)
             codes = unpack_codes(
-                packed, fmt.bits, shape, quantized.codes.dtype, code_offset(quantized)
+                packed,
+                fmt.bits,
+                shape,
+                quantized.codes.dtype,
+                code_offset(quantized),
+                code_step(quantized),
             )
             assert codes.dtype == quantized.codes.dtype
             assert torch.equal(codes, quantized.codes)
