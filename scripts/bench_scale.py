@@ -7,7 +7,7 @@ process's ``ru_maxrss`` from ``wait4`` — are its own):
 * ``depth``: torchvision ResNet18 and MobileNetV2 at 224 px, random weights, stacked deeper
   (`_scale_models`: k basic blocks per ResNet stage, MobileNetV2's stages repeated k times);
   analyze, allocate and export at ``--samples`` calibration images each. A least-squares line
-  export_s = a + b·layers is fitted per family, with R² and the exponent p of export_s ∝ layers^p
+  export CPU s = a + b·layers is fitted per family (and the same for wall seconds), with R² and the exponent p of export_s ∝ layers^p
   (log-log fit): p ≈ 1 is linear, p ≈ 2 the old prefix-pass recovery's quadratic growth.
 * ``samples``: ``analyze`` of ResNet18 with one block per stage at growing calibration sample counts.
 * ``run``: ``lcpaq run`` at one budget on ResNet20 (the shared checkpoint and data) and on a
@@ -67,6 +67,9 @@ def run_measured(args: list[str], threads: int, timeout_s: float) -> dict[str, A
         lines = err.read().strip().splitlines()
     return {
         "wall_s": round(wall_s, 2),
+        # CPU seconds of the process: what depth changes, far less sensitive than the wall time
+        # to other processes on a shared machine.
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
         "exit": process.returncode,
         "error": lines[-1] if process.returncode and lines else None,
@@ -135,7 +138,9 @@ def depth_phase(options: argparse.Namespace, folder: Path, result: dict[str, Any
             save(options.out, result)
         done = [row for row in rows if row.get("export", {}).get("exit") == 0]
         fits = result.setdefault("export_fit", {})
-        fits[family] = fit_line([r["layers"] for r in done], [r["export"]["wall_s"] for r in done])
+        layers = [r["layers"] for r in done]
+        fits[family] = fit_line(layers, [r["export"]["cpu_s"] for r in done])
+        fits[f"{family}_wall"] = fit_line(layers, [r["export"]["wall_s"] for r in done])
         save(options.out, result)
 
 
