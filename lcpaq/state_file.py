@@ -20,7 +20,7 @@ interrupt never repeats a finished one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
 
@@ -103,6 +104,27 @@ def _cpu_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 #: Nothing saved, nothing loaded: the estimators' default.
 NO_STATE = StateFile()
+
+
+def stream_batches(
+    add_batch: Callable[[torch.Tensor], None],
+    snapshot: Callable[[], Snapshot],
+    batches: Sequence[torch.Tensor],
+    done: int,
+    state_file: StateFile,
+    *,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Feed ``batches[done:]`` (this process's batches; the first ``done`` came from a resumed
+    snapshot) to an estimator's ``add_batch``, offering ``snapshot`` to ``state_file`` after each
+    (always after the last), under a progress bar."""
+    bar = tqdm(total=len(batches), initial=done, desc=desc, disable=not progress, unit="batch")
+    with bar:
+        for position, batch in enumerate(batches[done:], start=done + 1):
+            add_batch(batch)
+            state_file.save(snapshot, last=position == len(batches))
+            bar.update()
 
 
 def generator_state(generator: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, get_module, model_device
@@ -57,7 +56,14 @@ from lcpaq.sensitivity.losses import (
     output_grads_in_chunks,
     output_hessian_factors,
 )
-from lcpaq.state_file import NO_STATE, Snapshot, StateFile, generator_state, split_rows
+from lcpaq.state_file import (
+    NO_STATE,
+    Snapshot,
+    StateFile,
+    generator_state,
+    split_rows,
+    stream_batches,
+)
 
 __all__ = [
     "ACTIVATION_SCORERS",
@@ -370,18 +376,15 @@ def activation_sensitivity(
             clipped=(snapshot["clip_low"].numpy(), snapshot["clip_high"].numpy()),
         )
     done = state.restore(snapshot) if snapshot is not None else 0
-    bar = tqdm(
-        total=len(mine),
-        initial=done,
+    stream_batches(
+        lambda batch: state.add_batch(model, batch, loss),
+        state.snapshot,
+        [batches[index] for index in mine],
+        done,
+        state_file,
         desc="activation curvature",
-        disable=not progress,
-        unit="batch",
+        progress=progress,
     )
-    with bar:
-        for position, index in enumerate(mine[done:], start=done + 1):
-            state.add_batch(model, batches[index], loss)
-            state_file.save(state.snapshot, last=position == len(mine))
-            bar.update()
     if share.world > 1:
         gathered = share.in_batch_order(
             [(state.num_elements, row) for row in state.rows], len(batches)

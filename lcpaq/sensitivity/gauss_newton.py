@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lcpaq.errors import InputError
 from lcpaq.model.graph import LayerInfo, failing_layer, layer_parameter, token_mask, weight_of
@@ -66,6 +65,7 @@ from lcpaq.state_file import (
     generator_state,
     joined_rows,
     split_rows,
+    stream_batches,
 )
 
 
@@ -108,18 +108,15 @@ def gauss_newton_traces(
     state.loss = loss  # names the method of sampled traces, also when a resume adds no batch
     mine = share.indices(len(batches))
     done = state.restore(state_file.load())
-    bar = tqdm(
-        total=len(mine),
-        initial=done,
+    stream_batches(
+        lambda batch: state.add_batch(model, batch, loss),
+        state.snapshot,
+        [batches[index] for index in mine],
+        done,
+        state_file,
         desc="Gauss-Newton traces",
-        disable=not progress,
-        unit="batch",
+        progress=progress,
     )
-    with bar:
-        for position, index in enumerate(mine[done:], start=done + 1):
-            state.add_batch(model, batches[index], loss)
-            state_file.save(state.snapshot, last=position == len(mine))
-            bar.update()
     if share.world > 1:
         state.combine(share, len(batches))
     return state.finish()
