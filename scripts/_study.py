@@ -112,6 +112,22 @@ def add_study(out: Path, result: StudyFile, entry: Mapping[str, object]) -> None
     write_json(out, result)
 
 
+#: One model's study: (arguments, model name, budgets in average bits, calibration, test) → entry.
+ModelStudy = Callable[
+    [argparse.Namespace, str, list[float], Dataset, Dataset], Mapping[str, object]
+]
+
+
+def run_per_model(args: argparse.Namespace, study: ModelStudy) -> None:
+    """`start`, then ``study`` for each of ``--models`` at ``--budgets``, each appended to
+    ``--out`` as it finishes."""
+    calib, test, result = start(args)
+    result["machine"] += " (shared 2-core CPU, other jobs running)"
+    budgets = [float(text) for text in args.budgets.split(",")]
+    for model_name in args.models.split(","):
+        add_study(args.out, result, study(args, model_name, budgets, calib, test))
+
+
 def default_config(checkpoint: str | Path, calib: str | Path) -> RunConfig:
     """lcpaq's default configuration of a CIFAR ResNet checkpoint and a calibration file."""
     return RunConfig(

@@ -162,13 +162,7 @@ def study(
 def main() -> None:
     parser = _study.parser(__doc__, "channel_group_study", BUDGETS)
     parser.add_argument("--reuse-analysis", action="store_true")
-    args = parser.parse_args()
-    calib, test, result = _study.start(args)
-    result["machine"] += " (shared 2-core CPU, other jobs running)"
-    budgets = [float(text) for text in args.budgets.split(",")]
-    for model_name in args.models.split(","):
-        entry = study(args, model_name, budgets, calib, test)
-        _study.add_study(args.out, result, entry)
+    _study.run_per_model(parser.parse_args(), study)
 
 
 if __name__ == "__main__":

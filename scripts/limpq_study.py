@@ -176,13 +176,7 @@ def main() -> None:
     parser = _study.parser(__doc__, "limpq_study", BUDGETS)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--num-samples", type=int, default=256)
-    args = parser.parse_args()
-    calib, test, result = _study.start(args)
-    result["machine"] += " (shared 2-core CPU, other jobs running)"
-    budgets = [float(text) for text in args.budgets.split(",")]
-    for model_name in args.models.split(","):
-        entry = study(args, model_name, budgets, calib, test)
-        _study.add_study(args.out, result, entry)
+    _study.run_per_model(parser.parse_args(), study)
 
 
 if __name__ == "__main__":
