@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TableEncoder
 from torch import nn
 
 from lcpaq.errors import InputError
@@ -123,19 +124,6 @@ def test_retrieval_cosine_to_reference_and_paired() -> None:
     assert paired_difference(result, reference) == pytest.approx((0.25, 0.25))
 
 
-class _TableEncoder(nn.Module):
-    """An encoder whose embedding is a row of a fixed table, picked by the first token id."""
-
-    task = "encoder"
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.table = nn.Parameter(table)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.table[inputs[:, 0, 0]]
-
-
 def _tokens(ids: list[list[int]], lengths: list[int]) -> torch.Tensor:
     """[N, 2, T] int64: ids and a right-padded attention mask of the given lengths."""
     id_tensor = torch.tensor(ids, dtype=torch.int64)
@@ -145,7 +133,7 @@ def _tokens(ids: list[list[int]], lengths: list[int]) -> torch.Tensor:
 
 def test_encoder_dispatch_on_pairs() -> None:
     queries, documents = _embeddings()
-    encoder = _TableEncoder(torch.cat([queries, documents]))
+    encoder = TableEncoder(torch.cat([queries, documents]))
     query_ids = _tokens([[0, 9], [1, 9], [2, 9], [3, 9]], [2, 2, 2, 2])
     doc_ids = _tokens([[4, 9], [5, 9], [6, 9], [7, 9]], [2, 1, 2, 1])
     labels = torch.full((4,), -1)

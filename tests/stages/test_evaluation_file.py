@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TableEncoder
 from torch import nn
 
 from lcpaq.model.data import Dataset
@@ -45,19 +46,6 @@ def test_classifier_file_keeps_top1() -> None:
     assert result["paired_difference"] == -0.5
 
 
-class _Encoder(nn.Module):
-    """Embeds the first token through a table."""
-
-    task = "encoder"
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.table = nn.Parameter(table)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.table[inputs[:, 0, 0]]
-
-
 def _token_rows(ids: list[int]) -> torch.Tensor:
     column = torch.tensor(ids).unsqueeze(1)
     return torch.stack(
@@ -73,7 +61,7 @@ def test_encoder_file_says_recall_and_cosine() -> None:
     pairs = RetrievalPairs(
         Dataset(_token_rows([0, 1]), labels, "q"), Dataset(_token_rows([2, 3]), labels, "d"), "p"
     )
-    result = evaluate_models(_Encoder(table), _Encoder(moved), pairs, {})
+    result = evaluate_models(TableEncoder(table), TableEncoder(moved), pairs, {})
     assert result["metric"] == "recall@1" and result["eval_data"] == "p"
     assert result["fp32"]["recall@1"] == 1.0  # type: ignore[index]
     quantized = result["quantized"]
