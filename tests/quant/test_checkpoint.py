@@ -293,14 +293,22 @@ def _fp_scheme_id(scheme: QuantScheme) -> str:
     return f"{_scheme_id(scheme)}-{scheme.group_size}"
 
 
-@pytest.mark.parametrize("scheme", FP_SCHEMES, ids=_fp_scheme_id)
-def test_fp_group_and_mx_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme) -> None:
-    model, quantized, codes, layers, path = _export(tmp_path / "ckpt", scheme, FP_ASSIGNMENT)
+def _loads_back_exactly(path: Path, quantized: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`load_quantized` of the checkpoint at ``path``: the exported model's state dict, every
+    tensor bit for bit (returned)."""
     loaded = load_quantized(path)
+    assert isinstance(loaded, dict)
     expected = quantized.state_dict()
     assert set(loaded) == set(expected)
     for key, tensor in loaded.items():
         assert torch.equal(tensor, expected[key]), key
+    return loaded
+
+
+@pytest.mark.parametrize("scheme", FP_SCHEMES, ids=_fp_scheme_id)
+def test_fp_group_and_mx_round_trip_is_exact(tmp_path: Path, scheme: QuantScheme) -> None:
+    model, quantized, codes, layers, path = _export(tmp_path / "ckpt", scheme, FP_ASSIGNMENT)
+    _loads_back_exactly(path, quantized)
     tensors = load_file(str(path / "model.safetensors"))
     manifest, weights, _ = checkpoint.read_checkpoint(path)
     entries = {entry["name"]: entry for entry in manifest["layers"]}
@@ -424,11 +432,7 @@ def test_ternary_binary_pruned_round_trip_is_exact(tmp_path: Path, scheme: Quant
     """load_quantized gives back the exported weights bit for bit; ternary codes take 2 bits,
     binary 1, pruned none (no scale either: the manifest's shape is the layout)."""
     _, quantized, codes, layers, path = _export(tmp_path / "ckpt", scheme, LEVEL_ASSIGNMENT)
-    loaded = load_quantized(path)
-    expected = quantized.state_dict()
-    assert set(loaded) == set(expected)
-    for key, tensor in loaded.items():
-        assert torch.equal(tensor, expected[key]), key
+    loaded = _loads_back_exactly(path, quantized)
     tensors = load_file(str(path / "model.safetensors"))
     manifest, weights, _ = checkpoint.read_checkpoint(path)
     entries = {entry["name"]: entry for entry in manifest["layers"]}
@@ -466,10 +470,7 @@ def test_mixed_channel_groups_round_trip_exactly(tmp_path: Path) -> None:
     path = write_quantized_checkpoint(
         tmp_path / "ckpt", quantized.state_dict(), layers, codes, EXTRA, scheme
     )
-    loaded = load_quantized(path)
-    expected = quantized.state_dict()
-    for key, tensor in loaded.items():
-        assert torch.equal(tensor, expected[key]), key
+    _loads_back_exactly(path, quantized)
     entries = {entry["name"]: entry for entry in read_manifest(path)["layers"]}
     assert entries["conv1"]["format"] == "int4" and "groups" not in entries["conv1"]
     mixed = entries["conv2"]
